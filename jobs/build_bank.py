@@ -1,0 +1,35 @@
+"""Stage 3: compute the long-term feature bank with the trained baseline (Ray Data actor pool).
+
+    python jobs/build_bank.py --config configs/synthetic.yaml --checkpoint runs/.../model.pt
+    ray job submit --working-dir . -- python jobs/build_bank.py --config configs/lfb_infer.yaml
+
+The checkpoint is our model.pt (or its Ray checkpoint folder) or an mmaction2 baseline .pth;
+without --checkpoint, bank.checkpoint of the config is used. Rerunning resumes an interrupted build.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lfb_ray.cli import base_parser, init_ray, load_from_args  # noqa: E402
+
+
+def main(argv=None) -> int:
+    from lfb_ray.bank.build import build_bank
+
+    p = base_parser(__doc__)
+    p.add_argument("--checkpoint", default="", help="baseline checkpoint (model.pt, Ray checkpoint dir or .pth)")
+    args = p.parse_args(argv)
+    cfg = load_from_args(args)
+    ckpt = args.checkpoint or cfg.bank.checkpoint
+    if not ckpt:
+        print("error: no baseline checkpoint: pass --checkpoint or set bank.checkpoint", file=sys.stderr)
+        return 2
+    init_ray(cfg)
+    print(build_bank(cfg, ckpt).line())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

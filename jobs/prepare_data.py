@@ -1,0 +1,31 @@
+"""Stage 1: AVA videos + annotations → sharded Parquet keyframe rows (Ray Data, decord).
+
+    python jobs/prepare_data.py --config configs/synthetic.yaml
+    ray job submit --working-dir . -- python jobs/prepare_data.py --config configs/lfb_nl.yaml
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lfb_ray.cli import base_parser, init_ray, load_from_args  # noqa: E402
+
+
+def main(argv=None) -> int:
+    from lfb_ray.data.prep import PrepareError, prepare_dataset
+
+    cfg = load_from_args(base_parser(__doc__).parse_args(argv))
+    init_ray(cfg)
+    try:
+        summary = prepare_dataset(cfg)
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary.line())
+    print(f"prepared shards: {cfg.prepared_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

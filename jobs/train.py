@@ -1,0 +1,44 @@
+"""Stages 2 and 4: train the short-term baseline or the LFB operators with Ray Train.
+
+    python jobs/train.py --config configs/lfb_nl.yaml [key=value ...]
+    python jobs/train.py --config configs/baseline.yaml              # model.fbo=none: the bank model
+    python jobs/train.py --config configs/lfb_nl.yaml --operators nl,avg,max
+    ray job submit --working-dir . -- python jobs/train.py --config configs/lfb_nl.yaml
+
+Rerunning the same command resumes the same run (deterministic run name); --fresh starts anew.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lfb_ray.cli import base_parser, init_ray, load_from_args  # noqa: E402
+
+
+def main(argv=None) -> int:
+    from lfb_ray.train import fit, fit_operators
+
+    p = base_parser(__doc__)
+    p.add_argument("--operators", default="", help="comma list of operators, e.g. nl,avg,max (one run each)")
+    p.add_argument("--fresh", action="store_true", help="start a new run instead of resuming")
+    args = p.parse_args(argv)
+    cfg = load_from_args(args)
+    init_ray(cfg)
+    if args.operators:
+        ops = [o.strip() for o in args.operators.split(",") if o.strip()]
+        bad = [o for o in ops if o not in ("none", "nl", "avg", "max")]
+        if bad:
+            print(f"error: --operators: unknown operator(s) {bad}; allowed: none, nl, avg, max", file=sys.stderr)
+            return 2
+        results = fit_operators(cfg, ops, fresh=args.fresh)
+    else:
+        results = {cfg.model.fbo: fit(cfg, fresh=args.fresh)}
+    for op, r in results.items():
+        print(f"{op}: run {r.run_name} mlflow {r.mlflow_run_id} val mAP {r.metrics.get('val/mAP', float('nan')):.4f} "
+              f"model {r.model_path} ({r.seconds:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

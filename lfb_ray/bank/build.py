@@ -1,0 +1,221 @@
+"""The bank stage: run the short-term baseline over every keyframe and write the feature bank.
+
+A Ray Data actor pool (`map_batches(BankExtractor, compute=ActorPoolStrategy(min, max))`, one GPU
+per actor on GPU clusters) loads the baseline once per actor. Work is one prepared Parquet part per
+item: the actor decodes its keyframes with the test transform, computes one 2048-d (model width)
+fp16 feature per detected person (proposals at `bank.person_score_thr` with the max-score and
+whole-frame fallbacks, spec section 4) and writes a bank part atomically. Parts that already exist
+are skipped, so an interrupted build resumes, and a crashed actor's item is retried by Ray; every
+keyframe goes through the network on its own, so results do not depend on the pool size. Finally
+the parts of each split are merged into `train/` and `val/` sub-banks (`write_bank`), which
+`FeatureBank.open(bank_dir)` merges with val winning, as the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from lfb_ray.config import Config, config_from_dict, config_to_dict
+
+__all__ = ["BankBuildSummary", "BankExtractor", "build_bank", "file_sha256"]
+
+
+@dataclass
+class BankBuildSummary:
+    keyframes: int
+    features: int
+    bytes: int
+    seconds: float
+    skipped_parts: int
+    path: str
+
+    def line(self) -> str:
+        return (f"bank: {self.keyframes} keyframes, {self.features} features, {self.bytes / 1e9:.3f} GB, "
+                f"{self.features / max(self.seconds, 1e-9):.1f} features/s ({self.seconds:.1f} s, "
+                f"{self.skipped_parts} parts reused) -> {self.path}")
+
+
+def file_sha256(path: str) -> str:
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.pt")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class BankExtractor:
+    """Ray Data actor: one prepared part in, one bank part written, a summary row out."""
+
+    def __init__(self, cfg_dict: dict, checkpoint: str, parts_dir: str):
+        import torch
+
+        from lfb_ray.inference import load_model
+
+        self.cfg = config_from_dict(cfg_dict)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(self.cfg, checkpoint, self.device)
+        self.parts_dir = parts_dir
+
+    def _extract(self, part_uri: str) -> dict:
+        import pyarrow.parquet as pq
+        import torch
+
+        from lfb_ray.data.clips import ClipSpec, decode_jpeg, pick_clip_frames, select_proposals, test_transform
+        from lfb_ray.data.schema import row_proposals
+        from lfb_ray.inference import autocast_for
+        from lfb_ray.storage import resolve
+
+        fs, path = resolve(part_uri)
+        with fs.open_input_file(path) as f:
+            rows = pq.read_table(f).to_pylist()
+        spec = ClipSpec.from_config(self.cfg.data)
+        out = {"video_id": [], "second": [], "person_index": [], "box": [], "score": [], "feature": []}
+        for row in rows:
+            offsets = np.asarray(row["ref_offsets"], dtype=np.int64)
+            slots = np.asarray(row["frame_slot"], dtype=np.int64)[pick_clip_frames(offsets, spec, None)]
+            frames = np.stack([decode_jpeg(row["frames"][s]) for s in slots])
+            props = select_proposals(row_proposals(row), self.cfg.bank.person_score_thr,
+                                     self.cfg.data.max_proposals)
+            clip, px = test_transform(frames, props[:, :4], spec)
+            with torch.no_grad(), autocast_for(self.device, self.cfg.train.amp):
+                fmap = self.model.backbone(torch.from_numpy(clip)[None].to(self.device))
+                rois = torch.cat([torch.zeros(len(px), 1), torch.from_numpy(px)], 1).to(self.device)
+                feats = self.model.roi_features(fmap, rois).float().cpu().numpy().astype(np.float16)
+            n = len(props)
+            out["video_id"] += [row["video_id"]] * n
+            out["second"] += [int(row["timestamp"])] * n
+            out["person_index"] += list(range(n))
+            out["box"].append(props[:, :4])
+            out["score"].append(props[:, 4])
+            out["feature"].append(feats)
+        return {"video_id": np.array(out["video_id"], dtype=str), "second": np.array(out["second"], np.int32),
+                "person_index": np.array(out["person_index"], np.int32),
+                "box": np.concatenate(out["box"]).astype(np.float32) if out["box"] else np.zeros((0, 4), np.float32),
+                "score": np.concatenate(out["score"]).astype(np.float32) if out["score"] else np.zeros(0, np.float32),
+                "feature": (np.concatenate(out["feature"]) if out["feature"]
+                            else np.zeros((0, self.model.feature_channels), np.float16)),
+                "keyframes": np.array(len(rows))}
+
+    def __call__(self, batch: dict) -> dict:
+        summaries = []
+        for item in batch["item"]:
+            item = json.loads(item)
+            dst = os.path.join(self.parts_dir, item["split"], item["part_id"] + ".npz")
+            if not os.path.exists(dst):
+                arrays = self._extract(item["uri"])
+                buf = io.BytesIO()
+                np.savez(buf, **arrays)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                tmp = f"{dst}.tmp-{os.getpid()}"
+                with open(tmp, "wb") as f:
+                    f.write(buf.getvalue())
+                os.replace(tmp, dst)
+                status = "done"
+            else:
+                status = "skipped"
+            summaries.append(json.dumps({"part_id": item["part_id"], "split": item["split"], "status": status}))
+        return {"summary": np.array(summaries, dtype=object)}
+
+
+def _load_part(path: str) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) -> BankBuildSummary:
+    """Build (or resume building) the bank of `cfg` with the baseline `checkpoint`.
+
+    Args:
+        max_parts: process at most this many missing parts, then stop without merging (used to
+            simulate an interrupted build in tests).
+    """
+    import ray
+
+    from lfb_ray.bank import FeatureBank, write_bank
+    from lfb_ray.data.prep import prepared_files
+    from lfb_ray.storage import check_writable, exists, join, read_json, resolve
+
+    t0 = time.time()
+    bank_dir = os.path.abspath(cfg.bank_dir)
+    if "://" in bank_dir:
+        raise NotImplementedError("bank parts are staged locally; give a local bank.path "
+                                  "(the merged bank can be copied to object storage)")
+    check_writable(bank_dir)
+    ckpt_hash = file_sha256(checkpoint)
+    build_key = {"checkpoint_sha256": ckpt_hash, "model": config_to_dict(cfg)["model"] | {"fbo": "none"},
+                 "person_score_thr": cfg.bank.person_score_thr, "data": {
+                     k: v for k, v in config_to_dict(cfg)["data"].items()
+                     if k in ("test_short_side", "clip_frames", "frame_interval", "mean", "std", "max_proposals")}}
+    build_hash = hashlib.sha256(json.dumps(build_key, sort_keys=True).encode()).hexdigest()[:16]
+    fs, root = resolve(cfg.prepared_dir)
+    manifest = read_json(fs, join(root, "manifest.json"))
+    parts_dir = os.path.join(bank_dir, "_parts", build_hash)
+    items = []
+    for split in ("train", "val"):
+        try:
+            files = prepared_files(cfg.prepared_dir, split)
+        except Exception:
+            continue
+        video_hash = {v["video_id"] + "/" + v["split"]: v["hash"] for v in manifest["videos"]}
+        for uri in files:
+            rel = uri[len(root):].strip("/")
+            _, vid, fname = rel.split("/")[-3:]
+            pid = hashlib.sha256(f"{rel}:{video_hash[vid + '/' + split]}".encode()).hexdigest()[:16]
+            items.append({"split": split, "uri": uri, "part_id": pid})
+    done_marker = os.path.join(bank_dir, "build.json")
+    fs_local, _ = resolve(bank_dir)
+    if exists(fs_local, done_marker) and read_json(fs_local, done_marker).get("build_hash") == build_hash:
+        info = read_json(fs_local, done_marker)
+        return BankBuildSummary(info["keyframes"], info["features"], info["bytes"], time.time() - t0,
+                                len(items), bank_dir)
+    missing = [it for it in items if not os.path.exists(os.path.join(parts_dir, it["split"], it["part_id"] + ".npz"))]
+    skipped = len(items) - len(missing)
+    if max_parts is not None:
+        missing = missing[:max_parts]
+    if missing:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        use_gpu = gpus > 0 and cfg.cluster.device != "cpu"
+        ds = ray.data.from_items([{"item": json.dumps(it)} for it in missing], override_num_blocks=len(missing))
+        model_cfg = config_to_dict(cfg)
+        model_cfg["model"]["fbo"] = "none"  # the bank is computed by the short-term baseline
+        ds = ds.map_batches(
+            BankExtractor, batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=cfg.bank.min_actors, max_size=cfg.bank.max_actors),
+            num_gpus=1 if use_gpu else 0, num_cpus=1 if not use_gpu else 1,
+            fn_constructor_kwargs={"cfg_dict": model_cfg, "checkpoint": checkpoint, "parts_dir": parts_dir},
+            max_restarts=-1, max_task_retries=3)
+        ds.take_all()
+    if max_parts is not None:
+        return BankBuildSummary(0, 0, 0, time.time() - t0, skipped, bank_dir)
+    total_kf, total_feat, total_bytes = 0, 0, 0
+    for split in ("train", "val"):
+        split_items = [it for it in items if it["split"] == split]
+        if not split_items:
+            continue
+        parts = [_load_part(os.path.join(parts_dir, split, it["part_id"] + ".npz")) for it in split_items]
+        cat = {k: np.concatenate([p[k] for p in parts]) for k in ("video_id", "second", "person_index", "box",
+                                                                   "score", "feature")}
+        total_kf += int(sum(int(p["keyframes"]) for p in parts))
+        summary = write_bank(os.path.join(bank_dir, split), video_ids=cat["video_id"], seconds=cat["second"],
+                             person_index=cat["person_index"], boxes=cat["box"], scores=cat["score"],
+                             features=cat["feature"],
+                             metadata={"checkpoint_sha256": ckpt_hash, "build_hash": build_hash, "split": split,
+                                       "config": build_key})
+        total_feat += len(cat["feature"])
+        total_bytes += int(getattr(summary, "bytes", cat["feature"].nbytes))
+    FeatureBank.open(bank_dir)  # validate before declaring success
+    from lfb_ray.storage import write_json_atomic
+
+    write_json_atomic(fs_local, done_marker, {"build_hash": build_hash, "keyframes": total_kf,
+                                              "features": total_feat, "bytes": total_bytes,
+                                              "checkpoint_sha256": ckpt_hash})
+    return BankBuildSummary(total_kf, total_feat, total_bytes, time.time() - t0, skipped, bank_dir)

@@ -1,0 +1,42 @@
+"""Shared command-line plumbing of the jobs: `--config PATH key=value ...` and Ray start-up."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from lfb_ray.config import Config, ConfigError, load_config
+
+__all__ = ["base_parser", "init_ray", "load_from_args"]
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 model.fbo=avg")
+    return p
+
+
+def load_from_args(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def init_ray(cfg: Config | None = None) -> None:
+    """Connect to the cluster of `ray job submit` (RAY_ADDRESS) or start a local one on loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "PYTHONPATH")
+                                if k in os.environ}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env,
+                 configure_logging=True, logging_level="WARNING")

@@ -1,0 +1,152 @@
+"""Compare trained operators side by side from MLflow: a seed-style table, a PNG, logged back.
+
+Reads runs with `mlflow.search_runs` (local store or a tracking server), keeps the latest finished
+run per operator, prints operator → mAP (+ group and label-family means, epochs, wall time,
+clips/s, run id), and writes a PNG (per-operator mAP with the per-class AP spread, and the
+training-loss curves) plus the table as CSV and Markdown, all logged to a `comparison` run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+__all__ = ["ComparisonRow", "collect_runs", "compare", "format_table"]
+
+ORDER = {"none": 0, "avg": 1, "max": 2, "nl": 3}
+NAMES = {"none": "baseline", "avg": "LFB-Avg", "max": "LFB-Max", "nl": "LFB-NL"}
+
+
+@dataclass
+class ComparisonRow:
+    operator: str
+    run_id: str
+    run_name: str
+    metrics: dict
+    per_class: dict
+    loss_curve: list
+
+
+def collect_runs(tracking_uri: str, experiment: str, run_ids: list[str] | None = None,
+                 latest_per_operator: bool = True) -> list[ComparisonRow]:
+    """Runs of `experiment` (or exactly `run_ids`) that carry an operator tag, best first by order."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    if run_ids:
+        runs = [client.get_run(r) for r in run_ids]
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise ValueError(f"no MLflow experiment {experiment!r} at {tracking_uri}")
+        df = mlflow.search_runs([exp.experiment_id], filter_string="tags.`lfb_ray.operator` != ''",
+                                order_by=["attributes.start_time DESC"])
+        runs = [client.get_run(r) for r in df["run_id"]] if len(df) else []
+    rows: list[ComparisonRow] = []
+    seen: set[str] = set()
+    for run in runs:
+        op = run.data.tags.get("lfb_ray.operator")
+        if not op or (latest_per_operator and not run_ids and op in seen):
+            continue
+        if "val/mAP" not in run.data.metrics:
+            continue
+        seen.add(op)
+        per_class = {k.split("/", 1)[1]: v for k, v in run.data.metrics.items() if k.startswith("val_ap/")}
+        hist = client.get_metric_history(run.info.run_id, "train/loss")
+        curve = sorted((m.step, m.value) for m in hist)
+        rows.append(ComparisonRow(op, run.info.run_id, run.data.tags.get("lfb_ray.run_name", ""),
+                                  dict(run.data.metrics), per_class, curve))
+    rows.sort(key=lambda r: ORDER.get(r.operator, 9))
+    return rows
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+
+
+def format_table(rows: list[ComparisonRow], markdown: bool = True) -> str:
+    """Seed-style table: mAP in percent, as the LFB paper and mmaction2 report it."""
+    fam_keys = sorted({k for r in rows for k in r.metrics if k.startswith("val/mAP_family_")})
+    grp_keys = ["val/mAP_person_movement", "val/mAP_object_manipulation", "val/mAP_person_interaction"]
+    head = (["model", "mAP"] + [k.replace("val/mAP_family_", "mAP ") for k in fam_keys]
+            + ["movement", "object", "interaction", "epochs", "wall s", "clips/s", "run id"])
+    lines = []
+    for r in rows:
+        m = r.metrics
+        lines.append([NAMES.get(r.operator, r.operator), _fmt(m.get("val/mAP"))]
+                     + [_fmt(m.get(k)) for k in fam_keys] + [_fmt(m.get(k)) for k in grp_keys]
+                     + [str(int(m.get("epoch", 0))), f"{m.get('wall_seconds', float('nan')):.0f}",
+                        f"{m.get('train/clips_per_s', float('nan')):.1f}", r.run_id[:12]])
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(x) + " |" for x in lines]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    out += ["  ".join(x[i].ljust(widths[i]) for i in range(len(head))) for x in lines]
+    return "\n".join(out)
+
+
+def plot(rows: list[ComparisonRow], path: str) -> None:
+    """PNG: per-operator mAP bars with per-class AP points, and training-loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [NAMES.get(r.operator, r.operator) for r in rows]
+    maps = [100 * r.metrics.get("val/mAP", float("nan")) for r in rows]
+    a1.bar(range(len(rows)), maps, color="#8fb3d9", label="mAP")
+    rng = np.random.default_rng(0)
+    for i, r in enumerate(rows):
+        aps = [100 * v for v in r.per_class.values() if v == v]
+        a1.scatter(i + rng.uniform(-0.2, 0.2, len(aps)), aps, s=10, color="#1f3b63", alpha=0.7,
+                   label="per-class AP" if i == 0 else None)
+    a1.set_xticks(range(len(rows)), names)
+    a1.set_ylabel("val frame-mAP@0.5 (%)")
+    a1.set_title("operators")
+    a1.legend(loc="lower right", fontsize=8)
+    for r, n in zip(rows, names):
+        if r.loss_curve:
+            s, v = zip(*r.loss_curve)
+            a2.plot(s, v, label=n)
+    a2.set_xlabel("iteration")
+    a2.set_ylabel("train loss")
+    a2.set_title("training loss")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(tracking_uri: str, experiment: str, out_dir: str, run_ids: list[str] | None = None,
+            log_to_mlflow: bool = True) -> tuple[str, list[ComparisonRow]]:
+    """Build the comparison, write table/PNG into `out_dir`, log them to MLflow; return the table."""
+    rows = collect_runs(tracking_uri, experiment, run_ids)
+    if not rows:
+        raise ValueError(f"no finished lfb_ray runs with a val/mAP in experiment {experiment!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    md = format_table(rows, markdown=True)
+    with open(os.path.join(out_dir, "comparison.md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(out_dir, "comparison.csv"), "w") as f:
+        f.write("operator,run_id,mAP\n")
+        for r in rows:
+            f.write(f"{r.operator},{r.run_id},{r.metrics.get('val/mAP', float('nan')):.6f}\n")
+    png = os.path.join(out_dir, "comparison.png")
+    plot(rows, png)
+    if log_to_mlflow:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name="comparison", tags={"lfb_ray.kind": "comparison"}):
+            for name in ("comparison.md", "comparison.csv", "comparison.png"):
+                mlflow.log_artifact(os.path.join(out_dir, name))
+            mlflow.log_param("runs", ",".join(r.run_id for r in rows))
+    return format_table(rows, markdown=False), rows

@@ -1,0 +1,399 @@
+"""Typed configuration: frozen dataclasses are the schema and the defaults; YAML files fill them.
+
+`load_config(path, overrides)` is the only YAML reader of the project. Overrides are dotted
+`section.key=value` strings (values parsed as YAML scalars), type-checked against the dataclass.
+Unknown keys and wrong types are errors that name the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "BankConfig",
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_hash",
+    "config_to_dict",
+    "flatten_config",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the AVA-format data lives and how clips are sampled (spec sections 1-2)."""
+
+    root: str = "data/synthetic"  # dataset root; relative paths below are resolved against it
+    videos_dir: str = "videos"  # folder of <video_id>.mp4/.mkv/.webm
+    train_csv: str = "annotations/train.csv"
+    val_csv: str = "annotations/val.csv"
+    train_exclusions: str = "annotations/train_excluded_timestamps.csv"  # "" = none
+    val_exclusions: str = "annotations/val_excluded_timestamps.csv"  # "" = none
+    label_map: str = "annotations/label_map.pbtxt"
+    train_proposals: str = "annotations/train_proposals.pkl"
+    val_proposals: str = "annotations/val_proposals.pkl"
+    prepared_dir: str = ""  # output of the prepare job; "" = <workdir>/prepared; may be s3://
+    video_start_second: int = -1  # AVA second at file time 0: 900 trimmed, 0 full movie, -1 detect
+    clip_frames: int = 4  # frames per clip (T)
+    frame_interval: int = 16  # stride between clip frames, in frames at reference_fps
+    reference_fps: float = 30.0  # fps the frame_interval is expressed in (AVA rawframes)
+    temporal_jitter: bool = True  # train-time jitter of each frame in [jitter_min, jitter_max]
+    jitter_min: int = -8
+    jitter_max: int = 7
+    short_side: int = 256  # frames are stored resized to this short side
+    jpeg_quality: int = 90
+    max_rows_per_shard: int = 256  # keyframes per Parquet file (keeps Arrow chunks << 2 GiB)
+    failure_budget: int = 0  # videos allowed to fail before the prepare job exits non-zero
+    train_person_score_thr: float = 0.9
+    val_person_score_thr: float = 0.9
+    max_proposals: int = 1000
+    train_scale_range: tuple[int, int] = (256, 320)  # random short side at train time
+    train_crop_size: int = 256
+    flip_ratio: float = 0.5
+    test_short_side: int = 256
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    max_rois_per_keyframe: int = 32
+    pos_iou_thr: float = 0.9  # proposals with IoU >= this to a GT box become training RoIs
+    num_classes: int = 81  # AVA: 80 actions + unused index 0
+
+    def __post_init__(self) -> None:
+        if self.jitter_min > self.jitter_max:
+            raise ConfigError(f"data.jitter_min ({self.jitter_min}) > data.jitter_max ({self.jitter_max})")
+        lo, hi = self.train_scale_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"data.train_scale_range must be 0 < lo <= hi, got {self.train_scale_range}")
+        if self.train_crop_size > lo:
+            raise ConfigError("data.train_crop_size must be <= data.train_scale_range[0]")
+        if self.clip_frames < 1 or self.frame_interval < 1:
+            raise ConfigError("data.clip_frames and data.frame_interval must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """SlowOnly backbone, RoI head, feature-bank operator and classifier (spec sections 3, 6, 7)."""
+
+    depth: Literal[18, 34, 50, 101] = 50
+    base_channels: int = 64  # width of res2; 64 gives the 2048-d features of SlowOnly-R50
+    fbo: Literal["none", "nl", "avg", "max"] = "nl"
+    latent_channels: int = 512  # FBO-NL latent width
+    num_nl_layers: int = 2
+    st_feat_dropout: float = 0.2
+    lt_feat_dropout: float = 0.2
+    nl_dropout: float = 0.2
+    head_dropout: float = 0.5
+    num_classes: int = 81
+    roi_output_size: int = 8
+    pretrained: str = ""  # mmaction2-format Kinetics/AVA checkpoint for initialisation ("" = none)
+
+    def __post_init__(self) -> None:
+        if self.base_channels < 1 or self.latent_channels < 1:
+            raise ConfigError("model.base_channels and model.latent_channels must be >= 1")
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    """Long-term feature bank: how it is built and sampled (spec sections 4-5)."""
+
+    path: str = ""  # bank folder; "" = <workdir>/bank; may be s3://
+    checkpoint: str = ""  # baseline checkpoint that computes the bank; "" = the baseline run's
+    window_seconds: int = 60
+    max_feats_per_second: int = 5
+    person_score_thr: float = 0.9
+    batch_size: int = 4  # keyframes per actor batch
+    min_actors: int = 1
+    max_actors: int = 2
+
+    def __post_init__(self) -> None:
+        if self.window_seconds < 1 or self.max_feats_per_second < 1:
+            raise ConfigError("bank.window_seconds and bank.max_feats_per_second must be >= 1")
+        if not 1 <= self.min_actors <= self.max_actors:
+            raise ConfigError("bank: need 1 <= min_actors <= max_actors")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation recipe (spec section 8) and checkpointing."""
+
+    epochs: int = 20
+    batch_size_per_worker: int = 12
+    base_lr: float = 0.15  # learning rate at reference_batch, scaled linearly with global batch
+    reference_batch: int = 96
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    warmup_epochs: float = 5.0
+    warmup_factor: float = 0.1
+    lr_steps: tuple[int, ...] = (10, 15)
+    lr_gamma: float = 0.1
+    grad_clip: float = 40.0  # L2 max norm; 0 disables
+    seed: int = 0
+    checkpoint_every_iters: int = 0  # extra mid-epoch checkpoints; 0 = per epoch only
+    eval_every_epochs: int = 1  # 0 = only at the end
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    storage_path: str = ""  # Ray Train storage; "" = <workdir>/ray_results; may be s3://
+    run_name: str = ""  # "" = deterministic from the config (rerun resumes)
+    max_failures: int = 2
+    log_every_iters: int = 10
+    max_iters_per_epoch: int = 0  # cap for smoke runs; 0 = full epoch
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size_per_worker < 1:
+            raise ConfigError("train.epochs and train.batch_size_per_worker must be >= 1")
+        if list(self.lr_steps) != sorted(self.lr_steps):
+            raise ConfigError(f"train.lr_steps must be increasing, got {self.lr_steps}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation protocol and inference settings (spec sections 7, 9, 14)."""
+
+    protocol: Literal["official", "mmaction2"] = "official"
+    batch_size: int = 4
+    action_thr: float = 0.0  # rows with score <= thr are not written to the result CSV
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking."""
+
+    enabled: bool = True
+    tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI or sqlite:///<workdir>/mlflow.db
+    experiment: str = "lfb_ray"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Ray resources of one training run."""
+
+    num_workers: int = 8
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto = GPU if the cluster has one
+    cpus_per_worker: float = 1.0
+    data_cpus: float = 1.0  # CPUs left to Ray Data per worker for decode/augment
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError("cluster.num_workers must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole typed configuration; each section is one dataclass above."""
+
+    workdir: str = "runs/default"  # where derived outputs go (prepared, bank, runs, mlflow)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    # Derived paths: one place decides where each stage writes.
+    def data_path(self, rel: str) -> str:
+        """Resolve a data-relative path (absolute paths and URIs pass through)."""
+        if not rel or "://" in rel or Path(rel).is_absolute():
+            return rel
+        return str(Path(self.data.root) / rel)
+
+    @property
+    def prepared_dir(self) -> str:
+        return self.data.prepared_dir or str(Path(self.workdir) / "prepared")
+
+    @property
+    def bank_dir(self) -> str:
+        return self.bank.path or str(Path(self.workdir) / "bank")
+
+    @property
+    def storage_path(self) -> str:
+        return self.train.storage_path or str(Path(self.workdir).resolve() / "ray_results")
+
+    @property
+    def tracking_uri(self) -> str:
+        import os
+
+        if self.tracking.tracking_uri:
+            return self.tracking.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return "sqlite:///" + str(Path(self.workdir).resolve() / "mlflow.db")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, type checking, overrides
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against annotation `tp`; return the value in its canonical type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and type(value) is type(allowed[allowed.index(value)]):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + u for u in unknown)} in {where}; "
+                          f"allowed: {', '.join(names)}")
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(data[name], dict):
+                raise ConfigError(f"{key}: expected a mapping (section), got {data[name]!r}")
+            kwargs[name] = _build(tp, data[name], key + ".")
+        else:
+            kwargs[name] = _coerce(key, data[name], tp)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a `Config` from nested plain data (e.g. `config_to_dict` output inside a Ray worker)."""
+    return _build(Config, data, "")
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Nested plain-data form (tuples as lists) that round-trips through `config_from_dict`."""
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply dotted overrides.
+
+    Raises:
+        ConfigError: unknown key, wrong type or value not allowed; the message names the key.
+        FileNotFoundError: `path` does not exist.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        data = loaded or {}
+    for item in overrides:
+        _apply_override(data, item)
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path or '<defaults>'}: {e}") from None
+
+
+def flatten_config(cfg: Config) -> dict[str, Any]:
+    """`{"section.key": value}` for logging as MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, x: Any) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix.rstrip(".")] = x
+
+    walk("", config_to_dict(cfg))
+    return out
+
+
+def config_hash(cfg: Config | dict[str, Any], sections: typing.Sequence[str] | None = None) -> str:
+    """Stable short hash of the config (or of some sections): names runs deterministically."""
+    d = config_to_dict(cfg) if isinstance(cfg, Config) else cfg
+    if sections is not None:
+        d = {s: d[s] for s in sections}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]

@@ -1,0 +1,1 @@
+"""AVA data: annotation readers, frame timing, clip transforms, the prepare stage and datasets."""

@@ -1,0 +1,198 @@
+"""Clip sampling, transforms and training targets for one prepared keyframe row (pure numpy/torch).
+
+A prepared row (see `lfb_ray.data.schema`) stores JPEG frames for every reference offset the
+sampler can touch. Here we pick the clip's frames (with train-time jitter), decode them, apply the
+train or test transform of spec section 2 to frames and boxes together, and build the RoIs and
+81-wide targets of spec section 7. Ray Data calls these functions in CPU workers, so training
+workers receive ready tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from lfb_ray.data.annotations import select_proposals
+from lfb_ray.data.timing import clip_ref_offsets
+
+__all__ = [
+    "ClipSpec",
+    "assign_targets",
+    "box_iou",
+    "decode_jpeg",
+    "encode_jpeg",
+    "pick_clip_frames",
+    "select_proposals",
+    "test_transform",
+    "train_transform",
+]
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Plain arguments of clip sampling and transforms, flattened from `DataConfig`."""
+
+    clip_frames: int = 4
+    frame_interval: int = 16
+    jitter_min: int = -8
+    jitter_max: int = 7
+    scale_range: tuple[int, int] = (256, 320)
+    crop_size: int = 256
+    flip_ratio: float = 0.5
+    test_short_side: int = 256
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+    @classmethod
+    def from_config(cls, data_cfg) -> ClipSpec:
+        return cls(
+            clip_frames=data_cfg.clip_frames, frame_interval=data_cfg.frame_interval,
+            jitter_min=data_cfg.jitter_min, jitter_max=data_cfg.jitter_max,
+            scale_range=tuple(data_cfg.train_scale_range), crop_size=data_cfg.train_crop_size,
+            flip_ratio=data_cfg.flip_ratio, test_short_side=data_cfg.test_short_side,
+            mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
+
+
+def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
+    """uint8 [H, W, 3] RGB → JPEG bytes."""
+    t = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)
+    return torchvision.io.encode_jpeg(t, quality=quality).numpy().tobytes()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """JPEG bytes → uint8 [H, W, 3] RGB."""
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return torchvision.io.decode_jpeg(buf, mode=torchvision.io.ImageReadMode.RGB).permute(1, 2, 0).numpy()
+
+
+def pick_clip_frames(ref_offsets: np.ndarray, spec: ClipSpec, rng: np.random.Generator | None) -> np.ndarray:
+    """Choose, for each clip position, which stored frame to use.
+
+    Args:
+        ref_offsets: [O] sorted reference offsets stored in the row.
+        rng: jitter source at train time; None means test mode (no jitter).
+
+    Returns:
+        int64 [T] positions into the row's frame list.
+    """
+    want = clip_ref_offsets(spec.clip_frames, spec.frame_interval)
+    if rng is not None:
+        want = want + rng.integers(spec.jitter_min, spec.jitter_max + 1, size=want.shape)
+    pos = np.searchsorted(ref_offsets, want)
+    pos = np.clip(pos, 0, len(ref_offsets) - 1)
+    if not np.array_equal(ref_offsets[pos], want):
+        missing = sorted(set(want.tolist()) - set(ref_offsets.tolist()))
+        raise ValueError(f"prepared row lacks reference offsets {missing}: it was prepared without "
+                         "temporal jitter; set data.temporal_jitter=true and rerun prepare")
+    return pos
+
+
+def _normalise(frames: torch.Tensor, spec: ClipSpec) -> torch.Tensor:
+    """uint8 [T, H, W, 3] → float32 [3, T, H, W], ImageNet mean/std on 0-255 pixels."""
+    x = frames.permute(3, 0, 1, 2).float()
+    mean = torch.tensor(spec.mean).view(3, 1, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1, 1)
+    return (x - mean) / std
+
+
+def _resize_short(frames: torch.Tensor, short: int) -> tuple[torch.Tensor, float, float]:
+    """Bilinear resize of uint8 [T, H, W, 3] to short side `short`, aspect kept."""
+    _, h, w, _ = frames.shape
+    if h <= w:
+        nh, nw = short, int(round(w * short / h))
+    else:
+        nh, nw = int(round(h * short / w)), short
+    if (nh, nw) == (h, w):
+        return frames, 1.0, 1.0
+    x = frames.permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return x, nw / w, nh / h
+
+
+def train_transform(frames: np.ndarray, boxes: np.ndarray, spec: ClipSpec,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """RandomRescale [lo, hi] → RandomCrop(crop) → Flip(0.5) → normalise (spec section 2).
+
+    Args:
+        frames: uint8 [T, H, W, 3].
+        boxes: float32 [N, 4] normalised x1, y1, x2, y2.
+
+    Returns:
+        clip float32 [3, T, crop, crop] and boxes float32 [N, 4] in crop pixels, clipped to
+        [0, crop - 1] (boxes are never dropped, as mmaction2's RandomCrop).
+    """
+    t = torch.from_numpy(frames)
+    short = int(rng.integers(spec.scale_range[0], spec.scale_range[1] + 1))
+    t, _, _ = _resize_short(t, short)
+    _, h, w, _ = t.shape
+    px = boxes.astype(np.float32) * np.array([w, h, w, h], dtype=np.float32)
+    c = spec.crop_size
+    y0 = int(rng.integers(0, h - c + 1))
+    x0 = int(rng.integers(0, w - c + 1))
+    t = t[:, y0:y0 + c, x0:x0 + c]
+    px = px - np.array([x0, y0, x0, y0], dtype=np.float32)
+    px = np.clip(px, 0, c - 1)
+    if rng.random() < spec.flip_ratio:
+        t = t.flip(2)
+        px = np.stack([c - px[:, 2], px[:, 1], c - px[:, 0], px[:, 3]], axis=1)
+    return _normalise(t, spec).numpy(), px.astype(np.float32)
+
+
+def test_transform(frames: np.ndarray, boxes: np.ndarray, spec: ClipSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Resize to short side `test_short_side`, no crop or flip, normalise.
+
+    Returns:
+        clip float32 [3, T, H', W'] and boxes float32 [N, 4] in pixels of that clip.
+    """
+    t, _, _ = _resize_short(torch.from_numpy(frames), spec.test_short_side)
+    _, h, w, _ = t.shape
+    px = boxes.astype(np.float32) * np.array([w, h, w, h], dtype=np.float32)
+    return _normalise(t, spec).numpy(), px
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of boxes [N, 4] x [M, 4] (x1, y1, x2, y2, no +1) → [N, M] float64."""
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def assign_targets(gt_boxes: np.ndarray, gt_labels: np.ndarray, proposals: np.ndarray, *,
+                   pos_iou_thr: float, max_rois: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Training RoIs of one keyframe: GT boxes plus proposals with IoU >= thr (labels copied).
+
+    mmaction2's MaxIoUAssignerAVA + RandomSampler(num=32, pos_fraction=1): negatives never enter
+    the loss, so only positives are kept; more than `max_rois` positives are subsampled.
+
+    Args:
+        gt_boxes: [N, 4] normalised; gt_labels: [N, C] multi-hot; proposals: [M, 5] already
+            thresholded.
+
+    Returns:
+        rois [R, 4] normalised and labels [R, C], R <= max_rois.
+    """
+    rois, labels = [gt_boxes], [gt_labels]
+    if len(proposals) and len(gt_boxes):
+        iou = box_iou(proposals[:, :4], gt_boxes)
+        best = iou.argmax(1)
+        pos = iou[np.arange(len(proposals)), best] >= pos_iou_thr
+        rois.append(proposals[pos, :4])
+        labels.append(gt_labels[best[pos]])
+    rois_a = np.concatenate(rois).astype(np.float32)
+    labels_a = np.concatenate(labels).astype(np.float32)
+    if len(rois_a) > max_rois:
+        keep = np.sort(rng.choice(len(rois_a), max_rois, replace=False))
+        rois_a, labels_a = rois_a[keep], labels_a[keep]
+    return rois_a, labels_a

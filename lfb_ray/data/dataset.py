@@ -1,0 +1,183 @@
+"""Ray Datasets of training and test samples read from the prepared shards.
+
+JPEG decoding, frame choice, augmentation and target assignment run in Ray Data CPU tasks
+(`map_batches`), so training workers only move ready tensors. Train samples have a fixed shape
+(crop size, RoIs padded to `max_rois_per_keyframe`), which lets `iter_torch_batches` stack them.
+Test samples keep the full frame and their own number of RoIs; `collate_test` pads per batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lfb_ray.config import Config
+from lfb_ray.data.clips import (
+    ClipSpec,
+    assign_targets,
+    decode_jpeg,
+    pick_clip_frames,
+    select_proposals,
+    test_transform,
+    train_transform,
+)
+from lfb_ray.data.schema import row_gt, row_proposals
+
+__all__ = ["collate_test", "collate_train", "decode_test_rows", "decode_train_rows", "read_split"]
+
+RAW_COLUMNS = ["video_id", "timestamp", "excluded", "ref_offsets", "frame_slot", "frames", "height",
+               "width", "num_gt", "gt_boxes", "gt_labels", "num_proposals", "proposals"]
+
+
+def read_split(cfg: Config, split: str, *, drop_excluded: bool | None = None):
+    """Ray Dataset of the raw prepared rows of one split.
+
+    Args:
+        drop_excluded: drop keyframes in the exclusions file; default True for train (mmaction2
+            0.x removes them from training only) and False otherwise.
+    """
+    import ray
+
+    from lfb_ray.data.prep import prepared_files
+    from lfb_ray.storage import resolve
+
+    files = prepared_files(cfg.prepared_dir, split)
+    fs, _ = resolve(cfg.prepared_dir)
+    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(RAW_COLUMNS)
+    if drop_excluded if drop_excluded is not None else split == "train":
+        ds = ds.filter(lambda r: not r["excluded"])
+    return ds
+
+
+def _rows(batch: dict) -> list[dict]:
+    n = len(batch["video_id"])
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def _clip_frames(row: dict, spec: ClipSpec, rng: np.random.Generator | None) -> np.ndarray:
+    offsets = np.asarray(row["ref_offsets"], dtype=np.int64)
+    pos = pick_clip_frames(offsets, spec, rng)
+    slots = np.asarray(row["frame_slot"], dtype=np.int64)[pos]
+    frames = row["frames"]
+    return np.stack([decode_jpeg(frames[s]) for s in slots])  # [T, H, W, 3]
+
+
+def decode_train_rows(batch: dict, *, cfg_data: dict, seed: int | None = None) -> dict:
+    """Ray Data UDF: raw rows → fixed-shape training samples.
+
+    Returns (numpy batch of B rows):
+        clip float32 [B, 3, T, S, S]; rois float32 [B, R, 4] crop pixels (R =
+        max_rois_per_keyframe, padded); roi_valid bool [B, R]; labels float32 [B, R, C];
+        video_id [B] str; timestamp int64 [B].
+    """
+    from lfb_ray.config import DataConfig, config_from_dict
+
+    d: DataConfig = config_from_dict({"data": cfg_data}).data
+    spec = ClipSpec.from_config(d)
+    rng = np.random.default_rng(seed)
+    r_max, c = d.max_rois_per_keyframe, d.num_classes
+    out = {k: [] for k in ("clip", "rois", "roi_valid", "labels", "video_id", "timestamp")}
+    for row in _rows(batch):
+        frames = _clip_frames(row, spec, rng if d.temporal_jitter else None)
+        gt_boxes, gt_labels = row_gt(row, c)
+        props = select_proposals(row_proposals(row), d.train_person_score_thr, d.max_proposals)
+        rois, labels = assign_targets(gt_boxes, gt_labels, props, pos_iou_thr=d.pos_iou_thr,
+                                      max_rois=r_max, rng=rng)
+        clip, px = train_transform(frames, rois, spec, rng)
+        n = len(px)
+        pad_rois = np.zeros((r_max, 4), np.float32)
+        pad_rois[:n] = px
+        pad_labels = np.zeros((r_max, c), np.float32)
+        pad_labels[:n] = labels
+        valid = np.zeros(r_max, bool)
+        valid[:n] = True
+        out["clip"].append(clip)
+        out["rois"].append(pad_rois)
+        out["roi_valid"].append(valid)
+        out["labels"].append(pad_labels)
+        out["video_id"].append(str(row["video_id"]))
+        out["timestamp"].append(int(row["timestamp"]))
+    return {k: (np.stack(v) if k not in ("video_id",) else np.array(v, dtype=object)) for k, v in out.items()}
+
+
+def decode_test_rows(batch: dict, *, cfg_data: dict, score_thr: float) -> dict:
+    """Ray Data UDF: raw rows → full-frame test clips with their thresholded proposals.
+
+    Returns (numpy batch, ragged fields as object arrays):
+        clip [B] of float32 [3, T, H, W]; boxes [B] of float32 [n, 4] normalised; box_px [B]
+        of float32 [n, 4] clip pixels; box_scores [B] of float32 [n]; video_id [B];
+        timestamp int64 [B].
+    """
+    from lfb_ray.config import config_from_dict
+
+    d = config_from_dict({"data": cfg_data}).data
+    spec = ClipSpec.from_config(d)
+    out = {k: [] for k in ("clip", "boxes", "box_px", "box_scores", "video_id", "timestamp")}
+    for row in _rows(batch):
+        frames = _clip_frames(row, spec, None)
+        props = select_proposals(row_proposals(row), score_thr, d.max_proposals)
+        clip, px = test_transform(frames, props[:, :4], spec)
+        out["clip"].append(clip)
+        out["boxes"].append(props[:, :4].astype(np.float32))
+        out["box_px"].append(px)
+        out["box_scores"].append(props[:, 4].astype(np.float32))
+        out["video_id"].append(str(row["video_id"]))
+        out["timestamp"].append(int(row["timestamp"]))
+    res = {}
+    for k, v in out.items():
+        if k == "timestamp":
+            res[k] = np.array(v, dtype=np.int64)
+        else:
+            arr = np.empty(len(v), dtype=object)
+            arr[:] = v
+            res[k] = arr
+    return res
+
+
+def collate_train(batch: dict) -> dict:
+    """`iter_torch_batches` collate: numpy train batch → torch tensors (+ keys as lists).
+
+    Returns:
+        clip [B, 3, T, S, S]; rois [R_valid, 5] (batch index, x1, y1, x2, y2); labels
+        [R_valid, C]; roi_batch [R_valid] long; video_ids list[str] per RoI; seconds [R_valid].
+    """
+    valid = np.asarray(batch["roi_valid"], dtype=bool)
+    b_idx, r_idx = np.nonzero(valid)
+    rois = np.asarray(batch["rois"], dtype=np.float32)[b_idx, r_idx]
+    labels = np.asarray(batch["labels"], dtype=np.float32)[b_idx, r_idx]
+    vids = np.asarray(batch["video_id"], dtype=object)
+    ts = np.asarray(batch["timestamp"], dtype=np.int64)
+    return {
+        "clip": torch.from_numpy(np.ascontiguousarray(batch["clip"], dtype=np.float32)),
+        "rois": torch.from_numpy(np.concatenate([b_idx[:, None].astype(np.float32), rois], axis=1)),
+        "labels": torch.from_numpy(labels),
+        "roi_video_ids": [str(v) for v in vids[b_idx]],
+        "roi_seconds": ts[b_idx],
+        "num_clips": int(valid.shape[0]),
+    }
+
+
+def collate_test(batch: dict) -> dict:
+    """Pad full-frame clips of one batch to a common size (bottom/right) and list all RoIs.
+
+    Returns:
+        clip [B, 3, T, Hmax, Wmax]; rois [R, 5]; boxes [R, 4] normalised; roi_batch [R];
+        video_ids list[str] per RoI; seconds [R].
+    """
+    clips = list(batch["clip"])
+    hmax = max(c.shape[2] for c in clips)
+    wmax = max(c.shape[3] for c in clips)
+    out = torch.zeros(len(clips), clips[0].shape[0], clips[0].shape[1], hmax, wmax)
+    for i, c in enumerate(clips):
+        out[i, :, :, : c.shape[2], : c.shape[3]] = torch.from_numpy(c)
+    rois, boxes, bidx = [], [], []
+    for i, (px, nb) in enumerate(zip(batch["box_px"], batch["boxes"])):
+        rois.append(np.concatenate([np.full((len(px), 1), i, np.float32), px], axis=1))
+        boxes.append(nb)
+        bidx.append(np.full(len(px), i, np.int64))
+    b = np.concatenate(bidx)
+    vids = np.asarray(batch["video_id"], dtype=object)
+    ts = np.asarray(batch["timestamp"], dtype=np.int64)
+    return {"clip": out, "rois": torch.from_numpy(np.concatenate(rois)),
+            "boxes": np.concatenate(boxes), "roi_batch": b,
+            "roi_video_ids": [str(v) for v in vids[b]], "roi_seconds": ts[b]}

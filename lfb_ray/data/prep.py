@@ -1,0 +1,321 @@
+"""The prepare stage: AVA videos + annotations → sharded Parquet keyframe rows, with Ray Data.
+
+One Ray task per (split, video) decodes exactly the frames the sampler can touch, in order, once
+(`decord.VideoReader.get_batch` over sorted unique indices per chunk of keyframes — never one seek
+per clip), resizes them to the configured short side, JPEG-encodes them and writes the video's
+rows as bounded Parquet parts. Each video commits with a `_DONE.json` marker written after its
+parts, which makes the job resumable and idempotent: a rerun skips videos whose marker matches
+the task (config, source file size/mtime, annotations) and redoes the rest from scratch. A bad
+video is recorded in `failures.json` and skipped; the job fails only past `data.failure_budget`.
+
+Layout under `prepared_dir`:
+    manifest.json                      written last: schema version, config, per-video entries
+    failures.json                      videos that could not be prepared, with reasons
+    <split>/<video_id>/part-00000.parquet ...
+    <split>/<video_id>/_DONE.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lfb_ray.config import Config
+from lfb_ray.data import annotations as ann
+from lfb_ray.data.clips import encode_jpeg
+from lfb_ray.data.schema import SCHEMA, SCHEMA_VERSION
+from lfb_ray.data.timing import TimingError, detect_video_start, frame_indices_for, stored_ref_offsets
+from lfb_ray.storage import exists, join, read_json, remove_dir, resolve, write_bytes_atomic, write_json_atomic
+
+__all__ = ["PrepareError", "PrepareSummary", "build_tasks", "prepare_dataset", "prepare_video",
+           "prepared_files"]
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm")
+KEYFRAMES_PER_DECODE = 16  # keyframes decoded together: bounds memory, still one in-order pass
+
+
+class PrepareError(RuntimeError):
+    """The prepare job failed (too many bad videos, unusable output location)."""
+
+
+@dataclass
+class PrepareSummary:
+    videos: int = 0
+    skipped: int = 0
+    keyframes: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    failures: list[dict] = field(default_factory=list)
+
+    def line(self) -> str:
+        kf = max(self.keyframes, 1)
+        return (f"prepare: {self.videos} videos ({self.skipped} already done), {self.keyframes} keyframes, "
+                f"{self.bytes / 1e9:.3f} GB ({self.bytes / kf / 1e3:.1f} kB/keyframe), {self.seconds:.1f} s, "
+                f"{len(self.failures)} failed")
+
+
+def _prep_settings(cfg: Config) -> dict:
+    """The config values that change prepared bytes; part of every task's identity."""
+    d = cfg.data
+    return {"schema_version": SCHEMA_VERSION, "clip_frames": d.clip_frames, "frame_interval": d.frame_interval,
+            "reference_fps": d.reference_fps, "jitter": [d.jitter_min, d.jitter_max] if d.temporal_jitter else None,
+            "short_side": d.short_side, "jpeg_quality": d.jpeg_quality, "max_rows_per_shard": d.max_rows_per_shard,
+            "video_start_second": d.video_start_second, "max_proposals": d.max_proposals,
+            "num_classes": d.num_classes}
+
+
+def _find_videos(videos_dir: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    p = Path(videos_dir)
+    if not p.is_dir():
+        raise PrepareError(f"videos folder {videos_dir} does not exist")
+    for f in sorted(p.iterdir()):
+        if f.suffix.lower() in VIDEO_EXTENSIONS:
+            out.setdefault(f.stem, str(f))
+    return out
+
+
+def build_tasks(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """Read annotations and list one task per (split, video); missing videos become failures.
+
+    Returns:
+        (tasks, failures). A task is plain JSON-able data: split, video_id, path, source
+        fingerprint, keyframes with GT and proposals, and the task hash.
+    """
+    d = cfg.data
+    videos = _find_videos(cfg.data_path(d.videos_dir))
+    settings = _prep_settings(cfg)
+    tasks, failures = [], []
+    for split, csv_path, excl_path, prop_path in (
+        ("train", d.train_csv, d.train_exclusions, d.train_proposals),
+        ("val", d.val_csv, d.val_exclusions, d.val_proposals),
+    ):
+        if not csv_path:
+            continue
+        keyframes = ann.read_annotations(cfg.data_path(csv_path), num_classes=d.num_classes)
+        excluded = ann.read_exclusions(cfg.data_path(excl_path)) if excl_path else set()
+        proposals = ann.load_proposals(cfg.data_path(prop_path)) if prop_path else {}
+        by_video: dict[str, list] = {}
+        for (vid, ts), kf in keyframes.items():
+            by_video.setdefault(vid, []).append((ts, kf))
+        for vid, items in sorted(by_video.items()):
+            if vid not in videos:
+                failures.append({"split": split, "video_id": vid, "path": None,
+                                 "error": f"missing video: no {vid}.mp4/.mkv/.webm in {d.videos_dir} "
+                                          f"for {len(items)} annotated keyframes"})
+                continue
+            path = videos[vid]
+            st = os.stat(path)
+            kfs = []
+            for ts, kf in sorted(items, key=lambda x: x[0]):
+                props = proposals.get((vid, ts))
+                kfs.append({
+                    "timestamp": ts, "excluded": (vid, ts) in excluded,
+                    "gt_boxes": kf.boxes.ravel().tolist(),
+                    "gt_labels": [int(x) for x in kf.labels.ravel()],
+                    "gt_person_ids": [int(x) for x in kf.person_ids],
+                    "proposals": (props[: d.max_proposals].ravel().tolist() if props is not None
+                                  else [0.0, 0.0, 1.0, 1.0, 1.0]),
+                    "proposals_missing": props is None,
+                })
+            task = {"split": split, "video_id": vid, "path": path,
+                    "source": {"size": st.st_size, "mtime": int(st.st_mtime)}, "keyframes": kfs,
+                    "settings": settings}
+            task["hash"] = hashlib.sha256(json.dumps(task, sort_keys=True).encode()).hexdigest()[:16]
+            tasks.append(task)
+    return tasks, failures
+
+
+def _video_dir(root: str, split: str, vid: str) -> str:
+    return join(root, split, vid)
+
+
+def prepare_video(task: dict, out_uri: str) -> dict:
+    """Decode one video and write its keyframe rows; never raises for bad input.
+
+    Returns:
+        summary dict: video_id, split, status ("done" | "skipped" | "failed"), rows, bytes, files,
+        error (for failures).
+    """
+    fs, root = resolve(out_uri)
+    vdir = _video_dir(root, task["split"], task["video_id"])
+    done_path = join(vdir, "_DONE.json")
+    base = {"video_id": task["video_id"], "split": task["split"], "path": task["path"]}
+    if exists(fs, done_path):
+        try:
+            done = read_json(fs, done_path)
+            if done.get("hash") == task["hash"]:
+                return {**base, **done, "status": "skipped"}
+        except Exception:  # unreadable marker: redo the video
+            pass
+    remove_dir(fs, vdir)  # partial or stale output: redo from scratch
+    try:
+        rows_written, nbytes, files = _decode_and_write(task, fs, vdir)
+    except Exception as e:
+        remove_dir(fs, vdir)
+        return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "rows": 0, "bytes": 0,
+                "files": []}
+    done = {"hash": task["hash"], "rows": rows_written, "bytes": nbytes, "files": files}
+    write_json_atomic(fs, done_path, done)
+    return {**base, **done, "status": "done"}
+
+
+def _decode_and_write(task: dict, fs, vdir: str) -> tuple[int, int, list[str]]:
+    import decord
+
+    s = task["settings"]
+    path = task["path"]
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: empty file (0 bytes)")
+    try:
+        probe = decord.VideoReader(path, num_threads=1)
+        num_frames, fps = len(probe), float(probe.get_avg_fps())
+        oh, ow = probe[0].shape[:2]
+        del probe
+    except Exception as e:
+        raise ValueError(f"{path}: not a decodable video ({e})") from e
+    if num_frames <= 0 or fps <= 0:
+        raise ValueError(f"{path}: no frames or unknown fps")
+    timestamps = np.array([k["timestamp"] for k in task["keyframes"]], dtype=np.int64)
+    start = detect_video_start(s["video_start_second"], duration_s=num_frames / fps,
+                               max_timestamp=int(timestamps.max()), video=path)
+    short = s["short_side"]
+    if oh <= ow:
+        h, w = short, int(round(ow * short / oh))
+    else:
+        h, w = int(round(oh * short / ow)), short
+    vr = decord.VideoReader(path, width=w, height=h, num_threads=1)
+    offsets = stored_ref_offsets(s["clip_frames"], s["frame_interval"],
+                                 tuple(s["jitter"]) if s["jitter"] else None)
+    frame_idx = frame_indices_for(timestamps, offsets, video_start_second=start, native_fps=fps,
+                                  num_frames=num_frames, reference_fps=s["reference_fps"])
+    # The last keyframe's own frame must exist; clipping is only for the clip's edge frames.
+    centre = frame_indices_for(timestamps, np.zeros(1, np.int64), video_start_second=start,
+                               native_fps=fps, num_frames=10**12, reference_fps=s["reference_fps"])[:, 0]
+    if centre.max() >= num_frames:
+        raise TimingError(f"{path}: video has {num_frames} frames but keyframe {int(timestamps.max())} "
+                          f"needs frame {int(centre.max())}")
+    rows: list[dict] = []
+    files: list[str] = []
+    nbytes = 0
+    n_classes = s["num_classes"]
+    for c0 in range(0, len(timestamps), KEYFRAMES_PER_DECODE):
+        chunk = frame_idx[c0:c0 + KEYFRAMES_PER_DECODE]
+        needed = np.unique(chunk)
+        try:
+            decoded = vr.get_batch(needed.tolist()).asnumpy()  # [n, h, w, 3], one in-order pass
+        except Exception as e:
+            raise ValueError(f"{path}: decoding frames {int(needed[0])}..{int(needed[-1])} failed "
+                             f"(truncated or corrupt video?): {e}") from e
+        jpeg = {int(i): encode_jpeg(decoded[j], s["jpeg_quality"]) for j, i in enumerate(needed)}
+        for k, fidx in enumerate(chunk):
+            kf = task["keyframes"][c0 + k]
+            uniq, slot = np.unique(fidx, return_inverse=True)
+            n_gt = len(kf["gt_person_ids"])
+            rows.append({
+                "video_id": task["video_id"], "timestamp": int(kf["timestamp"]), "split": task["split"],
+                "excluded": bool(kf["excluded"]), "ref_offsets": offsets.astype(np.int16).tolist(),
+                "frame_slot": slot.astype(np.int16).tolist(), "frame_indices": uniq.astype(np.int32).tolist(),
+                "frames": [jpeg[int(i)] for i in uniq], "height": h, "width": w, "orig_height": oh,
+                "orig_width": ow, "fps": fps, "num_gt": n_gt, "gt_boxes": kf["gt_boxes"],
+                "gt_labels": kf["gt_labels"], "gt_person_ids": kf["gt_person_ids"],
+                "num_proposals": len(kf["proposals"]) // 5, "proposals": kf["proposals"],
+                "proposals_missing": bool(kf["proposals_missing"]),
+            })
+            assert len(kf["gt_labels"]) == n_gt * n_classes
+        while len(rows) >= s["max_rows_per_shard"]:
+            nbytes += _write_part(fs, vdir, len(files), rows[: s["max_rows_per_shard"]], files)
+            rows = rows[s["max_rows_per_shard"]:]
+    if rows:
+        nbytes += _write_part(fs, vdir, len(files), rows, files)
+    return len(timestamps), nbytes, files
+
+
+def _write_part(fs, vdir: str, index: int, rows: list[dict], files: list[str]) -> int:
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="none")  # JPEG bytes do not compress further
+    name = f"part-{index:05d}.parquet"
+    write_bytes_atomic(fs, join(vdir, name), buf.getvalue())
+    files.append(name)
+    return buf.tell()
+
+
+def _prepare_batch(batch: dict, out_uri: str) -> dict:
+    """Ray Data UDF: one task JSON per row in, one summary JSON per row out."""
+    return {"summary": np.array([json.dumps(prepare_video(json.loads(t), out_uri)) for t in batch["task"]],
+                                dtype=object)}
+
+
+def prepare_dataset(cfg: Config) -> PrepareSummary:
+    """Run the prepare stage with Ray Data (call `ray.init` first, or Ray starts a local cluster).
+
+    Raises:
+        PrepareError: more videos failed than `data.failure_budget` allows (everything else is
+            still written), or the annotations are malformed.
+    """
+    import ray
+
+    from lfb_ray.storage import check_writable
+
+    t0 = time.time()
+    out_uri = cfg.prepared_dir
+    check_writable(out_uri)
+    tasks, failures = build_tasks(cfg)
+    summaries: list[dict] = []
+    if tasks:
+        ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
+        ds = ds.map_batches(_prepare_batch, batch_size=1, fn_kwargs={"out_uri": out_uri}, num_cpus=1)
+        summaries = [json.loads(r["summary"]) for r in ds.take_all()]
+    summaries.sort(key=lambda r: (r["split"], r["video_id"]))
+    failures += [{k: r[k] for k in ("split", "video_id", "path", "error")}
+                 for r in summaries if r["status"] == "failed"]
+    ok = [r for r in summaries if r["status"] != "failed"]
+    fs, root = resolve(out_uri)
+    write_json_atomic(fs, join(root, "failures.json"), failures)
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "settings": _prep_settings(cfg),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "videos": [{"split": r["split"], "video_id": r["video_id"], "rows": r["rows"], "bytes": r["bytes"],
+                    "files": [join(r["split"], r["video_id"], f) for f in r["files"]], "hash": r["hash"]}
+                   for r in ok],
+    }
+    write_json_atomic(fs, join(root, "manifest.json"), manifest)
+    summary = PrepareSummary(videos=len(ok), skipped=sum(r["status"] == "skipped" for r in ok),
+                             keyframes=sum(r["rows"] for r in ok), bytes=sum(r["bytes"] for r in ok),
+                             seconds=time.time() - t0, failures=failures)
+    if len(failures) > cfg.data.failure_budget:
+        lines = "\n".join(f"  {f['split']}/{f['video_id']}: {f['error']}" for f in failures)
+        raise PrepareError(f"{len(failures)} video(s) failed, more than data.failure_budget="
+                           f"{cfg.data.failure_budget} (details in {join(out_uri, 'failures.json')}); "
+                           f"the other {len(ok)} videos were written:\n{lines}")
+    return summary
+
+
+def prepared_files(prepared_uri: str, split: str) -> list[str]:
+    """Parquet files of one split, from the manifest (full paths in the prepared filesystem).
+
+    Raises:
+        PrepareError: no manifest (prepare has not finished) or no rows for the split.
+    """
+    fs, root = resolve(prepared_uri)
+    mpath = join(root, "manifest.json")
+    if not exists(fs, mpath):
+        raise PrepareError(f"{prepared_uri} has no manifest.json: run jobs/prepare_data.py first")
+    manifest = read_json(fs, mpath)
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise PrepareError(f"{prepared_uri}: schema version {manifest.get('schema_version')} != {SCHEMA_VERSION}; "
+                           "rerun prepare")
+    files = [join(root, f) for v in manifest["videos"] if v["split"] == split for f in v["files"]]
+    if not files:
+        raise PrepareError(f"{prepared_uri}: no prepared {split} rows")
+    return files

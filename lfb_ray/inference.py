@@ -1,0 +1,178 @@
+"""Inference: test-time scores for every proposal box of a keyframe, with the bank for LFB models.
+
+`predict_batch` is the one code path used by the training job's val metric and by the
+stand-alone inference job (`infer_split`, a Ray Data actor pool). `load_model` reads our
+checkpoints and mmaction2 `.pth` files safely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lfb_ray.config import Config
+
+__all__ = ["InferenceResult", "autocast_for", "infer_split", "load_model", "predict_batch",
+           "save_model", "write_and_evaluate"]
+
+MODEL_FORMAT = "lfb_ray/v1"
+
+
+def autocast_for(device: torch.device, amp: str):
+    """bf16 autocast on CUDA when amp is auto/bf16; fp32 elsewhere."""
+    if device.type == "cuda" and amp in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def save_model(model: torch.nn.Module, path: str, cfg_dict: dict) -> None:
+    """Write the model state dict in our format, atomically."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save({"format": MODEL_FORMAT, "model": model.state_dict(), "config": cfg_dict}, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(cfg: Config, checkpoint: str, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Build the detector of `cfg.model` and load `checkpoint` strictly.
+
+    Accepts our `model.pt` (or a Ray checkpoint folder holding one) and mmaction2 `.pth`
+    detector checkpoints. Never unpickles arbitrary objects (`weights_only=True` loaders).
+    """
+    from lfb_ray.models import build_detector, load_mmaction2_state_dict
+    from lfb_ray.models.checkpoint import read_checkpoint_file
+
+    if os.path.isdir(checkpoint):
+        checkpoint = os.path.join(checkpoint, "model.pt")
+    model = build_detector(cfg.model)
+    blob = torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint.endswith(".pt") else None
+    if isinstance(blob, dict) and blob.get("format") == MODEL_FORMAT:
+        model.load_state_dict(blob["model"], strict=True)
+    else:
+        load_mmaction2_state_dict(model, read_checkpoint_file(checkpoint))
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def predict_batch(model: torch.nn.Module, batch: dict, *, bank=None, rng: np.random.Generator,
+                  device: torch.device, amp: str = "auto", window_seconds: int = 60,
+                  max_feats_per_second: int = 5) -> dict:
+    """Sigmoid scores of every RoI of a `collate_test` batch.
+
+    Returns:
+        video_ids list[str] [R], seconds int64 [R], boxes float32 [R, 4] normalised,
+        scores float32 [R, num_classes].
+    """
+    model.eval()
+    clip = batch["clip"].to(device, non_blocking=True)
+    rois = batch["rois"].to(device)
+    lt = None
+    if bank is not None:
+        lt = bank.sample(batch["roi_video_ids"], batch["roi_seconds"], rng, window_seconds=window_seconds,
+                         max_feats_per_second=max_feats_per_second).to(device)
+    with autocast_for(device, amp):
+        logits = model(clip, rois, lt)
+    return {"video_ids": list(batch["roi_video_ids"]), "seconds": np.asarray(batch["roi_seconds"]),
+            "boxes": np.asarray(batch["boxes"], dtype=np.float32),
+            "scores": torch.sigmoid(logits.float()).cpu().numpy()}
+
+
+def _concat(preds: list[dict]) -> dict:
+    if not preds:
+        return {"video_ids": [], "seconds": np.zeros(0, np.int64), "boxes": np.zeros((0, 4), np.float32),
+                "scores": np.zeros((0, 81), np.float32)}
+    return {"video_ids": [v for p in preds for v in p["video_ids"]],
+            "seconds": np.concatenate([p["seconds"] for p in preds]),
+            "boxes": np.concatenate([p["boxes"] for p in preds]),
+            "scores": np.concatenate([p["scores"] for p in preds])}
+
+
+@dataclass
+class InferenceResult:
+    csv_path: str
+    metrics: dict
+    num_boxes: int
+    seconds: float
+
+
+def write_and_evaluate(cfg: Config, pred: dict, csv_path: str) -> dict:
+    """Write the AVA result CSV and compute frame-mAP against the val GT.
+
+    Returns:
+        {"mAP": float, "group_mAP": {...}, "per_class": {...}} (NaN possible per class).
+    """
+    from lfb_ray.data.annotations import read_exclusions, read_label_map, read_result_rows
+    from lfb_ray.data.annotations import read_annotation_rows
+    from lfb_ray.evaluation import evaluate_frame_map
+    from lfb_ray.evaluation.results import write_results_csv
+
+    os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+    write_results_csv(csv_path, pred["video_ids"], pred["seconds"], pred["boxes"], pred["scores"],
+                      action_thr=cfg.eval.action_thr)
+    label_map = read_label_map(cfg.data_path(cfg.data.label_map))
+    gt = read_annotation_rows(cfg.data_path(cfg.data.val_csv))
+    det = read_result_rows(csv_path)
+    excl = read_exclusions(cfg.data_path(cfg.data.val_exclusions)) if cfg.data.val_exclusions else set()
+    res = evaluate_frame_map(gt, det, label_map, excl, protocol=cfg.eval.protocol)
+    return {"mAP": res.mAP, "group_mAP": dict(res.group_mAP), "per_class": dict(res.per_class)}
+
+
+class _Predictor:
+    """Ray Data actor: loads the model (and bank) once, scores test batches."""
+
+    def __init__(self, cfg_dict: dict, checkpoint: str, seed: int):
+        from lfb_ray.config import config_from_dict
+
+        self.cfg = config_from_dict(cfg_dict)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(self.cfg, checkpoint, self.device)
+        self.bank = None
+        if self.cfg.model.fbo != "none":
+            from lfb_ray.bank import FeatureBank
+
+            self.bank = FeatureBank.open(self.cfg.bank_dir, expected_dim=self.model.feature_channels)
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, batch: dict) -> dict:
+        from lfb_ray.data.dataset import collate_test
+
+        p = predict_batch(self.model, collate_test(batch), bank=self.bank, rng=self.rng, device=self.device,
+                          amp=self.cfg.train.amp, window_seconds=self.cfg.bank.window_seconds,
+                          max_feats_per_second=self.cfg.bank.max_feats_per_second)
+        n = len(p["video_ids"])
+        return {"video_id": np.array(p["video_ids"], dtype=object), "timestamp": p["seconds"],
+                "box": p["boxes"].reshape(n, 4), "scores": p["scores"]}
+
+
+def infer_split(cfg: Config, checkpoint: str, csv_path: str, *, split: str = "val") -> InferenceResult:
+    """Score every proposal of a split with a Ray Data actor pool, write the CSV, evaluate.
+
+    GPU actors when the cluster has GPUs (one GPU each), CPU actors otherwise.
+    """
+    import ray
+
+    from lfb_ray.config import config_to_dict
+    from lfb_ray.data.dataset import decode_test_rows, read_split
+
+    t0 = time.time()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    ds = read_split(cfg, split, drop_excluded=False).map_batches(
+        decode_test_rows, batch_size=cfg.eval.batch_size, num_cpus=1,
+        fn_kwargs={"cfg_data": config_to_dict(cfg)["data"], "score_thr": cfg.data.val_person_score_thr})
+    ds = ds.map_batches(
+        _Predictor, batch_size=cfg.eval.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(gpus) or cfg.bank.max_actors)),
+        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+        fn_constructor_kwargs={"cfg_dict": config_to_dict(cfg), "checkpoint": checkpoint,
+                               "seed": cfg.train.seed})
+    rows = ds.take_all()
+    pred = {"video_ids": [r["video_id"] for r in rows],
+            "seconds": np.array([r["timestamp"] for r in rows], np.int64),
+            "boxes": np.array([r["box"] for r in rows], np.float32).reshape(-1, 4),
+            "scores": np.array([r["scores"] for r in rows], np.float32).reshape(len(rows), -1)}
+    metrics = write_and_evaluate(cfg, pred, csv_path)
+    return InferenceResult(csv_path=csv_path, metrics=metrics, num_boxes=len(rows), seconds=time.time() - t0)

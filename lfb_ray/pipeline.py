@@ -1,0 +1,158 @@
+"""The whole product in one command: prepare → baseline → bank → nl/avg/max → evaluate → compare.
+
+Each stage reads the previous stage's outputs from the paths in the config. A stage whose outputs
+are complete and whose inputs/config are unchanged is skipped (state in `<workdir>/pipeline.json`,
+keyed by a hash of what the stage depends on); `--from STAGE` reruns from that stage on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from lfb_ray.config import Config, config_from_dict, config_hash, config_to_dict
+
+__all__ = ["STAGES", "run_pipeline"]
+
+STAGES = ("prepare", "baseline", "bank", "operators", "evaluate", "compare")
+
+
+def _with(cfg: Config, **section_updates) -> Config:
+    d = config_to_dict(cfg)
+    for dotted, value in section_updates.items():
+        sec, key = dotted.split("__")
+        d[sec][key] = value
+    return config_from_dict(d)
+
+
+def _load_state(path: str) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def _save_state(path: str, state: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _family_means(cfg: Config, csv_path: str) -> dict[str, float]:
+    """mAP per label family (e.g. short_term / long_term of the synthetic set) from dataset.json."""
+    import numpy as np
+
+    from lfb_ray.data.annotations import read_annotation_rows, read_exclusions, read_label_map, read_result_rows
+    from lfb_ray.evaluation import evaluate_frame_map
+
+    info_path = cfg.data_path("dataset.json")
+    if not os.path.exists(info_path):
+        return {}
+    with open(info_path) as f:
+        info = json.load(f)
+    families = info.get("label_families") or {}
+    label_map = read_label_map(cfg.data_path(cfg.data.label_map))
+    excl = read_exclusions(cfg.data_path(cfg.data.val_exclusions)) if cfg.data.val_exclusions else set()
+    res = evaluate_frame_map(read_annotation_rows(cfg.data_path(cfg.data.val_csv)), read_result_rows(csv_path),
+                             label_map, excl, protocol=cfg.eval.protocol)
+    out = {}
+    for fam, ids in families.items():
+        vals = [res.per_class.get(int(i), float("nan")) for i in ids]
+        vals = [v for v in vals if not math.isnan(v)]
+        out[f"val/mAP_family_{fam}"] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max"), start_from: str | None = None,
+                 baseline_cfg: Config | None = None) -> dict:
+    """Run every stage (skipping completed ones); returns {"maps": {...}, "stage_seconds": {...}}."""
+    from lfb_ray.bank.build import build_bank
+    from lfb_ray.compare import compare
+    from lfb_ray.data.prep import prepare_dataset
+    from lfb_ray.train import fit
+
+    os.makedirs(cfg.workdir, exist_ok=True)
+    state_path = os.path.join(cfg.workdir, "pipeline.json")
+    state = _load_state(state_path)
+    if start_from:
+        if start_from not in STAGES:
+            raise ValueError(f"--from {start_from!r}: allowed stages: {', '.join(STAGES)}")
+        for s in STAGES[STAGES.index(start_from):]:
+            state.pop(s, None)
+    times: dict[str, float] = {}
+    base_cfg = baseline_cfg or _with(cfg, model__fbo="none")
+
+    def stage(name: str, key: str, fn):
+        t0 = time.time()
+        if state.get(name, {}).get("key") == key:
+            print(f"[pipeline] {name}: up to date, skipped", flush=True)
+            times[name] = 0.0
+            return state[name]["result"]
+        print(f"[pipeline] {name}: running", flush=True)
+        result = fn()
+        times[name] = time.time() - t0
+        state[name] = {"key": key, "result": result, "seconds": times[name]}
+        _save_state(state_path, state)
+        print(f"[pipeline] {name}: done in {times[name]:.0f} s", flush=True)
+        return result
+
+    d = config_to_dict(cfg)
+
+    def do_prepare():
+        s = prepare_dataset(cfg)
+        print(s.line(), flush=True)
+        return {"keyframes": s.keyframes, "bytes": s.bytes, "failures": len(s.failures)}
+
+    prep = stage("prepare", config_hash(d, ["data"]), do_prepare)
+
+    def do_fit(c: Config):
+        r = fit(c)
+        return {"run_name": r.run_name, "run_id": r.mlflow_run_id, "model": r.model_path,
+                "mAP": r.metrics.get("val/mAP"), "csv": r.metrics.get("val/csv")}
+
+    base = stage("baseline", json.dumps([prep, config_hash(base_cfg)]), lambda: do_fit(base_cfg))
+
+    def do_bank():
+        s = build_bank(cfg, base["model"])
+        print(s.line(), flush=True)
+        return {"features": s.features, "bytes": s.bytes, "path": s.bank_dir if hasattr(s, "bank_dir") else s.path}
+
+    bank = stage("bank", json.dumps([base, config_hash(d, ["bank"])]), do_bank)
+    op_cfgs = {op: _with(cfg, model__fbo=op) for op in operators}
+    ops = stage("operators", json.dumps([bank, [config_hash(c) for c in op_cfgs.values()]]),
+                lambda: {op: do_fit(c) for op, c in op_cfgs.items()})
+
+    def do_evaluate():
+        from lfb_ray.tracking import Tracker
+
+        out = {}
+        for op, r in [("none", base), *ops.items()]:
+            fam = _family_means(cfg, r["csv"]) if r.get("csv") else {}
+            if r.get("run_id") and fam and cfg.tracking.enabled:
+                tr = Tracker(cfg.tracking_uri, r["run_id"])
+                tr.log_metrics({k: v for k, v in fam.items() if not math.isnan(v)}, step=cfg.train.epochs)
+                tr.flush()
+            out[op] = {"mAP": r["mAP"], **fam}
+        return out
+
+    evals = stage("evaluate", json.dumps([base, ops]), do_evaluate)
+    if cfg.tracking.enabled:
+        def do_compare():
+            ids = [base["run_id"]] + [r["run_id"] for r in ops.values()]
+            table, _ = compare(cfg.tracking_uri, cfg.tracking.experiment,
+                               os.path.join(cfg.workdir, "comparison"), run_ids=[i for i in ids if i])
+            print(table, flush=True)
+            return {"table": table}
+
+        stage("compare", json.dumps([evals]), do_compare)
+    print("\n[pipeline] summary (val frame-mAP@0.5, %)")
+    for op in ("none", *operators):
+        e = evals.get(op, {})
+        fams = "  ".join(f"{k.split('_family_')[1]} {100 * v:.2f}" for k, v in e.items() if "_family_" in k)
+        name = {"none": "baseline"}.get(op, op)
+        print(f"  {name:9s} mAP {100 * (e.get('mAP') or float('nan')):6.2f}  {fams}")
+    print("[pipeline] stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    return {"maps": evals, "stage_seconds": times}

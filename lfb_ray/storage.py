@@ -1,0 +1,96 @@
+"""Local paths and object-store URIs through one pyarrow filesystem interface, with atomic writes.
+
+Every stage writes through these helpers so that `s3://bucket/prefix` works unchanged, and so a
+crash never leaves a file that a later run trusts: files are written under a temporary name and
+moved into place; completion markers are written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+__all__ = ["StorageError", "check_writable", "exists", "join", "read_json", "remove_dir",
+           "resolve", "write_bytes_atomic", "write_json_atomic"]
+
+
+class StorageError(OSError):
+    """An output location cannot be used (unwritable, full, bad URI)."""
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI such as `s3://bucket/prefix`."""
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except Exception as e:  # pyarrow raises ArrowInvalid/OSError variants
+            raise StorageError(f"cannot open {uri}: {e}") from e
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts of a filesystem path (always '/')."""
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write `data` to `path` via a temporary name and a move (atomic on local filesystems)."""
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    except Exception:
+        try:
+            fs.delete_file(tmp)
+        except Exception:
+            pass
+        raise
+
+
+def write_json_atomic(fs: pafs.FileSystem, path: str, obj: Any) -> None:
+    write_bytes_atomic(fs, path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> Any:
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def remove_dir(fs: pafs.FileSystem, path: str) -> None:
+    if exists(fs, path):
+        fs.delete_dir(path)
+
+
+def check_writable(uri: str, *, min_free_bytes: int = 0) -> None:
+    """Fail early, before any work, if `uri` cannot be written or (locally) has too little space.
+
+    Raises:
+        StorageError: naming the location and the reason.
+    """
+    fs, path = resolve(uri)
+    probe = join(path, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except Exception as e:
+        raise StorageError(f"output location {uri} is not writable: {e}") from e
+    if isinstance(fs, pafs.LocalFileSystem) and min_free_bytes:
+        st = os.statvfs(path)
+        free = st.f_bavail * st.f_frsize
+        if free < min_free_bytes:
+            raise StorageError(f"output location {uri} has {free / 1e9:.2f} GB free, "
+                               f"needs at least {min_free_bytes / 1e9:.2f} GB")

@@ -1,0 +1,380 @@
+"""The training recipe: one Ray Train `TorchTrainer` run per model (baseline or one FBO operator).
+
+Read top to bottom: `fit` (driver) builds the datasets and the trainer; `train_loop_per_worker`
+(every worker) is the whole loop — model, SGD with warmup + steps, AMP on GPU, bank sampling per
+RoI, checkpoints through `ray.train.report`, val mAP, and rank-0 MLflow logging.
+Same code for 1 or N workers, CPU (gloo, fp32) or GPU (nccl, bf16).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lfb_ray.config import Config, config_from_dict, config_hash, config_to_dict, flatten_config
+
+__all__ = ["FitResult", "fit", "fit_operators", "lr_at", "run_name_for", "train_loop_per_worker"]
+
+
+@dataclass
+class FitResult:
+    run_name: str
+    mlflow_run_id: str | None
+    metrics: dict
+    checkpoint_path: str | None
+    model_path: str | None
+    seconds: float
+
+
+def run_name_for(cfg: Config) -> str:
+    """Deterministic run name: rerunning the same command resumes the same run."""
+    if cfg.train.run_name:
+        return cfg.train.run_name
+    keep = config_to_dict(cfg)
+    for volatile in ("tracking",):
+        keep.pop(volatile)
+    return f"{cfg.model.fbo}-{config_hash(keep)}"
+
+
+def lr_at(epoch_float: float, cfg_train, base_lr: float) -> float:
+    """Learning rate at a fractional epoch: linear warmup from `warmup_factor`, then x gamma steps."""
+    lr = base_lr * cfg_train.lr_gamma ** sum(epoch_float >= s for s in cfg_train.lr_steps)
+    if epoch_float < cfg_train.warmup_epochs:
+        alpha = epoch_float / cfg_train.warmup_epochs
+        lr *= cfg_train.warmup_factor * (1 - alpha) + alpha
+    return lr
+
+
+# --------------------------------------------------------------------------------------------
+# worker side
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+            "python": random.getstate()[1]}
+
+
+def _val_predictions(model, cfg: Config, bank, rank: int, world: int, device, rng) -> dict:
+    """This rank's share of val predictions (files split round-robin across ranks)."""
+    import ray
+
+    from lfb_ray.data.dataset import collate_test, decode_test_rows
+    from lfb_ray.data.prep import prepared_files
+    from lfb_ray.inference import _concat, predict_batch
+    from lfb_ray.storage import resolve
+
+    files = prepared_files(cfg.prepared_dir, "val")[rank::world]
+    preds = []
+    if files:
+        fs, _ = resolve(cfg.prepared_dir)
+        ds = ray.data.read_parquet(files, filesystem=fs).map_batches(
+            decode_test_rows, batch_size=cfg.eval.batch_size, num_cpus=cfg.cluster.data_cpus,
+            fn_kwargs={"cfg_data": config_to_dict(cfg)["data"], "score_thr": cfg.data.val_person_score_thr})
+        for batch in ds.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"):
+            preds.append(predict_batch(model, collate_test(batch), bank=bank, rng=rng, device=device,
+                                       amp=cfg.train.amp, window_seconds=cfg.bank.window_seconds,
+                                       max_feats_per_second=cfg.bank.max_feats_per_second))
+    return _concat(preds)
+
+
+def _evaluate(model, cfg: Config, bank, ctx, device, epoch: int, results_dir: str, rng) -> dict:
+    """Distributed val inference; rank 0 gathers, writes the CSV and computes frame-mAP."""
+    import torch.distributed as dist
+
+    from lfb_ray.inference import _concat, write_and_evaluate
+
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    mine = _val_predictions(model, cfg, bank, rank, world, device, rng)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+    else:
+        gathered = [mine]
+    if rank != 0:
+        return {}
+    pred = _concat([g for g in gathered if len(g["video_ids"])])
+    csv_path = os.path.join(results_dir, f"val_results_epoch{epoch + 1:03d}.csv")
+    res = write_and_evaluate(cfg, pred, csv_path)
+    out = {"val/mAP": res["mAP"], "val/csv": csv_path}
+    for g, v in res["group_mAP"].items():
+        out[f"val/mAP_{g}"] = v
+    out["_per_class"] = res["per_class"]
+    return out
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker entry point. `config` = {"cfg": nested config dict, "mlflow_run_id": ...}."""
+    import ray.train
+    import ray.train.torch
+
+    from lfb_ray.data.dataset import collate_train
+    from lfb_ray.inference import autocast_for, save_model
+    from lfb_ray.models import build_detector, load_mmaction2_state_dict
+    from lfb_ray.models.checkpoint import read_checkpoint_file
+    from lfb_ray.tracking import NullTracker, Tracker
+
+    cfg = config_from_dict(config["cfg"])
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    random.seed(tc.seed)
+
+    # --- model, optimiser
+    model = build_detector(cfg.model)
+    if cfg.model.pretrained:
+        load_mmaction2_state_dict(model, read_checkpoint_file(cfg.model.pretrained))
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last_3d)
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    global_batch = tc.batch_size_per_worker * world
+    base_lr = tc.base_lr * global_batch / tc.reference_batch  # linear scaling rule
+    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=tc.momentum,
+                                weight_decay=tc.weight_decay)
+    bank = None
+    if cfg.model.fbo != "none":
+        from lfb_ray.bank import FeatureBank
+
+        bank = FeatureBank.open(cfg.bank_dir, expected_dim=core.feature_channels)
+
+    # --- resume
+    start_epoch, skip_iters, global_step, best_map = 0, 0, 0, float("nan")
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, skip_iters, global_step = state["epoch"], state["iter_in_epoch"], state["global_step"]
+        best_map = state.get("best_map", float("nan"))
+        torch.set_rng_state(state["rng"]["torch"])
+        if rank == 0:
+            print(f"[lfb_ray] resumed from checkpoint at epoch {start_epoch + 1}, iteration {skip_iters}, "
+                  f"global step {global_step}", flush=True)
+    tracker = (Tracker(cfg.tracking_uri, config["mlflow_run_id"])
+               if rank == 0 and config.get("mlflow_run_id") else NullTracker())
+    results_dir = config["results_dir"]
+    rng = np.random.default_rng([tc.seed, rank, global_step])
+    iters_per_epoch = config["iters_per_epoch"]
+
+    def report(metrics: dict, epoch: int, iter_in_epoch: int, final: bool = False) -> None:
+        """Checkpoint (rank 0 writes, all ranks call report), then flush MLflow."""
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt_obj = None
+            if rank == 0:
+                torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                            "iter_in_epoch": iter_in_epoch, "global_step": global_step, "best_map": best_map,
+                            "rng": _rng_state()}, os.path.join(tmp, "state.pt"))
+                if final:
+                    save_model(core, os.path.join(tmp, "model.pt"), config["cfg"])
+                ckpt_obj = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({k: v for k, v in metrics.items() if not k.startswith("_")}, checkpoint=ckpt_obj)
+        tracker.flush()
+
+    # --- epochs
+    t_run = time.time()
+    for epoch in range(start_epoch, tc.epochs):
+        model.train()
+        shard = ray.train.get_dataset_shard("train")
+        t_epoch = time.time()
+        t_wait = 0.0
+        n_clips = 0
+        it = 0
+        t_last = time.time()
+        loss_sum, loss_n = 0.0, 0
+        for it, batch in enumerate(shard.iter_torch_batches(batch_size=tc.batch_size_per_worker,
+                                                            collate_fn=collate_train, prefetch_batches=2)):
+            if tc.max_iters_per_epoch and it >= tc.max_iters_per_epoch:
+                break
+            if epoch == start_epoch and it < skip_iters:  # mid-epoch resume: skip done iterations
+                t_last = time.time()
+                continue
+            t_wait += time.time() - t_last
+            lr = lr_at(epoch + it / iters_per_epoch, tc, base_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            clip = batch["clip"].to(device, non_blocking=True)
+            if device.type == "cuda":
+                clip = clip.contiguous(memory_format=torch.channels_last_3d)
+            rois = batch["rois"].to(device)
+            labels = batch["labels"].to(device)
+            lt = None
+            if bank is not None:
+                lt = bank.sample(batch["roi_video_ids"], batch["roi_seconds"], rng,
+                                 window_seconds=cfg.bank.window_seconds,
+                                 max_feats_per_second=cfg.bank.max_feats_per_second).to(device)
+            with autocast_for(device, tc.amp):
+                logits = model(clip, rois, lt)
+            loss = core.loss(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            global_step += 1
+            n_clips += batch["num_clips"]
+            loss_sum += float(loss.detach())
+            loss_n += 1
+            if global_step % tc.log_every_iters == 0:
+                tracker.log_metrics({"train/loss": float(loss.detach()), "train/lr": lr}, step=global_step)
+            if tc.checkpoint_every_iters and global_step % tc.checkpoint_every_iters == 0:
+                report({"epoch": epoch, "global_step": global_step, "train/loss": float(loss.detach())},
+                       epoch, it + 1)
+            t_last = time.time()
+        elapsed = time.time() - t_epoch
+        clips_per_s = n_clips * world / max(elapsed, 1e-9)
+        metrics = {"epoch": epoch + 1, "global_step": global_step,
+                   "train/loss_epoch": loss_sum / max(loss_n, 1), "train/clips_per_s": clips_per_s,
+                   "train/data_wait_frac": t_wait / max(elapsed, 1e-9), "train/epoch_seconds": elapsed}
+        last = epoch + 1 == tc.epochs
+        if last or (tc.eval_every_epochs and (epoch + 1) % tc.eval_every_epochs == 0):
+            ev = _evaluate(core, cfg, bank, ctx, device, epoch, results_dir, rng)
+            metrics.update(ev)
+            if rank == 0 and not math.isnan(ev.get("val/mAP", float("nan"))):
+                best_map = ev["val/mAP"] if math.isnan(best_map) else max(best_map, ev["val/mAP"])
+        if rank == 0:
+            eta = (time.time() - t_run) / (epoch + 1 - start_epoch) * (tc.epochs - epoch - 1)
+            val = f", val mAP {metrics['val/mAP']:.4f}" if "val/mAP" in metrics else ""
+            print(f"[lfb_ray] {cfg.model.fbo} epoch {epoch + 1}/{tc.epochs}: loss {metrics['train/loss_epoch']:.4f}, "
+                  f"{loss_n / max(elapsed, 1e-9):.2f} it/s, {clips_per_s:.1f} clips/s, data wait "
+                  f"{100 * metrics['train/data_wait_frac']:.1f}%{val}, ETA {eta:.0f} s", flush=True)
+            tracker.log_metrics({k: v for k, v in metrics.items()
+                                 if isinstance(v, (int, float)) and k != "global_step"}, step=epoch + 1)
+            if "_per_class" in metrics:
+                tracker.log_metrics({f"val_ap/{k}": v for k, v in metrics["_per_class"].items()
+                                     if v == v}, step=epoch + 1)
+        report(metrics, epoch + 1, 0, final=last)
+        if rank == 0 and "val/csv" in metrics:
+            tracker.log_artifact(metrics["val/csv"], "results")
+    if not tracker.flush():
+        print("[lfb_ray] WARNING: some metrics could not be sent to MLflow", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# driver side
+
+
+def _scaling(cfg: Config):
+    import ray
+    from ray.train import ScalingConfig
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = cfg.cluster.device == "gpu" or (cfg.cluster.device == "auto" and gpus > 0)
+    return ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
+                         resources_per_worker={"CPU": cfg.cluster.cpus_per_worker,
+                                               **({"GPU": 1} if use_gpu else {})})
+
+
+def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
+        init_checkpoint: str | None = None) -> FitResult:
+    """Train one model with a `TorchTrainer`; rerunning the same config resumes it.
+
+    Args:
+        fresh: start a new run (new Ray run name and MLflow run) instead of resuming.
+        parent_run_id: MLflow parent run (the `--operators` submission).
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from lfb_ray.data.dataset import decode_train_rows, read_split
+    from lfb_ray.tracking import find_or_create_run
+
+    t0 = time.time()
+    name = run_name_for(cfg)
+    if fresh:
+        name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = cfg.storage_path
+    results_dir = os.path.join(os.path.abspath(cfg.workdir), "results", name)
+    run_id = None
+    if cfg.tracking.enabled:
+        try:
+            run_id = find_or_create_run(
+                cfg.tracking_uri, cfg.tracking.experiment, name, params=flatten_config(cfg),
+                artifact_root=None, parent_run_id=parent_run_id, fresh=fresh,
+                tags={"lfb_ray.operator": cfg.model.fbo})
+        except Exception as e:
+            print(f"[lfb_ray] WARNING: MLflow unavailable at {cfg.tracking_uri} ({type(e).__name__}: {e}); "
+                  "training without tracking", flush=True)
+    train_ds = read_split(cfg, "train").map_batches(
+        decode_train_rows, batch_size=max(1, cfg.train.batch_size_per_worker), num_cpus=cfg.cluster.data_cpus,
+        fn_kwargs={"cfg_data": config_to_dict(cfg)["data"]})
+    n_train = read_split(cfg, "train").count()
+    per_worker = math.ceil(n_train / cfg.cluster.num_workers)
+    iters = max(1, math.ceil(per_worker / cfg.train.batch_size_per_worker))
+    if cfg.train.max_iters_per_epoch:
+        iters = min(iters, cfg.train.max_iters_per_epoch)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": config_to_dict(cfg), "mlflow_run_id": run_id, "results_dir": results_dir,
+                           "iters_per_epoch": iters, "init_checkpoint": init_checkpoint},
+        scaling_config=_scaling(cfg),
+        datasets={"train": train_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    ckpt_path = result.checkpoint.path if result.checkpoint else None
+    model_path = os.path.join(ckpt_path, "model.pt") if ckpt_path else None
+    metrics = dict(result.metrics or {})
+    if run_id:
+        from lfb_ray.tracking import Tracker
+
+        tr = Tracker(cfg.tracking_uri, run_id)
+        tr._client.set_tag(run_id, "lfb_ray.checkpoint", str(ckpt_path))
+        tr._client.log_metric(run_id, "wall_seconds", time.time() - t0)
+        tr.set_terminated("FINISHED")
+    return FitResult(run_name=name, mlflow_run_id=run_id, metrics=metrics, checkpoint_path=ckpt_path,
+                     model_path=model_path, seconds=time.time() - t0)
+
+
+def _with_operator(cfg: Config, op: str) -> Config:
+    d = config_to_dict(cfg)
+    d["model"]["fbo"] = op
+    return config_from_dict(d)
+
+
+def fit_operators(cfg: Config, operators: list[str], *, fresh: bool = False) -> dict[str, FitResult]:
+    """One `TorchTrainer` run per operator under one MLflow parent run.
+
+    Runs concurrently (each driver in a Ray task) when the cluster has resources for more than
+    one run at once, so an autoscaling cluster scales up; otherwise one after another.
+    """
+    import ray
+
+    from lfb_ray.tracking import find_or_create_run
+
+    parent = None
+    if cfg.tracking.enabled:
+        try:
+            parent = find_or_create_run(cfg.tracking_uri, cfg.tracking.experiment,
+                                        f"operators-{'-'.join(operators)}-{config_hash(cfg)}",
+                                        params={"operators": ",".join(operators)}, fresh=fresh)
+        except Exception as e:
+            print(f"[lfb_ray] WARNING: MLflow unavailable ({e}); no parent run", flush=True)
+    cfgs = {op: _with_operator(cfg, op) for op in operators}
+    res = ray.cluster_resources()
+    need_cpu = cfg.cluster.num_workers * (cfg.cluster.cpus_per_worker + cfg.cluster.data_cpus)
+    gpus = res.get("GPU", 0)
+    per_run_gpu = cfg.cluster.num_workers if (cfg.cluster.device != "cpu" and gpus) else 0
+    concurrent = (res.get("CPU", 0) >= 2 * need_cpu) and (not per_run_gpu or gpus >= 2 * per_run_gpu)
+    out: dict[str, FitResult] = {}
+    if concurrent and len(operators) > 1:
+        remote_fit = ray.remote(num_cpus=0)(fit)
+        refs = {op: remote_fit.remote(c, fresh=fresh, parent_run_id=parent) for op, c in cfgs.items()}
+        out = {op: ray.get(r) for op, r in refs.items()}
+    else:
+        for op, c in cfgs.items():
+            out[op] = fit(c, fresh=fresh, parent_run_id=parent)
+    return out

@@ -1,0 +1,18 @@
+"""Frame-mAP@0.5 of an AVA result CSV (official ActivityNet protocol or mmaction2 1.x's).
+
+    python jobs/evaluate.py --gt ava_val_v2.1.csv --pred results.csv \
+        --label-map ava_action_list_v2.1_for_activitynet_2018.pbtxt \
+        --exclusions ava_val_excluded_timestamps_v2.1.csv [--protocol mmaction2] [--json out.json]
+
+No Ray needed; all logic lives in `lfb_ray.evaluation.cli`.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from lfb_ray.evaluation.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    raise SystemExit(main())

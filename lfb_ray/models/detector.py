@@ -1,0 +1,168 @@
+"""LFBDetector: SlowOnly backbone + RoIAlign head + feature-bank operator + linear classifier
+(spec sections 3, 6, 7), its loss, and `build_detector(model_cfg)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from lfb_ray.config import ModelConfig
+from lfb_ray.models.backbone import ResNet3dSlowOnly, build_backbone
+from lfb_ray.models.fbo import FBOAvg, FBOMax, FBONonLocal, build_fbo
+
+__all__ = ["FEATURE_STRIDE", "LFBDetector", "build_detector", "roi_features"]
+
+FEATURE_STRIDE = 16  # spatial stride of the res5 map (res5 is not downsampled)
+
+
+def roi_features(feature_map: torch.Tensor, rois: torch.Tensor, output_size: int = 8,
+                 spatial_scale: float = 1.0 / FEATURE_STRIDE) -> torch.Tensor:
+    """Pool one short-term feature per RoI, as mmaction2's SingleRoIExtractor3D + FBOHead do.
+
+    ::
+
+        feature_map [B, C, T, H', W'] -> mean over T -> [B, C, H', W']
+          -> RoIAlign (output_size^2, aligned, adaptive sampling, avg) -> [R, C, o, o]
+          -> max over the o x o grid -> [R, C]
+
+    Args:
+        feature_map: backbone output [B, C, T, H', W'].
+        rois: [R, 5] rows (batch index, x1, y1, x2, y2) in input-pixel coordinates.
+        output_size: RoIAlign grid size.
+        spatial_scale: feature-map size / input size.
+
+    Returns:
+        [R, C] float32.
+    """
+    # fp32 even under bf16 autocast: bf16 RoI coordinates would be off by pixels (8-bit mantissa).
+    fm = feature_map.float().mean(dim=2)  # [B, C, H', W']
+    pooled = roi_align(fm, rois.to(device=fm.device, dtype=torch.float32), output_size=output_size,
+                       spatial_scale=spatial_scale, sampling_ratio=0, aligned=True)  # [R, C, o, o]
+    return pooled.amax(dim=(2, 3))
+
+
+class LFBDetector(nn.Module):
+    """Actor classifier over RoIs of a clip, with an optional long-term feature bank.
+
+    ::
+
+        clips [B, 3, T, H, W] -> backbone -> [B, C, T, H/16, W/16]
+          -> roi_features(rois [R, 5]) -> st [R, C] ----------------------------.
+        lt [R, S, C] (bank, detached) -> fbo(st, lt) -> [R, F] ------------- concat [R, C + F]
+          -> Dropout -> fc_cls -> logits [R, num_classes]
+
+    F is 0 with no operator (baseline), L (latent) for NL and C for avg/max.
+
+    Args:
+        backbone: maps clips to the res5 map; needs an `out_channels` attribute (C).
+        fbo: the feature-bank operator, or None for the baseline.
+        num_classes: classifier outputs, including the unused class 0 (81 for AVA).
+        head_dropout: dropout ratio before `fc_cls`.
+        roi_output_size: RoIAlign grid size.
+    """
+
+    def __init__(self, backbone: ResNet3dSlowOnly, fbo: FBONonLocal | FBOAvg | FBOMax | None,
+                 num_classes: int = 81, head_dropout: float = 0.5, roi_output_size: int = 8) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.fbo = fbo
+        self.roi_output_size = roi_output_size
+        in_features = backbone.out_channels + (fbo.out_channels if fbo is not None else 0)
+        self.dropout = nn.Dropout(head_dropout)
+        self.fc_cls = nn.Linear(in_features, num_classes)
+        # mmaction2 0.x BBoxHeadAVA init.
+        nn.init.normal_(self.fc_cls.weight, std=0.01)
+        nn.init.zeros_(self.fc_cls.bias)
+
+    @property
+    def feature_channels(self) -> int:
+        """C, the width of short-term and bank features."""
+        return self.backbone.out_channels
+
+    @property
+    def fbo_type(self) -> str:
+        """'none', 'nl', 'avg' or 'max'."""
+        return "none" if self.fbo is None else self.fbo.kind
+
+    def roi_features(self, feature_map: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """[B, C, T, H', W'] map and [R, 5] RoIs -> [R, C]; see the module-level `roi_features`."""
+        return roi_features(feature_map, rois, self.roi_output_size)
+
+    def classify(self, st_feats: torch.Tensor, lt_feats: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from short-term features and, for LFB models, the sampled bank.
+
+        The bank is detached and cast to the dtype/device of `st_feats` (it may be stored as
+        fp16): it never receives a gradient and is never modified.
+
+        Args:
+            st_feats: [R, C].
+            lt_feats: [R, S, C]; required with an operator, must be None for the baseline.
+
+        Returns:
+            logits [R, num_classes].
+
+        Raises:
+            ValueError: `lt_feats` given to the baseline or missing for an LFB model.
+        """
+        if self.fbo is None:
+            if lt_feats is not None:
+                raise ValueError("the baseline detector (fbo='none') takes no long-term features")
+            x = st_feats
+        else:
+            if lt_feats is None:
+                raise ValueError(f"fbo={self.fbo_type!r} needs lt_feats [R, S, C]")
+            lt = lt_feats.detach().to(device=st_feats.device, dtype=st_feats.dtype)
+            x = torch.cat([st_feats, self.fbo(st_feats, lt)], dim=1)
+        return self.fc_cls(self.dropout(x))
+
+    def forward(self, clips: torch.Tensor, rois: torch.Tensor,
+                lt_feats: torch.Tensor | None = None) -> torch.Tensor:
+        """Args:
+            clips: [B, 3, T, H, W] normalised frames.
+            rois: [R, 5] (batch index, x1, y1, x2, y2) in input pixels.
+            lt_feats: [R, S, C] sampled bank per RoI, or None for the baseline.
+
+        Returns:
+            logits [R, num_classes].
+        """
+        return self.classify(self.roi_features(self.backbone(clips), rois), lt_feats)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sigmoid BCE over classes 1.. on positive RoIs only (mmaction2 BBoxHeadAVA).
+
+        Column 0 is dropped; RoIs whose remaining label row is all zero (negatives) are left
+        out; the mean runs over all (RoI, class) elements of the positives.
+
+        Args:
+            logits: [R, K].
+            labels: [R, K] multi-hot targets.
+
+        Returns:
+            scalar loss; with no positive RoI, a zero that is still connected to `logits`.
+        """
+        targets = labels[:, 1:].to(torch.float32)
+        positive = targets.ne(0).any(dim=1)  # [R]
+        if not bool(positive.any()):
+            return logits.sum() * 0.0
+        return F.binary_cross_entropy_with_logits(logits[positive, 1:].float(), targets[positive])
+
+
+def build_detector(model_cfg: ModelConfig) -> LFBDetector:
+    """Build an untrained detector from `cfg.model` (pretrained weights are loaded separately)."""
+    backbone = build_backbone(depth=model_cfg.depth, base_channels=model_cfg.base_channels)
+    # `build_fbo` holds the `match` on model.fbo ("none" gives the baseline).
+    fbo = build_fbo(
+        fbo_type=model_cfg.fbo,
+        in_channels=backbone.out_channels,
+        latent_channels=model_cfg.latent_channels,
+        num_layers=model_cfg.num_nl_layers,
+        st_dropout=model_cfg.st_feat_dropout,
+        lt_dropout=model_cfg.lt_feat_dropout,
+        nl_dropout=model_cfg.nl_dropout,
+    )
+    return LFBDetector(backbone, fbo, num_classes=model_cfg.num_classes,
+                       head_dropout=model_cfg.head_dropout, roi_output_size=model_cfg.roi_output_size)

@@ -4,17 +4,18 @@ A prepared row (see `lfb_ray.data.schema`) stores JPEG frames for every referenc
 sampler can touch. Here we pick the clip's frames (with train-time jitter), decode them, apply the
 train or test transform of spec section 2 to frames and boxes together, and build the RoIs and
 81-wide targets of spec section 7. Ray Data calls these functions in CPU workers, so training
-workers receive ready tensors.
+workers receive ready tensors. numpy + PIL only: no torch import (and no torch thread pool)
+in the data workers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import io
+
 import numpy as np
-import torch
-import torch.nn.functional as F
-import torchvision
+from PIL import Image
 
 from lfb_ray.data.annotations import select_proposals
 from lfb_ray.data.timing import clip_ref_offsets
@@ -58,15 +59,16 @@ class ClipSpec:
 
 
 def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
-    """uint8 [H, W, 3] RGB → JPEG bytes."""
-    t = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)
-    return torchvision.io.encode_jpeg(t, quality=quality).numpy().tobytes()
+    """uint8 [H, W, 3] RGB → JPEG bytes (deterministic for the same input and quality)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frame)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:
     """JPEG bytes → uint8 [H, W, 3] RGB."""
-    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return torchvision.io.decode_jpeg(buf, mode=torchvision.io.ImageReadMode.RGB).permute(1, 2, 0).numpy()
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def pick_clip_frames(ref_offsets: np.ndarray, spec: ClipSpec, rng: np.random.Generator | None) -> np.ndarray:
@@ -91,15 +93,15 @@ def pick_clip_frames(ref_offsets: np.ndarray, spec: ClipSpec, rng: np.random.Gen
     return pos
 
 
-def _normalise(frames: torch.Tensor, spec: ClipSpec) -> torch.Tensor:
+def _normalise(frames: np.ndarray, spec: ClipSpec) -> np.ndarray:
     """uint8 [T, H, W, 3] → float32 [3, T, H, W], ImageNet mean/std on 0-255 pixels."""
-    x = frames.permute(3, 0, 1, 2).float()
-    mean = torch.tensor(spec.mean).view(3, 1, 1, 1)
-    std = torch.tensor(spec.std).view(3, 1, 1, 1)
-    return (x - mean) / std
+    x = frames.astype(np.float32)
+    x -= np.asarray(spec.mean, np.float32)
+    x /= np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(3, 0, 1, 2))
 
 
-def _resize_short(frames: torch.Tensor, short: int) -> tuple[torch.Tensor, float, float]:
+def _resize_short(frames: np.ndarray, short: int) -> np.ndarray:
     """Bilinear resize of uint8 [T, H, W, 3] to short side `short`, aspect kept."""
     _, h, w, _ = frames.shape
     if h <= w:
@@ -107,11 +109,8 @@ def _resize_short(frames: torch.Tensor, short: int) -> tuple[torch.Tensor, float
     else:
         nh, nw = int(round(h * short / w)), short
     if (nh, nw) == (h, w):
-        return frames, 1.0, 1.0
-    x = frames.permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
-    x = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    return x, nw / w, nh / h
+        return frames
+    return np.stack([np.asarray(Image.fromarray(f).resize((nw, nh), Image.BILINEAR)) for f in frames])
 
 
 def train_transform(frames: np.ndarray, boxes: np.ndarray, spec: ClipSpec,
@@ -126,21 +125,20 @@ def train_transform(frames: np.ndarray, boxes: np.ndarray, spec: ClipSpec,
         clip float32 [3, T, crop, crop] and boxes float32 [N, 4] in crop pixels, clipped to
         [0, crop - 1] (boxes are never dropped, as mmaction2's RandomCrop).
     """
-    t = torch.from_numpy(frames)
     short = int(rng.integers(spec.scale_range[0], spec.scale_range[1] + 1))
-    t, _, _ = _resize_short(t, short)
-    _, h, w, _ = t.shape
+    x = _resize_short(frames, short)
+    _, h, w, _ = x.shape
     px = boxes.astype(np.float32) * np.array([w, h, w, h], dtype=np.float32)
     c = spec.crop_size
     y0 = int(rng.integers(0, h - c + 1))
     x0 = int(rng.integers(0, w - c + 1))
-    t = t[:, y0:y0 + c, x0:x0 + c]
+    x = x[:, y0:y0 + c, x0:x0 + c]
     px = px - np.array([x0, y0, x0, y0], dtype=np.float32)
     px = np.clip(px, 0, c - 1)
     if rng.random() < spec.flip_ratio:
-        t = t.flip(2)
+        x = x[:, :, ::-1]
         px = np.stack([c - px[:, 2], px[:, 1], c - px[:, 0], px[:, 3]], axis=1)
-    return _normalise(t, spec).numpy(), px.astype(np.float32)
+    return _normalise(x, spec), px.astype(np.float32)
 
 
 def test_transform(frames: np.ndarray, boxes: np.ndarray, spec: ClipSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -149,10 +147,10 @@ def test_transform(frames: np.ndarray, boxes: np.ndarray, spec: ClipSpec) -> tup
     Returns:
         clip float32 [3, T, H', W'] and boxes float32 [N, 4] in pixels of that clip.
     """
-    t, _, _ = _resize_short(torch.from_numpy(frames), spec.test_short_side)
-    _, h, w, _ = t.shape
+    x = _resize_short(frames, spec.test_short_side)
+    _, h, w, _ = x.shape
     px = boxes.astype(np.float32) * np.array([w, h, w, h], dtype=np.float32)
-    return _normalise(t, spec).numpy(), px
+    return _normalise(x, spec), px
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

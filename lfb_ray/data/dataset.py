@@ -9,7 +9,6 @@ Test samples keep the full frame and their own number of RoIs; `collate_test` pa
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from lfb_ray.config import Config
 from lfb_ray.data.clips import (
@@ -23,7 +22,7 @@ from lfb_ray.data.clips import (
 )
 from lfb_ray.data.schema import row_gt, row_proposals
 
-__all__ = ["collate_test", "collate_train", "decode_test_rows", "decode_train_rows", "read_split"]
+__all__ = ["collate_test", "collate_train", "count_rows", "decode_test_rows", "decode_train_rows", "read_split"]
 
 RAW_COLUMNS = ["video_id", "timestamp", "excluded", "ref_offsets", "frame_slot", "frames", "height",
                "width", "num_gt", "gt_boxes", "gt_labels", "num_proposals", "proposals"]
@@ -45,8 +44,26 @@ def read_split(cfg: Config, split: str, *, drop_excluded: bool | None = None):
     fs, _ = resolve(cfg.prepared_dir)
     ds = ray.data.read_parquet(files, filesystem=fs).select_columns(RAW_COLUMNS)
     if drop_excluded if drop_excluded is not None else split == "train":
-        ds = ds.filter(lambda r: not r["excluded"])
+        from ray.data.expressions import col
+
+        ds = ds.filter(expr=col("excluded") == False)  # noqa: E712 (an expression, not a bool)
     return ds
+
+
+def count_rows(cfg: Config, split: str, *, drop_excluded: bool) -> int:
+    """Rows of a split from the Parquet files' `excluded` column, without running Ray Data."""
+    import pyarrow.parquet as pq
+
+    from lfb_ray.data.prep import prepared_files
+    from lfb_ray.storage import resolve
+
+    fs, _ = resolve(cfg.prepared_dir)
+    n = 0
+    for f in prepared_files(cfg.prepared_dir, split):
+        with fs.open_input_file(f) as fh:
+            excl = pq.read_table(fh, columns=["excluded"]).column("excluded").to_numpy(zero_copy_only=False)
+        n += int((~excl).sum()) if drop_excluded else len(excl)
+    return n
 
 
 def _rows(batch: dict) -> list[dict]:
@@ -141,6 +158,8 @@ def collate_train(batch: dict) -> dict:
         clip [B, 3, T, S, S]; rois [R_valid, 5] (batch index, x1, y1, x2, y2); labels
         [R_valid, C]; roi_batch [R_valid] long; video_ids list[str] per RoI; seconds [R_valid].
     """
+    import torch
+
     valid = np.asarray(batch["roi_valid"], dtype=bool)
     b_idx, r_idx = np.nonzero(valid)
     rois = np.asarray(batch["rois"], dtype=np.float32)[b_idx, r_idx]
@@ -164,6 +183,8 @@ def collate_test(batch: dict) -> dict:
         clip [B, 3, T, Hmax, Wmax]; rois [R, 5]; boxes [R, 4] normalised; roi_batch [R];
         video_ids list[str] per RoI; seconds [R].
     """
+    import torch
+
     clips = list(batch["clip"])
     hmax = max(c.shape[2] for c in clips)
     wmax = max(c.shape[3] for c in clips)

@@ -61,6 +61,18 @@ def _rng_state() -> dict:
             "python": random.getstate()[1]}
 
 
+def _param_agreement(model, world: int) -> dict:
+    """Checksum of the parameters on every rank: DDP must keep them identical."""
+    import torch.distributed as dist
+
+    local = float(sum(p.detach().double().sum().item() for p in model.parameters()))
+    sums = [local]
+    if world > 1:
+        sums = [None] * world
+        dist.all_gather_object(sums, local)
+    return {"ddp/param_checksum": local, "ddp/param_checksums_equal": float(len(set(sums)) == 1)}
+
+
 def _val_predictions(model, cfg: Config, bank, rank: int, world: int, device, rng) -> dict:
     """This rank's share of val predictions (files split round-robin across ranks)."""
     import ray
@@ -75,7 +87,7 @@ def _val_predictions(model, cfg: Config, bank, rank: int, world: int, device, rn
     if files:
         fs, _ = resolve(cfg.prepared_dir)
         ds = ray.data.read_parquet(files, filesystem=fs).map_batches(
-            decode_test_rows, batch_size=cfg.eval.batch_size, num_cpus=cfg.cluster.data_cpus,
+            decode_test_rows, batch_size=max(16, cfg.eval.batch_size), num_cpus=cfg.cluster.data_cpus,
             fn_kwargs={"cfg_data": config_to_dict(cfg)["data"], "score_thr": cfg.data.val_person_score_thr})
         for batch in ds.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"):
             preds.append(predict_batch(model, collate_test(batch), bank=bank, rng=rng, device=device,
@@ -253,6 +265,8 @@ def train_loop_per_worker(config: dict) -> None:
             if "_per_class" in metrics:
                 tracker.log_metrics({f"val_ap/{k}": v for k, v in metrics["_per_class"].items()
                                      if v == v}, step=epoch + 1)
+        if last:
+            metrics.update(_param_agreement(core, world))
         report(metrics, epoch + 1, 0, final=last)
         if rank == 0 and "val/csv" in metrics:
             tracker.log_artifact(metrics["val/csv"], "results")
@@ -286,7 +300,7 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from lfb_ray.data.dataset import decode_train_rows, read_split
+    from lfb_ray.data.dataset import count_rows, decode_train_rows, read_split
     from lfb_ray.tracking import find_or_create_run
 
     t0 = time.time()
@@ -306,9 +320,9 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
             print(f"[lfb_ray] WARNING: MLflow unavailable at {cfg.tracking_uri} ({type(e).__name__}: {e}); "
                   "training without tracking", flush=True)
     train_ds = read_split(cfg, "train").map_batches(
-        decode_train_rows, batch_size=max(1, cfg.train.batch_size_per_worker), num_cpus=cfg.cluster.data_cpus,
+        decode_train_rows, batch_size=max(16, cfg.train.batch_size_per_worker), num_cpus=cfg.cluster.data_cpus,
         fn_kwargs={"cfg_data": config_to_dict(cfg)["data"]})
-    n_train = read_split(cfg, "train").count()
+    n_train = count_rows(cfg, "train", drop_excluded=True)
     per_worker = math.ceil(n_train / cfg.cluster.num_workers)
     iters = max(1, math.ceil(per_worker / cfg.train.batch_size_per_worker))
     if cfg.train.max_iters_per_epoch:

@@ -1,0 +1,573 @@
+"""Long-term feature bank on disk: an uncompressed Arrow IPC file, memory-mapped and shared by processes.
+
+`write_bank` writes a bank folder (features.arrow, index.arrow, manifest.json last); `FeatureBank.open`
+maps one or several banks and `FeatureBank.sample` draws the LFB window of spec section 5, vectorised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import torch
+
+from lfb_ray.storage import resolve
+
+__all__ = ["FORMAT_VERSION", "BankError", "BankSummary", "FeatureBank", "write_bank"]
+
+FORMAT_VERSION = 1
+FEATURES_FILE = "features.arrow"
+INDEX_FILE = "index.arrow"
+MANIFEST_FILE = "manifest.json"
+SPLITS = ("train", "val")  # sub-bank merge order of a split folder: val wins, as the reference
+_ROWS_PER_BATCH = 1 << 18  # rows per Arrow record batch (1 GiB at C=2048 fp16); readers handle any
+_SECOND_BIAS = 2**31  # key = video_code << 32 | (second + 2**31), sortable int64
+
+
+class BankError(ValueError):
+    """A bank is missing, incomplete, inconsistent, or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class BankSummary:
+    """What `write_bank` wrote; `manifest` is the full manifest.json content."""
+
+    path: str
+    feature_dim: int
+    num_videos: int
+    num_seconds: int
+    num_features: int
+    nbytes: int  # bytes of all files of the bank
+    manifest: dict[str, Any] = field(repr=False)
+
+
+def _features_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        ("video_id", pa.string()),
+        ("second", pa.int32()),
+        ("person_index", pa.int32()),
+        ("box", pa.list_(pa.float32(), 4)),
+        ("score", pa.float32()),
+        ("feature", pa.list_(pa.float16(), dim)),
+    ])
+
+
+def _split_location(path: str | os.PathLike, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str, bool]:
+    """(filesystem, path inside it, is_local) for a local path, a URI, or a path on `filesystem`."""
+    if filesystem is not None:
+        fs, p = filesystem, str(path)
+    else:
+        fs, p = resolve(os.fspath(path))
+    local = isinstance(fs, pafs.LocalFileSystem)
+    return fs, (str(Path(p).resolve()) if local else p.rstrip("/")), local
+
+
+def _write_ipc(stream: pa.NativeFile, table: pa.Table) -> None:
+    # Uncompressed IPC *file* format: buffers can be memory-mapped in place by readers.
+    with pa.ipc.new_file(stream, table.schema) as writer:
+        writer.write_table(table, max_chunksize=_ROWS_PER_BATCH)
+
+
+def write_bank(
+    path: str | os.PathLike,
+    *,
+    video_ids: Sequence[str] | np.ndarray,
+    seconds: np.ndarray,
+    person_index: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    features: np.ndarray,
+    metadata: dict[str, Any] | None = None,
+    filesystem: pafs.FileSystem | None = None,
+) -> BankSummary:
+    """Write a feature bank folder; one row per stored person feature, in any order.
+
+    Locally the bank is written into a temporary sibling folder and renamed into place, so an existing
+    bank at `path` is replaced only once the new one is complete. On object stores (`s3://...`) files
+    are written in place: the old manifest is deleted first and the new one written last, so a reader
+    never sees a half-written bank as complete.
+
+    Args:
+        path: destination folder, local or a pyarrow filesystem URI (`s3://bucket/prefix`, `file://`).
+        video_ids: [N] video id of each row.
+        seconds: [N] integer keyframe second (AVA timestamp).
+        person_index: [N] order of the person within its keyframe; unique per (video, second).
+        boxes: [N, 4] normalised x1, y1, x2, y2 (NaN when unknown).
+        scores: [N] detection scores (NaN when unknown).
+        features: [N, C] features, stored as float16 (cast if given in another dtype).
+        metadata: JSON-serialisable extras recorded in the manifest (checkpoint hash, config, ...).
+        filesystem: pyarrow filesystem `path` lives on, instead of inferring it from a URI.
+
+    Returns:
+        BankSummary of the written bank.
+
+    Raises:
+        BankError: inconsistent lengths or duplicate (video, second, person_index) rows, or `path`
+            is a non-empty folder that is not a bank.
+    """
+    video_ids = np.asarray(video_ids, dtype=str)
+    n = len(video_ids)
+    seconds = np.asarray(seconds).astype(np.int32, casting="same_kind").reshape(-1)
+    person_index = np.asarray(person_index).astype(np.int32, casting="same_kind").reshape(-1)
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(n, 4)
+    scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+    features = np.asarray(features)
+    if features.ndim != 2 or features.shape[1] < 1:
+        raise BankError(f"features must be [N, C] with C >= 1, got shape {features.shape}")
+    features = features.astype(np.float16, copy=False)
+    if not len(seconds) == len(person_index) == len(scores) == len(features) == n:
+        raise BankError(f"row counts differ: video_ids {n}, seconds {len(seconds)}, person_index "
+                        f"{len(person_index)}, scores {len(scores)}, features {len(features)}")
+    dim = features.shape[1]
+
+    uniq, codes = np.unique(video_ids, return_inverse=True)  # code-point order == UTF-8 byte order
+    order = np.lexsort((person_index, seconds, codes))
+    codes, seconds, person_index = codes[order], seconds[order], person_index[order]
+    same_second = (codes[1:] == codes[:-1]) & (seconds[1:] == seconds[:-1])
+    dup = same_second & (person_index[1:] == person_index[:-1])
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        raise BankError(f"duplicate row (video {uniq[codes[i]]!r}, second {seconds[i]}, "
+                        f"person_index {person_index[i]})")
+    starts = np.flatnonzero(np.concatenate([[True], ~same_second])) if n else np.zeros(0, np.int64)
+    counts = np.diff(np.append(starts, n)).astype(np.int32)
+
+    flat = pa.array(features[order].reshape(-1))
+    table = pa.table([
+        pa.array(uniq[codes].tolist() if n else [], pa.string()),
+        pa.array(seconds),
+        pa.array(person_index),
+        pa.FixedSizeListArray.from_arrays(pa.array(boxes[order].reshape(-1)), 4),
+        pa.array(scores[order]),
+        pa.FixedSizeListArray.from_arrays(flat, dim),
+    ], schema=_features_schema(dim))
+    index = pa.table({
+        "video_id": pa.array(uniq[codes[starts]].tolist() if n else [], pa.string()),
+        "second": pa.array(seconds[starts], pa.int32()),
+        "row_start": pa.array(starts.astype(np.int64)),
+        "count": pa.array(counts),
+    })
+    manifest = {
+        "format": "lfb_ray.bank",
+        "format_version": FORMAT_VERSION,
+        "bank_id": uuid.uuid4().hex,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "feature_dim": dim,
+        "feature_dtype": "float16",
+        "num_videos": len(uniq),
+        "num_seconds": len(starts),
+        "num_features": n,
+        "files": {},
+        "metadata": metadata or {},
+    }
+    fs, root, local = _split_location(path, filesystem)
+    if local:
+        _write_local(Path(root), table, index, manifest)
+    else:
+        _write_remote(fs, root, table, index, manifest)
+    return BankSummary(path=os.fspath(path), feature_dim=dim, num_videos=len(uniq), num_seconds=len(starts),
+                       num_features=n, nbytes=sum(manifest["files"].values()), manifest=manifest)
+
+
+def _write_local(dest: Path, table: pa.Table, index: pa.Table, manifest: dict[str, Any]) -> None:
+    if dest.exists() and not (dest / MANIFEST_FILE).exists() and any(dest.iterdir()):
+        # An incomplete bank of ours may be replaced; anything else is not ours to delete.
+        if set(os.listdir(dest)) - {FEATURES_FILE, INDEX_FILE}:
+            raise BankError(f"refusing to overwrite {dest}: a non-empty folder that is not a bank")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for name, t in ((FEATURES_FILE, table), (INDEX_FILE, index)):
+            with pa.OSFile(str(tmp / name), "wb") as f:
+                _write_ipc(f, t)
+            manifest["files"][name] = (tmp / name).stat().st_size
+        data = json.dumps(manifest, indent=1).encode()
+        with open(tmp / MANIFEST_FILE, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if dest.exists():
+            # Readers that already mapped the old files keep them (unlinked inodes stay valid).
+            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_remote(fs: pafs.FileSystem, root: str, table: pa.Table, index: pa.Table,
+                  manifest: dict[str, Any]) -> None:
+    fs.create_dir(root, recursive=True)
+    if fs.get_file_info(f"{root}/{MANIFEST_FILE}").type == pafs.FileType.File:
+        fs.delete_file(f"{root}/{MANIFEST_FILE}")  # the bank is incomplete from here on
+    for name, t in ((FEATURES_FILE, table), (INDEX_FILE, index)):
+        with fs.open_output_stream(f"{root}/{name}") as f:
+            _write_ipc(f, t)
+        manifest["files"][name] = fs.get_file_info(f"{root}/{name}").size
+    with fs.open_output_stream(f"{root}/{MANIFEST_FILE}") as f:
+        f.write(json.dumps(manifest, indent=1).encode())
+
+
+def child_path(path: str | os.PathLike, name: str) -> str:
+    """`path/name` for a local path or a URI, keeping a URI's `?query` (e.g. endpoint_override) last."""
+    base, sep, query = os.fspath(path).partition("?")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LFB_RAY_CACHE") or Path.home() / ".cache" / "lfb_ray" / "banks")
+
+
+def _read_manifest(fs: pafs.FileSystem, root: str) -> dict[str, Any] | None:
+    try:
+        with fs.open_input_stream(f"{root}/{MANIFEST_FILE}") as f:
+            return json.loads(f.read().decode())
+    except FileNotFoundError:
+        return None
+
+
+def _leaf_banks(fs: pafs.FileSystem, root: str) -> list[str]:
+    """A bank folder, or the train/val sub-banks of a split folder (val last, so it wins)."""
+    if _read_manifest(fs, root) is not None:
+        return [root]
+    subs = [f"{root}/{s}" for s in SPLITS if fs.get_file_info(f"{root}/{s}").type == pafs.FileType.Directory]
+    if not subs:
+        raise BankError(f"{root} is not a complete bank: no {MANIFEST_FILE} (an incomplete or "
+                        f"interrupted write) and no {'/'.join(SPLITS)} sub-banks")
+    for s in subs:
+        if _read_manifest(fs, s) is None:
+            raise BankError(f"sub-bank {s} is incomplete: no {MANIFEST_FILE}")
+    return subs
+
+
+def _download(fs: pafs.FileSystem, root: str, manifest: dict[str, Any], cache_root: Path) -> Path:
+    """Copy a remote bank into the local cache (once per bank_id) and return the local folder."""
+    key = hashlib.sha256(f"{fs.type_name}:{root}:{manifest.get('bank_id')}".encode()).hexdigest()[:24]
+    dest = cache_root / key
+    if _read_manifest(pafs.LocalFileSystem(), str(dest)) == manifest:
+        return dest
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = cache_root / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for name in manifest["files"]:
+            with fs.open_input_stream(f"{root}/{name}") as src, open(tmp / name, "wb") as dst:
+                while chunk := src.read(64 << 20):
+                    dst.write(chunk)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        if dest.exists():
+            shutil.rmtree(dest, ignore_errors=True)  # a stale copy of an older bank at this key
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process finished the same download first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+@dataclass
+class _Source:
+    """One mapped bank: its table and the zero-copy [rows, C] float16 views of its record batches."""
+
+    path: str
+    manifest: dict[str, Any]
+    table: pa.Table
+    index: pa.Table
+    chunks: list[np.ndarray]
+    chunk_starts: np.ndarray  # [num_chunks] first row of each chunk
+
+
+def _map_source(label: str, local_dir: Path, manifest: dict[str, Any]) -> _Source:
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BankError(f"bank {label} has format version {manifest.get('format_version')}, "
+                        f"this code reads {FORMAT_VERSION}")
+    for name, size in manifest["files"].items():
+        actual = (local_dir / name).stat().st_size if (local_dir / name).exists() else None
+        if actual != size:
+            raise BankError(f"bank {label}: {name} has {actual} bytes, manifest says {size} (corrupt or partial)")
+    # memory_map + IPC file reader: buffers point into the page cache, shared by every process.
+    table = pa.ipc.open_file(pa.memory_map(str(local_dir / FEATURES_FILE), "r")).read_all()
+    index = pa.ipc.open_file(pa.memory_map(str(local_dir / INDEX_FILE), "r")).read_all()
+    if int(pc.sum(index.column("count")).as_py() or 0) != table.num_rows:
+        raise BankError(f"bank {label}: index counts do not add up to the {table.num_rows} rows")
+    dim = manifest["feature_dim"]
+    if table.schema.field("feature").type != pa.list_(pa.float16(), dim):
+        raise BankError(f"bank {label}: feature column is {table.schema.field('feature').type}, "
+                        f"manifest says fixed_size_list<float16, {dim}>")
+    chunks, starts, row = [], [], 0
+    for chunk in table.column("feature").chunks:
+        if chunk.null_count:
+            raise BankError(f"bank {label}: null features")
+        # flatten() honours the chunk offset; to_numpy(zero_copy_only) guarantees no copy.
+        chunks.append(chunk.flatten().to_numpy(zero_copy_only=True).reshape(len(chunk), dim))
+        starts.append(row)
+        row += len(chunk)
+    return _Source(label, manifest, table, index, chunks, np.asarray(starts, dtype=np.int64))
+
+
+class FeatureBank:
+    """Read-only, memory-mapped long-term feature bank; cheap to open in many processes.
+
+    Merged banks keep one owner per video (the last bank listing it). Pickling reopens from the paths,
+    so a bank handed to another process maps the same files instead of copying the features.
+    """
+
+    def __init__(self, sources: list[_Source], spec: tuple[Any, ...]) -> None:
+        self._sources = sources
+        self._spec = spec
+        self._local = threading.local()
+        dims = {s.manifest["feature_dim"] for s in sources}
+        if len(dims) != 1:
+            raise BankError("merged banks have different feature dims: "
+                            + ", ".join(f"{s.path}: {s.manifest['feature_dim']}" for s in sources))
+        self._dim = dims.pop()
+        owner: dict[str, int] = {}
+        for i, s in enumerate(sources):
+            for v in s.index.column("video_id").unique().to_pylist():
+                owner[v] = i  # later sources win per video
+        self._videos = tuple(sorted(owner))
+        self._video_code = {v: c for c, v in enumerate(self._videos)}
+        parts = []
+        row_offset = 0
+        for i, s in enumerate(sources):
+            index = s.index
+            vids = np.asarray(index.column("video_id").to_numpy(zero_copy_only=False), dtype=object)
+            local_uniq, local_codes = np.unique(vids, return_inverse=True) if len(vids) else (vids, vids)
+            keep_v = np.array([owner[v] == i for v in local_uniq], dtype=bool)
+            glob = np.array([self._video_code[v] for v in local_uniq], dtype=np.int64)
+            keep = keep_v[local_codes] if len(vids) else np.zeros(0, bool)
+            parts.append((
+                glob[local_codes[keep]] if len(vids) else np.zeros(0, np.int64),
+                index.column("second").to_numpy()[keep].astype(np.int64),
+                index.column("row_start").to_numpy()[keep] + row_offset,
+                index.column("count").to_numpy()[keep].astype(np.int64),
+            ))
+            row_offset += s.table.num_rows
+        codes, secs, row_starts, counts = (np.concatenate(p) for p in zip(*parts, strict=True))
+        order = np.lexsort((secs, codes))
+        self._codes, self._seconds = codes[order], secs[order]
+        self._row_starts, self._counts = row_starts[order], counts[order]
+        self._keys = (self._codes << 32) | (self._seconds + _SECOND_BIAS)
+        self._video_offsets = np.searchsorted(self._codes, np.arange(len(self._videos) + 1))
+        # Global row space: sources one after another, each split into its record-batch chunks.
+        self._chunks = [c for s in sources for c in s.chunks]
+        base = np.cumsum([0] + [s.table.num_rows for s in sources])[:-1]
+        self._chunk_starts = np.concatenate([s.chunk_starts + b for s, b in zip(sources, base, strict=True)]
+                                            or [np.zeros(0, np.int64)])
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike | Sequence[str | os.PathLike],
+        *,
+        expected_dim: int | None = None,
+        filesystem: pafs.FileSystem | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> FeatureBank:
+        """Map a bank, a split folder (`train/` + `val/`, val wins per video), or a list of those.
+
+        Args:
+            path: bank folder, split folder, or list of them (later wins per video); local paths or
+                URIs. Remote banks are downloaded once to `cache_dir` (default `$LFB_RAY_CACHE` or
+                `~/.cache/lfb_ray/banks`) and mapped from there.
+            expected_dim: feature dim C the model expects; checked here so a mismatch fails early.
+            filesystem: pyarrow filesystem the path(s) live on, instead of inferring it from URIs.
+            cache_dir: local cache for remote banks.
+
+        Raises:
+            BankError: missing/incomplete bank (no manifest), corrupt files, dims that differ between
+                merged banks or from `expected_dim`.
+        """
+        paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        if not paths:
+            raise BankError("FeatureBank.open needs at least one path")
+        cache = Path(cache_dir) if cache_dir is not None else _cache_root()
+        sources = []
+        for p in paths:
+            fs, root, local = _split_location(p, filesystem)
+            for leaf in _leaf_banks(fs, root):
+                manifest = _read_manifest(fs, leaf)
+                label = leaf if local else f"{fs.type_name}://{leaf}"
+                local_dir = Path(leaf) if local else _download(fs, leaf, manifest, cache)
+                sources.append(_map_source(label, local_dir, manifest))
+        bank = cls(sources, (paths, filesystem, expected_dim, cache_dir))
+        if expected_dim is not None and bank.feature_dim != expected_dim:
+            raise BankError(f"bank {os.fspath(paths[0]) if len(paths) == 1 else paths} has feature dim "
+                            f"{bank.feature_dim}, model expects {expected_dim}")
+        return bank
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        paths, filesystem, expected_dim, cache_dir = self._spec
+        return (_reopen, (paths, filesystem, expected_dim, cache_dir))
+
+    @property
+    def feature_dim(self) -> int:
+        return self._dim
+
+    @property
+    def num_features(self) -> int:
+        """Features reachable after merging (rows of videos shadowed by a later bank excluded)."""
+        return int(self._counts.sum())
+
+    @property
+    def videos(self) -> tuple[str, ...]:
+        """Sorted video ids."""
+        return self._videos
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of mapped feature data (all source banks, including shadowed videos)."""
+        return int(sum(c.nbytes for c in self._chunks))
+
+    @property
+    def manifests(self) -> tuple[dict[str, Any], ...]:
+        """Manifest of each source bank in merge order (its `metadata` holds checkpoint hash, config)."""
+        return tuple(s.manifest for s in self._sources)
+
+    def __len__(self) -> int:
+        return len(self._videos)
+
+    def __contains__(self, video_id: object) -> bool:
+        return video_id in self._video_code
+
+    def __repr__(self) -> str:
+        return (f"FeatureBank(videos={len(self._videos)}, seconds={len(self._keys)}, "
+                f"features={self.num_features}, dim={self._dim}, sources={len(self._sources)})")
+
+    def seconds_of(self, video_id: str) -> np.ndarray:
+        """Sorted seconds of `video_id` that have features, [S] int64 (read-only). KeyError if unknown."""
+        c = self._video_code[video_id]
+        out = self._seconds[self._video_offsets[c]:self._video_offsets[c + 1]]
+        out.flags.writeable = False
+        return out
+
+    def features_at(self, video_id: str, second: int) -> np.ndarray:
+        """Features of one keyframe in person order, [n, C] float16, a read-only view of the mapped
+        file ([0, C] if the second has none). KeyError if the video is unknown."""
+        c = self._video_code[video_id]
+        key = (c << 32) | (int(second) + _SECOND_BIAS)
+        i = int(np.searchsorted(self._keys, key))
+        if i == len(self._keys) or self._keys[i] != key:
+            return np.zeros((0, self._dim), np.float16)
+        return self._gather_range(int(self._row_starts[i]), int(self._counts[i]))
+
+    def _gather_range(self, start: int, count: int) -> np.ndarray:
+        k = int(np.searchsorted(self._chunk_starts, start, side="right")) - 1
+        lo = start - int(self._chunk_starts[k])
+        chunk = self._chunks[k]
+        if lo + count <= len(chunk):
+            return chunk[lo:lo + count]
+        return self._gather(np.arange(start, start + count))  # spans record batches: a copy
+
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
+        """[M] global rows -> [M, C] float16 copy, one fancy-index per record-batch chunk."""
+        if len(self._chunks) == 1:
+            return self._chunks[0][rows]
+        k = np.searchsorted(self._chunk_starts, rows, side="right") - 1
+        out = np.empty((len(rows), self._dim), np.float16)
+        for c in np.unique(k):
+            m = k == c
+            out[m] = self._chunks[c][rows[m] - self._chunk_starts[c]]
+        return out
+
+    def _scratch(self, rows: int) -> np.ndarray:
+        """A reused per-thread [rows, C] float16 buffer: fresh pages cost more than the sampling."""
+        buf = getattr(self._local, "window", None)
+        if buf is None or len(buf) < rows:
+            buf = self._local.window = np.empty((rows, self._dim), np.float16)
+        return buf[:rows]
+
+    def sample(
+        self,
+        video_ids: Sequence[str],
+        seconds: Sequence[int] | np.ndarray,
+        rng: np.random.Generator,
+        *,
+        window_seconds: int = 60,
+        max_feats_per_second: int = 5,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sample the long-term features of each RoI (spec section 5), all RoIs at once.
+
+        Slot j of the window holds second `t - W//2 + j` (the current second at slot W//2). For each
+        such second present in the bank with n features, a uniformly random subset of min(n, K) of
+        them, without replacement and in random order, goes to rows j*K .. j*K+min(n,K)-1. Everything
+        else (missing seconds, beyond the video edges, unused rows, unknown videos) is zero. Draws are
+        independent per RoI, including RoIs of the same keyframe, and reproducible from `rng`.
+
+        Args:
+            video_ids: [R] video id of each RoI.
+            seconds: [R] keyframe second t of each RoI.
+            rng: the only source of randomness.
+            window_seconds: W.
+            max_feats_per_second: K.
+            out: optional CPU float32 contiguous [R, W*K, C] tensor to fill (e.g. pinned memory).
+
+        Returns:
+            [R, W*K, C] float32.
+        """
+        W, K, C = window_seconds, max_feats_per_second, self._dim
+        if W < 1 or K < 1:
+            raise ValueError(f"window_seconds and max_feats_per_second must be >= 1, got {W}, {K}")
+        R = len(video_ids)
+        t = np.asarray(seconds, dtype=np.int64).reshape(-1)
+        if len(t) != R:
+            raise ValueError(f"{R} video ids but {len(t)} seconds")
+        if out is None:
+            out = torch.empty((R, W * K, C), dtype=torch.float32)
+        elif out.shape != (R, W * K, C) or out.dtype != torch.float32 or out.device.type != "cpu" \
+                or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous CPU float32 tensor of shape {(R, W * K, C)}, "
+                             f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+        if R == 0 or len(self._keys) == 0:
+            return out.zero_()
+        codes = np.fromiter((self._video_code.get(v, -1) for v in video_ids), dtype=np.int64, count=R)
+        secs = t[:, None] + (np.arange(W) - W // 2)  # [R, W] second of each window slot
+        valid = (codes[:, None] >= 0) & (secs >= -_SECOND_BIAS) & (secs < _SECOND_BIAS)
+        query = ((codes[:, None] << 32) | (secs + _SECOND_BIAS)).ravel()
+        pos = np.minimum(np.searchsorted(self._keys, query), len(self._keys) - 1)
+        pair = np.flatnonzero(valid.ravel() & (self._keys[pos] == query))  # [P] flat r*W + j
+        if len(pair) == 0:
+            return out.zero_()
+        entry = pos[pair]
+        n = self._counts[entry]
+        # A random permutation of each second's n features: argsort of uniform keys, padding last.
+        width = int(n.max())
+        keys = rng.random((len(pair), width))
+        keys[np.arange(width) >= n[:, None]] = 2.0
+        take = min(K, width)
+        perm = np.argsort(keys, axis=1)[:, :take]  # [P, take]
+        used = np.arange(take) < np.minimum(n, K)[:, None]  # [P, take]
+        rows = (self._row_starts[entry][:, None] + perm)[used]
+        dst = (pair[:, None] * K + np.arange(take))[used]  # row in the [R*W*K, C] output
+        # Assemble the window in fp16 (half the bytes to zero and scatter), then one contiguous,
+        # vectorised fp16 -> fp32 copy; numpy's own fp16 casts are several times slower than torch's.
+        window = self._scratch(R * W * K)
+        window.fill(0)
+        window[dst] = self._gather(rows)
+        out.copy_(torch.from_numpy(window).view(R, W * K, C))
+        return out
+
+
+def _reopen(paths: Any, filesystem: Any, expected_dim: Any, cache_dir: Any) -> FeatureBank:
+    return FeatureBank.open(paths, expected_dim=expected_dim, filesystem=filesystem, cache_dir=cache_dir)

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny synthetic AVA dataset, tiny configs, and a local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """3 videos x 16 s, 160x120 (2 train, 1 val): ~14 keyframes per video."""
+    from lfb_ray.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(root, num_videos=3, seconds=16, seed=0, workers=1)
+    return root
+
+
+def tiny_config(workdir: Path, data_root: Path, *overrides: str):
+    from lfb_ray.config import load_config
+
+    return load_config(REPO / "configs" / "tiny.yaml",
+                       [f"workdir={workdir}", f"data.root={data_root}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the session: 2 CPUs, loopback only, no dashboard."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+             configure_logging=True, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, synthetic_root, ray_local):
+    """The tiny synthetic set prepared once for the session (Ray Data)."""
+    from lfb_ray.data.prep import prepare_dataset
+
+    work = tmp_path_factory.mktemp("work")
+    cfg = tiny_config(work, synthetic_root)
+    summary = prepare_dataset(cfg)
+    return cfg, summary

@@ -1,0 +1,94 @@
+"""Clip sampling, transforms (frames and boxes together) and training targets."""
+
+import numpy as np
+import pytest
+
+from lfb_ray.data.clips import (
+    ClipSpec,
+    assign_targets,
+    box_iou,
+    decode_jpeg,
+    encode_jpeg,
+    pick_clip_frames,
+    test_transform as run_test_transform,
+    train_transform,
+)
+from lfb_ray.data.timing import stored_ref_offsets
+
+SPEC = ClipSpec(scale_range=(64, 64), crop_size=64, test_short_side=32, flip_ratio=0.0)
+
+
+def test_jpeg_round_trip_and_determinism():
+    yy, xx = np.mgrid[0:24, 0:32]
+    img = np.stack([xx * 8, yy * 10, (xx + yy) * 4], -1).astype(np.uint8)  # smooth: JPEG-friendly
+    a, b = encode_jpeg(img, 95), encode_jpeg(img, 95)
+    assert a == b
+    out = decode_jpeg(a)
+    assert out.shape == (24, 32, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - img).mean() < 3
+
+
+def test_pick_frames_without_and_with_jitter():
+    off = stored_ref_offsets(4, 16, (-8, 7))
+    pos = pick_clip_frames(off, SPEC, None)
+    assert off[pos].tolist() == [-32, -16, 0, 16]
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        d = off[pick_clip_frames(off, SPEC, rng)] - np.array([-32, -16, 0, 16])
+        assert d.min() >= -8 and d.max() <= 7
+    with pytest.raises(ValueError, match="temporal_jitter"):
+        pick_clip_frames(stored_ref_offsets(4, 16, None), SPEC, np.random.default_rng(3))
+
+
+def _frames(h=32, w=48):
+    f = np.zeros((4, h, w, 3), np.uint8)
+    f[:, :, : w // 2] = 200  # left half bright: tells flips apart
+    return f
+
+
+def test_train_transform_shapes_and_box_scaling():
+    spec = ClipSpec(scale_range=(64, 64), crop_size=64, flip_ratio=0.0)
+    boxes = np.array([[0.0, 0.0, 0.5, 1.0]], np.float32)
+    clip, px = train_transform(_frames(), boxes, spec, np.random.default_rng(0))
+    assert clip.shape == (3, 4, 64, 64) and clip.dtype == np.float32
+    # frame 32x48 -> short side 64 -> 64x96; crop 64 wide at x0 in [0, 32]
+    assert px[0, 1] == 0 and px[0, 3] == 63  # clipped to crop-1
+    assert 0 <= px[0, 0] <= px[0, 2] <= 63
+
+
+def test_flip_mirrors_boxes_and_pixels():
+    spec = ClipSpec(scale_range=(32, 32), crop_size=32, flip_ratio=1.0)
+    f = _frames(32, 32)
+    clip, px = train_transform(f, np.array([[0.0, 0.0, 0.25, 0.5]], np.float32), spec, np.random.default_rng(0))
+    assert px[0].tolist() == [24.0, 0.0, 32.0, 16.0]
+    # left half was bright; after the flip the right half is
+    assert clip[0, 0, :, -1].mean() > clip[0, 0, :, 0].mean()
+
+
+def test_test_transform_keeps_full_frame():
+    clip, px = run_test_transform(_frames(32, 48), np.array([[0.5, 0.5, 1.0, 1.0]], np.float32), SPEC)
+    assert clip.shape == (3, 4, 32, 48)
+    assert px[0].tolist() == [24.0, 16.0, 48.0, 32.0]
+    # normalisation: (200 - mean) / std
+    assert np.isclose(clip[0, 0, 0, 0], (200 - 123.675) / 58.395, atol=1e-4)
+
+
+def test_assign_targets_copies_labels_of_matching_proposals():
+    gt = np.array([[0.1, 0.1, 0.5, 0.9], [0.6, 0.1, 0.9, 0.9]], np.float32)
+    labels = np.zeros((2, 81), np.float32)
+    labels[0, 11] = labels[0, 64] = 1
+    labels[1, 13] = 1
+    props = np.array([[0.1, 0.1, 0.5, 0.89, 0.95],   # IoU ~0.97 with gt0
+                      [0.6, 0.1, 0.7, 0.9, 0.95],    # low IoU with gt1: negative, dropped
+                      [0.0, 0.0, 1.0, 1.0, 0.99]], np.float32)
+    rois, lab = assign_targets(gt, labels, props, pos_iou_thr=0.9, max_rois=32, rng=np.random.default_rng(0))
+    assert len(rois) == 3
+    assert np.array_equal(lab[2], labels[0])
+    rois, lab = assign_targets(gt, labels, props, pos_iou_thr=0.9, max_rois=2, rng=np.random.default_rng(0))
+    assert len(rois) == 2
+
+
+def test_box_iou():
+    a = np.array([[0, 0, 2, 2]], float)
+    b = np.array([[1, 1, 3, 3], [0, 0, 2, 2], [5, 5, 5, 6]], float)
+    assert np.allclose(box_iou(a, b), [[1 / 7, 1.0, 0.0]])

@@ -1,0 +1,98 @@
+"""The prepare stage on the synthetic set: schema, timing, resume, bad videos."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.ray
+
+
+def _digest(root: str) -> dict[str, str]:
+    out = {}
+    for p in sorted(Path(root).rglob("*.parquet")):
+        out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_rows_match_annotations_and_schema(prepared, synthetic_root):
+    from lfb_ray.data.annotations import read_annotations
+    from lfb_ray.data.clips import decode_jpeg
+    from lfb_ray.data.prep import prepared_files
+    from lfb_ray.data.schema import SCHEMA, row_gt
+
+    cfg, summary = prepared
+    assert summary.failures == [] and summary.videos == 3
+    for split, csv in (("train", "train.csv"), ("val", "val.csv")):
+        gt = read_annotations(synthetic_root / "annotations" / csv)
+        tables = [pq.read_table(f) for f in prepared_files(cfg.prepared_dir, split)]
+        assert all(t.schema.equals(SCHEMA) for t in tables)
+        rows = [r for t in tables for r in t.to_pylist()]
+        assert {(r["video_id"], r["timestamp"]) for r in rows} == set(gt)
+        r = rows[0]
+        boxes, labels = row_gt(r, 81)
+        kf = gt[(r["video_id"], r["timestamp"])]
+        assert np.allclose(boxes, kf.boxes) and np.array_equal(labels, kf.labels)
+        assert len(r["ref_offsets"]) == 64  # jitter on: every offset in [-40, 23]
+        img = decode_jpeg(r["frames"][0])
+        assert img.shape == (120, 160, 3) and (r["height"], r["width"]) == (120, 160)
+
+
+def test_stored_frames_are_the_videos_frames(prepared, synthetic_root):
+    """The keyframe's stored frame equals decord's frame 30*(t-900) of the file."""
+    import decord
+
+    from lfb_ray.data.clips import decode_jpeg
+    from lfb_ray.data.prep import prepared_files
+
+    cfg, _ = prepared
+    row = pq.read_table(prepared_files(cfg.prepared_dir, "val")[0]).slice(3, 1).to_pylist()[0]
+    k = row["ref_offsets"].index(0)
+    idx = row["frame_indices"][row["frame_slot"][k]]
+    assert idx == 30 * (row["timestamp"] - 900)
+    vr = decord.VideoReader(str(synthetic_root / "videos" / f"{row['video_id']}.mp4"))
+    ref = vr[idx].asnumpy()
+    got = decode_jpeg(row["frames"][row["frame_slot"][k]])
+    assert np.abs(got.astype(int) - ref).mean() < 4  # JPEG q90 of the same frame
+
+
+def test_rerun_is_idempotent_and_resumes(prepared, synthetic_root, tmp_path):
+    from lfb_ray.data.prep import prepare_dataset
+
+    cfg, _ = prepared
+    before = _digest(cfg.prepared_dir)
+    # simulate an interrupted run: one video lost its commit marker and has a half-written part
+    vdir = next(Path(cfg.prepared_dir, "train").iterdir())
+    (vdir / "_DONE.json").unlink()
+    part = next(vdir.glob("*.parquet"))
+    part.write_bytes(part.read_bytes()[:100])
+    s = prepare_dataset(cfg)
+    assert s.skipped == 2 and s.videos == 3
+    assert _digest(cfg.prepared_dir) == before
+
+
+def test_bad_video_is_reported_and_others_written(synthetic_root, tmp_path, ray_local):
+    from lfb_ray.data.prep import PrepareError, prepare_dataset
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    vids = sorted((root / "videos").glob("*.mp4"))
+    vids[0].write_bytes(vids[0].read_bytes()[:2000])  # truncated mp4
+    cfg = tiny_config(tmp_path / "w", root)
+    with pytest.raises(PrepareError, match=r"1 video\(s\) failed, more than data.failure_budget=0"):
+        prepare_dataset(cfg)
+    failures = json.loads((tmp_path / "w" / "prepared" / "failures.json").read_text())
+    assert [f["video_id"] for f in failures] == [vids[0].stem]
+    assert "decod" in failures[0]["error"]
+    manifest = json.loads((tmp_path / "w" / "prepared" / "manifest.json").read_text())
+    assert sorted(v["video_id"] for v in manifest["videos"]) == sorted(v.stem for v in vids[1:])
+    cfg2 = tiny_config(tmp_path / "w", root, "data.failure_budget=1")
+    assert prepare_dataset(cfg2).videos == 2

@@ -1,0 +1,87 @@
+"""Ray Train on CPU (gloo): DDP agreement, loss, resume, MLflow, bank build and the operators."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def baseline(prepared, tmp_path_factory):
+    """A 2-worker gloo baseline, 2 epochs, fixed run name (so a rerun resumes it)."""
+    from lfb_ray.train import fit
+
+    cfg0, _ = prepared
+    cfg = tiny_config(cfg0.workdir, cfg0.data.root, "model.fbo=none", "train.epochs=2", "train.run_name=base",
+                      "train.base_lr=0.3", "train.log_every_iters=1")
+    return cfg, fit(cfg)
+
+
+def test_ddp_ranks_agree_and_val_map_is_reported(baseline):
+    cfg, r = baseline
+    assert r.metrics["ddp/param_checksums_equal"] == 1.0
+    assert r.metrics["epoch"] == 2
+    assert 0.0 <= r.metrics["val/mAP"] <= 1.0
+    assert os.path.exists(r.model_path)
+    assert os.path.exists(r.metrics["val/csv"])
+
+
+def test_loss_decreases_and_mlflow_has_every_step_once(baseline):
+    from mlflow.tracking import MlflowClient
+
+    cfg, r = baseline
+    client = MlflowClient(cfg.tracking_uri)
+    hist = client.get_metric_history(r.mlflow_run_id, "train/loss")
+    steps = [m.step for m in hist]
+    assert len(steps) == len(set(steps)) == r.metrics["global_step"]
+    losses = [m.value for m in sorted(hist, key=lambda m: m.step)]
+    k = max(1, len(losses) // 3)
+    assert np.mean(losses[-k:]) < np.mean(losses[:k])
+    run = client.get_run(r.mlflow_run_id)
+    assert run.data.params["model.fbo"] == "none" and "version.ray" in run.data.params
+    assert run.data.metrics["val/mAP"] == pytest.approx(r.metrics["val/mAP"])
+
+
+def test_rerun_resumes_at_the_right_step(baseline):
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.train import fit
+
+    cfg, r = baseline
+    cfg3 = tiny_config(cfg.workdir, cfg.data.root, "model.fbo=none", "train.epochs=3", "train.run_name=base",
+                       "train.base_lr=0.3", "train.log_every_iters=1")
+    r3 = fit(cfg3)
+    assert r3.mlflow_run_id == r.mlflow_run_id
+    per_epoch = r.metrics["global_step"] // 2
+    assert r3.metrics["epoch"] == 3 and r3.metrics["global_step"] == 3 * per_epoch
+    steps = [m.step for m in MlflowClient(cfg.tracking_uri).get_metric_history(r.mlflow_run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 3 * per_epoch + 1))
+
+
+def test_bank_build_then_three_operators(baseline, ray_local):
+    from lfb_ray.bank import FeatureBank
+    from lfb_ray.bank.build import build_bank
+    from lfb_ray.train import fit_operators
+
+    cfg, r = baseline
+    one = tiny_config(cfg.workdir, cfg.data.root, f"bank.path={cfg.workdir}/bank1", "bank.max_actors=1")
+    two = tiny_config(cfg.workdir, cfg.data.root, f"bank.path={cfg.workdir}/bank2", "bank.min_actors=2",
+                      "bank.max_actors=2")
+    s1, s2 = build_bank(one, r.model_path), build_bank(two, r.model_path)
+    assert s1.features == s2.features > 0
+    b1, b2 = FeatureBank.open(one.bank_dir), FeatureBank.open(two.bank_dir)
+    for v in b1.videos:
+        for t in b1.seconds_of(v):
+            assert np.array_equal(b1.features_at(v, t), b2.features_at(v, t))
+    ops = tiny_config(cfg.workdir, cfg.data.root, f"bank.path={cfg.workdir}/bank1", "train.max_iters_per_epoch=2")
+    res = fit_operators(ops, ["nl", "avg", "max"])
+    assert sorted(res) == ["avg", "max", "nl"]
+    assert len({x.mlflow_run_id for x in res.values()}) == 3
+    for x in res.values():
+        assert 0.0 <= x.metrics["val/mAP"] <= 1.0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lfb_ray.data.synthetic import generate_dataset  # noqa: E402
+from lfb_ray.data.synthetic import dataset_matches, generate_dataset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +28,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.3)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    parser.add_argument("--if-missing", action="store_true",
+                        help="do nothing if --out already holds this exact dataset (same seed and sizes)")
     args = parser.parse_args(argv)
+    same = dict(num_videos=args.videos, seconds=args.seconds, seed=args.seed, width=args.width,
+                height=args.height, val_fraction=args.val_fraction)
+    if args.if_missing and dataset_matches(args.out, **same):
+        print(f"{args.out}: synthetic dataset already generated (seed {args.seed}), nothing to do")
+        return
 
     start = time.perf_counter()
     info = generate_dataset(

@@ -18,9 +18,7 @@ import torch
 from lfb_ray.config import Config
 
 __all__ = ["InferenceResult", "autocast_for", "infer_split", "load_model", "predict_batch",
-           "save_model", "write_and_evaluate"]
-
-MODEL_FORMAT = "lfb_ray/v1"
+           "write_and_evaluate"]
 
 
 def autocast_for(device: torch.device, amp: str):
@@ -30,30 +28,19 @@ def autocast_for(device: torch.device, amp: str):
     return contextlib.nullcontext()
 
 
-def save_model(model: torch.nn.Module, path: str, cfg_dict: dict) -> None:
-    """Write the model state dict in our format, atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save({"format": MODEL_FORMAT, "model": model.state_dict(), "config": cfg_dict}, tmp)
-    os.replace(tmp, path)
-
-
 def load_model(cfg: Config, checkpoint: str, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Build the detector of `cfg.model` and load `checkpoint` strictly.
+    """Build the detector of `cfg.model` and load `checkpoint` strictly, in eval mode.
 
-    Accepts our `model.pt` (or a Ray checkpoint folder holding one) and mmaction2 `.pth`
-    detector checkpoints. Never unpickles arbitrary objects (`weights_only=True` loaders).
+    Accepts our `model.pt` (or a Ray checkpoint folder holding one), files converted by
+    `jobs/convert_checkpoint.py` and mmaction2 `.pth` detector checkpoints; never unpickles
+    arbitrary objects (see `lfb_ray.models.checkpoint`).
     """
-    from lfb_ray.models import build_detector, load_mmaction2_state_dict
-    from lfb_ray.models.checkpoint import read_checkpoint_file
+    from lfb_ray.models import build_detector, load_checkpoint
 
     if os.path.isdir(checkpoint):
         checkpoint = os.path.join(checkpoint, "model.pt")
     model = build_detector(cfg.model)
-    blob = torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint.endswith(".pt") else None
-    if isinstance(blob, dict) and blob.get("format") == MODEL_FORMAT:
-        model.load_state_dict(blob["model"], strict=True)
-    else:
-        load_mmaction2_state_dict(model, read_checkpoint_file(checkpoint))
+    load_checkpoint(model, checkpoint)
     return model.to(device).eval()
 
 
@@ -105,8 +92,12 @@ def write_and_evaluate(cfg: Config, pred: dict, csv_path: str) -> dict:
     Returns:
         {"mAP": float, "group_mAP": {...}, "per_class": {...}} (NaN possible per class).
     """
-    from lfb_ray.data.annotations import read_exclusions, read_label_map, read_result_rows
-    from lfb_ray.data.annotations import read_annotation_rows
+    from lfb_ray.data.annotations import (
+        read_annotation_rows,
+        read_exclusions,
+        read_label_map,
+        read_result_rows,
+    )
     from lfb_ray.evaluation import evaluate_frame_map
     from lfb_ray.evaluation.results import write_results_csv
 

@@ -45,7 +45,12 @@ def _family_means(cfg: Config, csv_path: str) -> dict[str, float]:
     """mAP per label family (e.g. short_term / long_term of the synthetic set) from dataset.json."""
     import numpy as np
 
-    from lfb_ray.data.annotations import read_annotation_rows, read_exclusions, read_label_map, read_result_rows
+    from lfb_ray.data.annotations import (
+        read_annotation_rows,
+        read_exclusions,
+        read_label_map,
+        read_result_rows,
+    )
     from lfb_ray.evaluation import evaluate_frame_map
 
     info_path = cfg.data_path("dataset.json")

@@ -10,8 +10,10 @@ from lfb_ray.data.clips import (
     decode_jpeg,
     encode_jpeg,
     pick_clip_frames,
-    test_transform as run_test_transform,
     train_transform,
+)
+from lfb_ray.data.clips import (
+    test_transform as run_test_transform,
 )
 from lfb_ray.data.timing import stored_ref_offsets
 

@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from lfb_ray.data.timing import TimingError, clip_ref_offsets, detect_video_start, frame_indices_for, stored_ref_offsets
+from lfb_ray.data.timing import (
+    TimingError,
+    clip_ref_offsets,
+    detect_video_start,
+    frame_indices_for,
+    stored_ref_offsets,
+)
 
 
 def test_clip_offsets_and_jitter_range():

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

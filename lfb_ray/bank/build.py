@@ -69,7 +69,13 @@ class BankExtractor:
         import pyarrow.parquet as pq
         import torch
 
-        from lfb_ray.data.clips import ClipSpec, decode_jpeg, pick_clip_frames, select_proposals, test_transform
+        from lfb_ray.data.clips import (
+            ClipSpec,
+            decode_jpeg,
+            pick_clip_frames,
+            select_proposals,
+            test_transform,
+        )
         from lfb_ray.data.schema import row_proposals
         from lfb_ray.inference import autocast_for
         from lfb_ray.storage import resolve

@@ -10,9 +10,8 @@ in the data workers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import io
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image

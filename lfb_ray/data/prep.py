@@ -34,7 +34,15 @@ from lfb_ray.data import annotations as ann
 from lfb_ray.data.clips import encode_jpeg
 from lfb_ray.data.schema import SCHEMA, SCHEMA_VERSION
 from lfb_ray.data.timing import TimingError, detect_video_start, frame_indices_for, stored_ref_offsets
-from lfb_ray.storage import exists, join, read_json, remove_dir, resolve, write_bytes_atomic, write_json_atomic
+from lfb_ray.storage import (
+    exists,
+    join,
+    read_json,
+    remove_dir,
+    resolve,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 __all__ = ["PrepareError", "PrepareSummary", "build_tasks", "prepare_dataset", "prepare_video",
            "prepared_files"]

@@ -542,3 +542,18 @@ def load_actors(dataset_json: str | os.PathLike) -> dict[str, tuple[Actor, ...]]
             actors.append(Actor(**a))
         out[v["video_id"]] = tuple(actors)
     return out
+
+
+def dataset_matches(out_dir: str | os.PathLike, *, num_videos: int, seconds: int, seed: int, width: int = 160,
+                    height: int = 120, val_fraction: float = 0.3) -> bool:
+    """True if `out_dir` already holds a complete dataset generated with exactly these arguments.
+
+    dataset.json is written last, so its presence means the other files are complete.
+    """
+    path = Path(out_dir) / "dataset.json"
+    if not path.exists():
+        return False
+    meta = json.loads(path.read_text())
+    want = {"num_videos": num_videos, "seconds": seconds, "width": width, "height": height,
+            "val_fraction": val_fraction}
+    return meta.get("version") == GENERATOR_VERSION and meta.get("seed") == seed and meta.get("args") == want

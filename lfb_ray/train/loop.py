@@ -127,9 +127,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     from lfb_ray.data.dataset import collate_train
-    from lfb_ray.inference import autocast_for, save_model
-    from lfb_ray.models import build_detector, load_mmaction2_state_dict
-    from lfb_ray.models.checkpoint import read_checkpoint_file
+    from lfb_ray.inference import autocast_for
+    from lfb_ray.models import build_detector, load_checkpoint, save_checkpoint
     from lfb_ray.tracking import NullTracker, Tracker
 
     cfg = config_from_dict(config["cfg"])
@@ -144,7 +143,7 @@ def train_loop_per_worker(config: dict) -> None:
     # --- model, optimiser
     model = build_detector(cfg.model)
     if cfg.model.pretrained:
-        load_mmaction2_state_dict(model, read_checkpoint_file(cfg.model.pretrained))
+        load_checkpoint(model, cfg.model.pretrained)  # Kinetics backbone or a whole detector
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last_3d)
     model = ray.train.torch.prepare_model(model)
@@ -173,6 +172,8 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[lfb_ray] resumed from checkpoint at epoch {start_epoch + 1}, iteration {skip_iters}, "
                   f"global step {global_step}", flush=True)
+    elif config.get("init_checkpoint"):  # a new run initialised from another run's weights
+        load_checkpoint(core, config["init_checkpoint"])
     tracker = (Tracker(cfg.tracking_uri, config["mlflow_run_id"])
                if rank == 0 and config.get("mlflow_run_id") else NullTracker())
     results_dir = config["results_dir"]
@@ -188,7 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
                             "iter_in_epoch": iter_in_epoch, "global_step": global_step, "best_map": best_map,
                             "rng": _rng_state()}, os.path.join(tmp, "state.pt"))
                 if final:
-                    save_model(core, os.path.join(tmp, "model.pt"), config["cfg"])
+                    save_checkpoint(core.state_dict(), os.path.join(tmp, "model.pt"), source=f"lfb_ray {cfg.model.fbo} epoch {epoch}")
                 ckpt_obj = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({k: v for k, v in metrics.items() if not k.startswith("_")}, checkpoint=ckpt_obj)
         tracker.flush()

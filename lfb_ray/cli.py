@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from lfb_ray.config import Config, ConfigError, load_config
+from lfb_ray.config import Config, ConfigError, load_config, resolve_paths
 
 __all__ = ["base_parser", "init_ray", "load_from_args"]
 
@@ -20,7 +20,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 def load_from_args(args: argparse.Namespace) -> Config:
     try:
-        return load_config(args.config, args.overrides)
+        return resolve_paths(load_config(args.config, args.overrides))
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -33,6 +33,7 @@ __all__ = [
     "config_to_dict",
     "flatten_config",
     "load_config",
+    "resolve_paths",
 ]
 
 
@@ -397,3 +398,22 @@ def config_hash(cfg: Config | dict[str, Any], sections: typing.Sequence[str] | N
     if sections is not None:
         d = {s: d[s] for s in sections}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """The same config with local relative paths made absolute (against the current directory).
+
+    Jobs call this on the driver: Ray workers run in other directories, so every path they
+    receive must be absolute (or a URI). Idempotent.
+    """
+    def absolute(p: str) -> str:
+        return p if not p or "://" in p or Path(p).is_absolute() else str(Path(p).resolve())
+
+    return dataclasses.replace(
+        cfg,
+        workdir=absolute(cfg.workdir),
+        data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root), prepared_dir=absolute(cfg.data.prepared_dir)),
+        bank=dataclasses.replace(cfg.bank, path=absolute(cfg.bank.path), checkpoint=absolute(cfg.bank.checkpoint)),
+        model=dataclasses.replace(cfg.model, pretrained=absolute(cfg.model.pretrained)),
+        train=dataclasses.replace(cfg.train, storage_path=absolute(cfg.train.storage_path)),
+    )

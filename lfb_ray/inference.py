@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lfb_ray.config import Config
+from lfb_ray.config import Config, resolve_paths
 
 __all__ = ["InferenceResult", "autocast_for", "infer_split", "load_model", "predict_batch",
            "write_and_evaluate"]
@@ -150,6 +150,8 @@ def infer_split(cfg: Config, checkpoint: str, csv_path: str, *, split: str = "va
     from lfb_ray.data.dataset import decode_test_rows, read_split
 
     t0 = time.time()
+    cfg = resolve_paths(cfg)
+    checkpoint = os.path.abspath(checkpoint)
     gpus = ray.cluster_resources().get("GPU", 0)
     ds = read_split(cfg, split, drop_excluded=False).map_batches(
         decode_test_rows, batch_size=cfg.eval.batch_size, num_cpus=1,

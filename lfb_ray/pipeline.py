@@ -12,7 +12,7 @@ import math
 import os
 import time
 
-from lfb_ray.config import Config, config_from_dict, config_hash, config_to_dict
+from lfb_ray.config import Config, config_from_dict, config_hash, config_to_dict, resolve_paths
 
 __all__ = ["STAGES", "run_pipeline"]
 
@@ -79,6 +79,8 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
     from lfb_ray.data.prep import prepare_dataset
     from lfb_ray.train import fit
 
+    cfg = resolve_paths(cfg)
+    baseline_cfg = resolve_paths(baseline_cfg) if baseline_cfg else None
     os.makedirs(cfg.workdir, exist_ok=True)
     state_path = os.path.join(cfg.workdir, "pipeline.json")
     state = _load_state(state_path)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lfb_ray.config import Config, config_from_dict, config_to_dict
+from lfb_ray.config import Config, config_from_dict, config_to_dict, resolve_paths
 
 __all__ = ["BankBuildSummary", "BankExtractor", "build_bank", "file_sha256"]
 
@@ -151,7 +151,9 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
     from lfb_ray.storage import check_writable, exists, join, read_json, resolve
 
     t0 = time.time()
-    bank_dir = os.path.abspath(cfg.bank_dir)
+    cfg = resolve_paths(cfg)
+    checkpoint = os.path.abspath(checkpoint)
+    bank_dir = cfg.bank_dir
     if "://" in bank_dir:
         raise NotImplementedError("bank parts are staged locally; give a local bank.path "
                                   "(the merged bank can be copied to object storage)")

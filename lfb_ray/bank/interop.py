@@ -48,17 +48,18 @@ def _flatten(file: Path, lfb: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(per_second, dict):
             raise BankError(f"{file}: video {vid!r} maps to {type(per_second).__name__}, expected a dict")
         for sec, value in per_second.items():
-            if isinstance(value, torch.Tensor):
-                stacked = value.reshape(-1, value.shape[-1]) if value.ndim else value
-            elif isinstance(value, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in value):
-                stacked = torch.stack([v.reshape(-1) for v in value]) if value else None
-            else:
-                raise BankError(f"{file}: video {vid!r} second {sec!r} holds {type(value).__name__}, "
-                                "expected a list of tensors or an [n, C] tensor")
+            try:
+                if isinstance(value, torch.Tensor) and value.ndim in (1, 2):
+                    stacked = value.reshape(-1, value.shape[-1])
+                elif isinstance(value, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in value):
+                    stacked = torch.stack([v.reshape(-1) for v in value]) if value else None
+                else:
+                    raise TypeError(type(value).__name__)
+            except (TypeError, RuntimeError) as e:
+                raise BankError(f"{file}: video {vid!r} second {sec!r} holds {e}, expected a list of "
+                                "[C] tensors or an [n, C] tensor") from e
             if stacked is None or stacked.shape[0] == 0:
                 continue
-            if stacked.ndim != 2:
-                raise BankError(f"{file}: video {vid!r} second {sec!r} is not [n, C]")
             n = stacked.shape[0]
             vids.extend([str(vid)] * n)
             secs.append(np.full(n, int(sec), np.int64))

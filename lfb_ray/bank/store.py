@@ -122,15 +122,15 @@ def write_bank(
     n = len(video_ids)
     seconds = np.asarray(seconds).astype(np.int32, casting="same_kind").reshape(-1)
     person_index = np.asarray(person_index).astype(np.int32, casting="same_kind").reshape(-1)
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(n, 4)
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float32).reshape(-1)
     features = np.asarray(features)
     if features.ndim != 2 or features.shape[1] < 1:
         raise BankError(f"features must be [N, C] with C >= 1, got shape {features.shape}")
     features = features.astype(np.float16, copy=False)
-    if not len(seconds) == len(person_index) == len(scores) == len(features) == n:
+    if not len(seconds) == len(person_index) == len(boxes) == len(scores) == len(features) == n:
         raise BankError(f"row counts differ: video_ids {n}, seconds {len(seconds)}, person_index "
-                        f"{len(person_index)}, scores {len(scores)}, features {len(features)}")
+                        f"{len(person_index)}, boxes {len(boxes)}, scores {len(scores)}, features {len(features)}")
     dim = features.shape[1]
 
     uniq, codes = np.unique(video_ids, return_inverse=True)  # code-point order == UTF-8 byte order
@@ -194,6 +194,8 @@ def _write_local(dest: Path, table: pa.Table, index: pa.Table, manifest: dict[st
         for name, t in ((FEATURES_FILE, table), (INDEX_FILE, index)):
             with pa.OSFile(str(tmp / name), "wb") as f:
                 _write_ipc(f, t)
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())  # data durable before the manifest that vouches for it
             manifest["files"][name] = (tmp / name).stat().st_size
         data = json.dumps(manifest, indent=1).encode()
         with open(tmp / MANIFEST_FILE, "wb") as f:
@@ -248,6 +250,8 @@ def _leaf_banks(fs: pafs.FileSystem, root: str) -> list[str]:
     """A bank folder, or the train/val sub-banks of a split folder (val last, so it wins)."""
     if _read_manifest(fs, root) is not None:
         return [root]
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        raise BankError(f"no feature bank at {root}")
     subs = [f"{root}/{s}" for s in SPLITS if fs.get_file_info(f"{root}/{s}").type == pafs.FileType.Directory]
     if not subs:
         raise BankError(f"{root} is not a complete bank: no {MANIFEST_FILE} (an incomplete or "
@@ -273,11 +277,13 @@ def _download(fs: pafs.FileSystem, root: str, manifest: dict[str, Any], cache_ro
                 while chunk := src.read(64 << 20):
                     dst.write(chunk)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-        if dest.exists():
-            shutil.rmtree(dest, ignore_errors=True)  # a stale copy of an older bank at this key
+        if _read_manifest(pafs.LocalFileSystem(), str(dest)) == manifest:
+            shutil.rmtree(tmp)  # another process finished the same download first
+            return dest
+        shutil.rmtree(dest, ignore_errors=True)  # a partial or corrupt copy under this key
         try:
             os.replace(tmp, dest)
-        except OSError:  # another process finished the same download first
+        except OSError:  # another process renamed its copy in between: use that one
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -347,20 +353,18 @@ class FeatureBank:
                 owner[v] = i  # later sources win per video
         self._videos = tuple(sorted(owner))
         self._video_code = {v: c for c, v in enumerate(self._videos)}
-        parts = []
-        row_offset = 0
+        parts, row_offset = [], 0
         for i, s in enumerate(sources):
-            index = s.index
-            vids = np.asarray(index.column("video_id").to_numpy(zero_copy_only=False), dtype=object)
-            local_uniq, local_codes = np.unique(vids, return_inverse=True) if len(vids) else (vids, vids)
-            keep_v = np.array([owner[v] == i for v in local_uniq], dtype=bool)
-            glob = np.array([self._video_code[v] for v in local_uniq], dtype=np.int64)
-            keep = keep_v[local_codes] if len(vids) else np.zeros(0, bool)
+            names = s.index.column("video_id").combine_chunks().dictionary_encode()
+            glob = np.array([self._video_code[v] if owner[v] == i else -1 for v in names.dictionary.to_pylist()],
+                            dtype=np.int64)
+            codes = glob[names.indices.to_numpy()]  # -1: the video is shadowed by a later bank
+            keep = codes >= 0
             parts.append((
-                glob[local_codes[keep]] if len(vids) else np.zeros(0, np.int64),
-                index.column("second").to_numpy()[keep].astype(np.int64),
-                index.column("row_start").to_numpy()[keep] + row_offset,
-                index.column("count").to_numpy()[keep].astype(np.int64),
+                codes[keep],
+                s.index.column("second").to_numpy()[keep].astype(np.int64),
+                s.index.column("row_start").to_numpy()[keep] + row_offset,
+                s.index.column("count").to_numpy()[keep].astype(np.int64),
             ))
             row_offset += s.table.num_rows
         codes, secs, row_starts, counts = (np.concatenate(p) for p in zip(*parts, strict=True))
@@ -372,8 +376,7 @@ class FeatureBank:
         # Global row space: sources one after another, each split into its record-batch chunks.
         self._chunks = [c for s in sources for c in s.chunks]
         base = np.cumsum([0] + [s.table.num_rows for s in sources])[:-1]
-        self._chunk_starts = np.concatenate([s.chunk_starts + b for s, b in zip(sources, base, strict=True)]
-                                            or [np.zeros(0, np.int64)])
+        self._chunk_starts = np.concatenate([s.chunk_starts + b for s, b in zip(sources, base, strict=True)])
 
     @classmethod
     def open(
@@ -521,7 +524,9 @@ class FeatureBank:
             rng: the only source of randomness.
             window_seconds: W.
             max_feats_per_second: K.
-            out: optional CPU float32 contiguous [R, W*K, C] tensor to fill (e.g. pinned memory).
+            out: optional contiguous CPU float32 [R, W*K, C] tensor to fill, e.g. a reused pinned
+                buffer; reusing one roughly halves the cost, which is otherwise dominated by the
+                kernel zero-filling fresh pages for the new output.
 
         Returns:
             [R, W*K, C] float32.

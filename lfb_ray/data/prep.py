@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lfb_ray.config import Config
+from lfb_ray.config import Config, resolve_paths
 from lfb_ray.data import annotations as ann
 from lfb_ray.data.clips import encode_jpeg
 from lfb_ray.data.schema import SCHEMA, SCHEMA_VERSION
@@ -276,6 +276,7 @@ def prepare_dataset(cfg: Config) -> PrepareSummary:
     from lfb_ray.storage import check_writable
 
     t0 = time.time()
+    cfg = resolve_paths(cfg)
     out_uri = cfg.prepared_dir
     check_writable(out_uri)
     tasks, failures = build_tasks(cfg)

@@ -17,8 +17,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
-from lfb_ray.config import Config, config_from_dict, config_hash, config_to_dict, flatten_config
+from lfb_ray.config import (
+    Config,
+    config_from_dict,
+    config_hash,
+    config_to_dict,
+    flatten_config,
+    resolve_paths,
+)
 
 __all__ = ["FitResult", "fit", "fit_operators", "lr_at", "run_name_for", "train_loop_per_worker"]
 
@@ -54,6 +62,15 @@ def lr_at(epoch_float: float, cfg_train, base_lr: float) -> float:
 
 # --------------------------------------------------------------------------------------------
 # worker side
+
+
+class TrainCollate(NumpyBatchCollateFn):
+    """`iter_torch_batches` collate: numpy train batch → tensors + per-RoI bank keys."""
+
+    def __call__(self, batch: dict) -> dict:
+        from lfb_ray.data.dataset import collate_train
+
+        return collate_train(batch)
 
 
 def _rng_state() -> dict:
@@ -126,7 +143,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from lfb_ray.data.dataset import collate_train
     from lfb_ray.inference import autocast_for
     from lfb_ray.models import build_detector, load_checkpoint, save_checkpoint
     from lfb_ray.tracking import NullTracker, Tracker
@@ -206,7 +222,7 @@ def train_loop_per_worker(config: dict) -> None:
         t_last = time.time()
         loss_sum, loss_n = 0.0, 0
         for it, batch in enumerate(shard.iter_torch_batches(batch_size=tc.batch_size_per_worker,
-                                                            collate_fn=collate_train, prefetch_batches=2)):
+                                                            collate_fn=TrainCollate(), prefetch_batches=2)):
             if tc.max_iters_per_epoch and it >= tc.max_iters_per_epoch:
                 break
             if epoch == start_epoch and it < skip_iters:  # mid-epoch resume: skip done iterations
@@ -305,6 +321,7 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
     from lfb_ray.tracking import find_or_create_run
 
     t0 = time.time()
+    cfg = resolve_paths(cfg)
     name = run_name_for(cfg)
     if fresh:
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -54,7 +54,8 @@ def _git_commit() -> str:
 
 def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, *, params: dict[str, Any],
                        artifact_root: str | None = None, parent_run_id: str | None = None,
-                       fresh: bool = False, tags: dict[str, str] | None = None) -> str:
+                       fresh: bool = False, tags: dict[str, str] | None = None,
+                       config_yaml: str | None = None) -> str:
     """The MLflow run id of `run_name` in `experiment`, created (with params) if absent.
 
     A rerun of the same command finds the same run (tag `lfb_ray.run_name`), so a resumed
@@ -85,6 +86,14 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, *, par
 
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+    if config_yaml:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "config.yaml")
+            with open(path, "w") as f:
+                f.write(config_yaml)
+            client.log_artifact(run.info.run_id, path)
     return run.info.run_id
 
 
@@ -100,6 +109,9 @@ class NullTracker:
         return True
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tag(self, key: str, value: str) -> None:
         pass
 
     def set_terminated(self, status: str = "FINISHED") -> None:
@@ -157,6 +169,12 @@ class Tracker(NullTracker):
             self._client.log_artifact(self.run_id, path, artifact_path)
         except Exception as e:
             self._warn("log_artifact", e)
+
+    def set_tag(self, key: str, value: str) -> None:
+        try:
+            self._client.set_tag(self.run_id, key, value)
+        except Exception as e:
+            self._warn("set_tag", e)
 
     def set_terminated(self, status: str = "FINISHED") -> None:
         try:

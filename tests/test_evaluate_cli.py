@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -86,8 +87,20 @@ def test_main_argument_errors(files, tmp_path):
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         main(_args(files, tmp_path, "--protocol", "voc"))
-    with pytest.raises(NotImplementedError):
-        main(["--config", "configs/tiny.yaml", "--checkpoint", "ckpt"])
+    with pytest.raises(SystemExit):
+        main(["--config", str(REPO / "configs" / "tiny.yaml")])  # no --checkpoint
+    with pytest.raises(SystemExit):
+        main(["--config", str(REPO / "configs" / "tiny.yaml"), "--checkpoint", "c.pt", "--gt", str(files["gt.csv"])])
+    with pytest.raises(SystemExit):
+        main(_args(files, tmp_path, "model.fbo=avg"))  # overrides need --config
+
+
+def test_main_config_mode_bad_input_returns_1(tmp_path, capsys):
+    cfg = str(REPO / "configs" / "tiny.yaml")
+    assert main(["--config", cfg, "--checkpoint", str(tmp_path / "missing.pt")]) == 1
+    assert "missing.pt does not exist" in capsys.readouterr().err
+    assert main(["--config", cfg, "--checkpoint", str(tmp_path), "model.nope=1"]) == 1
+    assert "model.nope" in capsys.readouterr().err
 
 
 def test_script_runs_without_install(files, tmp_path):
@@ -115,3 +128,44 @@ def test_write_results_csv_round_trip(tmp_path):
     assert write_results_csv(path, ["a"], [902], boxes[:1], scores[:1]) == 80  # None: every class
     assert write_results_csv(path, ["a"], [902], boxes[:1], scores[:1], class_ids=[1, 64]) == 2
     assert [p.name for p in path.parent.iterdir()] == ["val.csv"]  # no temp files left behind
+
+
+@pytest.mark.ray
+def test_main_config_mode_runs_inference(prepared, tmp_path, capsys):
+    """Random-weight baseline through the Ray Data inference path: CSV rows, table, JSON."""
+    import torch
+
+    from lfb_ray.data.annotations import read_annotation_rows
+    from lfb_ray.models import build_detector, save_checkpoint
+
+    cfg, _ = prepared
+    overrides = [f"workdir={cfg.workdir}", f"data.root={cfg.data.root}", "model.fbo=none"]
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(build_detector(dataclasses.replace(cfg.model, fbo="none")).state_dict(), ckpt)
+    out_json = tmp_path / "metrics.json"
+    assert main(["--config", str(REPO / "configs" / "tiny.yaml"), "--checkpoint", str(ckpt), *overrides,
+                 "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    assert "mAP@0.5IOU (official)" in printed and "boxes of the val split" in printed
+
+    csv_path = Path(cfg.workdir) / "results" / "infer_none.csv"  # the default location
+    lines = csv_path.read_text().splitlines()
+    fields = [ln.split(",") for ln in lines]
+    assert lines and all(len(f) == 8 for f in fields)
+    assert all(len(x.split(".")[1]) == 6 for f in fields for x in f[2:6] + f[7:])  # 6 decimals
+    boxes = np.array([[float(x) for x in f[2:6]] for f in fields])
+    assert ((boxes >= 0) & (boxes <= 1)).all()
+    per_box: dict[tuple, list[int]] = {}
+    for f in fields:
+        per_box.setdefault((f[0], f[1], *f[2:6]), []).append(int(f[6]))
+    assert all(sorted(ids) == list(range(1, 81)) for ids in per_box.values())  # 80 per box
+    val_videos = set(read_annotation_rows(Path(cfg.data.root) / cfg.data.val_csv).video_ids.tolist())
+    assert {k[0] for k in per_box} <= val_videos
+
+    data = json.loads(out_json.read_text())
+    assert set(data) == {"mAP", "per_class", "group_mAP", "protocol", "num_gt", "num_det"}
+    assert data["protocol"] == "official"
+    assert data["mAP"] is None or 0.0 <= data["mAP"] <= 1.0
+    assert set(data["num_det"]) == set(data["per_class"])
+    assert sum(data["num_det"].values()) <= len(lines)

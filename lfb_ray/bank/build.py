@@ -23,6 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from lfb_ray.config import Config, config_from_dict, config_to_dict, resolve_paths
+from lfb_ray.storage import (
+    check_writable,
+    exists,
+    join,
+    read_json,
+    resolve,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 __all__ = ["BankBuildSummary", "BankExtractor", "build_bank", "file_sha256"]
 
@@ -78,8 +87,6 @@ class BankExtractor:
         )
         from lfb_ray.data.schema import row_proposals
         from lfb_ray.inference import autocast_for
-        from lfb_ray.storage import resolve
-
         fs, path = resolve(part_uri)
         with fs.open_input_file(path) as f:
             rows = pq.read_table(f).to_pylist()
@@ -115,16 +122,13 @@ class BankExtractor:
         summaries = []
         for item in batch["item"]:
             item = json.loads(item)
-            dst = os.path.join(self.parts_dir, item["split"], item["part_id"] + ".npz")
-            if not os.path.exists(dst):
+            fs, root = resolve(self.parts_dir)
+            dst = join(root, item["split"], item["part_id"] + ".npz")
+            if not exists(fs, dst):
                 arrays = self._extract(item["uri"])
                 buf = io.BytesIO()
                 np.savez(buf, **arrays)
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                tmp = f"{dst}.tmp-{os.getpid()}"
-                with open(tmp, "wb") as f:
-                    f.write(buf.getvalue())
-                os.replace(tmp, dst)
+                write_bytes_atomic(fs, dst, buf.getvalue())  # a part is visible only when complete
                 status = "done"
             else:
                 status = "skipped"
@@ -132,8 +136,10 @@ class BankExtractor:
         return {"summary": np.array(summaries, dtype=object)}
 
 
-def _load_part(path: str) -> dict:
-    with np.load(path, allow_pickle=False) as z:
+def _load_part(fs, path: str) -> dict:
+    with fs.open_input_stream(path) as f:
+        data = f.read()
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 
@@ -148,15 +154,11 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
 
     from lfb_ray.bank import FeatureBank, write_bank
     from lfb_ray.data.prep import prepared_files
-    from lfb_ray.storage import check_writable, exists, join, read_json, resolve
 
     t0 = time.time()
     cfg = resolve_paths(cfg)
     checkpoint = os.path.abspath(checkpoint)
     bank_dir = cfg.bank_dir
-    if "://" in bank_dir:
-        raise NotImplementedError("bank parts are staged locally; give a local bank.path "
-                                  "(the merged bank can be copied to object storage)")
     check_writable(bank_dir)
     ckpt_hash = file_sha256(checkpoint)
     build_key = {"checkpoint_sha256": ckpt_hash, "model": config_to_dict(cfg)["model"] | {"fbo": "none"},
@@ -166,7 +168,9 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
     build_hash = hashlib.sha256(json.dumps(build_key, sort_keys=True).encode()).hexdigest()[:16]
     fs, root = resolve(cfg.prepared_dir)
     manifest = read_json(fs, join(root, "manifest.json"))
-    parts_dir = os.path.join(bank_dir, "_parts", build_hash)
+    bank_fs, bank_root = resolve(bank_dir)
+    parts_dir = join(bank_dir, "_parts", build_hash)  # URI or local path; parts go through pyarrow fs
+    parts_root = join(bank_root, "_parts", build_hash)
     items = []
     for split in ("train", "val"):
         try:
@@ -179,13 +183,12 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
             _, vid, fname = rel.split("/")[-3:]
             pid = hashlib.sha256(f"{rel}:{video_hash[vid + '/' + split]}".encode()).hexdigest()[:16]
             items.append({"split": split, "uri": uri, "part_id": pid})
-    done_marker = os.path.join(bank_dir, "build.json")
-    fs_local, _ = resolve(bank_dir)
-    if exists(fs_local, done_marker) and read_json(fs_local, done_marker).get("build_hash") == build_hash:
-        info = read_json(fs_local, done_marker)
+    done_marker = join(bank_root, "build.json")
+    if exists(bank_fs, done_marker) and read_json(bank_fs, done_marker).get("build_hash") == build_hash:
+        info = read_json(bank_fs, done_marker)
         return BankBuildSummary(info["keyframes"], info["features"], info["bytes"], time.time() - t0,
                                 len(items), bank_dir)
-    missing = [it for it in items if not os.path.exists(os.path.join(parts_dir, it["split"], it["part_id"] + ".npz"))]
+    missing = [it for it in items if not exists(bank_fs, join(parts_root, it["split"], it["part_id"] + ".npz"))]
     skipped = len(items) - len(missing)
     if max_parts is not None:
         missing = missing[:max_parts]
@@ -209,11 +212,11 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
         split_items = [it for it in items if it["split"] == split]
         if not split_items:
             continue
-        parts = [_load_part(os.path.join(parts_dir, split, it["part_id"] + ".npz")) for it in split_items]
+        parts = [_load_part(bank_fs, join(parts_root, split, it["part_id"] + ".npz")) for it in split_items]
         cat = {k: np.concatenate([p[k] for p in parts]) for k in ("video_id", "second", "person_index", "box",
                                                                    "score", "feature")}
         total_kf += int(sum(int(p["keyframes"]) for p in parts))
-        summary = write_bank(os.path.join(bank_dir, split), video_ids=cat["video_id"], seconds=cat["second"],
+        summary = write_bank(join(bank_dir, split), video_ids=cat["video_id"], seconds=cat["second"],
                              person_index=cat["person_index"], boxes=cat["box"], scores=cat["score"],
                              features=cat["feature"],
                              metadata={"checkpoint_sha256": ckpt_hash, "build_hash": build_hash, "split": split,
@@ -221,9 +224,7 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
         total_feat += len(cat["feature"])
         total_bytes += int(getattr(summary, "bytes", cat["feature"].nbytes))
     FeatureBank.open(bank_dir)  # validate before declaring success
-    from lfb_ray.storage import write_json_atomic
-
-    write_json_atomic(fs_local, done_marker, {"build_hash": build_hash, "keyframes": total_kf,
+    write_json_atomic(bank_fs, done_marker, {"build_hash": build_hash, "keyframes": total_kf,
                                               "features": total_feat, "bytes": total_bytes,
                                               "checkpoint_sha256": ckpt_hash})
     return BankBuildSummary(total_kf, total_feat, total_bytes, time.time() - t0, skipped, bank_dir)

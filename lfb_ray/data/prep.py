@@ -172,7 +172,8 @@ def prepare_video(task: dict, out_uri: str) -> dict:
         remove_dir(fs, vdir)
         return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "rows": 0, "bytes": 0,
                 "files": []}
-    done = {"hash": task["hash"], "rows": rows_written, "bytes": nbytes, "files": files}
+    done = {"hash": task["hash"], "rows": rows_written, "bytes": nbytes, "files": files,
+            "source": {"path": task["path"], **task["source"]}}
     write_json_atomic(fs, done_path, done)
     return {**base, **done, "status": "done"}
 
@@ -295,7 +296,8 @@ def prepare_dataset(cfg: Config) -> PrepareSummary:
         "schema_version": SCHEMA_VERSION, "settings": _prep_settings(cfg),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "videos": [{"split": r["split"], "video_id": r["video_id"], "rows": r["rows"], "bytes": r["bytes"],
-                    "files": [join(r["split"], r["video_id"], f) for f in r["files"]], "hash": r["hash"]}
+                    "files": [join(r["split"], r["video_id"], f) for f in r["files"]], "hash": r["hash"],
+                    "source": r.get("source")}
                    for r in ok],
     }
     write_json_atomic(fs, join(root, "manifest.json"), manifest)

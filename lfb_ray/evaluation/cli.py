@@ -1,8 +1,9 @@
 """Command line of `jobs/evaluate.py`: score a result CSV against AVA GT and print/write frame-mAP.
 
-Mode 1 (here): `--gt GT.csv --pred PRED.csv --label-map MAP.pbtxt [--exclusions EXCL.csv]
-[--protocol official|mmaction2] [--json OUT.json]`. Mode 2 (`--config CFG --checkpoint CKPT`,
-model inference then evaluation) is reserved for the inference job.
+Mode 1: `--gt GT.csv --pred PRED.csv --label-map MAP.pbtxt [--exclusions EXCL.csv]
+[--protocol official|mmaction2] [--json OUT.json]`. Mode 2: `--config CFG --checkpoint CKPT
+[key=value ...] [--csv OUT.csv] [--json OUT.json]` scores the val split with the model (Ray Data
+actor pool, `lfb_ray.inference.infer_split`), writes the result CSV and evaluates it the same way.
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--pred", help="result CSV: video_id,timestamp,x1,y1,x2,y2,action_id,score")
     files.add_argument("--label-map", help="label map .pbtxt; only its ids are evaluated")
     files.add_argument("--exclusions", default="", help="excluded-timestamps CSV (optional)")
-    p.add_argument("--protocol", choices=("official", "mmaction2"), default="official",
-                   help="official ActivityNet evaluator (default) or mmaction2 1.x's variant")
+    p.add_argument("--protocol", choices=("official", "mmaction2"), default=None,
+                   help="official ActivityNet evaluator (default; with --config: eval.protocol) "
+                        "or mmaction2 1.x's variant")
     p.add_argument("--json", default="", help="also write the metrics as JSON here")
-    model = p.add_argument_group("run a model first (not implemented yet)")
+    model = p.add_argument_group("run a model first (Ray Data inference on the val split)")
     model.add_argument("--config", default="", help="config YAML of a trained model")
     model.add_argument("--checkpoint", default="", help="checkpoint to run with --config")
+    model.add_argument("--csv", default="", help="result CSV to write (default <workdir>/results/infer_<fbo>.csv)")
+    model.add_argument("overrides", nargs="*", help="dotted config overrides with --config, e.g. eval.batch_size=16")
     return p
 
 
@@ -98,10 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.config:
         if not args.checkpoint:
             parser.error("--config needs --checkpoint")
-        raise NotImplementedError("--config/--checkpoint mode (model inference) is not implemented yet")
+        given = [f"--{n.replace('_', '-')}" for n in ("gt", "pred", "label_map", "exclusions") if getattr(args, n)]
+        if given:
+            parser.error(f"{', '.join(given)} cannot be combined with --config (the config names the GT)")
+        return _run_model(args)
+    if args.overrides or args.csv:
+        parser.error("config overrides and --csv need --config")
     missing = [f"--{n.replace('_', '-')}" for n in ("gt", "pred", "label_map") if not getattr(args, n)]
     if missing:
         parser.error(f"the following arguments are required without --config: {', '.join(missing)}")
+    args.protocol = args.protocol or "official"
     t0 = time.perf_counter()
     try:
         label_map = read_label_map(args.label_map)
@@ -117,6 +127,50 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(result))
     print(f"\n{len(gt)} GT rows, {len(det)} detection rows, {len(label_map)} classes, "
           f"{len(exclusions)} excluded keyframes; read {t1 - t0:.1f} s, evaluated {t2 - t1:.1f} s")
+    if args.json:
+        _write_json_atomic(args.json, result_to_json(result))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    """Mode 2: Ray Data inference of the val split, then the same table and JSON as mode 1.
+
+    `infer_split` writes the CSV and returns only the mAP summary, so the CSV it wrote is scored
+    again here for the full per-class table (a pure-numpy pass over the same rows).
+    """
+    from lfb_ray.cli import init_ray
+    from lfb_ray.config import ConfigError, load_config, resolve_paths
+    from lfb_ray.data.prep import PrepareError
+    from lfb_ray.inference import infer_split
+
+    overrides = list(args.overrides) + ([f"eval.protocol={args.protocol}"] if args.protocol else [])
+    try:
+        cfg = resolve_paths(load_config(args.config, overrides))
+    except (ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not os.path.exists(args.checkpoint):
+        print(f"error: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
+        return 1
+    csv_path = os.path.abspath(args.csv or os.path.join(cfg.workdir, "results", f"infer_{cfg.model.fbo}.csv"))
+    init_ray(cfg)
+    try:
+        inferred = infer_split(cfg, args.checkpoint, csv_path)
+        t1 = time.perf_counter()
+        label_map = read_label_map(cfg.data_path(cfg.data.label_map))
+        exclusions = read_exclusions(cfg.data_path(cfg.data.val_exclusions)) if cfg.data.val_exclusions else set()
+        gt = read_annotation_rows(cfg.data_path(cfg.data.val_csv))
+        det = read_results_csv(csv_path)
+        result = evaluate_frame_map(gt, det, label_map, exclusions, protocol=cfg.eval.protocol)
+    except (AnnotationError, PrepareError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    t2 = time.perf_counter()
+    print(format_table(result))
+    print(f"\n{inferred.num_boxes} boxes of the val split scored by {args.checkpoint} (fbo={cfg.model.fbo}) "
+          f"in {inferred.seconds:.1f} s; {len(det)} detection rows in {csv_path}; {len(gt)} GT rows, "
+          f"{len(label_map)} classes, {len(exclusions)} excluded keyframes; evaluated {t2 - t1:.1f} s")
     if args.json:
         _write_json_atomic(args.json, result_to_json(result))
         print(f"wrote {args.json}")

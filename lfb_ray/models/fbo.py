@@ -85,6 +85,21 @@ class NonLocalLayer(nn.Module):
         for m in (self.st_feat_conv, self.lt_feat_conv, self.global_conv, self.out_conv):
             _kaiming_init(m.conv)
 
+    def attention(self, st: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+        """Softmax weights of each short-term feature over the bank slots (the layer's own math).
+
+        Args:
+            st: reduced short-term features [N, L].
+            lt: reduced bank [N, S, L].
+
+        Returns:
+            [N, S], each row summing to 1.
+        """
+        theta = self.st_feat_conv(st)  # [N, L]
+        phi = self.lt_feat_conv(lt)  # [N, S, L]
+        scores = torch.bmm(phi, theta.unsqueeze(2)).squeeze(2) / math.sqrt(st.shape[1])  # [N, S]
+        return scores.softmax(dim=-1)
+
     def forward(self, st: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
         """Args:
             st: reduced short-term features [N, L].
@@ -93,12 +108,8 @@ class NonLocalLayer(nn.Module):
         Returns:
             the update to add to `st`, [N, L].
         """
-        n, latent = st.shape
-        theta = self.st_feat_conv(st)  # [N, L]
-        phi = self.lt_feat_conv(lt)  # [N, S, L]
+        attention = self.attention(st, lt)  # [N, S]
         g = self.global_conv(lt)  # [N, S, L]
-        scores = torch.bmm(phi, theta.unsqueeze(2)).squeeze(2) / math.sqrt(latent)  # [N, S]
-        attention = scores.softmax(dim=-1)
         y = torch.bmm(attention.unsqueeze(1), g).squeeze(1)  # [N, L]
         y = F.relu(self.ln(y))
         return self.dropout(self.out_conv(y))
@@ -152,6 +163,33 @@ class FBONonLocal(nn.Module):
         for i in range(1, self.num_layers + 1):
             s = s + self.get_submodule(f"non_local_layer_{i}")(s, lt)
         return s
+
+    def attention(self, st: torch.Tensor, lt: torch.Tensor, layer: int = 1) -> torch.Tensor:
+        """Attention weights of NL layer `layer` over the bank slots, for inspection.
+
+        Recomputes what `forward` does up to that layer, with no state change. Dropout follows
+        the module's mode: call it in eval mode (under `torch.no_grad()`) to get the weights of
+        the eval forward. Slot s of a bank sampled with window W and K features per second
+        holds second `t - W//2 + s // K` (see `FeatureBank.sample`).
+
+        Args:
+            st: short-term features [N, C].
+            lt: sampled bank [N, S, C].
+            layer: 1-based index of the NL layer.
+
+        Returns:
+            [N, S] softmax weights, each row summing to 1 (zero-padded slots included).
+
+        Raises:
+            ValueError: `layer` outside 1..num_layers.
+        """
+        if not 1 <= layer <= self.num_layers:
+            raise ValueError(f"layer must be in 1..{self.num_layers}, got {layer}")
+        s = self.st_feat_dropout(_pointwise(self.st_feat_conv, st))
+        lt = self.lt_feat_dropout(_pointwise(self.lt_feat_conv, lt))
+        for i in range(1, layer):
+            s = s + self.get_submodule(f"non_local_layer_{i}")(s, lt)
+        return self.get_submodule(f"non_local_layer_{layer}").attention(s, lt)
 
 
 class FBOAvg(nn.Module):

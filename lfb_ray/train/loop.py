@@ -333,7 +333,7 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
             run_id = find_or_create_run(
                 cfg.tracking_uri, cfg.tracking.experiment, name, params=flatten_config(cfg),
                 artifact_root=None, parent_run_id=parent_run_id, fresh=fresh,
-                tags={"lfb_ray.operator": cfg.model.fbo})
+                tags={"lfb_ray.operator": cfg.model.fbo}, config_yaml=_redacted_yaml(cfg))
         except Exception as e:
             print(f"[lfb_ray] WARNING: MLflow unavailable at {cfg.tracking_uri} ({type(e).__name__}: {e}); "
                   "training without tracking", flush=True)
@@ -364,11 +364,26 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
         from lfb_ray.tracking import Tracker
 
         tr = Tracker(cfg.tracking_uri, run_id)
-        tr._client.set_tag(run_id, "lfb_ray.checkpoint", str(ckpt_path))
-        tr._client.log_metric(run_id, "wall_seconds", time.time() - t0)
+        tr.set_tag("lfb_ray.checkpoint", str(ckpt_path))
+        tr.log_metrics({"wall_seconds": time.time() - t0}, step=int(metrics.get("epoch", 0)))
+        tr.flush()
         tr.set_terminated("FINISHED")
     return FitResult(run_name=name, mlflow_run_id=run_id, metrics=metrics, checkpoint_path=ckpt_path,
                      model_path=model_path, seconds=time.time() - t0)
+
+
+def _redacted_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (the MLflow `config.yaml` artifact), secrets redacted."""
+    import yaml
+
+    from lfb_ray.tracking import redact
+
+    def walk(prefix: str, x):
+        if isinstance(x, dict):
+            return {k: walk(f"{prefix}{k}.", v) for k, v in x.items()}
+        return redact(prefix.rstrip("."), x)
+
+    return yaml.safe_dump(walk("", config_to_dict(cfg)), sort_keys=False)
 
 
 def _with_operator(cfg: Config, op: str) -> Config:

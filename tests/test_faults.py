@@ -1,0 +1,238 @@
+"""Fault injection: kill workers, actors, drivers and the tracking server; the work is not lost.
+
+Each case injects the fault, lets the system recover, and compares the final artefacts with what
+a fault-free run produces.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, tiny_config
+
+pytestmark = [pytest.mark.faults, pytest.mark.ray, pytest.mark.slow]
+
+
+def _pids_with(needle: str) -> list[int]:
+    """PIDs whose command line (Ray sets `ray::ClassName...` titles) contains `needle`."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmd:
+            out.append(int(p.name))
+    return out
+
+
+def _wait_for(pred, timeout: float, what: str):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _checkpoints(storage: str, name: str) -> list[Path]:
+    d = Path(storage) / name
+    return sorted(d.glob("checkpoint_*")) if d.exists() else []
+
+
+def test_worker_killed_mid_epoch_resumes_from_checkpoint(prepared, tmp_path):
+    """`os.kill` of a Ray Train worker: the group restarts from the last checkpoint and finishes;
+    MLflow holds every step exactly once."""
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.train import fit
+
+    cfg0, _ = prepared
+    cfg = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", "model.fbo=none",
+                      "train.epochs=2", "train.checkpoint_every_iters=2", "train.log_every_iters=1",
+                      "train.max_failures=2", "train.run_name=killed")
+    killed: list[int] = []
+
+    def killer():
+        _wait_for(lambda: _checkpoints(cfg.storage_path, "killed"), 300, "the first checkpoint")
+        pids = _wait_for(lambda: _pids_with("RayTrainWorker"), 60, "a train worker")
+        os.kill(pids[-1], signal.SIGKILL)
+        killed.append(pids[-1])
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    r = fit(cfg)
+    t.join(timeout=5)
+    assert killed, "the fault was never injected"
+    assert r.metrics["epoch"] == 2
+    steps = [m.step for m in MlflowClient(cfg.tracking_uri).get_metric_history(r.mlflow_run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, r.metrics["global_step"] + 1))  # none missing, none twice
+
+
+def test_interrupted_driver_resumes_when_rerun(prepared, tmp_path):
+    """SIGKILL the whole `jobs/train.py` driver after its first checkpoint; the same command resumes."""
+    cfg0, _ = prepared
+    args = [sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
+            f"workdir={tmp_path}", f"data.root={cfg0.data.root}", f"data.prepared_dir={cfg0.prepared_dir}",
+            "model.fbo=none", "train.epochs=2", "train.checkpoint_every_iters=2", "train.run_name=driver",
+            "tracking.enabled=false"]
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    p = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    try:
+        _wait_for(lambda: _checkpoints(str(tmp_path / "ray_results"), "driver"), 300, "the first checkpoint")
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
+        p.wait()
+    time.sleep(2)
+    out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "resumed from checkpoint" in log
+    assert "none: run driver" in log
+
+
+def test_bank_actor_killed_mid_build(prepared, tmp_path):
+    """Kill the extractor actor during the build: Ray restarts it, the bank is complete and equal
+    to a fault-free build."""
+    import torch
+
+    from lfb_ray.bank import FeatureBank
+    from lfb_ray.bank.build import build_bank
+    from lfb_ray.models import build_detector, save_checkpoint
+
+    cfg0, _ = prepared
+    base = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", "model.fbo=none")
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "base.pt")
+    save_checkpoint(build_detector(base.model).state_dict(), ckpt)
+    clean = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}",
+                        f"bank.path={tmp_path}/clean")
+    faulty = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}",
+                         f"bank.path={tmp_path}/faulty")
+    build_bank(clean, ckpt)
+    killed: list[int] = []
+
+    def killer():
+        pids = _wait_for(lambda: _pids_with("BankExtractor"), 300, "a bank actor")
+        time.sleep(1.0)
+        os.kill(pids[0], signal.SIGKILL)
+        killed.append(pids[0])
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    summary = build_bank(faulty, ckpt)
+    t.join(timeout=5)
+    assert killed
+    a, b = FeatureBank.open(clean.bank_dir), FeatureBank.open(faulty.bank_dir)
+    assert summary.features == a.num_features == b.num_features
+    for v in a.videos:
+        for s in a.seconds_of(v):
+            assert np.array_equal(a.features_at(v, s), b.features_at(v, s))
+
+
+def test_interrupted_bank_build_resumes(prepared, tmp_path):
+    """A build stopped after some parts continues with the missing ones and equals a full build."""
+    import torch
+
+    from lfb_ray.bank import FeatureBank
+    from lfb_ray.bank.build import build_bank
+    from lfb_ray.models import build_detector, save_checkpoint
+
+    cfg0, _ = prepared
+    cfg = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", f"bank.path={tmp_path}/b")
+    torch.manual_seed(1)
+    ckpt = str(tmp_path / "base.pt")
+    save_checkpoint(build_detector(tiny_config(tmp_path, cfg0.data.root, "model.fbo=none").model).state_dict(), ckpt)
+    build_bank(cfg, ckpt, max_parts=1)  # "interrupted" after one part
+    assert not (Path(cfg.bank_dir) / "build.json").exists()
+    s = build_bank(cfg, ckpt)
+    assert s.skipped_parts == 1
+    ref = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", f"bank.path={tmp_path}/r")
+    build_bank(ref, ckpt)
+    a, b = FeatureBank.open(cfg.bank_dir), FeatureBank.open(ref.bank_dir)
+    assert a.num_features == b.num_features
+    for v in a.videos:
+        for sec in a.seconds_of(v):
+            assert np.array_equal(a.features_at(v, sec), b.features_at(v, sec))
+
+
+def test_interrupted_prepare_resumes_identical(synthetic_root, tmp_path):
+    """SIGKILL `jobs/prepare_data.py` after its first video commits; the rerun completes the rest
+    and the shards are byte-identical to a clean run."""
+    import hashlib
+
+    def digest(root: Path) -> dict[str, str]:
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*.parquet"))}
+
+    def cmd(work: Path) -> list[str]:
+        return [sys.executable, str(REPO / "jobs" / "prepare_data.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
+                f"workdir={work}", f"data.root={synthetic_root}"]
+
+    p = subprocess.Popen(cmd(tmp_path / "a"), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    try:
+        _wait_for(lambda: list((tmp_path / "a" / "prepared").rglob("_DONE.json")), 300, "a committed video")
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    assert not (tmp_path / "a" / "prepared" / "manifest.json").exists()
+    for work in (tmp_path / "a", tmp_path / "b"):
+        out = subprocess.run(cmd(work), cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert digest(tmp_path / "a" / "prepared") == digest(tmp_path / "b" / "prepared")
+
+
+def test_tracking_server_down_does_not_stop_training(prepared, tmp_path):
+    """The MLflow server dies after the run was created: training completes and warns, no crash."""
+    import socket
+
+    from lfb_ray.train import fit
+
+    cfg0, _ = prepared
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                               "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        import urllib.request
+
+        _wait_for(lambda: _health(f"http://127.0.0.1:{port}/health", urllib.request), 120, "mlflow server")
+        cfg = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", "model.fbo=none",
+                          "train.epochs=2", f"tracking.tracking_uri=http://127.0.0.1:{port}", "train.run_name=nosrv")
+
+        def stop_server():
+            _wait_for(lambda: _checkpoints(cfg.storage_path, "nosrv"), 300, "the first checkpoint")
+            os.killpg(server.pid, signal.SIGKILL)
+
+        t = threading.Thread(target=stop_server, daemon=True)
+        t.start()
+        r = fit(cfg)
+        t.join(timeout=5)
+        assert r.metrics["epoch"] == 2 and r.model_path and os.path.exists(r.model_path)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def _health(url: str, urllib_request) -> bool:
+    try:
+        return urllib_request.urlopen(url, timeout=2).status == 200
+    except Exception:
+        return False

@@ -4,7 +4,10 @@
         --label-map ava_action_list_v2.1_for_activitynet_2018.pbtxt \
         --exclusions ava_val_excluded_timestamps_v2.1.csv [--protocol mmaction2] [--json out.json]
 
-No Ray needed; all logic lives in `lfb_ray.evaluation.cli`.
+    python jobs/evaluate.py --config configs/synthetic.yaml --checkpoint runs/.../model.pt [--csv OUT.csv]
+
+The GT/pred mode needs no Ray; the --config/--checkpoint mode runs inference over the val shards
+with a Ray Data actor pool first. All logic lives in `lfb_ray.evaluation.cli`.
 """
 
 import sys

@@ -131,7 +131,7 @@ class _Predictor:
     def __call__(self, batch: dict) -> dict:
         from lfb_ray.data.dataset import collate_test
 
-        p = predict_batch(self.model, collate_test(batch), bank=self.bank, rng=self.rng, device=self.device,
+        p = predict_batch(self.model, collate_test(batch, self.cfg.data.mean, self.cfg.data.std), bank=self.bank, rng=self.rng, device=self.device,
                           amp=self.cfg.train.amp, window_seconds=self.cfg.bank.window_seconds,
                           max_feats_per_second=self.cfg.bank.max_feats_per_second)
         n = len(p["video_ids"])

@@ -133,7 +133,8 @@ def predict_keyframes(model: torch.nn.Module, rows: list[dict], cfg: Config, *, 
         for i in range(0, len(rows), step):
             chunk = rows[i:i + step]
             batch = collate_test(decode_test_rows({c: [r[c] for r in chunk] for c in RAW_COLUMNS},
-                                                  cfg_data=cfg_data, score_thr=cfg.data.val_person_score_thr))
+                                                  cfg_data=cfg_data, score_thr=cfg.data.val_person_score_thr),
+                                 cfg.data.mean, cfg.data.std)
             seen.clear()
             pred = predict_batch(model, batch, bank=bank, rng=rng, device=device, amp=cfg.train.amp,
                                  window_seconds=w, max_feats_per_second=k)

@@ -52,7 +52,7 @@ def test_train_transform_shapes_and_box_scaling():
     spec = ClipSpec(scale_range=(64, 64), crop_size=64, flip_ratio=0.0)
     boxes = np.array([[0.0, 0.0, 0.5, 1.0]], np.float32)
     clip, px = train_transform(_frames(), boxes, spec, np.random.default_rng(0))
-    assert clip.shape == (3, 4, 64, 64) and clip.dtype == np.float32
+    assert clip.shape == (4, 64, 64, 3) and clip.dtype == np.uint8
     # frame 32x48 -> short side 64 -> 64x96; crop 64 wide at x0 in [0, 32]
     assert px[0, 1] == 0 and px[0, 3] == 63  # clipped to crop-1
     assert 0 <= px[0, 0] <= px[0, 2] <= 63
@@ -64,15 +64,31 @@ def test_flip_mirrors_boxes_and_pixels():
     clip, px = train_transform(f, np.array([[0.0, 0.0, 0.25, 0.5]], np.float32), spec, np.random.default_rng(0))
     assert px[0].tolist() == [24.0, 0.0, 32.0, 16.0]
     # left half was bright; after the flip the right half is
-    assert clip[0, 0, :, -1].mean() > clip[0, 0, :, 0].mean()
+    assert clip[0, :, -1].mean() > clip[0, :, 0].mean()
 
 
 def test_test_transform_keeps_full_frame():
     clip, px = run_test_transform(_frames(32, 48), np.array([[0.5, 0.5, 1.0, 1.0]], np.float32), SPEC)
-    assert clip.shape == (3, 4, 32, 48)
+    assert clip.shape == (4, 32, 48, 3)
     assert px[0].tolist() == [24.0, 16.0, 48.0, 32.0]
-    # normalisation: (200 - mean) / std
-    assert np.isclose(clip[0, 0, 0, 0], (200 - 123.675) / 58.395, atol=1e-4)
+
+
+def test_normalise_and_collate_test_padding():
+    from lfb_ray.data.dataset import collate_test, normalise
+
+    x = normalise(np.full((1, 4, 2, 3, 3), 200, np.uint8))
+    assert tuple(x.shape) == (1, 3, 4, 2, 3)
+    assert np.isclose(float(x[0, 0, 0, 0, 0]), (200 - 123.675) / 58.395, atol=1e-5)
+    clips = np.empty(2, dtype=object)
+    clips[:] = [np.full((4, 8, 12, 3), 200, np.uint8), np.full((4, 8, 10, 3), 200, np.uint8)]
+    boxes = np.empty(2, dtype=object)
+    boxes[:] = [np.zeros((1, 4), np.float32), np.zeros((2, 4), np.float32)]
+    batch = {"clip": clips, "boxes": boxes, "box_px": boxes, "video_id": np.array(["a", "b"], object),
+             "timestamp": np.array([902, 903])}
+    out = collate_test(batch)
+    assert tuple(out["clip"].shape) == (2, 3, 4, 8, 12)
+    assert float(out["clip"][1, :, :, :, 10:].abs().sum()) == 0.0  # zero padding on the right
+    assert out["rois"][:, 0].tolist() == [0, 1, 1] and out["roi_video_ids"] == ["a", "b", "b"]
 
 
 def test_assign_targets_copies_labels_of_matching_proposals():

@@ -85,6 +85,7 @@ class BankExtractor:
             select_proposals,
             test_transform,
         )
+        from lfb_ray.data.dataset import normalise
         from lfb_ray.data.schema import row_proposals
         from lfb_ray.inference import autocast_for
         fs, path = resolve(part_uri)
@@ -98,9 +99,10 @@ class BankExtractor:
             frames = np.stack([decode_jpeg(row["frames"][s]) for s in slots])
             props = select_proposals(row_proposals(row), self.cfg.bank.person_score_thr,
                                      self.cfg.data.max_proposals)
-            clip, px = test_transform(frames, props[:, :4], spec)
+            frames, px = test_transform(frames, props[:, :4], spec)
             with torch.no_grad(), autocast_for(self.device, self.cfg.train.amp):
-                fmap = self.model.backbone(torch.from_numpy(clip)[None].to(self.device))
+                clip = normalise(frames[None], self.cfg.data.mean, self.cfg.data.std)
+                fmap = self.model.backbone(clip.to(self.device))
                 rois = torch.cat([torch.zeros(len(px), 1), torch.from_numpy(px)], 1).to(self.device)
                 feats = self.model.roi_features(fmap, rois).float().cpu().numpy().astype(np.float16)
             n = len(props)

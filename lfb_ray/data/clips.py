@@ -92,14 +92,6 @@ def pick_clip_frames(ref_offsets: np.ndarray, spec: ClipSpec, rng: np.random.Gen
     return pos
 
 
-def _normalise(frames: np.ndarray, spec: ClipSpec) -> np.ndarray:
-    """uint8 [T, H, W, 3] → float32 [3, T, H, W], ImageNet mean/std on 0-255 pixels."""
-    x = frames.astype(np.float32)
-    x -= np.asarray(spec.mean, np.float32)
-    x /= np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(x.transpose(3, 0, 1, 2))
-
-
 def _resize_short(frames: np.ndarray, short: int) -> np.ndarray:
     """Bilinear resize of uint8 [T, H, W, 3] to short side `short`, aspect kept."""
     _, h, w, _ = frames.shape
@@ -114,15 +106,17 @@ def _resize_short(frames: np.ndarray, short: int) -> np.ndarray:
 
 def train_transform(frames: np.ndarray, boxes: np.ndarray, spec: ClipSpec,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """RandomRescale [lo, hi] → RandomCrop(crop) → Flip(0.5) → normalise (spec section 2).
+    """RandomRescale [lo, hi] → RandomCrop(crop) → Flip(0.5) (spec section 2; normalised later).
 
     Args:
         frames: uint8 [T, H, W, 3].
         boxes: float32 [N, 4] normalised x1, y1, x2, y2.
 
     Returns:
-        clip float32 [3, T, crop, crop] and boxes float32 [N, 4] in crop pixels, clipped to
-        [0, crop - 1] (boxes are never dropped, as mmaction2's RandomCrop).
+        frames uint8 [T, crop, crop, 3] and boxes float32 [N, 4] in crop pixels, clipped to
+        [0, crop - 1] (boxes are never dropped, as mmaction2's RandomCrop). Frames stay uint8
+        (4x less to move through the object store); `lfb_ray.data.dataset.normalise` finishes
+        the transform on the training worker.
     """
     short = int(rng.integers(spec.scale_range[0], spec.scale_range[1] + 1))
     x = _resize_short(frames, short)
@@ -137,19 +131,19 @@ def train_transform(frames: np.ndarray, boxes: np.ndarray, spec: ClipSpec,
     if rng.random() < spec.flip_ratio:
         x = x[:, :, ::-1]
         px = np.stack([c - px[:, 2], px[:, 1], c - px[:, 0], px[:, 3]], axis=1)
-    return _normalise(x, spec), px.astype(np.float32)
+    return np.ascontiguousarray(x), px.astype(np.float32)
 
 
 def test_transform(frames: np.ndarray, boxes: np.ndarray, spec: ClipSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Resize to short side `test_short_side`, no crop or flip, normalise.
+    """Resize to short side `test_short_side`, no crop or flip (normalised later).
 
     Returns:
-        clip float32 [3, T, H', W'] and boxes float32 [N, 4] in pixels of that clip.
+        frames uint8 [T, H', W', 3] and boxes float32 [N, 4] in pixels of those frames.
     """
     x = _resize_short(frames, spec.test_short_side)
     _, h, w, _ = x.shape
     px = boxes.astype(np.float32) * np.array([w, h, w, h], dtype=np.float32)
-    return _normalise(x, spec), px
+    return np.ascontiguousarray(x), px
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

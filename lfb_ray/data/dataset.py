@@ -22,7 +22,11 @@ from lfb_ray.data.clips import (
 )
 from lfb_ray.data.schema import row_gt, row_proposals
 
-__all__ = ["collate_test", "collate_train", "count_rows", "decode_test_rows", "decode_train_rows", "read_split"]
+__all__ = ["collate_test", "collate_train", "count_rows", "decode_test_rows", "decode_train_rows", "normalise",
+           "read_split"]
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # DataConfig defaults (RGB, 0-255 pixels)
+IMAGENET_STD = (58.395, 57.12, 57.375)
 
 RAW_COLUMNS = ["video_id", "timestamp", "excluded", "ref_offsets", "frame_slot", "frames", "height",
                "width", "num_gt", "gt_boxes", "gt_labels", "num_proposals", "proposals"]
@@ -83,7 +87,7 @@ def decode_train_rows(batch: dict, *, cfg_data: dict, seed: int | None = None) -
     """Ray Data UDF: raw rows → fixed-shape training samples.
 
     Returns (numpy batch of B rows):
-        clip float32 [B, 3, T, S, S]; rois float32 [B, R, 4] crop pixels (R =
+        clip uint8 [B, T, S, S, 3] (normalised by `collate_train`); rois float32 [B, R, 4] crop pixels (R =
         max_rois_per_keyframe, padded); roi_valid bool [B, R]; labels float32 [B, R, C];
         video_id [B] str; timestamp int64 [B].
     """
@@ -121,7 +125,7 @@ def decode_test_rows(batch: dict, *, cfg_data: dict, score_thr: float) -> dict:
     """Ray Data UDF: raw rows → full-frame test clips with their thresholded proposals.
 
     Returns (numpy batch, ragged fields as object arrays):
-        clip [B] of float32 [3, T, H, W]; boxes [B] of float32 [n, 4] normalised; box_px [B]
+        clip [B] of uint8 [T, H, W, 3] (normalised by `collate_test`); boxes [B] of float32 [n, 4] normalised; box_px [B]
         of float32 [n, 4] clip pixels; box_scores [B] of float32 [n]; video_id [B];
         timestamp int64 [B].
     """
@@ -151,7 +155,16 @@ def decode_test_rows(batch: dict, *, cfg_data: dict, score_thr: float) -> dict:
     return res
 
 
-def collate_train(batch: dict) -> dict:
+def normalise(frames, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 [B, T, H, W, 3] (numpy or torch) → float32 [B, 3, T, H, W] with mean/std on 0-255."""
+    import torch
+
+    x = torch.as_tensor(frames).float()
+    x = (x - torch.tensor(mean)) / torch.tensor(std)
+    return x.permute(0, 4, 1, 2, 3).contiguous()
+
+
+def collate_train(batch: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
     """`iter_torch_batches` collate: numpy train batch → torch tensors (+ keys as lists).
 
     Returns:
@@ -167,7 +180,7 @@ def collate_train(batch: dict) -> dict:
     vids = np.asarray(batch["video_id"], dtype=object)
     ts = np.asarray(batch["timestamp"], dtype=np.int64)
     return {
-        "clip": torch.from_numpy(np.ascontiguousarray(batch["clip"], dtype=np.float32)),
+        "clip": normalise(np.asarray(batch["clip"]), mean, std),
         "rois": torch.from_numpy(np.concatenate([b_idx[:, None].astype(np.float32), rois], axis=1)),
         "labels": torch.from_numpy(labels),
         "roi_video_ids": [str(v) for v in vids[b_idx]],
@@ -176,7 +189,7 @@ def collate_train(batch: dict) -> dict:
     }
 
 
-def collate_test(batch: dict) -> dict:
+def collate_test(batch: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
     """Pad full-frame clips of one batch to a common size (bottom/right) and list all RoIs.
 
     Returns:
@@ -185,12 +198,12 @@ def collate_test(batch: dict) -> dict:
     """
     import torch
 
-    clips = list(batch["clip"])
+    clips = [normalise(c[None], mean, std)[0] for c in batch["clip"]]  # [3, T, H, W] each
     hmax = max(c.shape[2] for c in clips)
     wmax = max(c.shape[3] for c in clips)
     out = torch.zeros(len(clips), clips[0].shape[0], clips[0].shape[1], hmax, wmax)
     for i, c in enumerate(clips):
-        out[i, :, :, : c.shape[2], : c.shape[3]] = torch.from_numpy(c)
+        out[i, :, :, : c.shape[2], : c.shape[3]] = c  # zero (= mean colour) padding bottom/right
     rois, boxes, bidx = [], [], []
     for i, (px, nb) in enumerate(zip(batch["box_px"], batch["boxes"])):
         rois.append(np.concatenate([np.full((len(px), 1), i, np.float32), px], axis=1))

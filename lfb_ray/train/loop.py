@@ -65,12 +65,15 @@ def lr_at(epoch_float: float, cfg_train, base_lr: float) -> float:
 
 
 class TrainCollate(NumpyBatchCollateFn):
-    """`iter_torch_batches` collate: numpy train batch → tensors + per-RoI bank keys."""
+    """`iter_torch_batches` collate: numpy train batch → normalised tensors + per-RoI bank keys."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, batch: dict) -> dict:
         from lfb_ray.data.dataset import collate_train
 
-        return collate_train(batch)
+        return collate_train(batch, self.mean, self.std)
 
 
 def _rng_state() -> dict:
@@ -107,7 +110,7 @@ def _val_predictions(model, cfg: Config, bank, rank: int, world: int, device, rn
             decode_test_rows, batch_size=max(16, cfg.eval.batch_size), num_cpus=cfg.cluster.data_cpus,
             fn_kwargs={"cfg_data": config_to_dict(cfg)["data"], "score_thr": cfg.data.val_person_score_thr})
         for batch in ds.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"):
-            preds.append(predict_batch(model, collate_test(batch), bank=bank, rng=rng, device=device,
+            preds.append(predict_batch(model, collate_test(batch, cfg.data.mean, cfg.data.std), bank=bank, rng=rng, device=device,
                                        amp=cfg.train.amp, window_seconds=cfg.bank.window_seconds,
                                        max_feats_per_second=cfg.bank.max_feats_per_second))
     return _concat(preds)
@@ -222,7 +225,8 @@ def train_loop_per_worker(config: dict) -> None:
         t_last = time.time()
         loss_sum, loss_n = 0.0, 0
         for it, batch in enumerate(shard.iter_torch_batches(batch_size=tc.batch_size_per_worker,
-                                                            collate_fn=TrainCollate(), prefetch_batches=2)):
+                                                            collate_fn=TrainCollate(cfg.data.mean, cfg.data.std),
+                                                            prefetch_batches=2)):
             if tc.max_iters_per_epoch and it >= tc.max_iters_per_epoch:
                 break
             if epoch == start_epoch and it < skip_iters:  # mid-epoch resume: skip done iterations

@@ -127,7 +127,7 @@ def test_cues_recorded_and_rendered(dataset):
         frames = decode(dataset / "videos" / f"{v['video_id']}.mp4")
         for a in v["actors"]:
             rgb = meta["role_cue_rgb"][str(a["role_action_id"])]
-            assert 2 <= len(a["cue_seconds"]) <= 3
+            assert 3 <= len(a["cue_seconds"]) <= 4
             for t in range(902, 900 + SECONDS - 1):
                 count = cue_pixels(frames[30 * (t - 900)], boxes[v["video_id"], a["person_id"], t], rgb)
                 area = a["width_px"] * a["height_px"]

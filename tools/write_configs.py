@@ -26,6 +26,7 @@ SEED = ["workdir=runs/ava", "data.root=data/ava", "data.train_csv=annotations/av
         "tracking.experiment=lfb_ava21"]
 SYNTH = ["workdir=runs/synthetic", "data.root=data/synthetic", "data.short_side=120", "data.test_short_side=112",
          "data.train_scale_range=[112,128]", "data.train_crop_size=112", "data.jpeg_quality=90",
+         "data.flip_ratio=0.0",
          "model.depth=18", "model.base_channels=16", "model.latent_channels=64",
          "train.epochs=8", "train.batch_size_per_worker=8", "train.base_lr=0.6", "train.warmup_epochs=1.0",
          "train.lr_steps=[6,7]", "train.log_every_iters=5", "train.eval_every_epochs=0",
@@ -48,7 +49,7 @@ CONFIGS = {
                           "bank.checkpoint=checkpoints/slowonly_kinetics_pretrained_r50_4x16x1_20e_ava_rgb.pth",
                           "bank.person_score_thr=0.9", "bank.min_actors=1", "bank.max_actors=8"],
                   "jobs/build_bank.py"),
-    "synthetic": ("Synthetic AVA demo on CPU: small SlowOnly (depth 18, width 16), whole pipeline in minutes",
+    "synthetic": ("Synthetic AVA demo on CPU: small SlowOnly (depth 18, width 16), whole pipeline in minutes.\n# data.flip_ratio=0: the synthetic move-left/move-right labels are not mirror-invariant (AVA's are)",
                   SYNTH + ["model.fbo=nl"], "jobs/pipeline.py"),
     "tiny": ("CI smoke: tiny synthetic set, tiny model, 1 epoch",
              SYNTH + ["workdir=runs/tiny", "data.root=data/tiny", "model.base_channels=8", "model.latent_channels=16",

@@ -21,8 +21,30 @@ from conftest import REPO, tiny_config
 pytestmark = [pytest.mark.faults, pytest.mark.ray, pytest.mark.slow]
 
 
+def _ray_raylet_pid() -> int:
+    """PID of the raylet of the session's local cluster (its workers are its descendants)."""
+    import ray
+
+    node = ray._private.worker._global_node
+    return node.all_processes["raylet"][0].process.pid
+
+
+def _parent(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def _pids_with(needle: str) -> list[int]:
-    """PIDs whose command line (Ray sets `ray::ClassName...` titles) contains `needle`."""
+    """PIDs of this session's Ray processes whose title (`ray::ClassName...`) contains `needle`.
+
+    Only descendants of our own raylet: other Ray clusters on the machine are never touched.
+    """
+    raylet = _ray_raylet_pid()
     out = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
@@ -31,7 +53,12 @@ def _pids_with(needle: str) -> list[int]:
             cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if needle in cmd:
+        if needle not in cmd:
+            continue
+        pid, hops = int(p.name), 0
+        while pid > 1 and pid != raylet and hops < 10:
+            pid, hops = _parent(pid), hops + 1
+        if pid == raylet:
             out.append(int(p.name))
     return out
 
@@ -75,6 +102,7 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(prepared, tmp_path):
     r = fit(cfg)
     t.join(timeout=5)
     assert killed, "the fault was never injected"
+    assert len(_checkpoints(cfg.storage_path, "killed")) >= 1
     assert r.metrics["epoch"] == 2
     steps = [m.step for m in MlflowClient(cfg.tracking_uri).get_metric_history(r.mlflow_run_id, "train/loss")]
     assert sorted(steps) == list(range(1, r.metrics["global_step"] + 1))  # none missing, none twice

@@ -1,0 +1,113 @@
+"""The cluster launcher YAML and the KubeRay RayJob: they parse, and the commands they run exist and load."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "configs" / "cluster" / "cluster.yaml"
+RAYJOB = REPO / "configs" / "cluster" / "rayjob.yaml"
+DOCS = REPO / "docs" / "cluster.md"
+# options of jobs/*.py that take a value
+JOB_OPTIONS = {"--operators", "--baseline-config", "--checkpoint", "--from", "--tracking-uri", "--experiment",
+               "--run-ids", "--out"}
+
+
+def _strings(node) -> list[str]:
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in _strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+def _job_commands(text: str) -> list[list[str]]:
+    """Every `python jobs/X.py ...` command in `text`, as argv after `python` (shell-joined lines)."""
+    text = text.replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        for m in re.finditer(r"python (jobs/\S+\.py.*)", line):
+            argv = shlex.split(m.group(1).split("`")[0].split(" # ")[0])
+            out.append(argv)
+    return out
+
+
+def _check_command(argv: list[str]) -> None:
+    from lfb_ray.config import load_config
+
+    script, rest = argv[0], argv[1:]
+    assert (REPO / script).is_file(), f"{script} does not exist"
+    config, overrides, i = None, [], 0
+    while i < len(rest):
+        if rest[i] == "--config":
+            config, i = rest[i + 1], i + 2
+        elif rest[i] in JOB_OPTIONS:
+            value = rest[i + 1] if i + 1 < len(rest) else ""
+            if value.endswith(".yaml"):
+                assert (REPO / value).is_file(), f"{value} does not exist"
+            if rest[i] == "--operators":
+                assert set(value.split(",")) <= {"none", "nl", "avg", "max"}, value
+            i += 2
+        elif rest[i].startswith("--"):
+            i += 1
+        else:
+            overrides.append(rest[i])
+            i += 1
+    if config is not None:
+        assert (REPO / config).is_file(), f"{config} does not exist"
+        load_config(REPO / config, overrides)
+
+
+def test_cluster_launcher_yaml():
+    c = yaml.safe_load(CLUSTER.read_text())
+    types = c["available_node_types"]
+    head = types[c["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    gpu_groups = [t for name, t in types.items() if t.get("resources", {}).get("GPU", 0) > 0]
+    assert gpu_groups and all(g["min_workers"] == 0 and g["max_workers"] >= 1 for g in gpu_groups)
+    assert c["docker"]["image"].startswith("rayproject/ray:2.60")
+    head_cmds = " ".join(c["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head_cmds and "--dashboard-host=127.0.0.1" in head_cmds
+    assert "--num-cpus=0" in head_cmds
+    assert all("RAY_AUTH_MODE=token" in cmd for cmd in c["worker_start_ray_commands"] if "ray start" in cmd)
+    assert any("pip install" in s and "-e" in s for s in c["setup_commands"])
+    for cmd in _job_commands("\n".join(_strings(c))):
+        _check_command(cmd)
+
+
+def test_rayjob_yaml():
+    j = yaml.safe_load(RAYJOB.read_text())
+    assert j["apiVersion"] == "ray.io/v1" and j["kind"] == "RayJob"
+    spec = j["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] >= 1
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["working_dir"] and "MLFLOW_TRACKING_URI" in runtime_env["env_vars"]
+    cmds = _job_commands(spec["entrypoint"])
+    assert len(cmds) == 1 and cmds[0][:5] == ["jobs/train.py", "--config", "configs/lfb_nl.yaml",
+                                              "--operators", "nl,avg,max"]
+    assert any(a.startswith("train.storage_path=s3://") for a in cmds[0])
+    _check_command(cmds[0])
+
+    cluster = spec["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"].get("num-gpus", "0") == "0"
+    for c in head["template"]["spec"]["containers"]:
+        for section in ("requests", "limits"):
+            assert "nvidia.com/gpu" not in c.get("resources", {}).get(section, {})
+    gpu = [g for g in cluster["workerGroupSpecs"]
+           if any("nvidia.com/gpu" in c["resources"].get("limits", {}) for c in g["template"]["spec"]["containers"])]
+    assert gpu and all(g["minReplicas"] == 0 and g["maxReplicas"] >= 1 for g in gpu)
+
+
+@pytest.mark.skipif(not DOCS.exists(), reason="docs/cluster.md not written yet")
+def test_commands_in_cluster_docs_exist_and_load():
+    cmds = _job_commands(DOCS.read_text())
+    assert cmds
+    for cmd in cmds:  # without placeholders: <model.pt>, $TMP/work, ...
+        _check_command([a for a in cmd if "<" not in a and "$" not in a and a != "..."])

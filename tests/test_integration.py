@@ -1,0 +1,405 @@
+"""Integration with the real services a cluster run uses: an MLflow tracking server, `ray start` +
+`ray job submit` with token auth, S3 (moto's server) as storage, and a two-node Ray cluster.
+
+Everything binds to 127.0.0.1. The `ray start` clusters here are separate from the session's
+in-process `ray_local` cluster: own ports, own temp dir, own auth token (a file given with
+RAY_AUTH_TOKEN_PATH, so ~/.ray/auth_token is neither read nor written). They are started with
+`--block` in a new session and stopped by terminating that process tree, never with `ray stop`,
+which would stop every Ray cluster on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, tiny_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+VENV_BIN = str(Path(sys.executable).parent)
+UPLOAD_EXCLUDES = ["/.venv/", "/.git/", "/data/", "/runs/", "/mlruns/", "/.pytest_cache/", "/.ruff_cache/",
+                   "*.egg-info/"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until(check, timeout_s: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    """Poll `check()` until it returns a truthy value; fail with the log tail on timeout or exit."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            break
+        try:
+            value = check()
+            if value:
+                return value
+        except (OSError, urllib.error.URLError, ValueError):
+            pass
+        time.sleep(0.5)
+    tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+    pytest.fail(f"{what} not ready after {timeout_s:.0f} s (exit code {proc.poll() if proc else None}):\n{tail}")
+
+
+def _stop_tree(proc: subprocess.Popen, marker: str | None = None, grace_s: float = 15.0) -> None:
+    """Terminate `proc` and all its descendants (and stray processes whose command line holds
+    `marker`, our unique temp dir), then kill what is left. Only processes this test started."""
+    import importlib
+
+    importlib.import_module("ray")  # puts Ray's vendored psutil on sys.path
+    import psutil
+
+    procs: dict[int, psutil.Process] = {}
+    try:
+        root = psutil.Process(proc.pid)
+        procs[root.pid] = root
+        procs.update({c.pid: c for c in root.children(recursive=True)})
+    except psutil.NoSuchProcess:
+        pass
+    if marker:
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if p.pid != os.getpid() and any(marker in a for a in (p.info["cmdline"] or [])):
+                    procs.setdefault(p.pid, p)
+                    procs.update({c.pid: c for c in p.children(recursive=True)})
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures: an MLflow server, moto's S3 server, `ray start` clusters
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts; yields its URI."""
+    port = _free_port()
+    log = tmp_path / "mlflow_server.log"
+    cmd = [os.path.join(VENV_BIN, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+           "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).read().strip() == b"OK", 300,
+                    "mlflow server", proc, log)
+        yield uri
+    finally:
+        _stop_tree(proc)
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 server on 127.0.0.1 with bucket `lfb-it`; yields `uri(prefix)` and a boto3 client.
+
+    The URIs carry everything pyarrow needs (`user:secret@`, endpoint_override, scheme, region), so
+    the session's Ray workers, started before this fixture, reach the server without env vars.
+    """
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask an instance-metadata address
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        _, port = server.get_host_and_port()
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_bucket(Bucket="lfb-it")
+
+        def uri(prefix: str) -> str:
+            return (f"s3://testing:testing@lfb-it/{prefix}"
+                    f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1")
+
+        def keys(prefix: str) -> list[str]:
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket="lfb-it", Prefix=prefix)
+            return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+        yield uri, keys
+    finally:
+        server.stop()
+
+
+class RayCLICluster:
+    """Ray nodes started with `ray start --block` from the venv, token auth on, loopback only."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.token_path = tmp / "auth_token"
+        self.token_path.write_text(secrets.token_hex(32))
+        self.token_path.chmod(0o600)
+        self.nodes: list[tuple[subprocess.Popen, str, Path]] = []
+        self.gcs_port = self.dashboard_port = None
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"))}
+        env.update(PATH=VENV_BIN + os.pathsep + env.get("PATH", ""), RAY_AUTH_MODE="token",
+                   RAY_AUTH_TOKEN_PATH=str(self.token_path), RAY_USAGE_STATS_ENABLED="0",
+                   RAY_DATA_DISABLE_PROGRESS_BARS="1")
+        return env
+
+    def _start(self, args: list[str], num_cpus: int, resources: dict | None, env: dict[str, str]) -> None:
+        # A short temp dir per node: Unix socket paths must stay under 107 characters.
+        temp_dir = tempfile.mkdtemp(prefix="lfbit", dir="/tmp")
+        log = self.tmp / f"node{len(self.nodes)}.log"
+        cmd = ["ray", "start", "--block", *args, f"--num-cpus={num_cpus}", "--num-gpus=0",
+               f"--temp-dir={temp_dir}", "--disable-usage-stats",
+               f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+               f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+               f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+               "--object-store-memory=300000000"]
+        if resources:
+            cmd.append(f"--resources={json.dumps(resources)}")
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True, cwd=self.tmp)
+        self.nodes.append((proc, temp_dir, log))
+
+    def start_head(self, num_cpus: int, resources: dict | None = None, loopback_only: bool = True) -> None:
+        """Start the head node; with `loopback_only` it advertises (and its GCS listens on) 127.0.0.1.
+
+        `ray start --node-ip-address=127.0.0.1` is rewritten to the machine's address
+        (services.resolve_ip_for_localhost); RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray keep the
+        loopback address, as on a laptop. It also forbids adding nodes: multi-node clusters use
+        the machine's own address (Ray's gRPC servers listen on all interfaces, behind the token).
+        """
+        env = self.env()
+        if loopback_only:
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self._start(["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={_free_port()}"],
+                    num_cpus, resources, env)
+        proc, _, log = self.nodes[-1]
+        _wait_until(lambda: self.api("/api/version"), 120, "Ray head (dashboard)", proc, log)
+        self.wait_for_nodes(1)
+
+    def add_node(self, num_cpus: int, resources: dict | None = None) -> None:
+        self._start([f"--address=127.0.0.1:{self.gcs_port}"], num_cpus, resources, self.env())
+        self.wait_for_nodes(len(self.nodes))
+
+    def api(self, path: str, token: bool = True) -> dict:
+        req = urllib.request.Request(self.dashboard + path)
+        if token:
+            req.add_header("Authorization", f"Bearer {self.token_path.read_text().strip()}")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def alive_nodes(self) -> list[dict]:
+        nodes = self.api("/api/v0/nodes?limit=100")["data"]["result"]["result"]
+        return [n for n in nodes if n["state"] == "ALIVE"]
+
+    def wait_for_nodes(self, n: int) -> None:
+        proc, _, log = self.nodes[-1]
+        _wait_until(lambda: len(self.alive_nodes()) >= n, 120, f"{n} alive Ray node(s)", proc, log)
+
+    def cli(self, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(["ray", *args], env=self.env(), capture_output=True, text=True, timeout=timeout_s,
+                              cwd=self.tmp)
+
+    def submit(self, entrypoint: list[str], submission_id: str, timeout_s: float = 420) -> str:
+        """`ray job submit` of the repo as working dir; returns the output, fails on a non-zero exit."""
+        args = ["job", "submit", "--address", self.dashboard, "--submission-id", submission_id,
+                "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}),
+                "--", *entrypoint]
+        try:
+            res = self.cli(*args, timeout_s=timeout_s)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"ray job submit timed out after {timeout_s} s:\n{(e.stdout or '')[-4000:]}")
+        out = res.stdout + res.stderr
+        (self.tmp / f"{submission_id}.log").write_text(out)
+        assert res.returncode == 0, f"ray job submit exited {res.returncode}:\n{out[-6000:]}"
+        return out
+
+    def stop(self) -> None:
+        for proc, temp_dir, _ in reversed(self.nodes):
+            _stop_tree(proc, marker=temp_dir)
+        for _, temp_dir, _ in self.nodes:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_cli_cluster(tmp_path):
+    cluster = RayCLICluster(tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _train_entrypoint(workdir: Path, prepared_cfg, *overrides: str) -> list[str]:
+    return ["python", "jobs/train.py", "--config", "configs/tiny.yaml", f"workdir={workdir}",
+            f"data.root={prepared_cfg.data.root}", f"data.prepared_dir={prepared_cfg.prepared_dir}",
+            "model.fbo=none", "train.max_iters_per_epoch=2", *overrides]
+
+
+# --------------------------------------------------------------------------------------------
+# 1. MLflow tracking server
+
+
+def test_fit_and_compare_against_a_real_mlflow_server(prepared, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.compare import compare
+    from lfb_ray.train import fit
+
+    cfg0, _ = prepared
+    results = []
+    for seed in (0, 1):
+        cfg = tiny_config(tmp_path / "work", cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}",
+                          "model.fbo=none", "train.max_iters_per_epoch=2", "train.log_every_iters=1",
+                          "cluster.num_workers=1", f"train.seed={seed}", f"tracking.tracking_uri={mlflow_server}",
+                          "tracking.experiment=integration")
+        results.append(fit(cfg))
+    client = MlflowClient(mlflow_server)
+    r = results[0]
+    run = client.get_run(r.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.fbo"] == "none" and run.data.params["train.seed"] == "0"
+    steps = sorted(m.step for m in client.get_metric_history(r.mlflow_run_id, "train/loss"))
+    assert steps == list(range(1, int(r.metrics["global_step"]) + 1)) and len(steps) >= 2
+    assert run.data.metrics["val/mAP"] == pytest.approx(r.metrics["val/mAP"])
+    # The result CSV went through the server's artifact proxy and comes back intact.
+    assert [a.path for a in client.list_artifacts(r.mlflow_run_id, "results")] == ["results/val_results_epoch001.csv"]
+    local = client.download_artifacts(r.mlflow_run_id, "results/val_results_epoch001.csv", str(tmp_path))
+    assert Path(local).read_bytes() == Path(r.metrics["val/csv"]).read_bytes()
+
+    table, rows = compare(mlflow_server, "integration", str(tmp_path / "compare"),
+                          run_ids=[x.mlflow_run_id for x in results])
+    assert [row.run_id for row in rows] == [x.mlflow_run_id for x in results]
+    assert all(x.mlflow_run_id[:12] in table for x in results)
+    for name in ("comparison.png", "comparison.md", "comparison.csv"):
+        assert (tmp_path / "compare" / name).stat().st_size > 0
+    comparison = client.search_runs([run.info.experiment_id], "tags.`lfb_ray.kind` = 'comparison'")
+    assert len(comparison) == 1
+    assert {a.path for a in client.list_artifacts(comparison[0].info.run_id)} >= {"comparison.png", "comparison.md"}
+
+
+# --------------------------------------------------------------------------------------------
+# 2. `ray start` + `ray job submit` with token auth
+
+
+def test_ray_job_submit_with_token_auth(prepared, ray_cli_cluster, tmp_path):
+    cfg0, _ = prepared
+    c = ray_cli_cluster
+    c.start_head(num_cpus=2)
+    assert [n["node_ip"] for n in c.alive_nodes()] == ["127.0.0.1"]
+    with pytest.raises(urllib.error.HTTPError) as e:  # token auth is on: no token, no API
+        c.api("/api/jobs/", token=False)
+    assert e.value.code in (401, 403)
+    work = tmp_path / "work"
+    out = c.submit(_train_entrypoint(work, cfg0), "it-submit")
+    assert "none: run none-" in out  # the job's own summary line, streamed back by `ray job submit`
+    assert c.api("/api/jobs/it-submit")["status"] == "SUCCEEDED"
+    logs = c.cli("job", "logs", "--address", c.dashboard, "-f", "it-submit")
+    assert logs.returncode == 0 and "none: run none-" in logs.stdout, logs.stdout + logs.stderr
+    assert list((work / "ray_results").glob("none-*/checkpoint_*/model.pt"))
+
+
+# --------------------------------------------------------------------------------------------
+# 3. S3 (moto server) for prepared shards, the bank and Ray Train checkpoints
+
+
+def test_s3_prepare_bank_and_checkpoints(synthetic_root, ray_local, s3, tmp_path):
+    from lfb_ray.bank import FeatureBank, write_bank
+    from lfb_ray.data.dataset import count_rows, read_split
+    from lfb_ray.data.prep import prepare_dataset, prepared_files
+    from lfb_ray.train import fit
+
+    uri, keys = s3
+    cfg = tiny_config(tmp_path / "work", synthetic_root, f"data.prepared_dir={uri('prepared')}",
+                      f"train.storage_path={uri('ray_results')}", "model.fbo=none",
+                      "train.max_iters_per_epoch=2", "cluster.num_workers=1", "tracking.enabled=false")
+
+    summary = prepare_dataset(cfg)
+    assert summary.videos == 3 and not summary.failures
+    stored = keys("prepared/")
+    assert {"prepared/manifest.json", "prepared/failures.json"} <= set(stored)
+    parquet = [k for k in stored if k.endswith(".parquet")]
+    assert len(parquet) == len(prepared_files(cfg.prepared_dir, "train")) + len(prepared_files(cfg.prepared_dir, "val"))
+    assert not [k for k in stored if ".tmp-" in k]
+    n_train = count_rows(cfg, "train", drop_excluded=True)
+    assert read_split(cfg, "train").count() == n_train > 0
+
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((6, 8)).astype(np.float16)
+    write_bank(uri("bank/val"), video_ids=["v0"] * 3 + ["v1"] * 3, seconds=[1, 1, 2, 1, 2, 3],
+               person_index=[0, 1, 0, 0, 0, 0], boxes=np.zeros((6, 4)), scores=np.ones(6), features=feats)
+    assert "bank/val/manifest.json" in keys("bank/")
+    bank = FeatureBank.open(uri("bank"), cache_dir=tmp_path / "bank_cache")
+    assert bank.videos == ("v0", "v1") and bank.feature_dim == 8
+    assert np.array_equal(bank.features_at("v0", 1), feats[:2])
+
+    r = fit(cfg)
+    assert r.metrics["epoch"] == 1 and 0.0 <= r.metrics["val/mAP"] <= 1.0
+    ckpt_keys = keys(f"ray_results/{r.run_name}/")
+    assert any(k.endswith("/model.pt") for k in ckpt_keys) and any(k.endswith("/state.pt") for k in ckpt_keys)
+    assert r.checkpoint_path.startswith(f"lfb-it/ray_results/{r.run_name}/checkpoint_")
+
+
+# --------------------------------------------------------------------------------------------
+# 4. two Ray nodes on one machine
+
+
+def test_training_spans_two_nodes(prepared, ray_cli_cluster, tmp_path):
+    cfg0, _ = prepared
+    c = ray_cli_cluster
+    # 3 CPUs per node and 2 per training worker: no node fits two workers, so Ray Train must use
+    # both nodes, and each node keeps 1 CPU for Ray Data (its Parquet read tasks take 1 CPU each).
+    c.start_head(num_cpus=3, resources={"node_head": 1}, loopback_only=False)
+    c.add_node(num_cpus=3, resources={"node_second": 1})
+    alive = c.alive_nodes()
+    assert len(alive) == 2 and len({n["node_ip"] for n in alive}) == 1  # two raylets, one machine
+    nodes = {n["node_id"] for n in alive}
+    work = tmp_path / "work"
+    # The storage path is a local absolute path: shared by both nodes because they are on one machine.
+    c.submit(_train_entrypoint(work, cfg0, "cluster.num_workers=2", "cluster.cpus_per_worker=2",
+                               "cluster.data_cpus=0.5", "tracking.enabled=false"), "it-two-nodes")
+    res = c.cli("list", "actors", "--address", c.dashboard, "--filter", "class_name=RayTrainWorker", "--detail",
+                "--format", "json", "--limit", "100")
+    assert res.returncode == 0, res.stdout + res.stderr
+    workers = json.loads(res.stdout)
+    assert len(workers) == 2
+    assert {w["node_id"] for w in workers} == nodes
+    assert list((work / "ray_results").glob("none-*/checkpoint_*/model.pt"))

@@ -9,7 +9,7 @@ import torch
 
 from lfb_ray.models.backbone import BasicBlock3d, Bottleneck3d, ResNet3dSlowOnly, build_backbone
 
-KEYS_FILE = Path("/work/shared/docs/mmaction2_state_dict_keys.txt")
+KEYS_FILE = Path(__file__).parent / "data" / "mmaction2_state_dict_keys.txt"  # from LFB_SPEC, checked against mmaction2
 
 
 def mmaction2_sections() -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:

@@ -129,6 +129,7 @@ class Tracker(NullTracker):
         self._client = MlflowClient(tracking_uri)
         self._buffer: list[tuple[str, float, int]] = []
         self._warned = False
+        self._logged_upto: dict[str, int] = {}  # metric -> highest step already in MLflow
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._buffer += [(k, float(v), int(step)) for k, v in metrics.items()]
@@ -152,9 +153,17 @@ class Tracker(NullTracker):
 
         ts = int(time.time() * 1000)
         try:
-            for i in range(0, len(self._buffer), 500):
-                chunk = self._buffer[i:i + 500]
+            # Idempotent per (metric, step): after a restart that replays steps whose metrics were
+            # already sent (e.g. a fault between flush and checkpoint registration), skip them.
+            for key in {k for k, _, _ in self._buffer} - set(self._logged_upto):
+                hist = self._client.get_metric_history(self.run_id, key)
+                self._logged_upto[key] = max((m.step for m in hist), default=-1)
+            todo = [(k, v, s) for k, v, s in self._buffer if s > self._logged_upto[k]]
+            for i in range(0, len(todo), 500):
+                chunk = todo[i:i + 500]
                 self._client.log_batch(self.run_id, metrics=[Metric(k, v, ts, s) for k, v, s in chunk])
+                for k, _, s in chunk:
+                    self._logged_upto[k] = max(self._logged_upto[k], s)
         except Exception as e:
             self._warn("log_batch", e)
             return False

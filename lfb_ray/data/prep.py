@@ -191,7 +191,7 @@ def _decode_and_write(task: dict, fs, vdir: str) -> tuple[int, int, list[str]]:
         oh, ow = probe[0].shape[:2]
         del probe
     except Exception as e:
-        raise ValueError(f"{path}: not a decodable video ({e})") from e
+        raise ValueError(f"{path}: cannot open as a video (truncated, corrupt or not a video file): {e}") from e
     if num_frames <= 0 or fps <= 0:
         raise ValueError(f"{path}: no frames or unknown fps")
     timestamps = np.array([k["timestamp"] for k in task["keyframes"]], dtype=np.int64)

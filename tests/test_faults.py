@@ -7,6 +7,7 @@ a fault-free run produces.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -222,7 +223,9 @@ def test_interrupted_prepare_resumes_identical(synthetic_root, tmp_path):
         out = subprocess.run(cmd(work), cwd=REPO, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
         outs.append(out.stdout)
-    assert f"prepare: 3 videos ({committed} already done)" in outs[0]  # resumed, not redone
+    # Ray workers outlive the killed driver for a moment, so more videos may have committed since.
+    done = int(re.search(r"prepare: 3 videos \((\d) already done\)", outs[0]).group(1))
+    assert committed >= 1 and done >= committed  # resumed: committed videos were not redone
     assert "prepare: 3 videos (0 already done)" in outs[1]
     assert digest(tmp_path / "a" / "prepared") == digest(tmp_path / "b" / "prepared")
 

@@ -34,7 +34,9 @@ def collect_runs(tracking_uri: str, experiment: str, run_ids: list[str] | None =
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
+    from lfb_ray.tracking import setup_mlflow_env
+
+    setup_mlflow_env(tracking_uri)  # sets mlflow's URI without leaking it into os.environ
     client = MlflowClient(tracking_uri)
     if run_ids:
         runs = [client.get_run(r) for r in run_ids]
@@ -143,7 +145,9 @@ def compare(tracking_uri: str, experiment: str, out_dir: str, run_ids: list[str]
     if log_to_mlflow:
         import mlflow
 
-        mlflow.set_tracking_uri(tracking_uri)
+        from lfb_ray.tracking import setup_mlflow_env
+
+        setup_mlflow_env(tracking_uri)
         mlflow.set_experiment(experiment)
         with mlflow.start_run(run_name="comparison", tags={"lfb_ray.kind": "comparison"}):
             for name in ("comparison.md", "comparison.csv", "comparison.png"):

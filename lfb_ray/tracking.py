@@ -41,7 +41,14 @@ def setup_mlflow_env(tracking_uri: str) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     if tracking_uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(tracking_uri[len("sqlite:///"):]) or ".", exist_ok=True)
+    # mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into os.environ, which would make
+    # every later config in this process (and its children) silently use this URI: restore it.
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def _git_commit() -> str:

@@ -51,3 +51,14 @@ def prepared(tmp_path_factory, synthetic_root, ray_local):
     cfg = tiny_config(work, synthetic_root)
     summary = prepare_dataset(cfg)
     return cfg, summary
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_env():
+    """No test inherits another's tracking URI (mlflow.set_tracking_uri writes os.environ)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

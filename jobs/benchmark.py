@@ -1,0 +1,55 @@
+"""Benchmarks of the pipeline stages, each against a baseline measured in the same run (BENCHMARKS.md).
+
+    python jobs/benchmark.py prepare [--quick]      # Ray Data prepare vs sequential / per-keyframe decode
+    python jobs/benchmark.py bank-build [--quick]   # build_bank with 1 vs 2 actors
+    python jobs/benchmark.py train [--quick]        # Ray Train loop vs a plain torch loop
+    python jobs/benchmark.py eval [--quick]         # vectorised frame-mAP vs the loop reference
+    python jobs/benchmark.py all [--quick]          # all four, one after another
+
+Synthetic videos are generated once under --workdir and reused. Prints tables; asserts no timings.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lfb_ray.bench.table import cpu_count  # noqa: E402
+
+COMMANDS = ("prepare", "bank-build", "train", "eval")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    from lfb_ray.bench import bank_build, evaluation, prepare, start_local_ray, train
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=[*COMMANDS, "all"])
+    parser.add_argument("--quick", action="store_true", help="small sizes (< 1 min each on 2 CPUs)")
+    parser.add_argument("--workdir", default="runs/bench", help="synthetic data and scratch outputs")
+    args = parser.parse_args(argv)
+    commands = COMMANDS if args.command == "all" else (args.command,)
+    run = {"prepare": lambda: prepare.run(quick=args.quick, workdir=args.workdir),
+           "bank-build": lambda: bank_build.run(quick=args.quick, workdir=args.workdir),
+           "train": lambda: train.run(quick=args.quick, workdir=args.workdir),
+           "eval": lambda: evaluation.run(quick=args.quick)}
+    started = False
+    for name in commands:
+        if args.command == "all" and name in ("bank-build", "train"):
+            started = start_local_ray(cpu_count()) or started  # one cluster for both; prepare runs its own
+        elif started:  # no idle Ray cluster while eval is timed
+            ray.shutdown()
+            started = False
+        t0 = time.perf_counter()
+        run[name]()
+        print(f"[{name}] done in {time.perf_counter() - t0:.0f} s\n", flush=True)
+    if started:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

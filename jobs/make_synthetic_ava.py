@@ -38,17 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     start = time.perf_counter()
-    info = generate_dataset(
-        args.out,
-        num_videos=args.videos,
-        seconds=args.seconds,
-        seed=args.seed,
-        width=args.width,
-        height=args.height,
-        val_fraction=args.val_fraction,
-        overwrite=args.overwrite,
-        workers=args.workers,
-    )
+    info = generate_dataset(args.out, **same, overwrite=args.overwrite, workers=args.workers)
     print(
         f"wrote {info.out_dir}: videos train={len(info.train_videos)} val={len(info.val_videos)}, "
         f"keyframes train={info.keyframes['train']} val={info.keyframes['val']}, "

@@ -2,6 +2,13 @@
 
     python jobs/compare.py --config configs/synthetic.yaml
     python jobs/compare.py --tracking-uri http://127.0.0.1:5000 --experiment lfb_ava21 [--run-ids A,B,C]
+
+Several dataset seeds (one pipeline run each, each with its own workdir/experiment): pass one
+`--config` per seed, each followed by its overrides in `--set`; the job prints every seed's table
+and one table of mean (min-max) per operator:
+
+    python jobs/compare.py --config configs/synthetic.yaml \\
+        --config configs/synthetic.yaml --set workdir=runs/synthetic_s1 --set tracking.experiment=lfb_synthetic_s1
 """
 
 import argparse
@@ -12,21 +19,63 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    from lfb_ray.compare import compare
+    from lfb_ray.compare import collect_runs, compare, format_seed_table
     from lfb_ray.config import load_config
 
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", default="")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", default=[],
+                   help="config of one pipeline run; repeat for several dataset seeds")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for the --config just before it (repeatable)")
     p.add_argument("--tracking-uri", default="")
     p.add_argument("--experiment", default="")
     p.add_argument("--run-ids", default="")
     p.add_argument("--out", default="")
-    args = p.parse_args(argv)
-    cfg = load_config(args.config or None)
-    uri = args.tracking_uri or cfg.tracking_uri
-    exp = args.experiment or cfg.tracking.experiment
-    out = args.out or str(Path(cfg.workdir) / "comparison")
+    # --set applies to the latest --config: parse the argv order ourselves.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    groups: list[tuple[str, list[str]]] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--config", "--set") and i + 1 >= len(argv):
+            p.error(f"{a} needs a value")
+        if a == "--config":
+            groups.append((argv[i + 1], []))
+            i += 2
+        elif a == "--set":
+            if not groups:
+                p.error("--set must follow a --config")
+            groups[-1][1].append(argv[i + 1])
+            i += 2
+        else:
+            rest.append(a)
+            i += 1
+    args = p.parse_args(rest)
     try:
+        if len(groups) > 1:
+            per_seed = {}
+            for path, overrides in groups:
+                cfg = load_config(path, overrides)
+                rows = collect_runs(cfg.tracking_uri, cfg.tracking.experiment)
+                if not rows:
+                    raise ValueError(f"no finished lfb_ray runs in experiment {cfg.tracking.experiment!r} "
+                                     f"at {cfg.tracking_uri}")
+                table, _ = compare(cfg.tracking_uri, cfg.tracking.experiment,
+                                   str(Path(cfg.workdir) / "comparison"))
+                print(f"== {cfg.tracking.experiment} ({cfg.workdir})\n{table}\n")
+                per_seed[f"{cfg.tracking.experiment}@{cfg.workdir}"] = rows
+            seeds = format_seed_table(per_seed, markdown=False)
+            print(f"== mean (min-max) over {len(per_seed)} dataset seeds, val frame-mAP@0.5 (%)\n{seeds}")
+            if args.out:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / "seeds.md").write_text(format_seed_table(per_seed) + "\n")
+                print(f"wrote {args.out}/seeds.md")
+            return 0
+        cfg = load_config(groups[0][0] if groups else None, groups[0][1] if groups else ())
+        uri = args.tracking_uri or cfg.tracking_uri
+        exp = args.experiment or cfg.tracking.experiment
+        out = args.out or str(Path(cfg.workdir) / "comparison")
         table, _ = compare(uri, exp, out, run_ids=[r for r in args.run_ids.split(",") if r] or None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

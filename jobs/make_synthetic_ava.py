@@ -20,8 +20,8 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True, help="output directory (missing or empty)")
-    parser.add_argument("--videos", type=int, default=20)
-    parser.add_argument("--seconds", type=int, default=60)
+    parser.add_argument("--videos", type=int, default=40)
+    parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--width", type=int, default=160)
     parser.add_argument("--height", type=int, default=120)

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 
-__all__ = ["ComparisonRow", "collect_runs", "compare", "format_table"]
+__all__ = ["ComparisonRow", "collect_runs", "compare", "format_seed_table", "format_table"]
 
 ORDER = {"none": 0, "avg": 1, "max": 2, "nl": 3}
 NAMES = {"none": "baseline", "avg": "LFB-Avg", "max": "LFB-Max", "nl": "LFB-NL"}
@@ -82,6 +82,43 @@ def format_table(rows: list[ComparisonRow], markdown: bool = True) -> str:
                      + [_fmt(m.get(k)) for k in fam_keys] + [_fmt(m.get(k)) for k in grp_keys]
                      + [str(int(m.get("epoch", 0))), f"{m.get('wall_seconds', float('nan')):.0f}",
                         f"{m.get('train/clips_per_s', float('nan')):.1f}", r.run_id[:12]])
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(x) + " |" for x in lines]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    out += ["  ".join(x[i].ljust(widths[i]) for i in range(len(head))) for x in lines]
+    return "\n".join(out)
+
+
+def format_seed_table(per_seed: dict[str, list[ComparisonRow]], markdown: bool = True) -> str:
+    """Operators over several dataset seeds: mean and range of mAP and of each label family's mAP.
+
+    Args:
+        per_seed: seed label (e.g. the experiment name) -> that seed's rows from `collect_runs`.
+
+    Every operator must be present in every seed: a mean over a subset of seeds would compare
+    operators on different data, so a missing one is an error naming the seed.
+    """
+    ops = sorted({r.operator for rows in per_seed.values() for r in rows}, key=lambda o: ORDER.get(o, 9))
+    for seed, rows in per_seed.items():
+        missing = [o for o in ops if o not in {r.operator for r in rows}]
+        if missing:
+            raise ValueError(f"seed {seed!r} has no finished run for operator(s) {missing}")
+    keys = ["val/mAP"] + sorted({k for rows in per_seed.values() for r in rows for k in r.metrics
+                                 if k.startswith("val/mAP_family_")})
+    head = ["model"] + [k.replace("val/mAP_family_", "mAP ").replace("val/mAP", "mAP") for k in keys] + ["seeds"]
+    lines = []
+    for op in ops:
+        cells = [NAMES.get(op, op)]
+        for k in keys:
+            vals = [100 * r.metrics[k] for rows in per_seed.values() for r in rows
+                    if r.operator == op and k in r.metrics and r.metrics[k] == r.metrics[k]]
+            cells.append("-" if not vals else
+                         f"{sum(vals) / len(vals):.2f} ({min(vals):.2f}-{max(vals):.2f})")
+        cells.append(str(len(per_seed)))
+        lines.append(cells)
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(x) + " |" for x in lines]

@@ -20,10 +20,10 @@ from pathlib import Path
 import av
 import numpy as np
 
-GENERATOR_VERSION = "1.1"
+GENERATOR_VERSION = "1.2"
 FPS = 30
 AVA_START_SECOND = 900
-CUE_HALF_FRAMES = 9  # cue visible on 19 frames (~0.63 s) centred on its second: 2-3 keyframe clips see it
+CUE_HALF_FRAMES = 15  # cue visible on 31 frames (~1 s) centred on its second: 2-3 keyframe clips see it, on 1-2 of 4 frames
 SPEED_RANGE = (0.11, 0.19)  # px/s as a fraction of frame width; max < 3*min keeps labels readable
 EDGE_MARGIN_PX = 2
 
@@ -59,6 +59,13 @@ MOTION_DIRECTION = (-1, 0, 1)  # per MOTION_CLASSES index: x velocity sign
 ROLE_CUE_RGB = ((255, 30, 30), (30, 255, 30), (40, 90, 255))
 PATTERNS = ("hstripes", "vstripes", "checker", "diagonal", "dots")
 SHAPES = ("rectangle", "ellipse")
+# Actor looks come from one small pool shared by every video: (shape, pattern, hue). Each look is
+# seen with every role across videos, so a look says nothing about the role and a short-term
+# model cannot learn "this look -> that role" by memorising training actors; the role cue is the
+# only clip-level evidence. Within a video looks are distinct, so the bank can be matched by look.
+APPEARANCE_POOL = tuple(
+    (SHAPES[k % 2], PATTERNS[k % len(PATTERNS)], k / 8) for k in range(8)
+)
 
 
 @dataclass(frozen=True)
@@ -202,19 +209,18 @@ def plan_video(rng: np.random.Generator, video_id: str, split: str, *, seconds: 
     roles = rng.permutation(len(ROLE_CLASSES))[:n]
     if rng.random() < 0.15:  # usually, not always, distinct roles within a video
         roles = rng.integers(len(ROLE_CLASSES), size=n)
-    patterns = rng.choice(len(PATTERNS), size=n, replace=False)
-    hues = (rng.random() + np.arange(n) / n + rng.uniform(-0.05, 0.05, n)) % 1.0
+    looks = rng.choice(len(APPEARANCE_POOL), size=n, replace=False)
     actors = []
     for i in range(n):
-        sat = rng.uniform(0.2, 0.45)
-        light = colorsys.hsv_to_rgb(hues[i], sat, rng.uniform(0.75, 0.95))
-        dark = colorsys.hsv_to_rgb(hues[i], sat, rng.uniform(0.2, 0.45))
+        shape, pattern, hue = APPEARANCE_POOL[int(looks[i])]
+        light = colorsys.hsv_to_rgb(hue, 0.35, 0.85)
+        dark = colorsys.hsv_to_rgb(hue, 0.35, 0.35)
         x0 = int(rng.integers(EDGE_MARGIN_PX, width - widths[i] - EDGE_MARGIN_PX + 1))
         actors.append(
             Actor(
                 person_id=i,
-                shape=SHAPES[int(rng.integers(len(SHAPES)))],
-                pattern=PATTERNS[int(patterns[i])],
+                shape=shape,
+                pattern=pattern,
                 colors=(tuple(int(c * 255) for c in light), tuple(int(c * 255) for c in dark)),
                 width_px=widths[i],
                 height_px=heights[i],
@@ -247,13 +253,13 @@ def _sprites(actor: Actor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     sprite = np.where(texture[..., None], actor.colors[0], actor.colors[1]).astype(np.uint8)
     # Cue: a 2-px ring along the silhouette plus a central badge, in the role's colour.
     inner = mask.copy()
-    for _ in range(2):
+    for _ in range(3):
         inner[1:-1, 1:-1] = (
             inner[1:-1, 1:-1] & inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
         )
         inner[[0, -1], :] = False
         inner[:, [0, -1]] = False
-    radius = min(h, w) / 4
+    radius = min(h, w) / 3
     badge = (yy + 0.5 - h / 2) ** 2 + (xx + 0.5 - w / 2) ** 2 <= radius**2
     cue_rgb = ROLE_CUE_RGB[[c.action_id for c in ROLE_CLASSES].index(actor.role_action_id)]
     cue = sprite.copy()

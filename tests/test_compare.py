@@ -1,0 +1,33 @@
+"""The multi-seed comparison table (no MLflow: rows are built directly)."""
+
+import pytest
+
+from lfb_ray.compare import ComparisonRow, format_seed_table
+
+
+def _row(op: str, m: float, lt: float) -> ComparisonRow:
+    return ComparisonRow(op, f"run-{op}", op, {"val/mAP": m, "val/mAP_family_long_term": lt}, {}, [])
+
+
+def test_seed_table_gives_mean_and_range_per_operator_in_seed_order():
+    per_seed = {"s0": [_row("nl", 0.80, 0.70), _row("none", 0.50, 0.30)],
+                "s1": [_row("none", 0.54, 0.34), _row("nl", 0.84, 0.74)]}
+    lines = format_seed_table(per_seed).splitlines()
+    assert lines[0] == "| model | mAP | mAP long_term | seeds |"
+    assert lines[2] == "| baseline | 52.00 (50.00-54.00) | 32.00 (30.00-34.00) | 2 |"
+    assert lines[3] == "| LFB-NL | 82.00 (80.00-84.00) | 72.00 (70.00-74.00) | 2 |"
+    plain = format_seed_table(per_seed, markdown=False).splitlines()
+    assert plain[0].split() == ["model", "mAP", "mAP", "long_term", "seeds"]
+
+
+def test_seed_table_refuses_an_operator_missing_from_a_seed():
+    per_seed = {"s0": [_row("nl", 0.8, 0.7), _row("avg", 0.6, 0.5)], "s1": [_row("nl", 0.8, 0.7)]}
+    with pytest.raises(ValueError, match=r"seed 's1' has no finished run for operator\(s\) \['avg'\]"):
+        format_seed_table(per_seed)
+
+
+def test_compare_job_needs_a_config_before_set():
+    import jobs.compare as job
+
+    with pytest.raises(SystemExit):
+        job.main(["--set", "workdir=x"])

@@ -157,6 +157,10 @@ class TrainConfig:
     max_failures: int = 2
     log_every_iters: int = 10
     max_iters_per_epoch: int = 0  # cap for smoke runs; 0 = full epoch
+    # Keep the raw train rows (JPEG bytes) in Ray's object store for the whole fit, so each epoch
+    # only re-runs decode/augment instead of re-reading Parquet. "auto": when the split's Parquet
+    # bytes are at most a quarter of the cluster's object store (the decision is printed).
+    cache_rows: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size_per_worker < 1:

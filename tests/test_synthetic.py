@@ -65,7 +65,7 @@ def test_csv_and_label_map(dataset):
     pbtxt = (dataset / "annotations" / "label_map.pbtxt").read_text()
     label_ids = {int(m) for m in re.findall(r"^  id: (\d+)$", pbtxt, re.M)}
     assert len(re.findall(r'^  name: "[^"]+"$', pbtxt, re.M)) == len(label_ids)
-    assert label_ids == set(LABEL_FAMILIES["short_term"]) | set(LABEL_FAMILIES["long_term"])
+    assert label_ids == set().union(*LABEL_FAMILIES.values())
     for split in SPLITS:
         rows = read_rows(dataset / "annotations" / f"{split}.csv")
         assert rows and all(len(r) == 8 for r in rows)
@@ -77,8 +77,8 @@ def test_csv_and_label_map(dataset):
             assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
             assert int(action) in label_ids
             persons.setdefault((vid, ts, person, *box), []).append(int(action))
-        for actions in persons.values():  # identical boxes: one short-term + one role label
-            assert sorted(a in LABEL_FAMILIES["long_term"] for a in actions) == [False, True]
+        for actions in persons.values():  # identical boxes: one label of each family
+            assert sorted(actions) == sorted({next(a for a in actions if a in fam) for fam in LABEL_FAMILIES.values()})
         keyframes = {(vid, int(ts)) for vid, ts, *_ in persons}
         videos = {vid for vid, _ in keyframes}
         assert keyframes == {(v, t) for v in videos for t in range(902, 900 + SECONDS - 1)}
@@ -96,6 +96,11 @@ def test_labels_follow_generative_rule(dataset):
             actor, t, action = actors[vid][int(person)], int(ts), int(action)
             if action in LABEL_FAMILIES["long_term"]:
                 assert action == actor["role_action_id"]
+                continue
+            if action in LABEL_FAMILIES["appearance"]:
+                assert action == LABEL_FAMILIES["appearance"][actor["look"]]
+                looks = [a["look"] for a in actors[vid].values()]
+                assert len(set(looks)) == len(looks)  # distinct looks within a video
                 continue
             (segment,) = [s for s in actor["segments"] if s["start_s"] <= t < s["end_s"]]
             assert action == segment["action_id"]

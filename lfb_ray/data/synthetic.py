@@ -20,7 +20,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-GENERATOR_VERSION = "1.2"
+GENERATOR_VERSION = "1.3"
 FPS = 30
 AVA_START_SECOND = 900
 CUE_HALF_FRAMES = 15  # cue visible on 31 frames (~1 s) centred on its second: 2-3 keyframe clips see it, on 1-2 of 4 frames
@@ -49,23 +49,31 @@ ROLE_CLASSES = (
     SyntheticClass(65, "role B (green cue)", "long_term"),
     SyntheticClass(66, "role C (blue cue)", "long_term"),
 )
-CLASSES = MOTION_CLASSES + ROLE_CLASSES
-LABEL_FAMILIES = {
-    "short_term": tuple(c.action_id for c in MOTION_CLASSES),
-    "long_term": tuple(c.action_id for c in ROLE_CLASSES),
-}
-MOTION_DIRECTION = (-1, 0, 1)  # per MOTION_CLASSES index: x velocity sign
-# Saturated cue colours; actor bodies stay below saturation 0.45 so a cue never looks like a body.
-ROLE_CUE_RGB = ((255, 30, 30), (30, 255, 30), (40, 90, 255))
-PATTERNS = ("hstripes", "vstripes", "checker", "diagonal", "dots")
 SHAPES = ("rectangle", "ellipse")
+PATTERNS = ("hstripes", "vstripes", "checker", "diagonal", "dots")
 # Actor looks come from one small pool shared by every video: (shape, pattern, hue). Each look is
 # seen with every role across videos, so a look says nothing about the role and a short-term
 # model cannot learn "this look -> that role" by memorising training actors; the role cue is the
 # only clip-level evidence. Within a video looks are distinct, so the bank can be matched by look.
-APPEARANCE_POOL = tuple(
-    (SHAPES[k % 2], PATTERNS[k % len(PATTERNS)], k / 8) for k in range(8)
+APPEARANCE_POOL = tuple((SHAPES[k % 2], PATTERNS[k % len(PATTERNS)], k / 8) for k in range(8))
+# The look is also labelled (AVA pose-range ids, all evaluated), like AVA's pose classes that are
+# visible in any frame. Why: the bank is only useful if its features say *whose* they are. Real
+# LFB gets appearance-rich features from Kinetics pre-training; a baseline trained from scratch on
+# motion and roles alone learns nothing about looks (they predict neither), so its bank could not
+# be matched to an actor (measured on v1.2: LFB models at chance on no-cue keyframes).
+APPEARANCE_CLASSES = tuple(
+    SyntheticClass(aid, f"look {k} ({shape} {pattern})", "appearance")
+    for k, (aid, (shape, pattern, _)) in enumerate(zip((1, 3, 4, 5, 6, 7, 8, 9), APPEARANCE_POOL, strict=True))
 )
+CLASSES = MOTION_CLASSES + ROLE_CLASSES + APPEARANCE_CLASSES
+LABEL_FAMILIES = {
+    "short_term": tuple(c.action_id for c in MOTION_CLASSES),
+    "long_term": tuple(c.action_id for c in ROLE_CLASSES),
+    "appearance": tuple(c.action_id for c in APPEARANCE_CLASSES),
+}
+MOTION_DIRECTION = (-1, 0, 1)  # per MOTION_CLASSES index: x velocity sign
+# Saturated cue colours; actor bodies stay below saturation 0.45 so a cue never looks like a body.
+ROLE_CUE_RGB = ((255, 30, 30), (30, 255, 30), (40, 90, 255))
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,7 @@ class Actor:
     role_action_id: int
     cue_seconds: tuple[int, ...]
     segments: tuple[MotionSegment, ...]
+    look: int = -1  # index into APPEARANCE_POOL (labelled with APPEARANCE_CLASSES[look])
 
 
 @dataclass(frozen=True)
@@ -229,6 +238,7 @@ def plan_video(rng: np.random.Generator, video_id: str, split: str, *, seconds: 
                 role_action_id=ROLE_CLASSES[int(roles[i])].action_id,
                 cue_seconds=_plan_cues(rng, seconds),
                 segments=_plan_segments(rng, float(x0), widths[i], width, seconds),
+                look=int(looks[i]),
             )
         )
     return VideoPlan(video_id, split, seconds, tuple(actors))
@@ -364,7 +374,8 @@ def _gt_rows(plan: VideoPlan, width: int, height: int) -> tuple[list[list], dict
             )
             key_boxes.append(box)
             coords = [f"{v:.3f}" for v in box]
-            for action in (motion_label_at(actor, t), actor.role_action_id):
+            for action in (motion_label_at(actor, t), actor.role_action_id,
+                           APPEARANCE_CLASSES[actor.look].action_id):
                 rows.append([plan.video_id, f"{t:04d}", *coords, action, actor.person_id])
         boxes[f"{plan.video_id},{t:04d}"] = np.array(key_boxes)
     return rows, boxes
@@ -514,6 +525,7 @@ def generate_dataset(
             "(segments change on half seconds and last >= 2 s, so it covers >= 1.5 s of [t-1, t+1])",
             "long_term": "the actor's role_action_id at every keyframe; drawn as a ring + badge in "
             "role_cue_rgb only on frames within cue_half_frames of each of its cue_seconds",
+            "appearance": "the action_id of the actor's look (APPEARANCE_POOL index `look`) at every keyframe",
         },
         "classes": [asdict(c) for c in CLASSES],
         "label_families": {k: list(v) for k, v in LABEL_FAMILIES.items()},

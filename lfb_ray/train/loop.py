@@ -310,6 +310,29 @@ def _scaling(cfg: Config):
                                                **({"GPU": 1} if use_gpu else {})})
 
 
+def _cache_rows(cfg: Config) -> bool:
+    """Whether to keep the raw train rows in the object store for the whole fit (`train.cache_rows`).
+
+    Measured on the synthetic demo (2 CPUs, 756 rows, 0.35 GB): the first batch of an epoch came
+    after 12-34 s when every epoch re-read the Parquet shards and after 4-5 s from cached rows.
+    """
+    import ray
+
+    from lfb_ray.data.prep import prepared_files
+    from lfb_ray.storage import resolve
+
+    mode = cfg.train.cache_rows
+    if mode != "auto":
+        return mode == "on"
+    fs, _ = resolve(cfg.prepared_dir)
+    size = sum(i.size or 0 for i in fs.get_file_info(prepared_files(cfg.prepared_dir, "train")))
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    on = size <= store / 4
+    print(f"[lfb_ray] train.cache_rows=auto: train split {size / 1e9:.2f} GB, object store {store / 1e9:.2f} GB "
+          f"-> {'caching the raw rows for all epochs' if on else 're-reading Parquet every epoch'}", flush=True)
+    return on
+
+
 def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
         init_checkpoint: str | None = None) -> FitResult:
     """Train one model with a `TorchTrainer`; rerunning the same config resumes it.
@@ -341,7 +364,10 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
         except Exception as e:
             print(f"[lfb_ray] WARNING: MLflow unavailable at {cfg.tracking_uri} ({type(e).__name__}: {e}); "
                   "training without tracking", flush=True)
-    train_ds = read_split(cfg, "train").map_batches(
+    raw = read_split(cfg, "train")
+    if _cache_rows(cfg):
+        raw = raw.materialize()
+    train_ds = raw.map_batches(
         decode_train_rows, batch_size=max(16, cfg.train.batch_size_per_worker), num_cpus=cfg.cluster.data_cpus,
         fn_kwargs={"cfg_data": config_to_dict(cfg)["data"]})
     n_train = count_rows(cfg, "train", drop_excluded=True)

@@ -1,0 +1,37 @@
+"""Role accuracy on the synthetic val set with / without the actor's cue inside the clip, per run.
+
+    python jobs/synthetic_report.py --data data/synthetic --workdir runs/synthetic
+
+See lfb_ray/evaluation/synthetic_report.py for the rule. No Ray; reads the runs' val result CSVs.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    from lfb_ray.evaluation.synthetic_report import find_result_csvs, role_accuracy
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="synthetic dataset folder (with dataset.json)")
+    p.add_argument("--workdir", required=True, help="pipeline workdir (with results/<run>/)")
+    args = p.parse_args(argv)
+    if not (Path(args.data) / "dataset.json").is_file():
+        print(f"error: {args.data}/dataset.json not found (not a synthetic dataset)", file=sys.stderr)
+        return 1
+    runs = find_result_csvs(args.workdir)
+    if not runs:
+        print(f"error: no val result CSVs under {args.workdir}/results", file=sys.stderr)
+        return 1
+    print(f"{'run':24s} {'role acc, cue in clip':>22s} {'role acc, no cue':>18s}")
+    for name, path in runs.items():
+        r = role_accuracy(args.data, path)
+        print(f"{name:24s} {r.cue:8.3f} (n={r.cue_total:4d})     {r.nocue:6.3f} (n={r.nocue_total:4d})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""The cue / no-cue role accuracy report on a generated dataset and hand-made result CSVs."""
+
+import csv
+
+from lfb_ray.data.synthetic import LABEL_FAMILIES, load_actors
+from lfb_ray.evaluation.synthetic_report import find_result_csvs, role_accuracy
+
+
+def _write_results(root, path, *, right_when_cue: bool, right_without_cue: bool):
+    """One detection per GT box (the GT box itself) scoring one role high."""
+    actors = load_actors(root / "dataset.json")
+    roles = LABEL_FAMILIES["long_term"]
+    expect = {True: 0, False: 0}
+    with open(root / "annotations" / "val.csv") as f, open(path, "w", newline="") as out:
+        w = csv.writer(out)
+        for vid, ts, x1, y1, x2, y2, action, pid in csv.reader(f):
+            if int(action) not in roles:
+                continue
+            cue = any(abs(c - int(ts)) <= 1 for c in actors[vid][int(pid)].cue_seconds)
+            right = right_when_cue if cue else right_without_cue
+            guess = int(action) if right else roles[(roles.index(int(action)) + 1) % len(roles)]
+            expect[cue] += 1
+            for r in roles:
+                w.writerow([vid, ts, x1, y1, x2, y2, r, 0.9 if r == guess else 0.1])
+    return expect
+
+
+def test_role_accuracy_splits_cue_and_no_cue_keyframes(synthetic_root, tmp_path):
+    run = tmp_path / "w" / "results" / "nl-abc"
+    run.mkdir(parents=True)
+    expect = _write_results(synthetic_root, run / "val_results_epoch001.csv", right_when_cue=True,
+                            right_without_cue=False)
+    assert expect[True] > 0 and expect[False] > 0
+    assert find_result_csvs(tmp_path / "w") == {"nl-abc": run / "val_results_epoch001.csv"}
+    acc = role_accuracy(synthetic_root, run / "val_results_epoch001.csv")
+    assert (acc.cue_total, acc.nocue_total) == (expect[True], expect[False])
+    assert (acc.cue, acc.nocue) == (1.0, 0.0)
+    _write_results(synthetic_root, run / "val_results_epoch002.csv", right_when_cue=False, right_without_cue=True)
+    acc = role_accuracy(synthetic_root, find_result_csvs(tmp_path / "w")["nl-abc"])
+    assert (acc.cue, acc.nocue) == (0.0, 1.0)
+
+
+def test_report_job_errors_without_results(synthetic_root, tmp_path, capsys):
+    import jobs.synthetic_report as job
+
+    assert job.main(["--data", str(synthetic_root), "--workdir", str(tmp_path)]) == 1
+    assert "no val result CSVs" in capsys.readouterr().err

@@ -107,6 +107,9 @@ class ModelConfig:
     num_classes: int = 81
     roi_output_size: int = 8
     pretrained: str = ""  # mmaction2-format Kinetics/AVA checkpoint for initialisation ("" = none)
+    # LFB models (fbo != none) start from the backbone of the baseline that computed the bank
+    # (the pipeline passes it; jobs/train.py uses bank.checkpoint) instead of `pretrained`.
+    init_backbone_from_baseline: bool = False
 
     def __post_init__(self) -> None:
         if self.base_channels < 1 or self.latent_channels < 1:

@@ -115,8 +115,8 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
 
     prep = stage("prepare", config_hash(d, ["data"]), do_prepare)
 
-    def do_fit(c: Config):
-        r = fit(c)
+    def do_fit(c: Config, init: str | None = None):
+        r = fit(c, init_checkpoint=init)
         return {"run_name": r.run_name, "run_id": r.mlflow_run_id, "model": r.model_path,
                 "mAP": r.metrics.get("val/mAP"), "csv": r.metrics.get("val/csv")}
 
@@ -130,7 +130,8 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
     bank = stage("bank", json.dumps([base, config_hash(d, ["bank"])]), do_bank)
     op_cfgs = {op: _with(cfg, model__fbo=op) for op in operators}
     ops = stage("operators", json.dumps([bank, [config_hash(c) for c in op_cfgs.values()]]),
-                lambda: {op: do_fit(c) for op, c in op_cfgs.items()})
+                lambda: {op: do_fit(c, base["model"] if c.model.init_backbone_from_baseline else None)
+                         for op, c in op_cfgs.items()})
 
     def do_evaluate():
         from lfb_ray.tracking import Tracker

@@ -233,3 +233,26 @@ def test_convert_checkpoint_job(tmp_path: Path) -> None:
     dst = model(seed=1)
     assert load_checkpoint(dst, out_path) == FORMAT
     torch.testing.assert_close(outputs(dst), outputs(src), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["lfb_ray", "mmaction2"])
+def test_baseline_backbone_into_an_lfb_model(tmp_path: Path, fmt: str) -> None:
+    """`init_backbone_from_baseline`: the baseline's backbone loads into an NL model (head differs)."""
+    from lfb_ray.models import save_checkpoint
+
+    base = model(ModelConfig(depth=18, base_channels=8, fbo="none"), seed=0)
+    path = tmp_path / "base.pt"
+    if fmt == "lfb_ray":
+        save_checkpoint(base.state_dict(), path)
+    else:
+        torch.save({"state_dict": to_mmaction2_state_dict(base)}, path)
+    lfb = model(SMALL, seed=1)
+    fbo_before = {k: v.clone() for k, v in lfb.state_dict().items() if not k.startswith("backbone.")}
+    with pytest.raises(CheckpointError):  # whole-detector load: the heads do not fit
+        load_checkpoint(model(SMALL, seed=1), path)
+    assert load_checkpoint(lfb, path, backbone_only=True).endswith("backbone")
+    for k, v in lfb.state_dict().items():
+        if k.startswith("backbone."):
+            assert torch.equal(v, base.state_dict()[k]), k
+        else:
+            assert torch.equal(v, fbo_before[k]), k

@@ -27,7 +27,7 @@ SEED = ["workdir=runs/ava", "data.root=data/ava", "data.train_csv=annotations/av
 SYNTH = ["workdir=runs/synthetic", "data.root=data/synthetic", "data.short_side=120", "data.test_short_side=112",
          "data.train_scale_range=[112,128]", "data.train_crop_size=112", "data.jpeg_quality=90",
          "data.flip_ratio=0.0",
-         "model.depth=18", "model.base_channels=16", "model.latent_channels=64",
+         "model.depth=18", "model.base_channels=16", "model.latent_channels=64", "model.init_backbone_from_baseline=true",
          "train.epochs=6", "train.batch_size_per_worker=8", "train.base_lr=1.6", "train.reference_batch=16",
          "train.warmup_epochs=1.0", "train.lr_steps=[5]", "train.log_every_iters=5", "train.eval_every_epochs=0",
          "eval.batch_size=8", "bank.batch_size=8",
@@ -54,7 +54,8 @@ CONFIGS = {
     "tiny": ("CI smoke: tiny synthetic set, tiny model, 1 epoch",
              SYNTH + ["workdir=runs/tiny", "data.root=data/tiny", "model.base_channels=8", "model.latent_channels=16",
                       "train.epochs=1", "train.batch_size_per_worker=4", "train.lr_steps=[]",
-                      "train.warmup_epochs=0.5", "bank.window_seconds=20", "model.fbo=nl"], "jobs/pipeline.py"),
+                      "train.warmup_epochs=0.5", "bank.window_seconds=20", "model.fbo=nl",
+                      "model.init_backbone_from_baseline=false"], "jobs/pipeline.py"),
 }
 
 

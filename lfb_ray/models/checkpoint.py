@@ -235,11 +235,12 @@ def load_mmaction2_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
     _load_strict(model, ours, "backbone." if backbone_only else "", what)
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> str:
+def load_checkpoint(model: nn.Module, path: str | Path, *, backbone_only: bool = False) -> str:
     """Load weights from a file in our format or mmaction2's, strictly (see the loaders above).
 
     Our format holding only `backbone.*` keys (a converted Kinetics checkpoint) loads the
-    backbone only.
+    backbone only. `backbone_only=True` takes just the backbone of a whole detector (e.g. the
+    baseline's backbone into an LFB model, whose head differs); the backbone must still match exactly.
 
     Returns:
         what was loaded: "lfb_ray/v1", "lfb_ray/v1 backbone", "mmaction2" or "mmaction2 backbone".
@@ -247,10 +248,12 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> str:
     obj = _load_object(path)
     flat = _unwrap(obj, str(path))
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        if backbone_only:
+            flat = {k: v for k, v in flat.items() if k.startswith("backbone.")}
         backbone_only = all(k.startswith("backbone.") for k in flat)
         _load_strict(model, flat, "backbone." if backbone_only else "", str(path))
         return FORMAT + (" backbone" if backbone_only else "")
-    backbone_only = not any(k.startswith("roi_head.") for k in flat)
+    backbone_only = backbone_only or not any(k.startswith("roi_head.") for k in flat)
     load_mmaction2_state_dict(model, flat, backbone_only=backbone_only)
     return "mmaction2" + (" backbone" if backbone_only else "")
 

@@ -21,6 +21,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from lfb_ray.config import (
     Config,
+    ConfigError,
     config_from_dict,
     config_hash,
     config_to_dict,
@@ -191,8 +192,10 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[lfb_ray] resumed from checkpoint at epoch {start_epoch + 1}, iteration {skip_iters}, "
                   f"global step {global_step}", flush=True)
-    elif config.get("init_checkpoint"):  # a new run initialised from another run's weights
-        load_checkpoint(core, config["init_checkpoint"])
+    elif config.get("init_checkpoint"):  # a new LFB run starting from the baseline's backbone
+        what = load_checkpoint(core, config["init_checkpoint"], backbone_only=True)
+        if rank == 0:
+            print(f"[lfb_ray] initialised the backbone from {config['init_checkpoint']} ({what})", flush=True)
     tracker = (Tracker(cfg.tracking_uri, config["mlflow_run_id"])
                if rank == 0 and config.get("mlflow_run_id") else NullTracker())
     results_dir = config["results_dir"]
@@ -349,6 +352,11 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
 
     t0 = time.time()
     cfg = resolve_paths(cfg)
+    if cfg.model.fbo != "none" and cfg.model.init_backbone_from_baseline:
+        init_checkpoint = init_checkpoint or cfg.bank.checkpoint
+        if not init_checkpoint:
+            raise ConfigError("model.init_backbone_from_baseline=true needs the baseline checkpoint: set "
+                              "bank.checkpoint (the pipeline passes its baseline automatically)")
     name = run_name_for(cfg)
     if fresh:
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

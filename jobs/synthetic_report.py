@@ -1,6 +1,8 @@
 """Role accuracy on the synthetic val set with / without the actor's cue inside the clip, per run.
 
     python jobs/synthetic_report.py --data data/synthetic --workdir runs/synthetic
+    python jobs/synthetic_report.py --data data/synthetic --workdir runs/synthetic \
+        --bank-probe runs/synthetic/bank --baseline-model runs/synthetic/ray_results/<run>/<checkpoint>/model.pt
 
 See lfb_ray/evaluation/synthetic_report.py for the rule. No Ray; reads the runs' val result CSVs.
 """
@@ -18,7 +20,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="synthetic dataset folder (with dataset.json)")
     p.add_argument("--workdir", required=True, help="pipeline workdir (with results/<run>/)")
+    p.add_argument("--bank-probe", default="", help="bank folder: also report what the bank holds")
+    p.add_argument("--baseline-model", default="", help="model.pt of the baseline that computed the bank")
     args = p.parse_args(argv)
+    if bool(args.bank_probe) != bool(args.baseline_model):
+        p.error("--bank-probe and --baseline-model go together")
     if not (Path(args.data) / "dataset.json").is_file():
         print(f"error: {args.data}/dataset.json not found (not a synthetic dataset)", file=sys.stderr)
         return 1
@@ -30,6 +36,18 @@ def main(argv=None) -> int:
     for name, path in runs.items():
         r = role_accuracy(args.data, path)
         print(f"{name:24s} {r.cue:8.3f} (n={r.cue_total:4d})     {r.nocue:6.3f} (n={r.nocue_total:4d})")
+    if args.bank_probe:
+        from lfb_ray.evaluation.synthetic_report import bank_probe
+
+        b = bank_probe(args.data, args.bank_probe, args.baseline_model)
+        print("\nbank probe (the baseline's fc_cls on its own bank entries, GT-matched):")
+        for split in ("train", "val"):
+            (c, nc), (o, no) = b.role_cue[split], b.role_nocue[split]
+            print(f"  {split:5s} role acc at the actor's cue seconds {c:.3f} (n={nc}), elsewhere {o:.3f} (n={no})")
+        print(f"  val   look (identity) acc {b.look_val[0]:.3f} (n={b.look_val[1]})")
+        print("  val keyframes without the cue, role from the mean probability of bank entries of:")
+        for name, (acc, n) in b.oracle_val.items():
+            print(f"    {name:28s} {acc:.3f} (n={n})")
     return 0
 
 

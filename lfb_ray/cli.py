@@ -37,5 +37,17 @@ def init_ray(cfg: Config | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
     else:
+        # No dashboard locally, hence no State API: Ray Train's PlacementGroupCleaner actor then logs
+        # "Failed to query Ray Train Controller actor state" every few seconds for the whole fit.
+        # A local cluster dies with its driver (taking any placement group with it), so the hook
+        # raises only that logger's level in Ray's worker processes.
+        runtime_env["worker_process_setup_hook"] = "lfb_ray.cli.quiet_local_ray_workers"
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env,
                  configure_logging=True, logging_level="WARNING")
+
+
+def quiet_local_ray_workers() -> None:
+    """`worker_process_setup_hook` of local clusters: silence the State-API-less cleaner's warnings."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-__all__ = ["StorageError", "check_writable", "exists", "join", "read_json", "remove_dir",
+__all__ = ["StorageError", "check_writable", "exists", "join", "join_uri", "read_json", "remove_dir",
            "resolve", "write_bytes_atomic", "write_json_atomic"]
 
 
@@ -36,6 +36,14 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 def join(base: str, *parts: str) -> str:
     """Join path parts of a filesystem path (always '/')."""
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    """Append path parts to a local path or URI, keeping a URI's `?options` at the end."""
+    base, sep, query = uri.partition("?") if "://" in uri else (uri, "", "")
+    if "://" not in uri:
+        return os.path.join(base, *parts)
+    return join(base, *parts) + sep + query
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:

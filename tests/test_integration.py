@@ -375,7 +375,11 @@ def test_s3_prepare_bank_and_checkpoints(synthetic_root, ray_local, s3, tmp_path
     assert r.metrics["epoch"] == 1 and 0.0 <= r.metrics["val/mAP"] <= 1.0
     ckpt_keys = keys(f"ray_results/{r.run_name}/")
     assert any(k.endswith("/model.pt") for k in ckpt_keys) and any(k.endswith("/state.pt") for k in ckpt_keys)
-    assert r.checkpoint_path.startswith(f"lfb-it/ray_results/{r.run_name}/checkpoint_")
+    assert r.checkpoint_path.startswith(uri(f"ray_results/{r.run_name}/checkpoint_").split("?")[0])
+    assert r.model_path.endswith("/model.pt?" + uri("x").split("?")[1])
+    from lfb_ray.models import build_detector, load_checkpoint  # the URI opens again, credentials and all
+
+    assert load_checkpoint(build_detector(cfg.model), r.model_path) == "lfb_ray/v1"
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,3 +45,39 @@ def test_report_job_errors_without_results(synthetic_root, tmp_path, capsys):
 
     assert job.main(["--data", str(synthetic_root), "--workdir", str(tmp_path)]) == 1
     assert "no val result CSVs" in capsys.readouterr().err
+
+
+def test_bank_probe_reads_roles_and_looks_of_a_bank_that_holds_them(synthetic_root, tmp_path):
+    import numpy as np
+    import torch
+
+    from lfb_ray.bank import write_bank
+    from lfb_ray.evaluation.synthetic_report import bank_probe
+    from lfb_ray.models import save_checkpoint
+
+    roles, looks = LABEL_FAMILIES["long_term"], LABEL_FAMILIES["appearance"]
+    actors = load_actors(synthetic_root / "dataset.json")
+    dim = len(roles) + len(looks)
+    for split in ("train", "val"):
+        rows = [r for r in csv.reader(open(synthetic_root / "annotations" / f"{split}.csv")) if int(r[6]) in roles]
+        feats = np.zeros((len(rows), dim), np.float16)
+        for i, r in enumerate(rows):  # feature = one-hot role + one-hot look of the GT actor
+            feats[i, roles.index(int(r[6]))] = 1
+            feats[i, len(roles) + actors[r[0]][int(r[7])].look] = 1
+        write_bank(tmp_path / "bank" / split, video_ids=[r[0] for r in rows], seconds=[int(r[1]) for r in rows],
+                   person_index=[int(r[7]) for r in rows], boxes=np.array([r[2:6] for r in rows], float),
+                   scores=np.ones(len(rows)), features=feats)
+    weight = torch.zeros(81, dim)
+    for k, a in enumerate(roles):
+        weight[a, k] = 1
+    for k, a in enumerate(looks):
+        weight[a, len(roles) + k] = 1
+    save_checkpoint({"fc_cls.weight": weight, "fc_cls.bias": torch.zeros(81)}, tmp_path / "model.pt")
+    probe = bank_probe(synthetic_root, tmp_path / "bank", tmp_path / "model.pt")
+    for split in ("train", "val"):
+        assert probe.role_cue[split][0] == probe.role_nocue[split][0] == 1.0
+        assert probe.role_cue[split][1] > 0 and probe.role_nocue[split][1] > 0
+    assert probe.look_val[0] == 1.0
+    assert probe.oracle_val["same actor, all seconds"][0] == 1.0
+    # Mixing the actors of a video (distinct roles) cannot name each actor's role.
+    assert probe.oracle_val["all actors of the video"][0] < 1.0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RoleAccuracy", "role_accuracy", "find_result_csvs"]
+__all__ = ["BankProbe", "RoleAccuracy", "bank_probe", "find_result_csvs", "role_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,10 @@ class RoleAccuracy:
     @property
     def nocue(self) -> float:
         return self.nocue_correct / self.nocue_total if self.nocue_total else float("nan")
+
+
+def _ratio(ok: int, n: int) -> float:
+    return ok / n if n else float("nan")
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -90,3 +94,100 @@ def find_result_csvs(workdir: str | os.PathLike) -> dict[str, Path]:
         if csvs:
             out[run.name] = csvs[-1]
     return out
+
+
+@dataclass(frozen=True)
+class BankProbe:
+    """What the baseline's bank holds, read with the baseline's own classifier (accuracies, counts)."""
+
+    role_cue: dict[str, tuple[float, int]]  # split -> (role acc of entries at the actor's cue seconds, n)
+    role_nocue: dict[str, tuple[float, int]]  # split -> (role acc of the other entries, n)
+    look_val: tuple[float, int]  # look (identity) accuracy of val entries
+    oracle_val: dict[str, tuple[float, int]]  # reader -> (role acc on val no-cue keyframes, n)
+
+
+def _gt_boxes(dataset_dir: Path, split: str, ids: tuple[int, ...]) -> dict:
+    gt: dict[tuple[str, int], list[tuple[np.ndarray, int, int]]] = defaultdict(list)
+    with open(dataset_dir / "annotations" / f"{split}.csv", newline="") as f:
+        for row in csv.reader(f):
+            if int(row[6]) in ids:
+                gt[row[0], int(row[1])].append((np.array(row[2:6], float), int(row[6]), int(row[7])))
+    return gt
+
+
+def bank_probe(dataset_dir: str | os.PathLike, bank_dir: str | os.PathLike,
+               baseline_model: str | os.PathLike) -> BankProbe:
+    """Apply the baseline's `fc_cls` to every bank entry matched (IoU >= 0.5) to a GT actor.
+
+    Answers "does the bank hold each actor's role, and can an entry be told whose it is?" apart
+    from whether an LFB head learns to use it. Oracle readers for val keyframes without the cue:
+    the mean role probability over bank entries of the same actor (all seconds, or only its cue
+    seconds), and over all actors of the video (what an operator that cannot match identity gets).
+
+    Args:
+        bank_dir: the bank folder with `train/` and `val/` (`features.arrow` each).
+        baseline_model: the baseline's `model.pt` (the detector that computed the bank).
+    """
+    import pyarrow.ipc as ipc
+
+    from lfb_ray.data.synthetic import LABEL_FAMILIES, load_actors
+    from lfb_ray.models.checkpoint import read_checkpoint_file
+
+    dataset_dir = Path(dataset_dir)
+    sd = read_checkpoint_file(baseline_model)
+    weight, bias = sd["fc_cls.weight"].float().numpy(), sd["fc_cls.bias"].float().numpy()
+    roles, looks = list(LABEL_FAMILIES["long_term"]), list(LABEL_FAMILIES["appearance"])
+    actors = load_actors(dataset_dir / "dataset.json")
+    role_cue, role_nocue = {}, {}
+    look = (0, 0)
+    oracle: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for split in ("train", "val"):
+        gt = _gt_boxes(dataset_dir, split, tuple(roles))
+        with ipc.open_file(str(Path(bank_dir) / split / "features.arrow")) as reader:
+            table = reader.read_all()
+        feats = np.stack(table.column("feature").to_numpy(zero_copy_only=False)).astype(np.float32)
+        logits = feats @ weight.T + bias  # [N, num_classes]
+        counts = np.zeros((2, 2), np.int64)  # [at cue second?, correct?]
+        look_ok = look_n = 0
+        own: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = defaultdict(list)
+        video: dict[str, list[np.ndarray]] = defaultdict(list)
+        for i, (vid, sec, box) in enumerate(zip(table.column("video_id").to_pylist(), table.column("second").to_pylist(),
+                                                table.column("box").to_pylist(), strict=True)):
+            cands = gt.get((vid, sec), [])
+            if not cands:
+                continue
+            ious = _iou(np.asarray(box, float), np.stack([c[0] for c in cands]))
+            j = int(ious.argmax())
+            if ious[j] < 0.5:
+                continue
+            _, role, pid = cands[j]
+            actor = actors[vid][pid]
+            at_cue = any(abs(c - sec) <= 1 for c in actor.cue_seconds)
+            counts[int(at_cue), int(roles[int(np.argmax(logits[i, roles]))] == role)] += 1
+            if split == "val":
+                look_ok += looks[int(np.argmax(logits[i, looks]))] == looks[actor.look]
+                look_n += 1
+                p = np.exp(logits[i, roles] - logits[i, roles].max())
+                own[vid, pid].append((sec, p / p.sum()))
+                video[vid].append(p / p.sum())
+        role_cue[split] = (_ratio(int(counts[1, 1]), int(counts[1].sum())), int(counts[1].sum()))
+        role_nocue[split] = (_ratio(int(counts[0, 1]), int(counts[0].sum())), int(counts[0].sum()))
+        if split == "val":
+            look = (_ratio(look_ok, look_n), look_n)
+            for (vid, t), cands in gt.items():
+                for _, role, pid in cands:
+                    actor = actors[vid][pid]
+                    if any(abs(c - t) <= 1 for c in actor.cue_seconds):
+                        continue
+                    readers = {
+                        "same actor, all seconds": [p for _, p in own[vid, pid]],
+                        "same actor, its cue seconds": [p for s, p in own[vid, pid]
+                                                        if any(abs(c - s) <= 1 for c in actor.cue_seconds)],
+                        "all actors of the video": video[vid],
+                    }
+                    for name, ps in readers.items():
+                        if ps:
+                            oracle[name][0] += int(roles[int(np.argmax(np.mean(ps, axis=0)))] == role)
+                            oracle[name][1] += 1
+    return BankProbe(role_cue, role_nocue, look,
+                     {k: (_ratio(ok, n), n) for k, (ok, n) in oracle.items()})

@@ -89,7 +89,21 @@ class _DroppedObject:
 
 
 def _load_object(path: str | Path) -> Any:
-    """`torch.load(weights_only=True)`, retrying with placeholders for metadata globals."""
+    """`torch.load(weights_only=True)`, retrying with placeholders for metadata globals.
+
+    A URI (`s3://...`, e.g. a Ray Train checkpoint on object storage) is first copied to a local
+    temporary file through its pyarrow filesystem; the same restricted loading applies to it.
+    """
+    if "://" in str(path) and not str(path).startswith("file://"):
+        from lfb_ray.storage import resolve
+
+        fs, inner = resolve(str(path))
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, os.path.basename(inner) or "checkpoint.pt")
+            with fs.open_input_stream(inner) as src, open(local, "wb") as dst:
+                while chunk := src.read(1 << 24):
+                    dst.write(chunk)
+            return _load_object(local)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

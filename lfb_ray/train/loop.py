@@ -313,6 +313,23 @@ def _scaling(cfg: Config):
                                                **({"GPU": 1} if use_gpu else {})})
 
 
+def _checkpoint_uri(checkpoint, storage_path: str) -> str:
+    """A Ray Train checkpoint's location as a path or URI that `lfb_ray.storage.resolve` opens.
+
+    `Checkpoint.path` drops the scheme and the options of remote storage (`bucket/run/ckpt` for
+    `s3://bucket/run/ckpt?endpoint_override=...`): the configured storage URI supplies them.
+    """
+    from lfb_ray.storage import join_uri, resolve
+
+    fs = getattr(checkpoint, "filesystem", None)
+    if fs is None or getattr(fs, "type_name", "local") == "local" or "://" not in storage_path:
+        return checkpoint.path
+    _, base_inner = resolve(storage_path)
+    if not checkpoint.path.startswith(base_inner.rstrip("/") + "/"):
+        raise ValueError(f"checkpoint {checkpoint.path} is not under train.storage_path {storage_path}")
+    return join_uri(storage_path, checkpoint.path[len(base_inner.rstrip("/")) + 1:])
+
+
 def _cache_rows(cfg: Config) -> bool:
     """Whether to keep the raw train rows in the object store for the whole fit (`train.cache_rows`).
 
@@ -348,6 +365,7 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
     from ray.train.torch import TorchTrainer
 
     from lfb_ray.data.dataset import count_rows, decode_train_rows, read_split
+    from lfb_ray.storage import join_uri
     from lfb_ray.tracking import find_or_create_run
 
     t0 = time.time()
@@ -395,8 +413,8 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
-    ckpt_path = result.checkpoint.path if result.checkpoint else None
-    model_path = os.path.join(ckpt_path, "model.pt") if ckpt_path else None
+    ckpt_path = _checkpoint_uri(result.checkpoint, storage) if result.checkpoint else None
+    model_path = join_uri(ckpt_path, "model.pt") if ckpt_path else None
     metrics = dict(result.metrics or {})
     if run_id:
         from lfb_ray.tracking import Tracker

@@ -8,7 +8,8 @@ Several dataset seeds (one pipeline run each, each with its own workdir/experime
 and one table of mean (min-max) per operator:
 
     python jobs/compare.py --config configs/synthetic.yaml \\
-        --config configs/synthetic.yaml --set workdir=runs/synthetic_s1 --set tracking.experiment=lfb_synthetic_s1
+        --config configs/synthetic.yaml --set workdir=runs/synthetic_s1 --set data.root=data/synthetic_s1 \
+        --set tracking.experiment=lfb_synthetic_s1
 """
 
 import argparse
@@ -20,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv=None) -> int:
     from lfb_ray.compare import collect_runs, compare, format_seed_table
-    from lfb_ray.config import load_config
+    from lfb_ray.config import load_config, resolve_paths
+    from lfb_ray.evaluation.families import label_families
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[],
@@ -56,13 +58,14 @@ def main(argv=None) -> int:
         if len(groups) > 1:
             per_seed = {}
             for path, overrides in groups:
-                cfg = load_config(path, overrides)
-                rows = collect_runs(cfg.tracking_uri, cfg.tracking.experiment)
+                cfg = resolve_paths(load_config(path, overrides))
+                fams = label_families(cfg.data_path("dataset.json"))
+                rows = collect_runs(cfg.tracking_uri, cfg.tracking.experiment, families=fams)
                 if not rows:
                     raise ValueError(f"no finished lfb_ray runs in experiment {cfg.tracking.experiment!r} "
                                      f"at {cfg.tracking_uri}")
                 table, _ = compare(cfg.tracking_uri, cfg.tracking.experiment,
-                                   str(Path(cfg.workdir) / "comparison"))
+                                   str(Path(cfg.workdir) / "comparison"), families=fams)
                 print(f"== {cfg.tracking.experiment} ({cfg.workdir})\n{table}\n")
                 per_seed[f"{cfg.tracking.experiment}@{cfg.workdir}"] = rows
             seeds = format_seed_table(per_seed, markdown=False)
@@ -72,11 +75,12 @@ def main(argv=None) -> int:
                 (Path(args.out) / "seeds.md").write_text(format_seed_table(per_seed) + "\n")
                 print(f"wrote {args.out}/seeds.md")
             return 0
-        cfg = load_config(groups[0][0] if groups else None, groups[0][1] if groups else ())
+        cfg = resolve_paths(load_config(groups[0][0] if groups else None, groups[0][1] if groups else ()))
         uri = args.tracking_uri or cfg.tracking_uri
         exp = args.experiment or cfg.tracking.experiment
         out = args.out or str(Path(cfg.workdir) / "comparison")
-        table, _ = compare(uri, exp, out, run_ids=[r for r in args.run_ids.split(",") if r] or None)
+        table, _ = compare(uri, exp, out, run_ids=[r for r in args.run_ids.split(",") if r] or None,
+                           families=label_families(cfg.data_path("dataset.json")))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -29,8 +29,13 @@ class ComparisonRow:
 
 
 def collect_runs(tracking_uri: str, experiment: str, run_ids: list[str] | None = None,
-                 latest_per_operator: bool = True) -> list[ComparisonRow]:
-    """Runs of `experiment` (or exactly `run_ids`) that carry an operator tag, best first by order."""
+                 latest_per_operator: bool = True,
+                 families: dict[str, tuple[int, ...]] | None = None) -> list[ComparisonRow]:
+    """Runs of `experiment` (or exactly `run_ids`) that carry an operator tag, best first by order.
+
+    `families` (label family -> class ids, see `lfb_ray.evaluation.families`) fills in family mAPs a
+    run did not log, from its logged per-class APs (`val_ap/<id>`).
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -57,10 +62,16 @@ def collect_runs(tracking_uri: str, experiment: str, run_ids: list[str] | None =
             continue
         seen.add(op)
         per_class = {k.split("/", 1)[1]: v for k, v in run.data.metrics.items() if k.startswith("val_ap/")}
+        metrics = dict(run.data.metrics)
+        if families and per_class:
+            from lfb_ray.evaluation.families import family_means
+
+            for k, v in family_means(per_class, families).items():
+                metrics.setdefault(k, v)
         hist = client.get_metric_history(run.info.run_id, "train/loss")
         curve = sorted((m.step, m.value) for m in hist)
         rows.append(ComparisonRow(op, run.info.run_id, run.data.tags.get("lfb_ray.run_name", ""),
-                                  dict(run.data.metrics), per_class, curve))
+                                  metrics, per_class, curve))
     rows.sort(key=lambda r: ORDER.get(r.operator, 9))
     return rows
 
@@ -164,9 +175,10 @@ def plot(rows: list[ComparisonRow], path: str) -> None:
 
 
 def compare(tracking_uri: str, experiment: str, out_dir: str, run_ids: list[str] | None = None,
-            log_to_mlflow: bool = True) -> tuple[str, list[ComparisonRow]]:
+            log_to_mlflow: bool = True,
+            families: dict[str, tuple[int, ...]] | None = None) -> tuple[str, list[ComparisonRow]]:
     """Build the comparison, write table/PNG into `out_dir`, log them to MLflow; return the table."""
-    rows = collect_runs(tracking_uri, experiment, run_ids)
+    rows = collect_runs(tracking_uri, experiment, run_ids, families=families)
     if not rows:
         raise ValueError(f"no finished lfb_ray runs with a val/mAP in experiment {experiment!r}")
     os.makedirs(out_dir, exist_ok=True)

@@ -31,3 +31,18 @@ def test_compare_job_needs_a_config_before_set():
 
     with pytest.raises(SystemExit):
         job.main(["--set", "workdir=x"])
+
+
+def test_family_means_from_per_class_aps(tmp_path):
+    import json
+    import math
+
+    from lfb_ray.evaluation.families import family_means, label_families
+
+    assert label_families(tmp_path / "missing.json") == {}
+    (tmp_path / "dataset.json").write_text(json.dumps({"label_families": {"short": [11, 12], "long": [64, 65]}}))
+    fams = label_families(tmp_path / "dataset.json")
+    assert fams == {"short": (11, 12), "long": (64, 65)}
+    out = family_means({"11": 0.5, "12": 1.0, 64: float("nan")}, fams)
+    assert out["val/mAP_family_short"] == 0.75
+    assert math.isnan(out["val/mAP_family_long"])  # no class of the family has an AP

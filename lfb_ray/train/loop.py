@@ -139,6 +139,9 @@ def _evaluate(model, cfg: Config, bank, ctx, device, epoch: int, results_dir: st
     for g, v in res["group_mAP"].items():
         out[f"val/mAP_{g}"] = v
     out["_per_class"] = res["per_class"]
+    from lfb_ray.evaluation.families import family_means, label_families
+
+    out.update(family_means(res["per_class"], label_families(cfg.data_path("dataset.json"))))
     return out
 
 

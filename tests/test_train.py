@@ -29,6 +29,8 @@ def test_ddp_ranks_agree_and_val_map_is_reported(baseline):
     assert 0.0 <= r.metrics["val/mAP"] <= 1.0
     assert os.path.exists(r.model_path)
     assert os.path.exists(r.metrics["val/csv"])
+    # The synthetic set declares label families (dataset.json): their mAPs come with every evaluation.
+    assert {"val/mAP_family_short_term", "val/mAP_family_long_term", "val/mAP_family_appearance"} <= set(r.metrics)
 
 
 def test_loss_decreases_and_mlflow_has_every_step_once(baseline):

@@ -216,8 +216,19 @@ class RayCLICluster:
         self.wait_for_nodes(1)
 
     def add_node(self, num_cpus: int, resources: dict | None = None) -> None:
-        self._start([f"--address=127.0.0.1:{self.gcs_port}"], num_cpus, resources, self.env())
-        self.wait_for_nodes(len(self.nodes))
+        """Start a worker node. One retry when `ray start` itself gives up: on a busy 2-core machine
+        its ~30 s startup deadline ("The current node timed out during startup") was seen to expire."""
+        for attempt in (1, 2):
+            self._start([f"--address=127.0.0.1:{self.gcs_port}"], num_cpus, resources, self.env())
+            proc, _, log = self.nodes[-1]
+            try:
+                self.wait_for_nodes(len(self.nodes))
+                return
+            except pytest.fail.Exception:
+                startup_timeout = proc.poll() is not None and "timed out during startup" in log.read_text()
+                if attempt == 2 or not startup_timeout:
+                    raise
+                self.nodes.pop()
 
     def api(self, path: str, token: bool = True) -> dict:
         req = urllib.request.Request(self.dashboard + path)

@@ -46,7 +46,7 @@ def test_rows_match_annotations_and_schema(prepared, synthetic_root):
 
 
 def test_stored_frames_are_the_videos_frames(prepared, synthetic_root):
-    """The keyframe's stored frame equals decord's frame 30*(t-900) of the file."""
+    """The keyframe's stored frame is decord's frame 30*(t-900) of the file, not a neighbour."""
     import decord
 
     from lfb_ray.data.clips import decode_jpeg
@@ -58,9 +58,10 @@ def test_stored_frames_are_the_videos_frames(prepared, synthetic_root):
     idx = row["frame_indices"][row["frame_slot"][k]]
     assert idx == 30 * (row["timestamp"] - 900)
     vr = decord.VideoReader(str(synthetic_root / "videos" / f"{row['video_id']}.mp4"))
-    ref = vr[idx].asnumpy()
-    got = decode_jpeg(row["frames"][row["frame_slot"][k]])
-    assert np.abs(got.astype(int) - ref).mean() < 4  # JPEG q90 of the same frame
+    got = decode_jpeg(row["frames"][row["frame_slot"][k]]).astype(int)
+    err = {i: np.abs(got - vr[i].asnumpy()).mean() for i in (idx - 1, idx, idx + 1)}
+    assert err[idx] < 6  # JPEG q90 of the same textured 160x120 frame (measured 4.4)
+    assert err[idx] < min(err[idx - 1], err[idx + 1])  # closer than the neighbouring frames
 
 
 def test_rerun_is_idempotent_and_resumes(prepared, synthetic_root, tmp_path):

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    from lfb_ray.compare import collect_runs, compare, format_seed_table
+    from lfb_ray.compare import compare, format_seed_table
     from lfb_ray.config import load_config, resolve_paths
     from lfb_ray.evaluation.families import label_families
 
@@ -60,12 +60,8 @@ def main(argv=None) -> int:
             for path, overrides in groups:
                 cfg = resolve_paths(load_config(path, overrides))
                 fams = label_families(cfg.data_path("dataset.json"))
-                rows = collect_runs(cfg.tracking_uri, cfg.tracking.experiment, families=fams)
-                if not rows:
-                    raise ValueError(f"no finished lfb_ray runs in experiment {cfg.tracking.experiment!r} "
-                                     f"at {cfg.tracking_uri}")
-                table, _ = compare(cfg.tracking_uri, cfg.tracking.experiment,
-                                   str(Path(cfg.workdir) / "comparison"), families=fams)
+                table, rows = compare(cfg.tracking_uri, cfg.tracking.experiment,
+                                      str(Path(cfg.workdir) / "comparison"), families=fams)
                 print(f"== {cfg.tracking.experiment} ({cfg.workdir})\n{table}\n")
                 per_seed[f"{cfg.tracking.experiment}@{cfg.workdir}"] = rows
             seeds = format_seed_table(per_seed, markdown=False)

@@ -80,6 +80,18 @@ def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
 
 
+def _render(head: list[str], lines: list[list[str]], markdown: bool) -> str:
+    """A Markdown table, or a plain one with space-padded columns."""
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(x) + " |" for x in lines]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    out += ["  ".join(x[i].ljust(widths[i]) for i in range(len(head))) for x in lines]
+    return "\n".join(out)
+
+
 def format_table(rows: list[ComparisonRow], markdown: bool = True) -> str:
     """Seed-style table: mAP in percent, as the LFB paper and mmaction2 report it."""
     fam_keys = sorted({k for r in rows for k in r.metrics if k.startswith("val/mAP_family_")})
@@ -93,14 +105,7 @@ def format_table(rows: list[ComparisonRow], markdown: bool = True) -> str:
                      + [_fmt(m.get(k)) for k in fam_keys] + [_fmt(m.get(k)) for k in grp_keys]
                      + [str(int(m.get("epoch", 0))), f"{m.get('wall_seconds', float('nan')):.0f}",
                         f"{m.get('train/clips_per_s', float('nan')):.1f}", r.run_id[:12]])
-    if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        out += ["| " + " | ".join(x) + " |" for x in lines]
-        return "\n".join(out)
-    widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
-    out += ["  ".join(x[i].ljust(widths[i]) for i in range(len(head))) for x in lines]
-    return "\n".join(out)
+    return _render(head, lines, markdown)
 
 
 def format_seed_table(per_seed: dict[str, list[ComparisonRow]], markdown: bool = True) -> str:
@@ -130,14 +135,7 @@ def format_seed_table(per_seed: dict[str, list[ComparisonRow]], markdown: bool =
                          f"{sum(vals) / len(vals):.2f} ({min(vals):.2f}-{max(vals):.2f})")
         cells.append(str(len(per_seed)))
         lines.append(cells)
-    if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        out += ["| " + " | ".join(x) + " |" for x in lines]
-        return "\n".join(out)
-    widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
-    out += ["  ".join(x[i].ljust(widths[i]) for i in range(len(head))) for x in lines]
-    return "\n".join(out)
+    return _render(head, lines, markdown)
 
 
 def plot(rows: list[ComparisonRow], path: str) -> None:

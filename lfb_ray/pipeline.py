@@ -43,8 +43,6 @@ def _save_state(path: str, state: dict) -> None:
 
 def _family_means(cfg: Config, csv_path: str) -> dict[str, float]:
     """mAP per label family (e.g. short_term / long_term of the synthetic set) from dataset.json."""
-    import numpy as np
-
     from lfb_ray.data.annotations import (
         read_annotation_rows,
         read_exclusions,
@@ -52,23 +50,16 @@ def _family_means(cfg: Config, csv_path: str) -> dict[str, float]:
         read_result_rows,
     )
     from lfb_ray.evaluation import evaluate_frame_map
+    from lfb_ray.evaluation.families import family_means, label_families
 
-    info_path = cfg.data_path("dataset.json")
-    if not os.path.exists(info_path):
+    families = label_families(cfg.data_path("dataset.json"))
+    if not families:
         return {}
-    with open(info_path) as f:
-        info = json.load(f)
-    families = info.get("label_families") or {}
     label_map = read_label_map(cfg.data_path(cfg.data.label_map))
     excl = read_exclusions(cfg.data_path(cfg.data.val_exclusions)) if cfg.data.val_exclusions else set()
     res = evaluate_frame_map(read_annotation_rows(cfg.data_path(cfg.data.val_csv)), read_result_rows(csv_path),
                              label_map, excl, protocol=cfg.eval.protocol)
-    out = {}
-    for fam, ids in families.items():
-        vals = [res.per_class.get(int(i), float("nan")) for i in ids]
-        vals = [v for v in vals if not math.isnan(v)]
-        out[f"val/mAP_family_{fam}"] = float(np.mean(vals)) if vals else float("nan")
-    return out
+    return family_means(res.per_class, families)
 
 
 def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max"), start_from: str | None = None,

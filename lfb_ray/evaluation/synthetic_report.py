@@ -59,11 +59,7 @@ def role_accuracy(dataset_dir: str | os.PathLike, result_csv: str | os.PathLike,
 
     roles = tuple(LABEL_FAMILIES["long_term"])
     actors = load_actors(Path(dataset_dir) / "dataset.json")
-    gt: dict[tuple[str, int], dict[int, tuple[np.ndarray, int]]] = defaultdict(dict)
-    with open(Path(dataset_dir) / "annotations" / f"{split}.csv", newline="") as f:
-        for row in csv.reader(f):
-            if int(row[6]) in roles:
-                gt[row[0], int(row[1])][int(row[7])] = (np.array(row[2:6], float), int(row[6]))
+    gt = _gt_boxes(Path(dataset_dir), split, roles)
     det: dict[tuple[str, int], dict[tuple, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     with open(result_csv, newline="") as f:
         for row in csv.reader(f):
@@ -72,7 +68,7 @@ def role_accuracy(dataset_dir: str | os.PathLike, result_csv: str | os.PathLike,
     counts = np.zeros((2, 2), np.int64)  # [cue in clip?, correct?]
     for (vid, t), people in gt.items():
         boxes = list(det.get((vid, t), {}))
-        for pid, (box, role) in people.items():
+        for box, role, pid in people:
             if not boxes:
                 continue
             ious = _iou(box, np.array(boxes))

@@ -3,6 +3,7 @@
     python jobs/train.py --config configs/lfb_nl.yaml [key=value ...]
     python jobs/train.py --config configs/baseline.yaml              # model.fbo=none: the bank model
     python jobs/train.py --config configs/lfb_nl.yaml --operators nl,avg,max
+    python jobs/train.py --config configs/synthetic.yaml model.fbo=none --init-backbone <baseline model.pt>
     ray job submit --working-dir . -- python jobs/train.py --config configs/lfb_nl.yaml
 
 Rerunning the same command resumes the same run (deterministic run name); --fresh starts anew.
@@ -22,6 +23,9 @@ def main(argv=None) -> int:
     p = base_parser(__doc__)
     p.add_argument("--operators", default="", help="comma list of operators, e.g. nl,avg,max (one run each)")
     p.add_argument("--fresh", action="store_true", help="start a new run instead of resuming")
+    p.add_argument("--init-backbone", default=None, metavar="MODEL",
+                   help="start the backbone from this detector checkpoint (fresh head, lr scaled by "
+                        "train.finetune_lr_scale), e.g. the control that continues the baseline")
     args = p.parse_args(argv)
     cfg = load_from_args(args)
     init_ray(cfg)
@@ -31,9 +35,9 @@ def main(argv=None) -> int:
         if bad:
             print(f"error: --operators: unknown operator(s) {bad}; allowed: none, nl, avg, max", file=sys.stderr)
             return 2
-        results = fit_operators(cfg, ops, fresh=args.fresh)
+        results = fit_operators(cfg, ops, fresh=args.fresh, init_checkpoint=args.init_backbone)
     else:
-        results = {cfg.model.fbo: fit(cfg, fresh=args.fresh)}
+        results = {cfg.model.fbo: fit(cfg, fresh=args.fresh, init_checkpoint=args.init_backbone)}
     for op, r in results.items():
         print(f"{op}: run {r.run_name} mlflow {r.mlflow_run_id} val mAP {r.metrics.get('val/mAP', float('nan')):.4f} "
               f"model {r.model_path} ({r.seconds:.0f} s)")

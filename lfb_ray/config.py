@@ -164,10 +164,17 @@ class TrainConfig:
     # only re-runs decode/augment instead of re-reading Parquet. "auto": when the split's Parquet
     # bytes are at most a quarter of the cluster's object store (the decision is printed).
     cache_rows: Literal["auto", "on", "off"] = "auto"
+    # Multiplies base_lr for a run whose backbone starts from a trained detector (an LFB model with
+    # model.init_backbone_from_baseline, or `jobs/train.py --init-backbone`): fine-tuning from the
+    # baseline wants a smaller step than training it from scratch. Not applied to model.pretrained
+    # (mmaction2's Kinetics recipe keeps one lr).
+    finetune_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size_per_worker < 1:
             raise ConfigError("train.epochs and train.batch_size_per_worker must be >= 1")
+        if self.finetune_lr_scale <= 0:
+            raise ConfigError(f"train.finetune_lr_scale must be > 0, got {self.finetune_lr_scale}")
         if list(self.lr_steps) != sorted(self.lr_steps):
             raise ConfigError(f"train.lr_steps must be increasing, got {self.lr_steps}")
 

@@ -42,13 +42,19 @@ class FitResult:
     seconds: float
 
 
-def run_name_for(cfg: Config) -> str:
-    """Deterministic run name: rerunning the same command resumes the same run."""
+def run_name_for(cfg: Config, init_checkpoint: str | None = None) -> str:
+    """Deterministic run name: rerunning the same command resumes the same run.
+
+    A backbone initialisation is part of the name (`init_checkpoint`), so a baseline continued
+    from its own weights is a different run from the baseline itself.
+    """
     if cfg.train.run_name:
         return cfg.train.run_name
     keep = config_to_dict(cfg)
     for volatile in ("tracking",):
         keep.pop(volatile)
+    if init_checkpoint:
+        keep["init_checkpoint"] = init_checkpoint
     return f"{cfg.model.fbo}-{config_hash(keep)}"
 
 
@@ -173,6 +179,8 @@ def train_loop_per_worker(config: dict) -> None:
     core = model.module if hasattr(model, "module") else model
     global_batch = tc.batch_size_per_worker * world
     base_lr = tc.base_lr * global_batch / tc.reference_batch  # linear scaling rule
+    if config.get("init_checkpoint"):  # fine-tuning from a trained detector's backbone
+        base_lr *= tc.finetune_lr_scale
     optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=tc.momentum,
                                 weight_decay=tc.weight_decay)
     bank = None
@@ -364,6 +372,9 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
     Args:
         fresh: start a new run (new Ray run name and MLflow run) instead of resuming.
         parent_run_id: MLflow parent run (the `--operators` submission).
+        init_checkpoint: a detector checkpoint whose backbone the new run starts from (the head
+            stays freshly initialised); the lr is then scaled by `train.finetune_lr_scale`. LFB
+            models with `model.init_backbone_from_baseline` default to `bank.checkpoint`.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -379,7 +390,7 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
         if not init_checkpoint:
             raise ConfigError("model.init_backbone_from_baseline=true needs the baseline checkpoint: set "
                               "bank.checkpoint (the pipeline passes its baseline automatically)")
-    name = run_name_for(cfg)
+    name = run_name_for(cfg, init_checkpoint)
     if fresh:
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = cfg.storage_path
@@ -454,7 +465,8 @@ def _with_operator(cfg: Config, op: str) -> Config:
     return config_from_dict(d)
 
 
-def fit_operators(cfg: Config, operators: list[str], *, fresh: bool = False) -> dict[str, FitResult]:
+def fit_operators(cfg: Config, operators: list[str], *, fresh: bool = False,
+                  init_checkpoint: str | None = None) -> dict[str, FitResult]:
     """One `TorchTrainer` run per operator under one MLflow parent run.
 
     Runs concurrently (each driver in a Ray task) when the cluster has resources for more than
@@ -481,9 +493,9 @@ def fit_operators(cfg: Config, operators: list[str], *, fresh: bool = False) -> 
     out: dict[str, FitResult] = {}
     if concurrent and len(operators) > 1:
         remote_fit = ray.remote(num_cpus=0)(fit)
-        refs = {op: remote_fit.remote(c, fresh=fresh, parent_run_id=parent) for op, c in cfgs.items()}
+        refs = {op: remote_fit.remote(c, fresh=fresh, parent_run_id=parent, init_checkpoint=init_checkpoint) for op, c in cfgs.items()}
         out = {op: ray.get(r) for op, r in refs.items()}
     else:
         for op, c in cfgs.items():
-            out[op] = fit(c, fresh=fresh, parent_run_id=parent)
+            out[op] = fit(c, fresh=fresh, parent_run_id=parent, init_checkpoint=init_checkpoint)
     return out

@@ -14,6 +14,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _pipeline_models(workdir: Path) -> dict[str, str]:
+    """run name -> model of the pipeline's last runs ("baseline", "none-ft" = control, nl, avg, max)."""
+    import json
+
+    try:
+        state = json.loads((workdir / "pipeline.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    if "run_name" in state.get("baseline", {}).get("result", {}):
+        out[state["baseline"]["result"]["run_name"]] = "baseline"
+    for op, r in state.get("operators", {}).get("result", {}).items():
+        out[r.get("run_name", "")] = op
+    return out
+
+
 def main(argv=None) -> int:
     from lfb_ray.evaluation.synthetic_report import find_result_csvs, role_accuracy
 
@@ -32,10 +48,12 @@ def main(argv=None) -> int:
     if not runs:
         print(f"error: no val result CSVs under {args.workdir}/results", file=sys.stderr)
         return 1
-    print(f"{'run':24s} {'role acc, cue in clip':>22s} {'role acc, no cue':>18s}")
+    models = _pipeline_models(Path(args.workdir))
+    print(f"{'run':24s} {'model':10s} {'role acc, cue in clip':>22s} {'role acc, no cue':>18s}")
     for name, path in runs.items():
         r = role_accuracy(args.data, path)
-        print(f"{name:24s} {r.cue:8.3f} (n={r.cue_total:4d})     {r.nocue:6.3f} (n={r.nocue_total:4d})")
+        print(f"{name:24s} {models.get(name, '-'):10s} {r.cue:8.3f} (n={r.cue_total:4d})     "
+              f"{r.nocue:6.3f} (n={r.nocue_total:4d})")
     if args.bank_probe:
         from lfb_ray.evaluation.synthetic_report import bank_probe
 

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 
 __all__ = ["ComparisonRow", "collect_runs", "compare", "format_seed_table", "format_table"]
 
-ORDER = {"none": 0, "avg": 1, "max": 2, "nl": 3}
-NAMES = {"none": "baseline", "avg": "LFB-Avg", "max": "LFB-Max", "nl": "LFB-NL"}
+ORDER = {"none": 0, "none-ft": 1, "avg": 2, "max": 3, "nl": 4}
+# "none-ft": the baseline fine-tuned from its own backbone with the LFB models' schedule, the
+# control for the extra training LFB models get when they start from the baseline.
+NAMES = {"none": "baseline", "none-ft": "baseline fine-tuned (control)", "avg": "LFB-Avg", "max": "LFB-Max",
+         "nl": "LFB-NL"}
 
 
 @dataclass

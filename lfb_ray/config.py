@@ -169,6 +169,10 @@ class TrainConfig:
     # baseline wants a smaller step than training it from scratch. Not applied to model.pretrained
     # (mmaction2's Kinetics recipe keeps one lr).
     finetune_lr_scale: float = 1.0
+    # "sgd": mmaction2's recipe (momentum, weight_decay). "adamw": the same lr schedule and weight
+    # decay with AdamW (betas 0.9/0.999), whose per-parameter step size does not depend on the
+    # gradient scale that a mean BCE over 81 classes gives a freshly initialised head.
+    optimizer: Literal["sgd", "adamw"] = "sgd"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size_per_worker < 1:

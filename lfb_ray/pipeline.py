@@ -1,5 +1,9 @@
 """The whole product in one command: prepare → baseline → bank → nl/avg/max → evaluate → compare.
 
+When the LFB models start from the baseline's backbone (`model.init_backbone_from_baseline`), the
+operators stage also trains the control: the baseline fine-tuned from its own backbone with the
+same schedule, so that a gain is not just the extra training (row "none-ft" of the comparison).
+
 Each stage reads the previous stage's outputs from the paths in the config. A stage whose outputs
 are complete and whose inputs/config are unchanged is skipped (state in `<workdir>/pipeline.json`,
 keyed by a hash of what the stage depends on); `--from STAGE` reruns from that stage on.
@@ -17,6 +21,7 @@ from lfb_ray.config import Config, config_from_dict, config_hash, config_to_dict
 __all__ = ["STAGES", "run_pipeline"]
 
 STAGES = ("prepare", "baseline", "bank", "operators", "evaluate", "compare")
+CONTROL = "none-ft"  # the baseline fine-tuned from itself with the LFB schedule (see `operator_tag`)
 
 
 def _with(cfg: Config, **section_updates) -> Config:
@@ -120,8 +125,11 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
 
     bank = stage("bank", json.dumps([base, config_hash(d, ["bank"])]), do_bank)
     op_cfgs = {op: _with(cfg, model__fbo=op) for op in operators}
-    ops = stage("operators", json.dumps([bank, [config_hash(c) for c in op_cfgs.values()]]),
-                lambda: {op: do_fit(c, base["model"] if c.model.init_backbone_from_baseline else None)
+    if cfg.model.init_backbone_from_baseline:
+        # The LFB models get the baseline's training plus their own; the control gets the same.
+        op_cfgs[CONTROL] = _with(cfg, model__fbo="none")
+    ops = stage("operators", json.dumps([bank, {op: config_hash(c) for op, c in op_cfgs.items()}]),
+                lambda: {op: do_fit(c, base["model"] if cfg.model.init_backbone_from_baseline else None)
                          for op, c in op_cfgs.items()})
 
     def do_evaluate():
@@ -148,10 +156,10 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
 
         stage("compare", json.dumps([evals]), do_compare)
     print("\n[pipeline] summary (val frame-mAP@0.5, %)")
-    for op in ("none", *operators):
+    for op in ("none", *[o for o in ops if o != "none"]):
         e = evals.get(op, {})
         fams = "  ".join(f"{k.split('_family_')[1]} {100 * v:.2f}" for k, v in e.items() if "_family_" in k)
-        name = {"none": "baseline"}.get(op, op)
+        name = {"none": "baseline", CONTROL: "control"}.get(op, op)
         print(f"  {name:9s} mAP {100 * (e.get('mAP') or float('nan')):6.2f}  {fams}")
     print("[pipeline] stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     return {"maps": evals, "stage_seconds": times}

@@ -59,6 +59,7 @@ def test_dotted_overrides_are_typed():
     ("model.depth=152", "model.depth: 152 is not allowed"),
     ("train.lr_steps=[15,10]", "lr_steps must be increasing"),
     ("cluster.num_workers=0", "cluster.num_workers must be >= 1"),
+    ("train.finetune_lr_scale=0", "train.finetune_lr_scale must be > 0"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:

@@ -65,6 +65,26 @@ def test_rerun_resumes_at_the_right_step(baseline):
     assert sorted(steps) == list(range(1, 3 * per_epoch + 1))
 
 
+def test_init_backbone_is_a_new_run_at_the_finetune_lr(baseline):
+    """`--init-backbone`: the baseline continued from its own backbone is its own run (the control of
+    the synthetic table), and its lr is scaled by train.finetune_lr_scale."""
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.train import fit, run_name_for
+
+    cfg, r = baseline
+    ft = tiny_config(cfg.workdir, cfg.data.root, "model.fbo=none", "train.epochs=1", "train.base_lr=0.3",
+                     "train.log_every_iters=1", "train.max_iters_per_epoch=2", "train.finetune_lr_scale=0.25")
+    assert run_name_for(ft, r.model_path) != run_name_for(ft)
+    rf = fit(ft, init_checkpoint=r.model_path)
+    assert rf.mlflow_run_id != r.mlflow_run_id and rf.run_name != r.run_name
+    client = MlflowClient(cfg.tracking_uri)
+    assert client.get_run(rf.mlflow_run_id).data.tags["lfb_ray.operator"] == "none-ft"  # the control row
+    first = {run: min(client.get_metric_history(run, "train/lr"), key=lambda m: m.step).value
+             for run in (r.mlflow_run_id, rf.mlflow_run_id)}
+    assert first[rf.mlflow_run_id] == pytest.approx(0.25 * first[r.mlflow_run_id])
+
+
 def test_bank_build_then_three_operators(baseline, ray_local):
     from lfb_ray.bank import FeatureBank
     from lfb_ray.bank.build import build_bank

@@ -418,7 +418,7 @@ def generate_dataset(
     seed: int,
     width: int = 160,
     height: int = 120,
-    val_fraction: float = 0.3,
+    val_fraction: float = 0.4,
     overwrite: bool = False,
     workers: int = 1,
 ) -> DatasetInfo:
@@ -568,7 +568,7 @@ def load_actors(dataset_json: str | os.PathLike) -> dict[str, tuple[Actor, ...]]
 
 
 def dataset_matches(out_dir: str | os.PathLike, *, num_videos: int, seconds: int, seed: int, width: int = 160,
-                    height: int = 120, val_fraction: float = 0.3) -> bool:
+                    height: int = 120, val_fraction: float = 0.4) -> bool:
     """True if `out_dir` already holds a complete dataset generated with exactly these arguments.
 
     dataset.json is written last, so its presence means the other files are complete.

@@ -29,7 +29,7 @@ from lfb_ray.config import (
     resolve_paths,
 )
 
-__all__ = ["FitResult", "fit", "fit_operators", "lr_at", "run_name_for", "train_loop_per_worker"]
+__all__ = ["FitResult", "build_optimizer", "fit", "fit_operators", "lr_at", "operator_tag", "run_name_for", "train_loop_per_worker"]
 
 
 @dataclass
@@ -56,6 +56,19 @@ def run_name_for(cfg: Config, init_checkpoint: str | None = None) -> str:
     if init_checkpoint:
         keep["init_checkpoint"] = init_checkpoint
     return f"{cfg.model.fbo}-{config_hash(keep)}"
+
+
+def operator_tag(cfg: Config, init_checkpoint: str | None = None) -> str:
+    """The model's row in comparisons: `model.fbo`, or "none-ft" for a baseline whose backbone starts
+    from a trained detector (the control for LFB models initialised from the baseline)."""
+    return "none-ft" if cfg.model.fbo == "none" and init_checkpoint else cfg.model.fbo
+
+
+def build_optimizer(params, cfg_train, base_lr: float) -> torch.optim.Optimizer:
+    """`train.optimizer`: SGD with momentum (mmaction2) or AdamW, both with `train.weight_decay`."""
+    if cfg_train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg_train.weight_decay)
+    return torch.optim.SGD(params, lr=base_lr, momentum=cfg_train.momentum, weight_decay=cfg_train.weight_decay)
 
 
 def lr_at(epoch_float: float, cfg_train, base_lr: float) -> float:
@@ -181,8 +194,7 @@ def train_loop_per_worker(config: dict) -> None:
     base_lr = tc.base_lr * global_batch / tc.reference_batch  # linear scaling rule
     if config.get("init_checkpoint"):  # fine-tuning from a trained detector's backbone
         base_lr *= tc.finetune_lr_scale
-    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=tc.momentum,
-                                weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(model.parameters(), tc, base_lr)
     bank = None
     if cfg.model.fbo != "none":
         from lfb_ray.bank import FeatureBank
@@ -401,7 +413,7 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
             run_id = find_or_create_run(
                 cfg.tracking_uri, cfg.tracking.experiment, name, params=flatten_config(cfg),
                 artifact_root=None, parent_run_id=parent_run_id, fresh=fresh,
-                tags={"lfb_ray.operator": cfg.model.fbo}, config_yaml=_redacted_yaml(cfg))
+                tags={"lfb_ray.operator": operator_tag(cfg, init_checkpoint)}, config_yaml=_redacted_yaml(cfg))
         except Exception as e:
             print(f"[lfb_ray] WARNING: MLflow unavailable at {cfg.tracking_uri} ({type(e).__name__}: {e}); "
                   "training without tracking", flush=True)

@@ -169,7 +169,8 @@ def plot(rows: list[ComparisonRow], path: str) -> None:
     a2.set_xlabel("iteration")
     a2.set_ylabel("train loss")
     a2.set_title("training loss")
-    a2.legend(fontsize=8)
+    if any(r.loss_curve for r in rows):
+        a2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

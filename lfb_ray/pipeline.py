@@ -85,6 +85,7 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
             raise ValueError(f"--from {start_from!r}: allowed stages: {', '.join(STAGES)}")
         for s in STAGES[STAGES.index(start_from):]:
             state.pop(s, None)
+            state.pop(f"{s}_partial", None)
     times: dict[str, float] = {}
     base_cfg = baseline_cfg or _with(cfg, model__fbo="none")
 
@@ -128,9 +129,23 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
     if cfg.model.init_backbone_from_baseline:
         # The LFB models get the baseline's training plus their own; the control gets the same.
         op_cfgs[CONTROL] = _with(cfg, model__fbo="none")
-    ops = stage("operators", json.dumps([bank, {op: config_hash(c) for op, c in op_cfgs.items()}]),
-                lambda: {op: do_fit(c, base["model"] if cfg.model.init_backbone_from_baseline else None)
-                         for op, c in op_cfgs.items()})
+    ops_key = json.dumps([bank, {op: config_hash(c) for op, c in op_cfgs.items()}])
+
+    def do_operators():
+        # Each finished model is recorded at once, so an interrupted stage does not train it again.
+        done = state.get("operators_partial", {})
+        done = done["result"] if done.get("key") == ops_key else {}
+        for op, c in op_cfgs.items():
+            if op in done:
+                print(f"[pipeline] operators: {op} already trained ({done[op]['run_name']}), skipped", flush=True)
+                continue
+            done[op] = do_fit(c, base["model"] if cfg.model.init_backbone_from_baseline else None)
+            state["operators_partial"] = {"key": ops_key, "result": done}
+            _save_state(state_path, state)
+        state.pop("operators_partial", None)
+        return done
+
+    ops = stage("operators", ops_key, do_operators)
 
     def do_evaluate():
         from lfb_ray.tracking import Tracker

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lfb_ray.data.synthetic import dataset_matches, generate_dataset  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -35,16 +35,23 @@ def main(argv: list[str] | None = None) -> None:
                 height=args.height, val_fraction=args.val_fraction)
     if args.if_missing and dataset_matches(args.out, **same):
         print(f"{args.out}: synthetic dataset already generated (seed {args.seed}), nothing to do")
-        return
+        return 0
 
     start = time.perf_counter()
-    info = generate_dataset(args.out, **same, overwrite=args.overwrite, workers=args.workers)
+    try:
+        info = generate_dataset(args.out, **same, overwrite=args.overwrite, workers=args.workers)
+    except FileExistsError:
+        what = "a different synthetic dataset (other generator version, seed or sizes)" if (
+            Path(args.out) / "dataset.json").exists() else "other files"
+        print(f"error: {args.out} already holds {what}; remove it or pass --overwrite", file=sys.stderr)
+        return 2
     print(
         f"wrote {info.out_dir}: videos train={len(info.train_videos)} val={len(info.val_videos)}, "
         f"keyframes train={info.keyframes['train']} val={info.keyframes['val']}, "
         f"boxes train={info.boxes['train']} val={info.boxes['val']}, {time.perf_counter() - start:.1f} s"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

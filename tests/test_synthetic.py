@@ -200,3 +200,24 @@ def test_deterministic_and_seeded(dataset, tmp_path):
 def test_refuses_non_empty_dir(dataset):
     with pytest.raises(FileExistsError):
         generate_dataset(dataset, num_videos=2, seconds=8, seed=0, width=64, height=48)
+
+
+def test_job_if_missing_skips_the_same_and_refuses_a_different_dataset(dataset, capsys):
+    """README command 1 reruns the generator with --if-missing: same args do nothing; a dataset of
+    other sizes (e.g. an older demo default) is a clear error, not a traceback."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("make_synthetic_ava", REPO / "jobs" / "make_synthetic_ava.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    base = ["--out", str(dataset), "--videos", str(VIDEOS), "--seconds", str(SECONDS), "--seed", str(SEED),
+            "--width", str(WIDTH), "--height", str(HEIGHT), "--if-missing"]
+    if load_meta(dataset)["args"].get("val_fraction") != 0.4:
+        base += ["--val-fraction", str(load_meta(dataset)["args"]["val_fraction"])]
+    assert job.main(base) == 0
+    assert "already generated" in capsys.readouterr().out
+    assert job.main(base[:2] + ["--videos", str(VIDEOS + 1), "--if-missing"]) == 2
+    err = capsys.readouterr().err
+    assert str(dataset) in err and "different synthetic dataset" in err and "--overwrite" in err

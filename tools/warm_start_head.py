@@ -1,0 +1,137 @@
+"""Experiment: pre-train an LFB model's head on the bank itself, then fine-tune the whole model.
+
+    python tools/warm_start_head.py --config configs/synthetic.yaml --bank runs/synthetic/bank \
+        --baseline-model <baseline model.pt> --out runs/synthetic/warm_nl.pt model.fbo=nl
+    python jobs/train.py --config configs/synthetic.yaml --operators nl bank.path=runs/synthetic/bank \
+        bank.checkpoint=<baseline model.pt> model.pretrained=runs/synthetic/warm_nl.pt
+
+Why: `tools/probe_bank_reader.py` shows that an NL head trained with Adam on the baseline's frozen
+features learns to retrieve an actor's role from the bank in ~1000 steps, while the full SGD
+training of the demo budget does not. The bank already holds the baseline's RoI feature of every
+train keyframe's persons, so the head (operator + `fc_cls`) can be trained on those features at
+almost no cost ("linear probing, then fine-tuning"). Not part of the LFB recipe; an experiment.
+
+Targets: each train bank entry matched (IoU >= 0.5) to a GT person gets that person's multi-hot
+labels; the loss is the detector's own (`LFBDetector.loss`, sigmoid BCE). The backbone is the
+baseline's and stays frozen (it is not even run: the bank entry is the short-term feature). Writes a
+whole-detector checkpoint (`save_checkpoint`) for `model.pretrained`.
+"""
+
+import argparse
+import csv
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _targets(csv_path: str, table, num_classes: int):
+    """Bank rows matched to a GT person -> (row indices [N], multi-hot [N, num_classes])."""
+    import numpy as np
+
+    from lfb_ray.evaluation.synthetic_report import _iou
+
+    people: dict[tuple[str, int], dict[int, tuple[np.ndarray, set[int]]]] = defaultdict(dict)
+    with open(csv_path, newline="") as f:
+        for row in csv.reader(f):
+            key, pid = (row[0], int(row[1])), int(row[7])
+            box, labels = people[key].setdefault(pid, (np.array(row[2:6], float), set()))
+            labels.add(int(row[6]))
+    rows, ys = [], []
+    for i, (vid, sec, box) in enumerate(zip(table.column("video_id").to_pylist(), table.column("second").to_pylist(),
+                                            table.column("box").to_pylist(), strict=True)):
+        cands = list(people.get((vid, sec), {}).values())
+        if not cands:
+            continue
+        ious = _iou(np.asarray(box, float), np.stack([c[0] for c in cands]))
+        j = int(ious.argmax())
+        if ious[j] < 0.5:
+            continue
+        y = np.zeros(num_classes, np.float32)
+        y[[c for c in cands[j][1] if c < num_classes]] = 1
+        rows.append(i)
+        ys.append(y)
+    return np.array(rows), np.stack(ys)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--bank", required=True, type=Path, help="bank folder with train/")
+    p.add_argument("--baseline-model", required=True, help="model.pt of the baseline that computed the bank")
+    p.add_argument("--out", required=True, help="checkpoint to write (for model.pretrained)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--synthetic", default="", help="synthetic dataset folder: also print val role accuracy of "
+                   "the warm head on val bank entries, with / without the actor's cue (as probe_bank_reader)")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+
+    import numpy as np
+    import pyarrow.ipc as ipc
+    import torch
+
+    from lfb_ray.bank.store import FeatureBank
+    from lfb_ray.config import load_config, resolve_paths
+    from lfb_ray.models.checkpoint import load_checkpoint, save_checkpoint
+    from lfb_ray.models.detector import LFBDetector, build_detector
+
+    cfg = resolve_paths(load_config(args.config, args.overrides))
+    if cfg.model.fbo == "none":
+        print("error: pass model.fbo=nl|avg|max", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    model = build_detector(cfg.model)
+    print(f"backbone: {load_checkpoint(model, args.baseline_model, backbone_only=True)}")
+    with ipc.open_file(str(args.bank / "train" / "features.arrow")) as reader:
+        table = reader.read_all()
+    feats = np.stack(table.column("feature").to_numpy(zero_copy_only=False)).astype(np.float32)
+    rows, ys = _targets(cfg.data_path(cfg.data.train_csv), table, cfg.model.num_classes)
+    vids, secs = table.column("video_id").to_pylist(), np.asarray(table.column("second").to_pylist())
+    bank = FeatureBank.open(args.bank / "train", expected_dim=model.feature_channels)
+    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    opt = torch.optim.Adam(head, lr=args.lr)
+    print(f"{len(rows)} GT-matched train entries, head parameters {sum(p.numel() for p in head)}, fbo {cfg.model.fbo}")
+    model.train()
+    t0, losses = time.perf_counter(), []
+    for step in range(1, args.steps + 1):
+        pick = rng.choice(len(rows), size=min(args.batch, len(rows)), replace=False)
+        idx = rows[pick]
+        lt = bank.sample([vids[i] for i in idx], secs[idx], rng, window_seconds=cfg.bank.window_seconds,
+                         max_feats_per_second=cfg.bank.max_feats_per_second)
+        loss = LFBDetector.loss(model.classify(torch.from_numpy(feats[idx]), lt), torch.from_numpy(ys[pick]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 250 == 0 or step == args.steps:
+            print(f"step {step:5d}  loss {np.mean(losses[-250:]):.4f}  {time.perf_counter() - t0:.0f}s", flush=True)
+    if args.synthetic:
+        from probe_bank_reader import _entries
+
+        from lfb_ray.data.synthetic import LABEL_FAMILIES
+
+        vfeats, vvids, vsecs, vys, vcues = _entries(Path(args.synthetic), args.bank / "val", "val")
+        vbank = FeatureBank.open(args.bank / "val")
+        roles = list(LABEL_FAMILIES["long_term"])
+        model.eval()
+        with torch.no_grad():
+            lt = vbank.sample(vvids, vsecs, np.random.default_rng(1234), window_seconds=cfg.bank.window_seconds,
+                              max_feats_per_second=cfg.bank.max_feats_per_second)
+            pred = model.classify(torch.from_numpy(vfeats), lt)[:, roles].argmax(1).numpy()
+        ok = pred == vys
+        print(f"val role acc of the warm head: cue {ok[vcues].mean():.3f} (n={vcues.sum()})  "
+              f"no cue {ok[~vcues].mean():.3f} (n={(~vcues).sum()})")
+    save_checkpoint(model.state_dict(), args.out,
+                    source=f"warm_start_head: {cfg.model.fbo} head on {args.bank}, backbone {args.baseline_model}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

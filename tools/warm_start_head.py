@@ -68,6 +68,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synthetic", default="", help="synthetic dataset folder: also print val role accuracy of "
                    "the warm head on val bank entries, with / without the actor's cue (as probe_bank_reader)")
+    p.add_argument("--only-family", default="", help="synthetic label family (e.g. long_term): train on those "
+                   "classes only, to see whether the other classes' share of the loss is what stops retrieval")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -97,6 +99,11 @@ def main() -> int:
     head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     opt = torch.optim.Adam(head, lr=args.lr)
     print(f"{len(rows)} GT-matched train entries, head parameters {sum(p.numel() for p in head)}, fbo {cfg.model.fbo}")
+    cols = None
+    if args.only_family:
+        from lfb_ray.data.synthetic import LABEL_FAMILIES
+
+        cols = [0, *LABEL_FAMILIES[args.only_family]]
     model.train()
     t0, losses = time.perf_counter(), []
     for step in range(1, args.steps + 1):
@@ -104,7 +111,10 @@ def main() -> int:
         idx = rows[pick]
         lt = bank.sample([vids[i] for i in idx], secs[idx], rng, window_seconds=cfg.bank.window_seconds,
                          max_feats_per_second=cfg.bank.max_feats_per_second)
-        loss = LFBDetector.loss(model.classify(torch.from_numpy(feats[idx]), lt), torch.from_numpy(ys[pick]))
+        logits, labels = model.classify(torch.from_numpy(feats[idx]), lt), torch.from_numpy(ys[pick])
+        if cols is not None:  # column 0 (dropped by the loss) + the family's classes
+            logits, labels = logits[:, cols], labels[:, cols]
+        loss = LFBDetector.loss(logits, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -14,24 +14,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _pipeline_models(workdir: Path) -> dict[str, str]:
-    """run name -> model of the pipeline's last runs ("baseline", "none-ft" = control, nl, avg, max)."""
-    import json
-
-    try:
-        state = json.loads((workdir / "pipeline.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    out = {}
-    if "run_name" in state.get("baseline", {}).get("result", {}):
-        out[state["baseline"]["result"]["run_name"]] = "baseline"
-    for op, r in state.get("operators", {}).get("result", {}).items():
-        out[r.get("run_name", "")] = op
-    return out
-
-
 def main(argv=None) -> int:
     from lfb_ray.evaluation.synthetic_report import find_result_csvs, role_accuracy
+    from lfb_ray.pipeline import run_models
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="synthetic dataset folder (with dataset.json)")
@@ -48,7 +33,7 @@ def main(argv=None) -> int:
     if not runs:
         print(f"error: no val result CSVs under {args.workdir}/results", file=sys.stderr)
         return 1
-    models = _pipeline_models(Path(args.workdir))
+    models = run_models(args.workdir)
     print(f"{'run':24s} {'model':10s} {'role acc, cue in clip':>22s} {'role acc, no cue':>18s}")
     for name, path in runs.items():
         r = role_accuracy(args.data, path)

@@ -12,12 +12,13 @@ import math
 import os
 from dataclasses import dataclass
 
-__all__ = ["ComparisonRow", "collect_runs", "compare", "format_seed_table", "format_table"]
+__all__ = ["CONTROL", "ComparisonRow", "collect_runs", "compare", "format_seed_table", "format_table"]
 
-ORDER = {"none": 0, "none-ft": 1, "avg": 2, "max": 3, "nl": 4}
-# "none-ft": the baseline fine-tuned from its own backbone with the LFB models' schedule, the
+# Operator tag of the baseline fine-tuned from its own backbone with the LFB models' schedule: the
 # control for the extra training LFB models get when they start from the baseline.
-NAMES = {"none": "baseline", "none-ft": "baseline fine-tuned (control)", "avg": "LFB-Avg", "max": "LFB-Max",
+CONTROL = "none-ft"
+ORDER = {"none": 0, CONTROL: 1, "avg": 2, "max": 3, "nl": 4}
+NAMES = {"none": "baseline", CONTROL: "baseline fine-tuned (control)", "avg": "LFB-Avg", "max": "LFB-Max",
          "nl": "LFB-NL"}
 
 

@@ -16,12 +16,12 @@ import math
 import os
 import time
 
+from lfb_ray.compare import CONTROL
 from lfb_ray.config import Config, config_from_dict, config_hash, config_to_dict, resolve_paths
 
-__all__ = ["STAGES", "run_pipeline"]
+__all__ = ["STAGES", "run_models", "run_pipeline"]
 
 STAGES = ("prepare", "baseline", "bank", "operators", "evaluate", "compare")
-CONTROL = "none-ft"  # the baseline fine-tuned from itself with the LFB schedule (see `operator_tag`)
 
 
 def _with(cfg: Config, **section_updates) -> Config:
@@ -37,6 +37,21 @@ def _load_state(path: str) -> dict:
         with open(path) as f:
             return json.load(f)
     return {}
+
+
+def run_models(workdir: str | os.PathLike) -> dict[str, str]:
+    """Run name -> model ("baseline", `CONTROL`, "nl", ...) of the last pipeline run in `workdir`;
+    {} when it has no readable `pipeline.json`."""
+    try:
+        state = _load_state(os.path.join(workdir, "pipeline.json"))
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    if "run_name" in state.get("baseline", {}).get("result", {}):
+        out[state["baseline"]["result"]["run_name"]] = "baseline"
+    for op, r in state.get("operators", {}).get("result", {}).items():
+        out[r.get("run_name", "")] = op
+    return out
 
 
 def _save_state(path: str, state: dict) -> None:

@@ -25,28 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _entries(dataset_dir: Path, bank_split: Path, split: str):
     """GT-matched bank entries of one split: features [N, C], video ids, seconds, role index, cue flag."""
     import numpy as np
-    import pyarrow.ipc as ipc
 
     from lfb_ray.data.synthetic import LABEL_FAMILIES, load_actors
-    from lfb_ray.evaluation.synthetic_report import _gt_boxes, _iou
+    from lfb_ray.evaluation.synthetic_report import _gt_boxes, matched_entries, read_bank_split
 
     roles = list(LABEL_FAMILIES["long_term"])
     actors = load_actors(dataset_dir / "dataset.json")
     gt = _gt_boxes(dataset_dir, split, tuple(roles))
-    with ipc.open_file(str(bank_split / "features.arrow")) as reader:
-        table = reader.read_all()
-    feats = np.stack(table.column("feature").to_numpy(zero_copy_only=False)).astype(np.float32)
+    table, feats = read_bank_split(bank_split)
     keep, vids, secs, ys, cues = [], [], [], [], []
-    for i, (vid, sec, box) in enumerate(zip(table.column("video_id").to_pylist(), table.column("second").to_pylist(),
-                                            table.column("box").to_pylist(), strict=True)):
-        cands = gt.get((vid, sec), [])
-        if not cands:
-            continue
-        ious = _iou(np.asarray(box, float), np.stack([c[0] for c in cands]))
-        j = int(ious.argmax())
-        if ious[j] < 0.5:
-            continue
-        _, role, pid = cands[j]
+    for i, vid, sec, (_, role, pid) in matched_entries(table, gt):
         keep.append(i)
         vids.append(vid)
         secs.append(sec)

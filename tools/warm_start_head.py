@@ -31,7 +31,7 @@ def _targets(csv_path: str, table, num_classes: int):
     """Bank rows matched to a GT person -> (row indices [N], multi-hot [N, num_classes])."""
     import numpy as np
 
-    from lfb_ray.evaluation.synthetic_report import _iou
+    from lfb_ray.evaluation.synthetic_report import matched_entries
 
     people: dict[tuple[str, int], dict[int, tuple[np.ndarray, set[int]]]] = defaultdict(dict)
     with open(csv_path, newline="") as f:
@@ -40,17 +40,10 @@ def _targets(csv_path: str, table, num_classes: int):
             box, labels = people[key].setdefault(pid, (np.array(row[2:6], float), set()))
             labels.add(int(row[6]))
     rows, ys = [], []
-    for i, (vid, sec, box) in enumerate(zip(table.column("video_id").to_pylist(), table.column("second").to_pylist(),
-                                            table.column("box").to_pylist(), strict=True)):
-        cands = list(people.get((vid, sec), {}).values())
-        if not cands:
-            continue
-        ious = _iou(np.asarray(box, float), np.stack([c[0] for c in cands]))
-        j = int(ious.argmax())
-        if ious[j] < 0.5:
-            continue
+    gt = {key: list(by_pid.values()) for key, by_pid in people.items()}
+    for i, _, _, (_, labels) in matched_entries(table, gt):
         y = np.zeros(num_classes, np.float32)
-        y[[c for c in cands[j][1] if c < num_classes]] = 1
+        y[[c for c in labels if c < num_classes]] = 1
         rows.append(i)
         ys.append(y)
     return np.array(rows), np.stack(ys)
@@ -74,11 +67,11 @@ def main() -> int:
     args = p.parse_args()
 
     import numpy as np
-    import pyarrow.ipc as ipc
     import torch
 
     from lfb_ray.bank.store import FeatureBank
     from lfb_ray.config import load_config, resolve_paths
+    from lfb_ray.evaluation.synthetic_report import read_bank_split
     from lfb_ray.models.checkpoint import load_checkpoint, save_checkpoint
     from lfb_ray.models.detector import LFBDetector, build_detector
 
@@ -90,9 +83,7 @@ def main() -> int:
     rng = np.random.default_rng(args.seed)
     model = build_detector(cfg.model)
     print(f"backbone: {load_checkpoint(model, args.baseline_model, backbone_only=True)}")
-    with ipc.open_file(str(args.bank / "train" / "features.arrow")) as reader:
-        table = reader.read_all()
-    feats = np.stack(table.column("feature").to_numpy(zero_copy_only=False)).astype(np.float32)
+    table, feats = read_bank_split(args.bank / "train")
     rows, ys = _targets(cfg.data_path(cfg.data.train_csv), table, cfg.model.num_classes)
     vids, secs = table.column("video_id").to_pylist(), np.asarray(table.column("second").to_pylist())
     bank = FeatureBank.open(args.bank / "train", expected_dim=model.feature_channels)

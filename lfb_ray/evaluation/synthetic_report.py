@@ -17,12 +17,14 @@ from __future__ import annotations
 import csv
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BankProbe", "RoleAccuracy", "bank_probe", "find_result_csvs", "role_accuracy"]
+__all__ = ["BankProbe", "RoleAccuracy", "bank_probe", "find_result_csvs", "matched_entries", "read_bank_split",
+           "role_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,30 @@ def _gt_boxes(dataset_dir: Path, split: str, ids: tuple[int, ...]) -> dict:
     return gt
 
 
+def read_bank_split(split_dir: str | os.PathLike):
+    """A bank split's `features.arrow`: (the Arrow table, its features as float32 [N, C])."""
+    import pyarrow.ipc as ipc
+
+    with ipc.open_file(str(Path(split_dir) / "features.arrow")) as reader:
+        table = reader.read_all()
+    return table, np.stack(table.column("feature").to_numpy(zero_copy_only=False)).astype(np.float32)
+
+
+def matched_entries(table, gt: dict) -> Iterator[tuple[int, str, int, tuple]]:
+    """Bank rows matched to a GT person: (row, video id, second, GT item) for each row of `table`
+    whose box has IoU >= 0.5 with one of `gt[(video id, second)]` (items whose first element is the
+    box [4]), paired with the best-overlapping item."""
+    for i, (vid, sec, box) in enumerate(zip(table.column("video_id").to_pylist(), table.column("second").to_pylist(),
+                                            table.column("box").to_pylist(), strict=True)):
+        cands = gt.get((vid, sec), [])
+        if not cands:
+            continue
+        ious = _iou(np.asarray(box, float), np.stack([c[0] for c in cands]))
+        j = int(ious.argmax())
+        if ious[j] >= 0.5:
+            yield i, vid, sec, cands[j]
+
+
 def bank_probe(dataset_dir: str | os.PathLike, bank_dir: str | os.PathLike,
                baseline_model: str | os.PathLike) -> BankProbe:
     """Apply the baseline's `fc_cls` to every bank entry matched (IoU >= 0.5) to a GT actor.
@@ -124,8 +150,6 @@ def bank_probe(dataset_dir: str | os.PathLike, bank_dir: str | os.PathLike,
         bank_dir: the bank folder with `train/` and `val/` (`features.arrow` each).
         baseline_model: the baseline's `model.pt` (the detector that computed the bank).
     """
-    import pyarrow.ipc as ipc
-
     from lfb_ray.data.synthetic import LABEL_FAMILIES, load_actors
     from lfb_ray.models.checkpoint import read_checkpoint_file
 
@@ -139,24 +163,13 @@ def bank_probe(dataset_dir: str | os.PathLike, bank_dir: str | os.PathLike,
     oracle: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for split in ("train", "val"):
         gt = _gt_boxes(dataset_dir, split, tuple(roles))
-        with ipc.open_file(str(Path(bank_dir) / split / "features.arrow")) as reader:
-            table = reader.read_all()
-        feats = np.stack(table.column("feature").to_numpy(zero_copy_only=False)).astype(np.float32)
+        table, feats = read_bank_split(Path(bank_dir) / split)
         logits = feats @ weight.T + bias  # [N, num_classes]
         counts = np.zeros((2, 2), np.int64)  # [at cue second?, correct?]
         look_ok = look_n = 0
         own: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = defaultdict(list)
         video: dict[str, list[np.ndarray]] = defaultdict(list)
-        for i, (vid, sec, box) in enumerate(zip(table.column("video_id").to_pylist(), table.column("second").to_pylist(),
-                                                table.column("box").to_pylist(), strict=True)):
-            cands = gt.get((vid, sec), [])
-            if not cands:
-                continue
-            ious = _iou(np.asarray(box, float), np.stack([c[0] for c in cands]))
-            j = int(ious.argmax())
-            if ious[j] < 0.5:
-                continue
-            _, role, pid = cands[j]
+        for i, vid, sec, (_, role, pid) in matched_entries(table, gt):
             actor = actors[vid][pid]
             at_cue = any(abs(c - sec) <= 1 for c in actor.cue_seconds)
             counts[int(at_cue), int(roles[int(np.argmax(logits[i, roles]))] == role)] += 1

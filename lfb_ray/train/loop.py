@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from lfb_ray.compare import CONTROL
 from lfb_ray.config import (
     Config,
     ConfigError,
@@ -59,9 +60,9 @@ def run_name_for(cfg: Config, init_checkpoint: str | None = None) -> str:
 
 
 def operator_tag(cfg: Config, init_checkpoint: str | None = None) -> str:
-    """The model's row in comparisons: `model.fbo`, or "none-ft" for a baseline whose backbone starts
-    from a trained detector (the control for LFB models initialised from the baseline)."""
-    return "none-ft" if cfg.model.fbo == "none" and init_checkpoint else cfg.model.fbo
+    """The model's row in comparisons: `model.fbo`, or `CONTROL` ("none-ft") for a baseline whose
+    backbone starts from a trained detector (the control for LFB models initialised from the baseline)."""
+    return CONTROL if cfg.model.fbo == "none" and init_checkpoint else cfg.model.fbo
 
 
 def build_optimizer(params, cfg_train, base_lr: float) -> torch.optim.Optimizer:
@@ -505,7 +506,8 @@ def fit_operators(cfg: Config, operators: list[str], *, fresh: bool = False,
     out: dict[str, FitResult] = {}
     if concurrent and len(operators) > 1:
         remote_fit = ray.remote(num_cpus=0)(fit)
-        refs = {op: remote_fit.remote(c, fresh=fresh, parent_run_id=parent, init_checkpoint=init_checkpoint) for op, c in cfgs.items()}
+        refs = {op: remote_fit.remote(c, fresh=fresh, parent_run_id=parent, init_checkpoint=init_checkpoint)
+                for op, c in cfgs.items()}
         out = {op: ray.get(r) for op, r in refs.items()}
     else:
         for op, c in cfgs.items():

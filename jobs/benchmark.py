@@ -5,6 +5,7 @@
     python jobs/benchmark.py train [--quick]        # Ray Train loop vs a plain torch loop
     python jobs/benchmark.py eval [--quick]         # vectorised frame-mAP vs the loop reference
     python jobs/benchmark.py all [--quick]          # all four, one after another
+    python jobs/benchmark.py gpu [--quick] [--prepared DIR]  # R50 training clips/s, bank keyframes/s (CUDA)
 
 Synthetic videos are generated once under --workdir and reused. Prints tables; asserts no timings.
 """
@@ -22,15 +23,24 @@ COMMANDS = ("prepare", "bank-build", "train", "eval")
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=[*COMMANDS, "all", "gpu"])
+    parser.add_argument("--quick", action="store_true", help="small sizes (< 1 min each on 2 CPUs)")
+    parser.add_argument("--workdir", default="runs/bench", help="synthetic data and scratch outputs")
+    parser.add_argument("--prepared", default=None,
+                        help="gpu only: an existing prepared folder for the bank section (then Ray is not needed)")
+    args = parser.parse_args(argv)
+    if args.command == "gpu":  # not part of `all`: it needs a CUDA machine to mean anything
+        from lfb_ray.bench import gpu
+
+        gpu.run(quick=args.quick, workdir=args.workdir, prepared=args.prepared)
+        return 0
+    if args.prepared:
+        parser.error("--prepared is only for the gpu command")
+
     import ray
 
     from lfb_ray.bench import bank_build, evaluation, prepare, start_local_ray, train
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=[*COMMANDS, "all"])
-    parser.add_argument("--quick", action="store_true", help="small sizes (< 1 min each on 2 CPUs)")
-    parser.add_argument("--workdir", default="runs/bench", help="synthetic data and scratch outputs")
-    args = parser.parse_args(argv)
     commands = COMMANDS if args.command == "all" else (args.command,)
     run = {"prepare": lambda: prepare.run(quick=args.quick, workdir=args.workdir),
            "bank-build": lambda: bank_build.run(quick=args.quick, workdir=args.workdir),

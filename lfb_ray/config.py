@@ -125,7 +125,7 @@ class BankConfig:
     window_seconds: int = 60
     max_feats_per_second: int = 5
     person_score_thr: float = 0.9
-    batch_size: int = 4  # keyframes per actor batch
+    batch_size: int = 4  # keyframes per forward pass of a bank actor
     min_actors: int = 1
     max_actors: int = 2
 
@@ -134,6 +134,8 @@ class BankConfig:
             raise ConfigError("bank.window_seconds and bank.max_feats_per_second must be >= 1")
         if not 1 <= self.min_actors <= self.max_actors:
             raise ConfigError("bank: need 1 <= min_actors <= max_actors")
+        if self.batch_size < 1:
+            raise ConfigError("bank.batch_size must be >= 1")
 
 
 @dataclass(frozen=True)

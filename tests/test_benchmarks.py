@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 def test_benchmark_subcommands_quick(ray_local, tmp_path, capsys):
     main = runpy.run_path(str(REPO / "jobs" / "benchmark.py"))["main"]
-    for command in ("eval", "prepare", "bank-build", "train"):
+    for command in ("eval", "prepare", "bank-build", "train", "gpu"):
         assert main([command, "--quick", "--workdir", str(tmp_path)]) == 0
         out = capsys.readouterr().out
-        assert f"[{command}]" in out and "------" in out and "load average" in out, out[-3000:]
+        assert f"[{command}" in out and "------" in out and "load average" in out, out[-3000:]
+    assert "[gpu-train]" in out and "[gpu-bank-build]" in out and "keyframes / forward" in out, out[-3000:]

@@ -106,3 +106,28 @@ def test_bank_build_then_three_operators(baseline, ray_local):
     assert len({x.mlflow_run_id for x in res.values()}) == 3
     for x in res.values():
         assert 0.0 <= x.metrics["val/mAP"] <= 1.0
+
+
+def test_bank_extractor_batches_keyframes_without_changing_features(baseline, tmp_path):
+    """bank.batch_size keyframes per forward pass: same features as one keyframe at a time."""
+    import json
+
+    from lfb_ray.bank.build import BankExtractor
+    from lfb_ray.config import config_to_dict
+    from lfb_ray.data.prep import prepared_files
+
+    cfg, r = baseline
+    uri = prepared_files(cfg.prepared_dir, "train")[0]
+    parts = {}
+    for size in (1, 3):
+        c = tiny_config(cfg.workdir, cfg.data.root, "model.fbo=none", f"bank.batch_size={size}")
+        extractor = BankExtractor(config_to_dict(c), r.model_path, str(tmp_path / f"b{size}"))
+        extractor({"item": np.array([json.dumps({"split": "train", "uri": uri, "part_id": "p"})], dtype=object)})
+        parts[size] = np.load(tmp_path / f"b{size}" / "train" / "p.npz")
+    one, three = parts[1], parts[3]
+    assert int(one["keyframes"]) > 3 and len(one["feature"]) >= int(one["keyframes"])
+    for key in ("video_id", "second", "person_index", "box", "score"):
+        assert np.array_equal(one[key], three[key]), key
+    f1, f3 = one["feature"].astype(np.float32), three["feature"].astype(np.float32)
+    assert f1.std() > 0
+    np.testing.assert_allclose(f3, f1, rtol=1e-2, atol=1e-3 * float(np.abs(f1).max()))

@@ -5,8 +5,10 @@ per actor on GPU clusters) loads the baseline once per actor. Work is one prepar
 item: the actor decodes its keyframes with the test transform, computes one 2048-d (model width)
 fp16 feature per detected person (proposals at `bank.person_score_thr` with the max-score and
 whole-frame fallbacks, spec section 4) and writes a bank part atomically. Parts that already exist
-are skipped, so an interrupted build resumes, and a crashed actor's item is retried by Ray; every
-keyframe goes through the network on its own, so results do not depend on the pool size. Finally
+are skipped, so an interrupted build resumes, and a crashed actor's item is retried by Ray.
+Keyframes of a part go through the network `bank.batch_size` at a time (channels-last-3d and bf16
+autocast on CUDA); the model is in eval mode, so a keyframe's features do not depend on its batch
+neighbours or on the pool size (up to float rounding). Finally
 the parts of each split are merged into `train/` and `val/` sub-banks (`write_bank`), which
 `FeatureBank.open(bank_dir)` merges with val winning, as the reference.
 """
@@ -73,11 +75,45 @@ class BankExtractor:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(self.cfg, checkpoint, self.device)
         self.parts_dir = parts_dir
+        self.decode_threads = 1  # JPEG decode threads per part (benchmarked in jobs/benchmark.py gpu)
 
-    def _extract(self, part_uri: str) -> dict:
-        import pyarrow.parquet as pq
+    def _features(self, clips: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
+        """RoI features of keyframes, up to `bank.batch_size` clips per forward pass.
+
+        Args:
+            clips: uint8 [T, H, W, 3] per keyframe (test transform applied); only clips of the
+                same shape share a batch.
+            boxes: float32 [N_i, 4] pixel boxes per keyframe (N_i may be 0: no forward pass).
+        Returns:
+            float16 [N_i, C] per keyframe, in input order.
+        """
+        import itertools
+
         import torch
 
+        from lfb_ray.data.dataset import normalise
+        from lfb_ray.inference import autocast_for, to_model_layout
+
+        out = [np.zeros((0, self.model.feature_channels), np.float16) for _ in clips]
+        todo = sorted((i for i in range(len(clips)) if len(boxes[i])), key=lambda i: clips[i].shape)
+        size = max(1, self.cfg.bank.batch_size)
+        for _, same in itertools.groupby(todo, key=lambda i: clips[i].shape):
+            same = list(same)
+            for start in range(0, len(same), size):
+                idx = same[start:start + size]
+                counts = [len(boxes[i]) for i in idx]
+                rois = torch.cat([torch.cat([torch.full((n, 1), float(j)), torch.from_numpy(boxes[i])], 1)
+                                  for j, (i, n) in enumerate(zip(idx, counts))])  # [sum N, 5]
+                clip = normalise(np.stack([clips[i] for i in idx]), self.cfg.data.mean, self.cfg.data.std)
+                with torch.no_grad(), autocast_for(self.device, self.cfg.train.amp):
+                    fmap = self.model.backbone(to_model_layout(clip.to(self.device, non_blocking=True)))
+                    feats = self.model.roi_features(fmap, rois.to(self.device)).float().cpu().numpy()
+                for i, f in zip(idx, np.split(feats.astype(np.float16), np.cumsum(counts)[:-1])):
+                    out[i] = f
+        return out
+
+    def _decode(self, row: dict):
+        """One keyframe row → (uint8 clip [T, H, W, 3], float32 pixel boxes [N, 4], proposals [N, 5])."""
         from lfb_ray.data.clips import (
             ClipSpec,
             decode_jpeg,
@@ -85,38 +121,46 @@ class BankExtractor:
             select_proposals,
             test_transform,
         )
-        from lfb_ray.data.dataset import normalise
         from lfb_ray.data.schema import row_proposals
-        from lfb_ray.inference import autocast_for
+
+        spec = ClipSpec.from_config(self.cfg.data)
+        offsets = np.asarray(row["ref_offsets"], dtype=np.int64)
+        slots = np.asarray(row["frame_slot"], dtype=np.int64)[pick_clip_frames(offsets, spec, None)]
+        frames = np.stack([decode_jpeg(row["frames"][s]) for s in slots])
+        props = select_proposals(row_proposals(row), self.cfg.bank.person_score_thr, self.cfg.data.max_proposals)
+        frames, px = test_transform(frames, props[:, :4], spec)
+        return frames, px.astype(np.float32), props
+
+    def _extract(self, part_uri: str) -> dict:
+        import pyarrow.parquet as pq
+
         fs, path = resolve(part_uri)
         with fs.open_input_file(path) as f:
             rows = pq.read_table(f).to_pylist()
-        spec = ClipSpec.from_config(self.cfg.data)
-        out = {"video_id": [], "second": [], "person_index": [], "box": [], "score": [], "feature": []}
-        for row in rows:
-            offsets = np.asarray(row["ref_offsets"], dtype=np.int64)
-            slots = np.asarray(row["frame_slot"], dtype=np.int64)[pick_clip_frames(offsets, spec, None)]
-            frames = np.stack([decode_jpeg(row["frames"][s]) for s in slots])
-            props = select_proposals(row_proposals(row), self.cfg.bank.person_score_thr,
-                                     self.cfg.data.max_proposals)
-            frames, px = test_transform(frames, props[:, :4], spec)
-            with torch.no_grad(), autocast_for(self.device, self.cfg.train.amp):
-                clip = normalise(frames[None], self.cfg.data.mean, self.cfg.data.std)
-                fmap = self.model.backbone(clip.to(self.device))
-                rois = torch.cat([torch.zeros(len(px), 1), torch.from_numpy(px)], 1).to(self.device)
-                feats = self.model.roi_features(fmap, rois).float().cpu().numpy().astype(np.float16)
+        if self.decode_threads > 1:  # PIL decodes and resizes without the GIL
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(self.decode_threads) as pool:
+                decoded = list(pool.map(self._decode, rows))
+        else:
+            decoded = [self._decode(row) for row in rows]
+        clips = [d[0] for d in decoded]
+        boxes = [d[1] for d in decoded]
+        props_all = [d[2] for d in decoded]
+        feats = self._features(clips, boxes)
+        out = {"video_id": [], "second": [], "person_index": []}
+        for row, props in zip(rows, props_all):
             n = len(props)
             out["video_id"] += [row["video_id"]] * n
             out["second"] += [int(row["timestamp"])] * n
             out["person_index"] += list(range(n))
-            out["box"].append(props[:, :4])
-            out["score"].append(props[:, 4])
-            out["feature"].append(feats)
         return {"video_id": np.array(out["video_id"], dtype=str), "second": np.array(out["second"], np.int32),
                 "person_index": np.array(out["person_index"], np.int32),
-                "box": np.concatenate(out["box"]).astype(np.float32) if out["box"] else np.zeros((0, 4), np.float32),
-                "score": np.concatenate(out["score"]).astype(np.float32) if out["score"] else np.zeros(0, np.float32),
-                "feature": (np.concatenate(out["feature"]) if out["feature"]
+                "box": (np.concatenate([p[:, :4] for p in props_all]).astype(np.float32) if props_all
+                        else np.zeros((0, 4), np.float32)),
+                "score": (np.concatenate([p[:, 4] for p in props_all]).astype(np.float32) if props_all
+                          else np.zeros(0, np.float32)),
+                "feature": (np.concatenate(feats) if feats
                             else np.zeros((0, self.model.feature_channels), np.float16)),
                 "keyframes": np.array(len(rows))}
 

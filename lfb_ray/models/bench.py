@@ -14,7 +14,7 @@ import torch
 from lfb_ray.config import ModelConfig
 from lfb_ray.models.detector import LFBDetector, build_detector
 
-__all__ = ["BenchResult", "BenchSize", "format_table", "run_benchmark"]
+__all__ = ["BenchResult", "BenchSize", "format_table", "run_benchmark", "time_train_step"]
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,11 @@ def _inputs(size: BenchSize, channels: int, device: torch.device, seed: int = 0)
 
 
 def _time_mode(model: LFBDetector, inputs, size: BenchSize, device: torch.device, bf16: bool,
-               channels_last: bool) -> BenchResult:
+               channels_last: bool, optimizer: torch.optim.Optimizer | None = None) -> BenchResult:
+    """Seconds per iteration of forward + loss + backward (+ `optimizer.step()` when given)."""
     clips, rois, lt, labels = inputs
+    if model.fbo is None:
+        lt = None
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
         clips = clips.contiguous(memory_format=torch.channels_last_3d)
@@ -71,7 +74,9 @@ def _time_mode(model: LFBDetector, inputs, size: BenchSize, device: torch.device
     def step() -> None:
         with autocast:
             logits = model(clips, rois, lt)
-        model.loss(logits, labels).backward()
+        model.loss(logits.float(), labels).backward()
+        if optimizer is not None:
+            optimizer.step()
         model.zero_grad(set_to_none=True)
 
     def sync() -> None:
@@ -91,6 +96,26 @@ def _time_mode(model: LFBDetector, inputs, size: BenchSize, device: torch.device
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     name = "bf16 autocast + channels_last_3d" if bf16 and channels_last else ("bf16 autocast" if bf16 else "fp32")
     return BenchResult(name, size.clips / seconds, seconds, peak)
+
+
+def time_train_step(*, device: str, size: BenchSize, fbo: str = "nl", bf16: bool, channels_last: bool,
+                    depth: int = 50, base_channels: int = 64) -> BenchResult:
+    """One whole SGD training step (forward, loss, backward, `optimizer.step()`) of a fresh detector.
+
+    The optimiser is the training loop's (`lfb_ray.train.schedule.build_optimizer`: SGD, momentum
+    0.9); inputs are clips [B, 3, T, P, P], `rois_per_clip` RoIs per clip and, for LFB models, an
+    fp16 bank [R, S, 2048].
+    """
+    from lfb_ray.config import TrainConfig
+    from lfb_ray.train.schedule import build_optimizer
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = build_detector(ModelConfig(depth=depth, base_channels=base_channels, fbo=fbo)).to(dev).train()
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    optimizer = build_optimizer(model.parameters(), TrainConfig(), 0.01)
+    return _time_mode(model, _inputs(size, model.feature_channels, dev), size, dev, bf16, channels_last, optimizer)
 
 
 def run_benchmark(*, device: str = "cpu", size: BenchSize = DEFAULT, depth: int = 50,

@@ -29,6 +29,7 @@ from lfb_ray.config import (
     flatten_config,
     resolve_paths,
 )
+from lfb_ray.train.schedule import build_optimizer, lr_at  # noqa: F401  (re-exported)
 
 __all__ = ["FitResult", "build_optimizer", "fit", "fit_operators", "lr_at", "operator_tag", "run_name_for", "train_loop_per_worker"]
 
@@ -63,22 +64,6 @@ def operator_tag(cfg: Config, init_checkpoint: str | None = None) -> str:
     """The model's row in comparisons: `model.fbo`, or `CONTROL` ("none-ft") for a baseline whose
     backbone starts from a trained detector (the control for LFB models initialised from the baseline)."""
     return CONTROL if cfg.model.fbo == "none" and init_checkpoint else cfg.model.fbo
-
-
-def build_optimizer(params, cfg_train, base_lr: float) -> torch.optim.Optimizer:
-    """`train.optimizer`: SGD with momentum (mmaction2) or AdamW, both with `train.weight_decay`."""
-    if cfg_train.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg_train.weight_decay)
-    return torch.optim.SGD(params, lr=base_lr, momentum=cfg_train.momentum, weight_decay=cfg_train.weight_decay)
-
-
-def lr_at(epoch_float: float, cfg_train, base_lr: float) -> float:
-    """Learning rate at a fractional epoch: linear warmup from `warmup_factor`, then x gamma steps."""
-    lr = base_lr * cfg_train.lr_gamma ** sum(epoch_float >= s for s in cfg_train.lr_steps)
-    if epoch_float < cfg_train.warmup_epochs:
-        alpha = epoch_float / cfg_train.warmup_epochs
-        lr *= cfg_train.warmup_factor * (1 - alpha) + alpha
-    return lr
 
 
 # --------------------------------------------------------------------------------------------

@@ -126,6 +126,7 @@ class BankConfig:
     max_feats_per_second: int = 5
     person_score_thr: float = 0.9
     batch_size: int = 4  # keyframes per forward pass of a bank actor
+    cpus_per_actor: int = 1  # CPUs reserved per actor = its JPEG decode threads (decode overlaps the forward)
     min_actors: int = 1
     max_actors: int = 2
 
@@ -134,8 +135,8 @@ class BankConfig:
             raise ConfigError("bank.window_seconds and bank.max_feats_per_second must be >= 1")
         if not 1 <= self.min_actors <= self.max_actors:
             raise ConfigError("bank: need 1 <= min_actors <= max_actors")
-        if self.batch_size < 1:
-            raise ConfigError("bank.batch_size must be >= 1")
+        if self.batch_size < 1 or self.cpus_per_actor < 1:
+            raise ConfigError("bank.batch_size and bank.cpus_per_actor must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,6 @@ class BankExtractor:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(self.cfg, checkpoint, self.device)
         self.parts_dir = parts_dir
-        self.decode_threads = 1  # JPEG decode threads per part (benchmarked in jobs/benchmark.py gpu)
 
     def _features(self, clips: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
         """RoI features of keyframes, up to `bank.batch_size` clips per forward pass.
@@ -104,9 +103,10 @@ class BankExtractor:
                 counts = [len(boxes[i]) for i in idx]
                 rois = torch.cat([torch.cat([torch.full((n, 1), float(j)), torch.from_numpy(boxes[i])], 1)
                                   for j, (i, n) in enumerate(zip(idx, counts))])  # [sum N, 5]
-                clip = normalise(np.stack([clips[i] for i in idx]), self.cfg.data.mean, self.cfg.data.std)
+                frames = torch.from_numpy(np.stack([clips[i] for i in idx])).to(self.device)  # uint8
+                clip = to_model_layout(normalise(frames, self.cfg.data.mean, self.cfg.data.std))
                 with torch.no_grad(), autocast_for(self.device, self.cfg.train.amp):
-                    fmap = self.model.backbone(to_model_layout(clip.to(self.device, non_blocking=True)))
+                    fmap = self.model.backbone(clip)
                     feats = self.model.roi_features(fmap, rois.to(self.device)).float().cpu().numpy()
                 for i, f in zip(idx, np.split(feats.astype(np.float16), np.cumsum(counts)[:-1])):
                     out[i] = f
@@ -131,23 +131,37 @@ class BankExtractor:
         frames, px = test_transform(frames, props[:, :4], spec)
         return frames, px.astype(np.float32), props
 
+    def _decoded(self, rows: list[dict]):
+        """`_decode` of each row, in order, by `bank.cpus_per_actor` threads that run ahead of the
+        caller (at most two batches), so JPEG decoding overlaps the forward pass; PIL decodes and
+        resizes without the GIL."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        ahead = 2 * max(self.cfg.bank.batch_size, self.cfg.bank.cpus_per_actor)
+        with ThreadPoolExecutor(self.cfg.bank.cpus_per_actor) as pool:
+            pending = deque(pool.submit(self._decode, row) for row in rows[:ahead])
+            for row in rows[ahead:]:
+                yield pending.popleft().result()
+                pending.append(pool.submit(self._decode, row))
+            while pending:
+                yield pending.popleft().result()
+
     def _extract(self, part_uri: str) -> dict:
         import pyarrow.parquet as pq
 
         fs, path = resolve(part_uri)
         with fs.open_input_file(path) as f:
             rows = pq.read_table(f).to_pylist()
-        if self.decode_threads > 1:  # PIL decodes and resizes without the GIL
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(self.decode_threads) as pool:
-                decoded = list(pool.map(self._decode, rows))
-        else:
-            decoded = [self._decode(row) for row in rows]
-        clips = [d[0] for d in decoded]
-        boxes = [d[1] for d in decoded]
-        props_all = [d[2] for d in decoded]
-        feats = self._features(clips, boxes)
+        props_all, feats, clips, boxes = [], [], [], []  # clips/boxes: the batch being filled
+        for frames, px, props in self._decoded(rows):
+            props_all.append(props)
+            clips.append(frames)
+            boxes.append(px)
+            if len(clips) == self.cfg.bank.batch_size:
+                feats += self._features(clips, boxes)
+                clips, boxes = [], []
+        feats += self._features(clips, boxes)
         out = {"video_id": [], "second": [], "person_index": []}
         for row, props in zip(rows, props_all):
             n = len(props)
@@ -247,7 +261,7 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
         ds = ds.map_batches(
             BankExtractor, batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=cfg.bank.min_actors, max_size=cfg.bank.max_actors),
-            num_gpus=1 if use_gpu else 0, num_cpus=1 if not use_gpu else 1,
+            num_gpus=1 if use_gpu else 0, num_cpus=cfg.bank.cpus_per_actor,
             fn_constructor_kwargs={"cfg_dict": model_cfg, "checkpoint": checkpoint, "parts_dir": parts_dir},
             max_restarts=-1, max_task_retries=3)
         ds.take_all()

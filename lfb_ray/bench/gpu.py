@@ -59,11 +59,12 @@ def _train_rows(device: str, quick: bool) -> tuple[list[list], float]:
             rows.append([fbo, batch, mode, "OOM", "-", "-", "-"])
             torch.cuda.empty_cache()
             continue
-        base.setdefault((fbo, batch), r.clips_per_second)
+        if not bf16 and not cl:
+            base[(fbo, batch)] = r.clips_per_second
         best = max(best, r.clips_per_second) if fbo == "none" else best
         peak = f"{r.peak_memory_mib / 1024:.1f}" if r.peak_memory_mib is not None else "-"
         rows.append([fbo, batch, mode, r.clips_per_second, r.seconds_per_iter * 1000,
-                     ratio(r.clips_per_second, base[(fbo, batch)]), peak])
+                     ratio(r.clips_per_second, base.get((fbo, batch), 0.0)), peak])
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows, best
@@ -103,16 +104,16 @@ def _bank_rows(cfg, checkpoint: str, work: Path, batch: int, repeats: int) -> li
     cases = [("decode + transform only (no network)", 1, "auto", True, 1),
              (f"decode + transform only, {threads} threads", 1, "auto", True, threads),
              ("1 keyframe / forward", 1, "auto", False, 1), (f"{batch} keyframes / forward", batch, "auto", False, 1),
-             (f"{batch} keyframes / forward, {threads} decode threads", batch, "auto", False, threads)]
+             (f"{batch} keyframes / forward, {threads} decode threads", batch, "auto", False, threads),
+             (f"{batch} keyframes / forward, {2 * threads} decode threads", batch, "auto", False, 2 * threads)]
     if torch.cuda.is_available():
-        cases.append((f"{batch} keyframes / forward, fp32", batch, "off", False, 1))
-    rows, base = [], None
+        cases.append((f"{batch} keyframes / forward, {threads} decode threads, fp32", batch, "off", False, threads))
+    rows, base, network = [], None, None
     for name, size, amp, decode_only, decode_threads in cases:
-        c = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, batch_size=size),
+        c = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, batch_size=size, cpus_per_actor=decode_threads),
                                 train=dataclasses.replace(cfg.train, amp=amp))
         cls = _DecodeOnly.make(BankExtractor) if decode_only else BankExtractor
         extractor = cls(config_to_dict(c), checkpoint, str(work / "warmup"))
-        extractor.decode_threads = decode_threads
         extractor({"item": np.array([json.dumps(items[0])], dtype=object)})  # cuDNN autotune, caches
         parts = work / f"parts_{len(rows)}"
         extractor.parts_dir = str(parts)
@@ -134,7 +135,38 @@ def _bank_rows(cfg, checkpoint: str, work: Path, batch: int, repeats: int) -> li
         rows.append([name, "bf16" if amp == "auto" and torch.cuda.is_available() else "fp32", keyframes,
                      features, wall, keyframes / wall, features / wall,
                      ratio(keyframes / wall, base) if base else "-"])
+        if size == batch and amp == "auto" and not decode_only:
+            network = extractor
+    rows.append(_network_only_row(network, uris, batch, repeats, base))
     return rows
+
+
+def _network_only_row(extractor, uris, batch: int, repeats: int, base: float) -> list:
+    """The same forward passes on clips decoded beforehand: the network's own ceiling."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from lfb_ray.storage import resolve
+
+    decoded = []
+    for _, uri in uris:
+        fs, path = resolve(uri)
+        with fs.open_input_file(path) as f:
+            decoded += [extractor._decode(r) for r in pq.read_table(f).to_pylist()]
+    clips, boxes = [d[0] for d in decoded], [d[1] for d in decoded]
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for s in range(0, len(clips), batch):
+            extractor._features(clips[s:s + batch], boxes[s:s + batch])
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    keyframes, features = len(clips) * repeats, sum(len(b) for b in boxes) * repeats
+    return [f"network only: {batch} pre-decoded keyframes / forward", "bf16" if cuda else "fp32", keyframes,
+            features, wall, keyframes / wall, features / wall, ratio(keyframes / wall, base)]
 
 
 def run(*, quick: bool = False, workdir: str | Path = "runs/bench", prepared: str | None = None) -> str:
@@ -186,7 +218,7 @@ def run(*, quick: bool = False, workdir: str | Path = "runs/bench", prepared: st
         ["extraction", "precision", "keyframes", "features", "wall s", "keyframes/s", "features/s",
          "vs 1 / forward"], _bank_rows(cfg, ckpt, work, 4 if quick else BANK_BATCH, 1 if quick else REPEATS),
         [f"model: depth {cfg.model.depth}, width {cfg.model.base_channels}, random weights, test short side "
-         f"{cfg.data.test_short_side}; one actor = this process (JPEG decode on 1 thread unless the row says more, the network on "
+         f"{cfg.data.test_short_side}; one actor = this process (bank.cpus_per_actor JPEG decode threads, 1 unless the row says more, running ahead of the network on "
          f"{device})",
          "wall: read each Parquet part, decode 4 JPEG frames per keyframe, resize, forward, write the npz part; "
          f"a warm-up part first (cuDNN autotune); each part extracted {1 if quick else REPEATS} time(s)"])

@@ -159,11 +159,12 @@ def decode_test_rows(batch: dict, *, cfg_data: dict, score_thr: float) -> dict:
 
 
 def normalise(frames, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """uint8 [B, T, H, W, 3] (numpy or torch) → float32 [B, 3, T, H, W] with mean/std on 0-255."""
+    """uint8 [B, T, H, W, 3] (numpy or torch, on any device) → float32 [B, 3, T, H, W] with mean/std
+    on 0-255, on the input's device (send uint8 to the GPU and normalise there: 4x fewer bytes)."""
     import torch
 
     x = torch.as_tensor(frames).float()
-    x = (x - torch.tensor(mean)) / torch.tensor(std)
+    x = (x - torch.tensor(mean, device=x.device)) / torch.tensor(std, device=x.device)
     return x.permute(0, 4, 1, 2, 3).contiguous()
 
 

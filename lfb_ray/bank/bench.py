@@ -79,6 +79,8 @@ def _bench_sampling(bank_dir: Path, args: argparse.Namespace) -> None:
         "FeatureBank.sample": lambda v, s: bank.sample(v, s, rng, window_seconds=W, max_feats_per_second=K),
         "FeatureBank.sample(out=)": lambda v, s: bank.sample(v, s, rng, window_seconds=W,
                                                              max_feats_per_second=K, out=out),
+        # not a sampler: writing the [R, W*K, C] fp32 output once, the floor of any sampler
+        "floor: out.zero_()": lambda v, s: out.zero_(),
     }
     for fn in methods.values():
         fn(*queries[0])  # warm-up

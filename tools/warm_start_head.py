@@ -49,6 +49,20 @@ def _targets(csv_path: str, table, num_classes: int):
     return np.array(rows), np.stack(ys)
 
 
+def _focal(logits, labels, gamma: float):
+    """`LFBDetector.loss` with each element's BCE scaled by (1 - p_t) ** gamma."""
+    import torch
+    import torch.nn.functional as F
+
+    targets = labels[:, 1:].float()
+    positive = targets.ne(0).any(dim=1)
+    x = logits[positive, 1:].float()
+    t = targets[positive]
+    bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t = torch.exp(-bce)
+    return ((1 - p_t) ** gamma * bce).mean()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -63,6 +77,8 @@ def main() -> int:
                    "the warm head on val bank entries, with / without the actor's cue (as probe_bank_reader)")
     p.add_argument("--only-family", default="", help="synthetic label family (e.g. long_term): train on those "
                    "classes only, to see whether the other classes' share of the loss is what stops retrieval")
+    p.add_argument("--focal-gamma", type=float, default=0.0, help="> 0: sigmoid focal loss (Lin et al.) with this "
+                   "gamma instead of plain BCE, over the same elements; easy classes then stop dominating")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -105,7 +121,8 @@ def main() -> int:
         logits, labels = model.classify(torch.from_numpy(feats[idx]), lt), torch.from_numpy(ys[pick])
         if cols is not None:  # column 0 (dropped by the loss) + the family's classes
             logits, labels = logits[:, cols], labels[:, cols]
-        loss = LFBDetector.loss(logits, labels)
+        loss = (LFBDetector.loss(logits, labels) if args.focal_gamma <= 0
+                 else _focal(logits, labels, args.focal_gamma))
         opt.zero_grad()
         loss.backward()
         opt.step()

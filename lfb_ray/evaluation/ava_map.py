@@ -207,6 +207,11 @@ def _class_index(action_ids: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
     action_ids = np.asarray(action_ids, np.int64).reshape(-1)
     if len(class_ids) == 0:
         return np.full(len(action_ids), -1, np.int64)
+    if (len(action_ids) and int(action_ids.min()) >= 0 and int(action_ids.max()) < 1 << 20
+            and int(class_ids.max()) < 1 << 20):
+        lut = np.full(max(int(action_ids.max()), int(class_ids.max())) + 1, -1, np.int64)  # O(N) lookup
+        lut[class_ids[class_ids >= 0]] = np.flatnonzero(class_ids >= 0)
+        return lut[action_ids]
     pos = np.minimum(np.searchsorted(class_ids, action_ids), len(class_ids) - 1)
     return np.where(class_ids[pos] == action_ids, pos, -1)
 
@@ -214,9 +219,14 @@ def _class_index(action_ids: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
 def _top_k_per_key(keys: np.ndarray, score_rank: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
     """Rows `idx` keeping the k highest scores per keyframe (ties: earlier row); sorted by row."""
     order = idx[_sort_by(keys[idx], score_rank[idx])]
+    if len(order) == 0:
+        return order
     sorted_keys = keys[order]
-    rank = np.arange(len(order)) - np.searchsorted(sorted_keys, sorted_keys, side="left")
-    return np.sort(order[rank < k])
+    heads = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])  # first row of each keyframe
+    rank = np.arange(len(order)) - np.repeat(heads, np.diff(np.r_[heads, len(order)]))
+    keep = np.zeros(len(keys), bool)
+    keep[order[rank < k]] = True
+    return np.flatnonzero(keep)  # sorted by row, without a sort
 
 
 def _check_not_inverted(gt_rows: AnnotationRows, det_rows: ResultRows, gt_idx: np.ndarray,

@@ -155,7 +155,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from lfb_ray.inference import autocast_for
+    from lfb_ray.inference import autocast_for, to_model_layout
     from lfb_ray.models import build_detector, load_checkpoint, save_checkpoint
     from lfb_ray.tracking import NullTracker, Tracker
 
@@ -173,7 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.model.pretrained:
         load_checkpoint(model, cfg.model.pretrained)  # Kinetics backbone or a whole detector
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last_3d)
+        model = to_model_layout(model.to(device))
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     global_batch = tc.batch_size_per_worker * world

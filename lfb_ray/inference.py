@@ -30,22 +30,9 @@ def autocast_for(device: torch.device, amp: str):
 
 def to_model_layout(x):
     """Clips [B, 3, T, H, W] or a model, in channels-last-3d on CUDA (where cuDNN's bf16 3-D
-    convolutions are fastest, as in training); unchanged on CPU.
-
-    For a model, 1x1x1 kernels stay in the default layout: their bytes are the same either way,
-    but channels-last gives them strides that autograd's gradients do not have, and DDP then copies
-    every such gradient ("Grad strides do not match bucket view strides").
-    """
-    if isinstance(x, torch.Tensor):
-        return x.to(memory_format=torch.channels_last_3d) if x.is_cuda else x
-    if not next(x.parameters()).is_cuda:
-        return x
-    x.to(memory_format=torch.channels_last_3d)
-    with torch.no_grad():
-        for p in x.parameters():
-            if p.dim() == 5 and p.shape[2:] == (1, 1, 1) and not p.is_contiguous():
-                p.data = p.data.contiguous()
-    return x
+    convolutions are fastest, as in training); unchanged on CPU."""
+    on_cuda = x.is_cuda if isinstance(x, torch.Tensor) else next(x.parameters()).is_cuda
+    return x.to(memory_format=torch.channels_last_3d) if on_cuda else x
 
 
 def load_model(cfg: Config, checkpoint: str, device: torch.device | str = "cpu") -> torch.nn.Module:

@@ -63,6 +63,16 @@ def _focal(logits, labels, gamma: float):
     return ((1 - p_t) ** gamma * bce).mean()
 
 
+def _weighted(logits, labels, weight):
+    """`LFBDetector.loss` with per-class column weights [K-1] (mean weight 1)."""
+    import torch.nn.functional as F
+
+    targets = labels[:, 1:].float()
+    positive = targets.ne(0).any(dim=1)
+    bce = F.binary_cross_entropy_with_logits(logits[positive, 1:].float(), targets[positive], reduction="none")
+    return (bce * weight).mean()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -79,6 +89,8 @@ def main() -> int:
                    "classes only, to see whether the other classes' share of the loss is what stops retrieval")
     p.add_argument("--focal-gamma", type=float, default=0.0, help="> 0: sigmoid focal loss (Lin et al.) with this "
                    "gamma instead of plain BCE, over the same elements; easy classes then stop dominating")
+    p.add_argument("--family-weight", default="", help="FAMILY=W (synthetic): the detector's loss with that label "
+                   "family's columns weighted W (others 1), to test whether the family's share of the loss matters")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -111,6 +123,14 @@ def main() -> int:
         from lfb_ray.data.synthetic import LABEL_FAMILIES
 
         cols = [0, *LABEL_FAMILIES[args.only_family]]
+    weight = None
+    if args.family_weight:
+        from lfb_ray.data.synthetic import LABEL_FAMILIES
+
+        family, w = args.family_weight.split("=")
+        weight = torch.ones(cfg.model.num_classes - 1)
+        weight[[c - 1 for c in LABEL_FAMILIES[family]]] = float(w)
+        weight *= len(weight) / weight.sum()  # same mean weight: only the share changes
     model.train()
     t0, losses = time.perf_counter(), []
     for step in range(1, args.steps + 1):
@@ -121,8 +141,11 @@ def main() -> int:
         logits, labels = model.classify(torch.from_numpy(feats[idx]), lt), torch.from_numpy(ys[pick])
         if cols is not None:  # column 0 (dropped by the loss) + the family's classes
             logits, labels = logits[:, cols], labels[:, cols]
-        loss = (LFBDetector.loss(logits, labels) if args.focal_gamma <= 0
-                 else _focal(logits, labels, args.focal_gamma))
+        if args.family_weight:
+            loss = _weighted(logits, labels, weight)
+        else:
+            loss = (LFBDetector.loss(logits, labels) if args.focal_gamma <= 0
+                    else _focal(logits, labels, args.focal_gamma))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -63,6 +63,23 @@ def _focal(logits, labels, gamma: float):
     return ((1 - p_t) ** gamma * bce).mean()
 
 
+def _bce_plus_group_ce(logits, labels, group):
+    """Sigmoid BCE over the columns outside `group` (mean over elements, as the detector's loss)
+    plus softmax cross-entropy over the `group` columns for RoIs with one label in the group."""
+    import torch
+    import torch.nn.functional as F
+
+    targets = labels.float()
+    positive = targets[:, 1:].ne(0).any(dim=1)
+    other = [c for c in range(1, logits.shape[1]) if c not in group]
+    loss = F.binary_cross_entropy_with_logits(logits[positive][:, other].float(), targets[positive][:, other])
+    g = targets[:, group]
+    has = g.sum(1) == 1
+    if bool(has.any()):
+        loss = loss + F.cross_entropy(logits[has][:, group].float(), g[has].argmax(1))
+    return loss + 0 * torch.zeros(())
+
+
 def _weighted(logits, labels, weight):
     """`LFBDetector.loss` with per-class column weights [K-1] (mean weight 1)."""
     import torch.nn.functional as F
@@ -91,6 +108,8 @@ def main() -> int:
                    "gamma instead of plain BCE, over the same elements; easy classes then stop dominating")
     p.add_argument("--family-weight", default="", help="FAMILY=W (synthetic): the detector's loss with that label "
                    "family's columns weighted W (others 1), to test whether the family's share of the loss matters")
+    p.add_argument("--softmax-family", default="", help="FAMILY (synthetic): sigmoid BCE over the other classes plus "
+                   "a softmax cross-entropy over that family's (mutually exclusive) classes")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -123,7 +142,11 @@ def main() -> int:
         from lfb_ray.data.synthetic import LABEL_FAMILIES
 
         cols = [0, *LABEL_FAMILIES[args.only_family]]
-    weight = None
+    weight = group = None
+    if args.softmax_family:
+        from lfb_ray.data.synthetic import LABEL_FAMILIES
+
+        group = list(LABEL_FAMILIES[args.softmax_family])
     if args.family_weight:
         from lfb_ray.data.synthetic import LABEL_FAMILIES
 
@@ -141,7 +164,9 @@ def main() -> int:
         logits, labels = model.classify(torch.from_numpy(feats[idx]), lt), torch.from_numpy(ys[pick])
         if cols is not None:  # column 0 (dropped by the loss) + the family's classes
             logits, labels = logits[:, cols], labels[:, cols]
-        if args.family_weight:
+        if args.softmax_family:
+            loss = _bce_plus_group_ce(logits, labels, group)
+        elif args.family_weight:
             loss = _weighted(logits, labels, weight)
         else:
             loss = (LFBDetector.loss(logits, labels) if args.focal_gamma <= 0

@@ -69,12 +69,14 @@ class BankExtractor:
     def __init__(self, cfg_dict: dict, checkpoint: str, parts_dir: str):
         import torch
 
+        from lfb_ray.data.clips import ClipSpec
         from lfb_ray.inference import load_model
 
         self.cfg = config_from_dict(cfg_dict)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(self.cfg, checkpoint, self.device)
         self.parts_dir = parts_dir
+        self.spec = ClipSpec.from_config(self.cfg.data)
 
     def _features(self, clips: list[np.ndarray], boxes: list[np.ndarray]) -> list[np.ndarray]:
         """RoI features of keyframes, up to `bank.batch_size` clips per forward pass.
@@ -114,21 +116,14 @@ class BankExtractor:
 
     def _decode(self, row: dict):
         """One keyframe row → (uint8 clip [T, H, W, 3], float32 pixel boxes [N, 4], proposals [N, 5])."""
-        from lfb_ray.data.clips import (
-            ClipSpec,
-            decode_jpeg,
-            pick_clip_frames,
-            select_proposals,
-            test_transform,
-        )
+        from lfb_ray.data.clips import decode_jpeg, pick_clip_frames, select_proposals, test_transform
         from lfb_ray.data.schema import row_proposals
 
-        spec = ClipSpec.from_config(self.cfg.data)
         offsets = np.asarray(row["ref_offsets"], dtype=np.int64)
-        slots = np.asarray(row["frame_slot"], dtype=np.int64)[pick_clip_frames(offsets, spec, None)]
+        slots = np.asarray(row["frame_slot"], dtype=np.int64)[pick_clip_frames(offsets, self.spec, None)]
         frames = np.stack([decode_jpeg(row["frames"][s]) for s in slots])
         props = select_proposals(row_proposals(row), self.cfg.bank.person_score_thr, self.cfg.data.max_proposals)
-        frames, px = test_transform(frames, props[:, :4], spec)
+        frames, px = test_transform(frames, props[:, :4], self.spec)
         return frames, px.astype(np.float32), props
 
     def _decoded(self, rows: list[dict]):

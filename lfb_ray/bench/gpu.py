@@ -70,16 +70,14 @@ def _train_rows(device: str, quick: bool) -> tuple[list[list], float]:
     return rows, best
 
 
-class _DecodeOnly:
-    """`BankExtractor._features` replaced by zeros: what the actor's CPU side alone sustains."""
+def _decode_only(extractor_cls):
+    """`BankExtractor` with `_features` replaced by zeros: what the actor's CPU side alone sustains."""
 
-    @staticmethod
-    def make(extractor_cls):
-        class DecodeOnlyExtractor(extractor_cls):
-            def _features(self, clips, boxes):
-                return [np.zeros((len(b), self.model.feature_channels), np.float16) for b in boxes]
+    class DecodeOnlyExtractor(extractor_cls):
+        def _features(self, clips, boxes):
+            return [np.zeros((len(b), self.model.feature_channels), np.float16) for b in boxes]
 
-        return DecodeOnlyExtractor
+    return DecodeOnlyExtractor
 
 
 def _bank_rows(cfg, checkpoint: str, work: Path, batch: int, repeats: int) -> list[list]:
@@ -112,7 +110,7 @@ def _bank_rows(cfg, checkpoint: str, work: Path, batch: int, repeats: int) -> li
     for name, size, amp, decode_only, decode_threads in cases:
         c = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, batch_size=size, cpus_per_actor=decode_threads),
                                 train=dataclasses.replace(cfg.train, amp=amp))
-        cls = _DecodeOnly.make(BankExtractor) if decode_only else BankExtractor
+        cls = _decode_only(BankExtractor) if decode_only else BankExtractor
         extractor = cls(config_to_dict(c), checkpoint, str(work / "warmup"))
         extractor({"item": np.array([json.dumps(items[0])], dtype=object)})  # cuDNN autotune, caches
         parts = work / f"parts_{len(rows)}"

@@ -172,9 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_detector(cfg.model)
     if cfg.model.pretrained:
         load_checkpoint(model, cfg.model.pretrained)  # Kinetics backbone or a whole detector
-    if device.type == "cuda":
-        model = to_model_layout(model.to(device))
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(to_model_layout(model.to(device)))
     core = model.module if hasattr(model, "module") else model
     global_batch = tc.batch_size_per_worker * world
     base_lr = tc.base_lr * global_batch / tc.reference_batch  # linear scaling rule
@@ -248,9 +246,7 @@ def train_loop_per_worker(config: dict) -> None:
             lr = lr_at(epoch + it / iters_per_epoch, tc, base_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            clip = batch["clip"].to(device, non_blocking=True)
-            if device.type == "cuda":
-                clip = clip.contiguous(memory_format=torch.channels_last_3d)
+            clip = to_model_layout(batch["clip"].to(device, non_blocking=True))
             rois = batch["rois"].to(device)
             labels = batch["labels"].to(device)
             lt = None

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 __all__ = ["CONTROL", "ComparisonRow", "collect_runs", "compare", "format_seed_table", "format_table"]
 
-# Operator tag of the baseline fine-tuned from its own backbone with the LFB models' schedule: the
-# control for the extra training LFB models get when they start from the baseline.
+# Operator tag of the baseline retrained from its own backbone with the LFB models' recipe (fine-tune
+# schedule, head warm-up, loss): the control for the extra training LFB models get from the baseline.
 CONTROL = "none-ft"
 ORDER = {"none": 0, CONTROL: 1, "avg": 2, "max": 3, "nl": 4}
-NAMES = {"none": "baseline", CONTROL: "baseline fine-tuned (control)", "avg": "LFB-Avg", "max": "LFB-Max",
+NAMES = {"none": "baseline", CONTROL: "control (baseline, LFB head recipe)", "avg": "LFB-Avg", "max": "LFB-Max",
          "nl": "LFB-NL"}
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "ClusterConfig",
     "Config",
     "ConfigError",
+    "check_exclusive_groups",
     "DataConfig",
     "EvalConfig",
     "ModelConfig",
@@ -91,6 +92,28 @@ class DataConfig:
             raise ConfigError("data.clip_frames and data.frame_interval must be >= 1")
 
 
+def check_exclusive_groups(groups, num_classes: int) -> tuple[tuple[int, ...], ...]:
+    """Validate exclusive label groups: each >= 2 distinct class ids in 1..num_classes-1, groups
+    disjoint. Returns them as a tuple of tuples.
+
+    Raises:
+        ValueError: naming the offending group.
+    """
+    out, seen = [], set()
+    for g in groups:
+        g = tuple(int(c) for c in g)
+        if len(g) < 2 or len(set(g)) != len(g):
+            raise ValueError(f"exclusive group {list(g)}: need at least two distinct class ids")
+        bad = [c for c in g if not 1 <= c < num_classes]
+        if bad:
+            raise ValueError(f"exclusive group {list(g)}: class ids {bad} are outside 1..{num_classes - 1}")
+        if seen & set(g):
+            raise ValueError(f"exclusive group {list(g)}: class ids {sorted(seen & set(g))} are in another group too")
+        seen |= set(g)
+        out.append(g)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """SlowOnly backbone, RoI head, feature-bank operator and classifier (spec sections 3, 6, 7)."""
@@ -110,10 +133,22 @@ class ModelConfig:
     # LFB models (fbo != none) start from the backbone of the baseline that computed the bank
     # (the pipeline passes it; jobs/train.py uses bank.checkpoint) instead of `pretrained`.
     init_backbone_from_baseline: bool = False
+    # Groups of mutually exclusive class ids (a box has at most one of each group): softmax
+    # cross-entropy in the loss and softmax scores for their columns; () = mmaction2's sigmoid BCE.
+    exclusive_groups: tuple[tuple[int, ...], ...] = ()
+    exclusive_group_weight: float = 1.0  # weight of each group's cross-entropy next to the mean BCE
+    # false: the pipeline trains the short-term baseline (which only supplies the backbone and the
+    # bank) with mmaction2's sigmoid BCE for every class, and the groups apply to the models that
+    # start from it (LFB operators and the control).
+    exclusive_groups_in_baseline: bool = True
 
     def __post_init__(self) -> None:
         if self.base_channels < 1 or self.latent_channels < 1:
             raise ConfigError("model.base_channels and model.latent_channels must be >= 1")
+        try:
+            check_exclusive_groups(self.exclusive_groups, self.num_classes)
+        except ValueError as e:
+            raise ConfigError(f"model.exclusive_groups: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -176,10 +211,24 @@ class TrainConfig:
     # decay with AdamW (betas 0.9/0.999), whose per-parameter step size does not depend on the
     # gradient scale that a mean BCE over 81 classes gives a freshly initialised head.
     optimizer: Literal["sgd", "adamw"] = "sgd"
+    # Runs that start from a trained detector (see finetune_lr_scale): first train the head
+    # (operator + fc_cls) for this many Adam steps on the bank's own train features, with the
+    # backbone untouched (lfb_ray.train.head_warmup; needs the bank computed by that detector).
+    # 0 = off (mmaction2's recipe).
+    head_warmup_steps: int = 0
+    head_warmup_lr: float = 1e-3
+    head_warmup_batch: int = 32
+    # Epochs of end-to-end training for runs that start from a trained detector; -1 = `epochs`.
+    # 0 = the warmed-up head on the frozen baseline backbone is the model (evaluated as is).
+    finetune_epochs: int = -1
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size_per_worker < 1:
             raise ConfigError("train.epochs and train.batch_size_per_worker must be >= 1")
+        if self.head_warmup_steps < 0 or self.head_warmup_lr <= 0 or self.head_warmup_batch < 1:
+            raise ConfigError("train.head_warmup_steps must be >= 0, head_warmup_lr > 0, head_warmup_batch >= 1")
+        if self.finetune_epochs < -1:
+            raise ConfigError(f"train.finetune_epochs must be >= 0 or -1 (= epochs), got {self.finetune_epochs}")
         if self.finetune_lr_scale <= 0:
             raise ConfigError(f"train.finetune_lr_scale must be > 0, got {self.finetune_lr_scale}")
         if list(self.lr_steps) != sorted(self.lr_steps):

@@ -55,7 +55,8 @@ def load_model(cfg: Config, checkpoint: str, device: torch.device | str = "cpu")
 def predict_batch(model: torch.nn.Module, batch: dict, *, bank=None, rng: np.random.Generator,
                   device: torch.device, amp: str = "auto", window_seconds: int = 60,
                   max_feats_per_second: int = 5) -> dict:
-    """Sigmoid scores of every RoI of a `collate_test` batch.
+    """Scores of every RoI of a `collate_test` batch: sigmoid, softmax within the model's
+    exclusive label groups (`LFBDetector.scores`).
 
     Returns:
         video_ids list[str] [R], seconds int64 [R], boxes float32 [R, 4] normalised,
@@ -72,7 +73,7 @@ def predict_batch(model: torch.nn.Module, batch: dict, *, bank=None, rng: np.ran
         logits = model(clip, rois, lt)
     return {"video_ids": list(batch["roi_video_ids"]), "seconds": np.asarray(batch["roi_seconds"]),
             "boxes": np.asarray(batch["boxes"], dtype=np.float32),
-            "scores": torch.sigmoid(logits.float()).cpu().numpy()}
+            "scores": getattr(model, "module", model).scores(logits).cpu().numpy()}
 
 
 def _concat(preds: list[dict]) -> dict:

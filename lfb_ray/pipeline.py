@@ -102,7 +102,8 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
             state.pop(s, None)
             state.pop(f"{s}_partial", None)
     times: dict[str, float] = {}
-    base_cfg = baseline_cfg or _with(cfg, model__fbo="none")
+    base_cfg = baseline_cfg or _with(cfg, model__fbo="none", **(
+        {} if cfg.model.exclusive_groups_in_baseline else {"model__exclusive_groups": []}))
 
     def stage(name: str, key: str, fn):
         t0 = time.time()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from lfb_ray.config import ModelConfig
-from lfb_ray.models.detector import LFBDetector, build_detector, roi_features
+from lfb_ray.models.detector import LFBDetector, build_detector, detector_loss, detector_scores, roi_features
 
 SMALL = {"depth": 18, "base_channels": 8, "latent_channels": 16}  # C = 64
 ROIS = torch.tensor([[0, 0.0, 0.0, 32.0, 40.0], [0, 10.0, 12.0, 60.0, 63.0], [1, 4.0, 4.0, 20.0, 30.0]])
@@ -101,19 +101,19 @@ def test_loss_ignores_negatives() -> None:
     labels[0, [3, 7]] = 1
     labels[2, 80] = 1
     labels[3, 0] = 1  # class 0 alone does not make a positive
-    loss = LFBDetector.loss(logits, labels)
+    loss = detector_loss(logits, labels)
     want = F.binary_cross_entropy_with_logits(logits[[0, 2], 1:], labels[[0, 2], 1:])
     torch.testing.assert_close(loss, want)
     loss.backward()
     assert torch.count_nonzero(logits.grad[[1, 3]]) == 0 and torch.count_nonzero(logits.grad[:, 0]) == 0
     shifted = logits.detach().clone()
     shifted[[1, 3]] += 5.0
-    torch.testing.assert_close(LFBDetector.loss(shifted, labels), want.detach())
+    torch.testing.assert_close(detector_loss(shifted, labels), want.detach())
 
 
 def test_loss_without_positives_is_connected_zero() -> None:
     logits = torch.randn(3, 81, requires_grad=True)
-    loss = LFBDetector.loss(logits, torch.zeros(3, 81))
+    loss = detector_loss(logits, torch.zeros(3, 81))
     assert loss.item() == 0.0 and loss.grad_fn is not None
     loss.backward()
     assert torch.count_nonzero(logits.grad) == 0
@@ -128,3 +128,53 @@ def test_bf16_autocast_channels_last_step() -> None:
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert model.fbo.non_local_layer_1.out_conv.conv.weight.grad is not None
+
+
+def test_exclusive_group_loss_is_bce_elsewhere_plus_group_cross_entropy() -> None:
+    torch.manual_seed(0)
+    model = small("none", exclusive_groups=((64, 65, 66),))
+    logits = torch.randn(4, 81, requires_grad=True)
+    labels = torch.zeros(4, 81)
+    labels[0, [3, 65]] = 1
+    labels[1, [66]] = 1
+    labels[2, [5]] = 1  # positive, no label in the group: BCE only
+    # row 3 negative: left out entirely
+    loss = model.loss(logits, labels)
+    other = [c for c in range(1, 81) if c not in (64, 65, 66)]
+    want = (F.binary_cross_entropy_with_logits(logits[:3][:, other], labels[:3][:, other])
+            + F.cross_entropy(logits[:2][:, [64, 65, 66]], torch.tensor([1, 2])))
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert torch.count_nonzero(logits.grad[3]) == 0
+    assert torch.count_nonzero(logits.grad[2, [64, 65, 66]]) == 0  # no group label: the group is not trained
+    # No groups: exactly the mmaction2 loss.
+    torch.testing.assert_close(small("none").loss(logits, labels), detector_loss(logits, labels))
+
+
+def test_exclusive_group_scores_softmax_within_group() -> None:
+    logits = torch.randn(5, 81)
+    scores = detector_scores(logits, ((1, 2), (64, 65, 66)))
+    torch.testing.assert_close(scores[:, [64, 65, 66]].sum(1), torch.ones(5))
+    torch.testing.assert_close(scores[:, [1, 2]], torch.softmax(logits[:, [1, 2]], dim=1))
+    rest = [c for c in range(81) if c not in (1, 2, 64, 65, 66)]
+    torch.testing.assert_close(scores[:, rest], torch.sigmoid(logits[:, rest]))
+    torch.testing.assert_close(detector_scores(logits), torch.sigmoid(logits))
+
+
+@pytest.mark.parametrize("groups, msg", [(((64,),), "at least two"), (((64, 64),), "at least two"),
+                                         (((0, 5),), "outside"), (((80, 81),), "outside"),
+                                         (((3, 4), (4, 5)), "another group")])
+def test_exclusive_groups_are_validated(groups, msg) -> None:
+    from lfb_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=msg):
+        ModelConfig(**SMALL, exclusive_groups=groups)
+
+
+def test_exclusive_groups_from_yaml_override(tmp_path) -> None:
+    from lfb_ray.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  exclusive_groups: [[64, 65, 66]]\n")
+    assert load_config(path).model.exclusive_groups == ((64, 65, 66),)
+    assert load_config(path, ["model.exclusive_groups=[]"]).model.exclusive_groups == ()

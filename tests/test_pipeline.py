@@ -64,4 +64,4 @@ def test_rerun_skips_every_stage_and_from_reruns_the_rest(first_run, capsys):
     assert "[pipeline] summary" in printed
     for name in ("baseline", "control", "nl", "avg", "max"):
         assert f"  {name:9s} mAP" in printed
-    assert "baseline fine-tuned (control)" in printed  # the compare stage's table
+    assert "control (baseline, LFB head recipe)" in printed  # the compare stage's table

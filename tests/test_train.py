@@ -108,6 +108,26 @@ def test_bank_build_then_three_operators(baseline, ray_local):
         assert 0.0 <= x.metrics["val/mAP"] <= 1.0
 
 
+def test_head_warmup_without_finetuning_keeps_the_baseline_backbone(baseline, ray_local):
+    """train.head_warmup_steps + train.finetune_epochs=0: the head is trained on the bank, the model
+    is evaluated and saved as it is, and its backbone is exactly the baseline's."""
+    import torch
+
+    from lfb_ray.bank.build import build_bank
+    from lfb_ray.train import fit
+
+    cfg, r = baseline
+    c = tiny_config(cfg.workdir, cfg.data.root, f"bank.path={cfg.workdir}/bank_warm", "model.fbo=nl",
+                    "train.head_warmup_steps=10", "train.finetune_epochs=0")
+    build_bank(c, r.model_path)
+    res = fit(c, init_checkpoint=r.model_path)
+    assert res.metrics["epoch"] == 0 and 0.0 <= res.metrics["val/mAP"] <= 1.0
+    got = torch.load(res.model_path, weights_only=True)["model"]
+    want = torch.load(r.model_path, weights_only=True)["model"]
+    assert all(torch.equal(got[k], v) for k, v in want.items() if k.startswith("backbone."))
+    assert not torch.equal(got["fc_cls.bias"], torch.zeros_like(got["fc_cls.bias"]))  # the head was trained
+
+
 def test_bank_extractor_batches_keyframes_without_changing_features(baseline, tmp_path):
     """bank.batch_size keyframes per forward pass: same features as one keyframe at a time."""
     import json

@@ -98,7 +98,9 @@ def main() -> int:
     p.add_argument("--out", required=True, help="checkpoint to write (for model.pretrained)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--optim", choices=["adam", "sgd"], default="adam",
+                   help="sgd: the training loop's SGD (momentum, weight decay and grad clip of cfg.train)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synthetic", default="", help="synthetic dataset folder: also print val role accuracy of "
                    "the warm head on val bank entries, with / without the actor's cue (as probe_bank_reader)")
@@ -120,7 +122,7 @@ def main() -> int:
     from lfb_ray.config import load_config, resolve_paths
     from lfb_ray.evaluation.synthetic_report import read_bank_split
     from lfb_ray.models.checkpoint import load_checkpoint, save_checkpoint
-    from lfb_ray.models.detector import LFBDetector, build_detector
+    from lfb_ray.models.detector import LFBDetector, build_detector, detector_loss
 
     cfg = resolve_paths(load_config(args.config, args.overrides))
     if cfg.model.fbo == "none":
@@ -135,7 +137,8 @@ def main() -> int:
     vids, secs = table.column("video_id").to_pylist(), np.asarray(table.column("second").to_pylist())
     bank = FeatureBank.open(args.bank / "train", expected_dim=model.feature_channels)
     head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
-    opt = torch.optim.Adam(head, lr=args.lr)
+    opt = (torch.optim.Adam(head, lr=args.lr) if args.optim == "adam" else
+           torch.optim.SGD(head, lr=args.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay))
     print(f"{len(rows)} GT-matched train entries, head parameters {sum(p.numel() for p in head)}, fbo {cfg.model.fbo}")
     cols = None
     if args.only_family:
@@ -169,10 +172,12 @@ def main() -> int:
         elif args.family_weight:
             loss = _weighted(logits, labels, weight)
         else:
-            loss = (LFBDetector.loss(logits, labels) if args.focal_gamma <= 0
+            loss = (model.loss(logits, labels) if args.focal_gamma <= 0  # model.exclusive_groups apply
                     else _focal(logits, labels, args.focal_gamma))
         opt.zero_grad()
         loss.backward()
+        if args.optim == "sgd" and cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(head, cfg.train.grad_clip)
         opt.step()
         losses.append(loss.item())
         if step % 250 == 0 or step == args.steps:

@@ -351,6 +351,7 @@ class FeatureBank:
         for i, s in enumerate(sources):
             for v in s.index.column("video_id").unique().to_pylist():
                 owner[v] = i  # later sources win per video
+        self._owner = owner
         self._videos = tuple(sorted(owner))
         self._video_code = {v: c for c, v in enumerate(self._videos)}
         parts, row_offset = [], 0
@@ -426,6 +427,27 @@ class FeatureBank:
     @property
     def feature_dim(self) -> int:
         return self._dim
+
+    def checkpoint_sha256s(self) -> set[str]:
+        """sha256 of the checkpoint(s) that computed the merged banks (manifest metadata)."""
+        return {str(s.manifest.get("metadata", {}).get("checkpoint_sha256", "")) for s in self._sources}
+
+    def entries(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """Every stored entry of the videos this bank owns (shadowed videos of merged banks left out).
+
+        Returns:
+            video_ids [N], seconds int64 [N], boxes float32 [N, 4] (normalised x1, y1, x2, y2),
+            features float16 [N, C] (a copy: N x C x 2 bytes).
+        """
+        vids, secs, boxes, feats = [], [], [], []
+        for i, s in enumerate(self._sources):
+            v = s.table.column("video_id").to_pylist()
+            keep = np.array([self._owner[x] == i for x in v], dtype=bool)
+            vids += [x for x, k in zip(v, keep, strict=True) if k]
+            secs.append(s.table.column("second").to_numpy().astype(np.int64)[keep])
+            boxes.append(np.asarray(s.table.column("box").to_pylist(), dtype=np.float32).reshape(-1, 4)[keep])
+            feats.append(np.concatenate(s.chunks)[keep] if s.chunks else np.zeros((0, self._dim), np.float16))
+        return vids, np.concatenate(secs), np.concatenate(boxes), np.concatenate(feats)
 
     @property
     def num_features(self) -> int:

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from lfb_ray.config import ModelConfig
+from lfb_ray.config import ModelConfig, check_exclusive_groups
 from lfb_ray.models.backbone import ResNet3dSlowOnly, build_backbone
 from lfb_ray.models.fbo import FBOAvg, FBOMax, FBONonLocal, build_fbo
 
-__all__ = ["FEATURE_STRIDE", "LFBDetector", "build_detector", "roi_features"]
+__all__ = ["FEATURE_STRIDE", "LFBDetector", "build_detector", "detector_loss",
+           "detector_scores", "roi_features"]
 
 FEATURE_STRIDE = 16  # spatial stride of the res5 map (res5 is not downsampled)
 
@@ -44,6 +45,40 @@ def roi_features(feature_map: torch.Tensor, rois: torch.Tensor, output_size: int
     return pooled.amax(dim=(2, 3))
 
 
+def detector_loss(logits: torch.Tensor, labels: torch.Tensor, groups: tuple[tuple[int, ...], ...] = (),
+                  sigmoid_cols: torch.Tensor | None = None, group_weight: float = 1.0) -> torch.Tensor:
+    """The detector's loss; see `LFBDetector.loss`. `sigmoid_cols` [K'] = columns 1.. outside `groups`."""
+    logits = logits.float()
+    targets = labels.to(device=logits.device, dtype=torch.float32)
+    positive = targets[:, 1:].ne(0).any(dim=1)  # [R]
+    if not bool(positive.any()):
+        return logits.sum() * 0.0
+    if not groups:
+        return F.binary_cross_entropy_with_logits(logits[positive, 1:], targets[positive, 1:])
+    if sigmoid_cols is None:
+        grouped = {c for g in groups for c in g}
+        sigmoid_cols = torch.tensor([c for c in range(1, logits.shape[1]) if c not in grouped])
+    cols = sigmoid_cols.to(logits.device)
+    loss = F.binary_cross_entropy_with_logits(logits[positive][:, cols], targets[positive][:, cols])
+    for g in groups:
+        g_idx = torch.tensor(g, device=logits.device)
+        g_t = targets[:, g_idx]  # [R, |g|]
+        one = g_t.sum(dim=1).eq(1)  # RoIs with exactly one label of the group
+        if bool(one.any()):
+            loss = loss + group_weight * F.cross_entropy(logits[one][:, g_idx], g_t[one].argmax(dim=1))
+    return loss
+
+
+def detector_scores(logits: torch.Tensor, groups: tuple[tuple[int, ...], ...] = ()) -> torch.Tensor:
+    """[R, K] logits -> [R, K] fp32 scores: sigmoid, softmax within each exclusive group."""
+    logits = logits.float()
+    scores = torch.sigmoid(logits)
+    for g in groups:
+        g_idx = torch.tensor(g, device=logits.device)
+        scores[:, g_idx] = torch.softmax(logits[:, g_idx], dim=1)
+    return scores
+
+
 class LFBDetector(nn.Module):
     """Actor classifier over RoIs of a clip, with an optional long-term feature bank.
 
@@ -62,14 +97,24 @@ class LFBDetector(nn.Module):
         num_classes: classifier outputs, including the unused class 0 (81 for AVA).
         head_dropout: dropout ratio before `fc_cls`.
         roi_output_size: RoIAlign grid size.
+        exclusive_groups: groups of class ids of which a box has at most one (AVA's pose classes,
+            the synthetic set's roles). Their columns get a softmax cross-entropy in `loss` and
+            softmax scores in `scores` instead of independent sigmoids; () = mmaction2's loss.
     """
 
     def __init__(self, backbone: ResNet3dSlowOnly, fbo: FBONonLocal | FBOAvg | FBOMax | None,
-                 num_classes: int = 81, head_dropout: float = 0.5, roi_output_size: int = 8) -> None:
+                 num_classes: int = 81, head_dropout: float = 0.5, roi_output_size: int = 8,
+                 exclusive_groups: tuple[tuple[int, ...], ...] = (), exclusive_group_weight: float = 1.0) -> None:
         super().__init__()
         self.backbone = backbone
         self.fbo = fbo
         self.roi_output_size = roi_output_size
+        self.exclusive_groups = check_exclusive_groups(exclusive_groups, num_classes)
+        self.exclusive_group_weight = float(exclusive_group_weight)
+        grouped = {c for g in self.exclusive_groups for c in g}
+        # Columns 1.. outside every group: these keep the per-class sigmoid BCE.
+        self.register_buffer("_sigmoid_cols", torch.tensor(
+            [c for c in range(1, num_classes) if c not in grouped], dtype=torch.long), persistent=False)
         in_features = backbone.out_channels + (fbo.out_channels if fbo is not None else 0)
         self.dropout = nn.Dropout(head_dropout)
         self.fc_cls = nn.Linear(in_features, num_classes)
@@ -130,12 +175,19 @@ class LFBDetector(nn.Module):
         """
         return self.classify(self.roi_features(self.backbone(clips), rois), lt_feats)
 
-    @staticmethod
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sigmoid BCE over classes 1.. on positive RoIs only (mmaction2 BBoxHeadAVA).
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sigmoid BCE over classes 1.. on positive RoIs only (mmaction2 BBoxHeadAVA), plus a
+        softmax cross-entropy per exclusive group.
 
         Column 0 is dropped; RoIs whose remaining label row is all zero (negatives) are left
-        out; the mean runs over all (RoI, class) elements of the positives.
+        out; the BCE mean runs over all (RoI, class) elements of the positives, classes of the
+        exclusive groups excepted. Each group adds the mean cross-entropy over the RoIs with
+        exactly one label in it (RoIs without one say nothing about the group).
+
+        Why: with a mean sigmoid BCE over 80 classes, a group of mutually exclusive labels that
+        only long-term context can tell gets about 1/80 of the gradient, and the LFB-NL head
+        did not learn to retrieve it on the synthetic set (README, issue #8 probes); the
+        softmax form is also the right likelihood for labels of which exactly one holds.
 
         Args:
             logits: [R, K].
@@ -144,11 +196,11 @@ class LFBDetector(nn.Module):
         Returns:
             scalar loss; with no positive RoI, a zero that is still connected to `logits`.
         """
-        targets = labels[:, 1:].to(torch.float32)
-        positive = targets.ne(0).any(dim=1)  # [R]
-        if not bool(positive.any()):
-            return logits.sum() * 0.0
-        return F.binary_cross_entropy_with_logits(logits[positive, 1:].float(), targets[positive])
+        return detector_loss(logits, labels, self.exclusive_groups, self._sigmoid_cols, self.exclusive_group_weight)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """[R, K] logits -> [R, K] fp32 scores: sigmoid, softmax within each exclusive group."""
+        return detector_scores(logits, self.exclusive_groups)
 
 
 def build_detector(model_cfg: ModelConfig) -> LFBDetector:
@@ -165,4 +217,6 @@ def build_detector(model_cfg: ModelConfig) -> LFBDetector:
         nl_dropout=model_cfg.nl_dropout,
     )
     return LFBDetector(backbone, fbo, num_classes=model_cfg.num_classes,
-                       head_dropout=model_cfg.head_dropout, roi_output_size=model_cfg.roi_output_size)
+                       head_dropout=model_cfg.head_dropout, roi_output_size=model_cfg.roi_output_size,
+                       exclusive_groups=model_cfg.exclusive_groups,
+                       exclusive_group_weight=model_cfg.exclusive_group_weight)

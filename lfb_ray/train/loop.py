@@ -150,6 +150,31 @@ def _evaluate(model, cfg: Config, bank, ctx, device, epoch: int, results_dir: st
     return out
 
 
+def _warm_up(core, cfg: Config, checkpoint: str, rank: int, world: int) -> None:
+    """`train.head_warmup_steps` Adam steps on the bank's train features (lfb_ray.train.head_warmup)
+    on rank 0, whose weights are then broadcast so every DDP rank starts from the same head (the
+    other ranks wait: the warm-up is small next to training and not worth splitting)."""
+    from lfb_ray.storage import join_uri
+    from lfb_ray.train.head_warmup import warm_up_head
+
+    tc = cfg.train
+    if rank == 0:
+        log = lambda m: print(m, flush=True)  # noqa: E731
+        res = warm_up_head(core, join_uri(cfg.bank_dir, "train"), cfg.data_path(cfg.data.train_csv),
+                           steps=tc.head_warmup_steps, lr=tc.head_warmup_lr, batch=tc.head_warmup_batch,
+                           seed=tc.seed, window_seconds=cfg.bank.window_seconds,
+                           max_feats_per_second=cfg.bank.max_feats_per_second,
+                           checkpoint=checkpoint, log=log)
+        log(f"[lfb_ray] head warm-up: {res.steps} steps on {res.entries} bank entries, loss {res.loss_first:.4f} -> "
+            f"{res.loss_last:.4f}, {res.seconds:.0f} s")
+    if world > 1:
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for t in core.state_dict().values():
+                dist.broadcast(t, src=0)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker entry point. `config` = {"cfg": nested config dict, "mlflow_run_id": ...}."""
     import ray.train
@@ -203,6 +228,8 @@ def train_loop_per_worker(config: dict) -> None:
         what = load_checkpoint(core, config["init_checkpoint"], backbone_only=True)
         if rank == 0:
             print(f"[lfb_ray] initialised the backbone from {config['init_checkpoint']} ({what})", flush=True)
+        if tc.head_warmup_steps > 0:
+            _warm_up(core, cfg, config["init_checkpoint"], rank, world)
     tracker = (Tracker(cfg.tracking_uri, config["mlflow_run_id"])
                if rank == 0 and config.get("mlflow_run_id") else NullTracker())
     results_dir = config["results_dir"]
@@ -224,8 +251,25 @@ def train_loop_per_worker(config: dict) -> None:
         tracker.flush()
 
     # --- epochs
+    epochs = tc.finetune_epochs if config.get("init_checkpoint") and tc.finetune_epochs >= 0 else tc.epochs
     t_run = time.time()
-    for epoch in range(start_epoch, tc.epochs):
+    if epochs == 0 and start_epoch == 0:
+        # finetune_epochs=0: the (warmed-up) model is evaluated as it is, and saved as the result.
+        metrics = {"epoch": 0, "global_step": 0}
+        ev = _evaluate(core, cfg, bank, ctx, device, -1, results_dir, rng)
+        metrics.update(ev)
+        if rank == 0:
+            print(f"[lfb_ray] {cfg.model.fbo} without fine-tuning: val mAP {metrics.get('val/mAP', float('nan')):.4f}",
+                  flush=True)
+            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "global_step"},
+                                step=0)
+            if "_per_class" in metrics:
+                tracker.log_metrics({f"val_ap/{k}": v for k, v in metrics["_per_class"].items() if v == v}, step=0)
+        metrics.update(_param_agreement(core, world))
+        report(metrics, 0, 0, final=True)
+        if rank == 0 and "val/csv" in metrics:
+            tracker.log_artifact(metrics["val/csv"], "results")
+    for epoch in range(start_epoch, epochs):
         model.train()
         shard = ray.train.get_dataset_shard("train")
         t_epoch = time.time()
@@ -277,16 +321,16 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"epoch": epoch + 1, "global_step": global_step,
                    "train/loss_epoch": loss_sum / max(loss_n, 1), "train/clips_per_s": clips_per_s,
                    "train/data_wait_frac": t_wait / max(elapsed, 1e-9), "train/epoch_seconds": elapsed}
-        last = epoch + 1 == tc.epochs
+        last = epoch + 1 == epochs
         if last or (tc.eval_every_epochs and (epoch + 1) % tc.eval_every_epochs == 0):
             ev = _evaluate(core, cfg, bank, ctx, device, epoch, results_dir, rng)
             metrics.update(ev)
             if rank == 0 and not math.isnan(ev.get("val/mAP", float("nan"))):
                 best_map = ev["val/mAP"] if math.isnan(best_map) else max(best_map, ev["val/mAP"])
         if rank == 0:
-            eta = (time.time() - t_run) / (epoch + 1 - start_epoch) * (tc.epochs - epoch - 1)
+            eta = (time.time() - t_run) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
             val = f", val mAP {metrics['val/mAP']:.4f}" if "val/mAP" in metrics else ""
-            print(f"[lfb_ray] {cfg.model.fbo} epoch {epoch + 1}/{tc.epochs}: loss {metrics['train/loss_epoch']:.4f}, "
+            print(f"[lfb_ray] {cfg.model.fbo} epoch {epoch + 1}/{epochs}: loss {metrics['train/loss_epoch']:.4f}, "
                   f"{loss_n / max(elapsed, 1e-9):.2f} it/s, {clips_per_s:.1f} clips/s, data wait "
                   f"{100 * metrics['train/data_wait_frac']:.1f}%{val}, ETA {eta:.0f} s", flush=True)
             tracker.log_metrics({k: v for k, v in metrics.items()
@@ -384,6 +428,9 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
         if not init_checkpoint:
             raise ConfigError("model.init_backbone_from_baseline=true needs the baseline checkpoint: set "
                               "bank.checkpoint (the pipeline passes its baseline automatically)")
+    if init_checkpoint and "://" not in init_checkpoint:
+        # The workers run in other directories: a relative path would not be found there.
+        init_checkpoint = os.path.abspath(init_checkpoint)
     name = run_name_for(cfg, init_checkpoint)
     if fresh:
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -154,19 +154,32 @@ def _warm_up(core, cfg: Config, checkpoint: str, rank: int, world: int) -> None:
     """`train.head_warmup_steps` Adam steps on the bank's train features (lfb_ray.train.head_warmup)
     on rank 0, whose weights are then broadcast so every DDP rank starts from the same head (the
     other ranks wait: the warm-up is small next to training and not worth splitting)."""
+    import ray.train
+
     from lfb_ray.storage import join_uri
     from lfb_ray.train.head_warmup import warm_up_head
 
     tc = cfg.train
     if rank == 0:
         log = lambda m: print(m, flush=True)  # noqa: E731
-        res = warm_up_head(core, join_uri(cfg.bank_dir, "train"), cfg.data_path(cfg.data.train_csv),
-                           steps=tc.head_warmup_steps, lr=tc.head_warmup_lr, batch=tc.head_warmup_batch,
-                           seed=tc.seed, window_seconds=cfg.bank.window_seconds,
-                           max_feats_per_second=cfg.bank.max_feats_per_second,
-                           checkpoint=checkpoint, log=log)
+        # While rank 0 warms up, the other ranks on its node wait and the trainer's data CPUs are
+        # idle: use the CPUs the trainer reserved on this node as intra-op threads (on a 2-core
+        # machine, 2 threads instead of Ray's 1 make the synthetic NL warm-up ~3x faster).
+        ctx = ray.train.get_context()
+        reserved = ctx.get_local_world_size() * cfg.cluster.cpus_per_worker + cfg.cluster.data_cpus
+        threads_before = torch.get_num_threads()
+        threads = max(threads_before, min(math.ceil(reserved), len(os.sched_getaffinity(0))))
+        torch.set_num_threads(threads)
+        try:
+            res = warm_up_head(core, join_uri(cfg.bank_dir, "train"), cfg.data_path(cfg.data.train_csv),
+                               steps=tc.head_warmup_steps, lr=tc.head_warmup_lr, batch=tc.head_warmup_batch,
+                               seed=tc.seed, window_seconds=cfg.bank.window_seconds,
+                               max_feats_per_second=cfg.bank.max_feats_per_second,
+                               checkpoint=checkpoint, log=log)
+        finally:
+            torch.set_num_threads(threads_before)
         log(f"[lfb_ray] head warm-up: {res.steps} steps on {res.entries} bank entries, loss {res.loss_first:.4f} -> "
-            f"{res.loss_last:.4f}, {res.seconds:.0f} s")
+            f"{res.loss_last:.4f}, {res.seconds:.0f} s on {threads} CPU threads")
     if world > 1:
         import torch.distributed as dist
 

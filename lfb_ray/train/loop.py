@@ -150,6 +150,13 @@ def _evaluate(model, cfg: Config, bank, ctx, device, epoch: int, results_dir: st
     return out
 
 
+def _epochs(cfg: Config, init_checkpoint: str | None) -> int:
+    """Epochs of this run: `train.finetune_epochs` when it starts from a trained detector (and that is
+    not -1), else `train.epochs`."""
+    tc = cfg.train
+    return tc.finetune_epochs if init_checkpoint and tc.finetune_epochs >= 0 else tc.epochs
+
+
 def _warm_up(core, cfg: Config, checkpoint: str, rank: int, world: int) -> None:
     """`train.head_warmup_steps` Adam steps on the bank's train features (lfb_ray.train.head_warmup)
     on rank 0, whose weights are then broadcast so every DDP rank starts from the same head (the
@@ -264,7 +271,7 @@ def train_loop_per_worker(config: dict) -> None:
         tracker.flush()
 
     # --- epochs
-    epochs = tc.finetune_epochs if config.get("init_checkpoint") and tc.finetune_epochs >= 0 else tc.epochs
+    epochs = _epochs(cfg, config.get("init_checkpoint"))
     t_run = time.time()
     if epochs == 0 and start_epoch == 0:
         # finetune_epochs=0: the (warmed-up) model is evaluated as it is, and saved as the result.
@@ -459,12 +466,14 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
         except Exception as e:
             print(f"[lfb_ray] WARNING: MLflow unavailable at {cfg.tracking_uri} ({type(e).__name__}: {e}); "
                   "training without tracking", flush=True)
-    raw = read_split(cfg, "train")
-    if _cache_rows(cfg):
-        raw = raw.materialize()
-    train_ds = raw.map_batches(
-        decode_train_rows, batch_size=max(16, cfg.train.batch_size_per_worker), num_cpus=cfg.cluster.data_cpus,
-        fn_kwargs={"cfg_data": config_to_dict(cfg)["data"]})
+    datasets = {}
+    if _epochs(cfg, init_checkpoint) > 0:  # finetune_epochs=0 reads no train data (no caching either)
+        raw = read_split(cfg, "train")
+        if _cache_rows(cfg):
+            raw = raw.materialize()
+        datasets["train"] = raw.map_batches(
+            decode_train_rows, batch_size=max(16, cfg.train.batch_size_per_worker), num_cpus=cfg.cluster.data_cpus,
+            fn_kwargs={"cfg_data": config_to_dict(cfg)["data"]})
     n_train = count_rows(cfg, "train", drop_excluded=True)
     per_worker = math.ceil(n_train / cfg.cluster.num_workers)
     iters = max(1, math.ceil(per_worker / cfg.train.batch_size_per_worker))
@@ -475,8 +484,8 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
         train_loop_config={"cfg": config_to_dict(cfg), "mlflow_run_id": run_id, "results_dir": results_dir,
                            "iters_per_epoch": iters, "init_checkpoint": init_checkpoint},
         scaling_config=_scaling(cfg),
-        datasets={"train": train_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=list(datasets)),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),

@@ -9,10 +9,13 @@ Why: `tools/probe_bank_reader.py` shows that an NL head trained with Adam on the
 features learns to retrieve an actor's role from the bank in ~1000 steps, while the full SGD
 training of the demo budget does not. The bank already holds the baseline's RoI feature of every
 train keyframe's persons, so the head (operator + `fc_cls`) can be trained on those features at
-almost no cost ("linear probing, then fine-tuning"). Not part of the LFB recipe; an experiment.
+almost no cost ("linear probing, then fine-tuning"). The product version of this is
+`train.head_warmup_steps` (lfb_ray/train/head_warmup.py); this tool keeps the probe variants
+(focal loss, family weights, --optim sgd) and prints the synthetic role accuracy of the warm head.
 
 Targets: each train bank entry matched (IoU >= 0.5) to a GT person gets that person's multi-hot
-labels; the loss is the detector's own (`LFBDetector.loss`, sigmoid BCE). The backbone is the
+labels; the loss is the detector's own (`model.loss`: sigmoid BCE, softmax cross-entropy over the
+config's `model.exclusive_groups`). The backbone is the
 baseline's and stays frozen (it is not even run: the bank entry is the short-term feature). Writes a
 whole-detector checkpoint (`save_checkpoint`) for `model.pretrained`.
 """
@@ -122,7 +125,7 @@ def main() -> int:
     from lfb_ray.config import load_config, resolve_paths
     from lfb_ray.evaluation.synthetic_report import read_bank_split
     from lfb_ray.models.checkpoint import load_checkpoint, save_checkpoint
-    from lfb_ray.models.detector import LFBDetector, build_detector, detector_loss
+    from lfb_ray.models.detector import build_detector
 
     cfg = resolve_paths(load_config(args.config, args.overrides))
     if cfg.model.fbo == "none":

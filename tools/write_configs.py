@@ -58,7 +58,7 @@ CONFIGS = {
              SYNTH + ["workdir=runs/tiny", "data.root=data/tiny", "model.base_channels=8", "model.latent_channels=16",
                       "train.epochs=1", "train.batch_size_per_worker=4", "train.lr_steps=[]",
                       "train.warmup_epochs=0.5", "bank.window_seconds=20", "model.fbo=nl",
-                      "model.init_backbone_from_baseline=false", "train.head_warmup_steps=0",
+                      "model.init_backbone_from_baseline=false", "model.exclusive_groups=[]", "train.head_warmup_steps=0",
                       "train.finetune_epochs=-1"], "jobs/pipeline.py"),
 }
 

@@ -21,10 +21,8 @@ whole-detector checkpoint (`save_checkpoint`) for `model.pretrained`.
 """
 
 import argparse
-import csv
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,22 +32,10 @@ def _targets(csv_path: str, table, num_classes: int):
     """Bank rows matched to a GT person -> (row indices [N], multi-hot [N, num_classes])."""
     import numpy as np
 
-    from lfb_ray.evaluation.synthetic_report import matched_entries
+    from lfb_ray.train.head_warmup import gt_targets
 
-    people: dict[tuple[str, int], dict[int, tuple[np.ndarray, set[int]]]] = defaultdict(dict)
-    with open(csv_path, newline="") as f:
-        for row in csv.reader(f):
-            key, pid = (row[0], int(row[1])), int(row[7])
-            box, labels = people[key].setdefault(pid, (np.array(row[2:6], float), set()))
-            labels.add(int(row[6]))
-    rows, ys = [], []
-    gt = {key: list(by_pid.values()) for key, by_pid in people.items()}
-    for i, _, _, (_, labels) in matched_entries(table, gt):
-        y = np.zeros(num_classes, np.float32)
-        y[[c for c in labels if c < num_classes]] = 1
-        rows.append(i)
-        ys.append(y)
-    return np.array(rows), np.stack(ys)
+    return gt_targets(csv_path, table.column("video_id").to_pylist(), np.asarray(table.column("second").to_pylist()),
+                      np.asarray(table.column("box").to_pylist(), dtype=np.float32).reshape(-1, 4), num_classes)
 
 
 def _focal(logits, labels, gamma: float):

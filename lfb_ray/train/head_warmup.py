@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lfb_ray.data.clips import box_iou
+
 __all__ = ["WarmupResult", "gt_targets", "warm_up_head"]
 
 
@@ -37,15 +39,6 @@ class WarmupResult:
     loss_first: float  # mean loss over the first 10% of steps
     loss_last: float  # mean loss over the last 10% of steps
     seconds: float
-
-
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """[4] vs [M, 4] (x1, y1, x2, y2) -> [M]."""
-    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
-    x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-    return inter / np.maximum(area(box) + area(boxes) - inter, 1e-12)
 
 
 def gt_targets(csv_path: str, video_ids: list[str], seconds: np.ndarray, boxes: np.ndarray,
@@ -74,7 +67,7 @@ def gt_targets(csv_path: str, video_ids: list[str], seconds: np.ndarray, boxes: 
         cand = gt.get((vid, int(sec)))
         if cand is None:
             continue
-        ious = _iou(boxes[i].astype(float), cand[0])
+        ious = box_iou(boxes[i][None], cand[0])[0]
         j = int(ious.argmax())
         if ious[j] >= 0.5:
             y = np.zeros(num_classes, np.float32)

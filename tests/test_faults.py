@@ -6,6 +6,7 @@ a fault-free run produces.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -109,6 +110,20 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(prepared, tmp_path):
     assert sorted(steps) == list(range(1, r.metrics["global_step"] + 1))  # none missing, none twice
 
 
+def _recorded_checkpoint(storage: str, name: str) -> bool:
+    """True once Ray Train's checkpoint-manager snapshot names a checkpoint.
+
+    The `checkpoint_*` folder appears while the checkpoint is still being registered; a driver
+    killed in that window rightly starts over, so the resume test waits for the snapshot that a
+    rerun restores from (`checkpoint_manager_snapshot.json`, Ray Train V2).
+    """
+    snap = Path(storage) / name / "checkpoint_manager_snapshot.json"
+    try:
+        return bool(json.loads(snap.read_text()).get("checkpoint_results"))
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return False
+
+
 def test_interrupted_driver_resumes_when_rerun(prepared, tmp_path):
     """SIGKILL the whole `jobs/train.py` driver after its first checkpoint; the same command resumes."""
     cfg0, _ = prepared
@@ -120,7 +135,8 @@ def test_interrupted_driver_resumes_when_rerun(prepared, tmp_path):
     p = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          start_new_session=True)
     try:
-        _wait_for(lambda: _checkpoints(str(tmp_path / "ray_results"), "driver"), 600, "the first checkpoint")
+        _wait_for(lambda: _recorded_checkpoint(str(tmp_path / "ray_results"), "driver"), 600,
+                  "the first recorded checkpoint")
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
         p.wait()

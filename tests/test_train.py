@@ -126,6 +126,8 @@ def test_head_warmup_without_finetuning_keeps_the_baseline_backbone(baseline, ra
     want = torch.load(r.model_path, weights_only=True)["model"]
     assert all(torch.equal(got[k], v) for k, v in want.items() if k.startswith("backbone."))
     assert not torch.equal(got["fc_cls.bias"], torch.zeros_like(got["fc_cls.bias"]))  # the head was trained
+    # Only rank 0 warms up; DDP's wrap must have given every rank its head (checksums at the end).
+    assert c.cluster.num_workers == 2 and res.metrics["ddp/param_checksums_equal"] == 1.0
 
 
 def test_bank_extractor_batches_keyframes_without_changing_features(baseline, tmp_path):

@@ -86,8 +86,8 @@ def warm_up_head(model, bank_split_dir: str, train_csv: str, *, steps: int, lr: 
 
     The backbone is untouched (and must be the one that computed the bank: the caller loads the
     bank's baseline checkpoint first). Dropout is active, as in training. Deterministic for a
-    given `seed` on CPU, so DDP ranks that all run it start from the same head (DDP also
-    broadcasts rank 0's parameters when it wraps the model).
+    given `seed` and thread count on CPU. The training loop runs it on rank 0 before the DDP
+    wrap, whose initial broadcast gives the other ranks the same head.
 
     Args:
         model: an `LFBDetector` (any operator, or none: then only `fc_cls` is trained).

@@ -157,42 +157,26 @@ def _epochs(cfg: Config, init_checkpoint: str | None) -> int:
     return tc.finetune_epochs if init_checkpoint and tc.finetune_epochs >= 0 else tc.epochs
 
 
-def _warm_up(core, cfg: Config, checkpoint: str, rank: int, world: int) -> None:
-    """`train.head_warmup_steps` Adam steps on the bank's train features (lfb_ray.train.head_warmup)
-    on rank 0, whose weights are then broadcast so every DDP rank starts from the same head (the
-    other ranks wait: the warm-up is small next to training and not worth splitting)."""
-    import ray.train
+def _warm_up(core, cfg: Config, checkpoint: str) -> None:
+    """`train.head_warmup_steps` Adam steps on the bank's train features (lfb_ray.train.head_warmup),
+    on rank 0 only: DDP's wrap then broadcasts the warmed-up head to the other ranks (the warm-up is
+    small next to training and not worth splitting).
 
+    It runs on the worker's own torch threads. Its ops are small (the synthetic NL head: [32, 300,
+    128] windows), and 2 threads on a 2-core machine that also runs Ray's daemons and the other
+    ranks made it ~3x *slower* than 1 (12 s vs 41 s for 150 steps with other load present).
+    """
     from lfb_ray.storage import join_uri
     from lfb_ray.train.head_warmup import warm_up_head
 
     tc = cfg.train
-    if rank == 0:
-        log = lambda m: print(m, flush=True)  # noqa: E731
-        # While rank 0 warms up, the other ranks on its node wait and the trainer's data CPUs are
-        # idle: use the CPUs the trainer reserved on this node as intra-op threads (on a 2-core
-        # machine, 2 threads instead of Ray's 1 make the synthetic NL warm-up ~3x faster).
-        ctx = ray.train.get_context()
-        reserved = ctx.get_local_world_size() * cfg.cluster.cpus_per_worker + cfg.cluster.data_cpus
-        threads_before = torch.get_num_threads()
-        threads = max(threads_before, min(math.ceil(reserved), len(os.sched_getaffinity(0))))
-        torch.set_num_threads(threads)
-        try:
-            res = warm_up_head(core, join_uri(cfg.bank_dir, "train"), cfg.data_path(cfg.data.train_csv),
-                               steps=tc.head_warmup_steps, lr=tc.head_warmup_lr, batch=tc.head_warmup_batch,
-                               seed=tc.seed, window_seconds=cfg.bank.window_seconds,
-                               max_feats_per_second=cfg.bank.max_feats_per_second,
-                               checkpoint=checkpoint, log=log)
-        finally:
-            torch.set_num_threads(threads_before)
-        log(f"[lfb_ray] head warm-up: {res.steps} steps on {res.entries} bank entries, loss {res.loss_first:.4f} -> "
-            f"{res.loss_last:.4f}, {res.seconds:.0f} s on {threads} CPU threads")
-    if world > 1:
-        import torch.distributed as dist
-
-        with torch.no_grad():
-            for t in core.state_dict().values():
-                dist.broadcast(t, src=0)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    res = warm_up_head(core, join_uri(cfg.bank_dir, "train"), cfg.data_path(cfg.data.train_csv),
+                       steps=tc.head_warmup_steps, lr=tc.head_warmup_lr, batch=tc.head_warmup_batch,
+                       seed=tc.seed, window_seconds=cfg.bank.window_seconds,
+                       max_feats_per_second=cfg.bank.max_feats_per_second, checkpoint=checkpoint, log=log)
+    log(f"[lfb_ray] head warm-up: {res.steps} steps on {res.entries} bank entries, loss {res.loss_first:.4f} -> "
+        f"{res.loss_last:.4f}, {res.seconds:.0f} s on {torch.get_num_threads()} CPU thread(s)")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -213,31 +197,17 @@ def train_loop_per_worker(config: dict) -> None:
     np.random.seed(tc.seed)
     random.seed(tc.seed)
 
-    # --- model, optimiser
-    model = build_detector(cfg.model)
+    # --- model: pretrained weights, then a checkpoint to resume or a backbone to start from, then DDP
+    core = to_model_layout(build_detector(cfg.model).to(device))
     if cfg.model.pretrained:
-        load_checkpoint(model, cfg.model.pretrained)  # Kinetics backbone or a whole detector
-    model = ray.train.torch.prepare_model(to_model_layout(model.to(device)))
-    core = model.module if hasattr(model, "module") else model
-    global_batch = tc.batch_size_per_worker * world
-    base_lr = tc.base_lr * global_batch / tc.reference_batch  # linear scaling rule
-    if config.get("init_checkpoint"):  # fine-tuning from a trained detector's backbone
-        base_lr *= tc.finetune_lr_scale
-    optimizer = build_optimizer(model.parameters(), tc, base_lr)
-    bank = None
-    if cfg.model.fbo != "none":
-        from lfb_ray.bank import FeatureBank
-
-        bank = FeatureBank.open(cfg.bank_dir, expected_dim=core.feature_channels)
-
-    # --- resume
+        load_checkpoint(core, cfg.model.pretrained)  # Kinetics backbone or a whole detector
     start_epoch, skip_iters, global_step, best_map = 0, 0, 0, float("nan")
+    state = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
         core.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         start_epoch, skip_iters, global_step = state["epoch"], state["iter_in_epoch"], state["global_step"]
         best_map = state.get("best_map", float("nan"))
         torch.set_rng_state(state["rng"]["torch"])
@@ -248,8 +218,24 @@ def train_loop_per_worker(config: dict) -> None:
         what = load_checkpoint(core, config["init_checkpoint"], backbone_only=True)
         if rank == 0:
             print(f"[lfb_ray] initialised the backbone from {config['init_checkpoint']} ({what})", flush=True)
-        if tc.head_warmup_steps > 0:
-            _warm_up(core, cfg, config["init_checkpoint"], rank, world)
+            if tc.head_warmup_steps > 0:
+                _warm_up(core, cfg, config["init_checkpoint"])
+    # DDP broadcasts rank 0's parameters and buffers when it wraps the model, so the head that rank 0
+    # warmed up reaches every rank (the others wait here meanwhile).
+    model = ray.train.torch.prepare_model(core)
+    core = model.module if hasattr(model, "module") else model
+    global_batch = tc.batch_size_per_worker * world
+    base_lr = tc.base_lr * global_batch / tc.reference_batch  # linear scaling rule
+    if config.get("init_checkpoint"):  # fine-tuning from a trained detector's backbone
+        base_lr *= tc.finetune_lr_scale
+    optimizer = build_optimizer(model.parameters(), tc, base_lr)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    bank = None
+    if cfg.model.fbo != "none":
+        from lfb_ray.bank import FeatureBank
+
+        bank = FeatureBank.open(cfg.bank_dir, expected_dim=core.feature_channels)
     tracker = (Tracker(cfg.tracking_uri, config["mlflow_run_id"])
                if rank == 0 and config.get("mlflow_run_id") else NullTracker())
     results_dir = config["results_dir"]
@@ -270,25 +256,35 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report({k: v for k, v in metrics.items() if not k.startswith("_")}, checkpoint=ckpt_obj)
         tracker.flush()
 
+    def finish(metrics: dict, done: int, *, evaluate: bool, final: bool, line: str, tail: str = "") -> None:
+        """End of an epoch (`done` epochs completed; 0 = the starting model of `finetune_epochs=0`):
+        evaluate when due, print, log to MLflow, checkpoint and report, attach the val CSV."""
+        nonlocal best_map
+        if evaluate:
+            ev = _evaluate(core, cfg, bank, ctx, device, done - 1, results_dir, rng)
+            metrics.update(ev)
+            if rank == 0 and not math.isnan(ev.get("val/mAP", float("nan"))):
+                best_map = ev["val/mAP"] if math.isnan(best_map) else max(best_map, ev["val/mAP"])
+        if rank == 0:
+            val = f", val mAP {metrics['val/mAP']:.4f}" if "val/mAP" in metrics else ""
+            print(f"{line}{val}{tail}", flush=True)
+            tracker.log_metrics({k: v for k, v in metrics.items()
+                                 if isinstance(v, (int, float)) and k != "global_step"}, step=done)
+            if "_per_class" in metrics:
+                tracker.log_metrics({f"val_ap/{k}": v for k, v in metrics["_per_class"].items() if v == v}, step=done)
+        if final:
+            metrics.update(_param_agreement(core, world))
+        report(metrics, done, 0, final=final)
+        if rank == 0 and "val/csv" in metrics:
+            tracker.log_artifact(metrics["val/csv"], "results")
+
     # --- epochs
     epochs = _epochs(cfg, config.get("init_checkpoint"))
     t_run = time.time()
     if epochs == 0 and start_epoch == 0:
         # finetune_epochs=0: the (warmed-up) model is evaluated as it is, and saved as the result.
-        metrics = {"epoch": 0, "global_step": 0}
-        ev = _evaluate(core, cfg, bank, ctx, device, -1, results_dir, rng)
-        metrics.update(ev)
-        if rank == 0:
-            print(f"[lfb_ray] {cfg.model.fbo} without fine-tuning: val mAP {metrics.get('val/mAP', float('nan')):.4f}",
-                  flush=True)
-            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "global_step"},
-                                step=0)
-            if "_per_class" in metrics:
-                tracker.log_metrics({f"val_ap/{k}": v for k, v in metrics["_per_class"].items() if v == v}, step=0)
-        metrics.update(_param_agreement(core, world))
-        report(metrics, 0, 0, final=True)
-        if rank == 0 and "val/csv" in metrics:
-            tracker.log_artifact(metrics["val/csv"], "results")
+        finish({"epoch": 0, "global_step": 0}, 0, evaluate=True, final=True,
+               line=f"[lfb_ray] {cfg.model.fbo} without fine-tuning")
     for epoch in range(start_epoch, epochs):
         model.train()
         shard = ray.train.get_dataset_shard("train")
@@ -342,27 +338,13 @@ def train_loop_per_worker(config: dict) -> None:
                    "train/loss_epoch": loss_sum / max(loss_n, 1), "train/clips_per_s": clips_per_s,
                    "train/data_wait_frac": t_wait / max(elapsed, 1e-9), "train/epoch_seconds": elapsed}
         last = epoch + 1 == epochs
-        if last or (tc.eval_every_epochs and (epoch + 1) % tc.eval_every_epochs == 0):
-            ev = _evaluate(core, cfg, bank, ctx, device, epoch, results_dir, rng)
-            metrics.update(ev)
-            if rank == 0 and not math.isnan(ev.get("val/mAP", float("nan"))):
-                best_map = ev["val/mAP"] if math.isnan(best_map) else max(best_map, ev["val/mAP"])
-        if rank == 0:
-            eta = (time.time() - t_run) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
-            val = f", val mAP {metrics['val/mAP']:.4f}" if "val/mAP" in metrics else ""
-            print(f"[lfb_ray] {cfg.model.fbo} epoch {epoch + 1}/{epochs}: loss {metrics['train/loss_epoch']:.4f}, "
-                  f"{loss_n / max(elapsed, 1e-9):.2f} it/s, {clips_per_s:.1f} clips/s, data wait "
-                  f"{100 * metrics['train/data_wait_frac']:.1f}%{val}, ETA {eta:.0f} s", flush=True)
-            tracker.log_metrics({k: v for k, v in metrics.items()
-                                 if isinstance(v, (int, float)) and k != "global_step"}, step=epoch + 1)
-            if "_per_class" in metrics:
-                tracker.log_metrics({f"val_ap/{k}": v for k, v in metrics["_per_class"].items()
-                                     if v == v}, step=epoch + 1)
-        if last:
-            metrics.update(_param_agreement(core, world))
-        report(metrics, epoch + 1, 0, final=last)
-        if rank == 0 and "val/csv" in metrics:
-            tracker.log_artifact(metrics["val/csv"], "results")
+        eta = (time.time() - t_run) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
+        finish(metrics, epoch + 1, final=last,
+               evaluate=last or bool(tc.eval_every_epochs and (epoch + 1) % tc.eval_every_epochs == 0),
+               line=(f"[lfb_ray] {cfg.model.fbo} epoch {epoch + 1}/{epochs}: loss {metrics['train/loss_epoch']:.4f}, "
+                     f"{loss_n / max(elapsed, 1e-9):.2f} it/s, {clips_per_s:.1f} clips/s, data wait "
+                     f"{100 * metrics['train/data_wait_frac']:.1f}%"),
+               tail=f", ETA {eta:.0f} s")
     if not tracker.flush():
         print("[lfb_ray] WARNING: some metrics could not be sent to MLflow", flush=True)
 

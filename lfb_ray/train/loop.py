@@ -163,8 +163,8 @@ def _warm_up(core, cfg: Config, checkpoint: str) -> None:
     small next to training and not worth splitting).
 
     It runs on the worker's own torch threads. Its ops are small (the synthetic NL head: [32, 300,
-    128] windows), and 2 threads on a 2-core machine that also runs Ray's daemons and the other
-    ranks made it ~3x *slower* than 1 (12 s vs 41 s for 150 steps with other load present).
+    128] windows): on an idle 2-core machine 2 threads are only ~1.2x faster than 1 (300 steps:
+    16.5 s vs 20.2 s), and with other load on it 3.3x *slower* (41 s vs 12 s for 150 steps).
     """
     from lfb_ray.storage import join_uri
     from lfb_ray.train.head_warmup import warm_up_head

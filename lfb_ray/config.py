@@ -261,10 +261,18 @@ class ClusterConfig:
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto = GPU if the cluster has one
     cpus_per_worker: float = 1.0
     data_cpus: float = 1.0  # CPUs left to Ray Data per worker for decode/augment
+    # Operator runs at once (pipeline operators stage, `jobs/train.py --operators`). 0: as many as
+    # the cluster's CPUs/GPUs hold at the reservations above (one after another if one fits).
+    # N >= 1: at most N, each run's CPU reservations scaled down so that N fit (the runs then share
+    # the cores: worth it when a run leaves cores idle, like the synthetic head-only runs while
+    # NL's head warm-up keeps one core busy and its other worker waits).
+    concurrent_runs: int = 0
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("cluster.num_workers must be >= 1")
+        if self.concurrent_runs < 0:
+            raise ConfigError("cluster.concurrent_runs must be >= 0 (0 = as many as the cluster holds)")
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,12 @@ def run_models(workdir: str | os.PathLike) -> dict[str, str]:
     return out
 
 
+def _fit_summary(r) -> dict:
+    """What the pipeline state keeps of a `FitResult`."""
+    return {"run_name": r.run_name, "run_id": r.mlflow_run_id, "model": r.model_path,
+            "mAP": r.metrics.get("val/mAP"), "csv": r.metrics.get("val/csv")}
+
+
 def _save_state(path: str, state: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -88,7 +94,7 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
     from lfb_ray.bank.build import build_bank
     from lfb_ray.compare import compare
     from lfb_ray.data.prep import prepare_dataset
-    from lfb_ray.train import fit
+    from lfb_ray.train import fit, fit_many
 
     cfg = resolve_paths(cfg)
     baseline_cfg = resolve_paths(baseline_cfg) if baseline_cfg else None
@@ -129,9 +135,7 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
     prep = stage("prepare", config_hash(d, ["data"]), do_prepare)
 
     def do_fit(c: Config, init: str | None = None):
-        r = fit(c, init_checkpoint=init)
-        return {"run_name": r.run_name, "run_id": r.mlflow_run_id, "model": r.model_path,
-                "mAP": r.metrics.get("val/mAP"), "csv": r.metrics.get("val/csv")}
+        return _fit_summary(fit(c, init_checkpoint=init))
 
     base = stage("baseline", json.dumps([prep, config_hash(base_cfg)]), lambda: do_fit(base_cfg))
 
@@ -151,15 +155,19 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
         # Each finished model is recorded at once, so an interrupted stage does not train it again.
         done = state.get("operators_partial", {})
         done = done["result"] if done.get("key") == ops_key else {}
-        for op, c in op_cfgs.items():
-            if op in done:
-                print(f"[pipeline] operators: {op} already trained ({done[op]['run_name']}), skipped", flush=True)
-                continue
-            done[op] = do_fit(c, base["model"] if cfg.model.init_backbone_from_baseline else None)
+        for op in done:
+            print(f"[pipeline] operators: {op} already trained ({done[op]['run_name']}), skipped", flush=True)
+
+        def record(op: str, r) -> None:
+            done[op] = _fit_summary(r)
             state["operators_partial"] = {"key": ops_key, "result": done}
             _save_state(state_path, state)
+
+        # As many runs at once as cluster.concurrent_runs / the cluster allow (fit_many), NL first.
+        fit_many({op: c for op, c in op_cfgs.items() if op not in done}, on_done=record,
+                 init_checkpoint=base["model"] if cfg.model.init_backbone_from_baseline else None)
         state.pop("operators_partial", None)
-        return done
+        return {op: done[op] for op in op_cfgs}
 
     ops = stage("operators", ops_key, do_operators)
 

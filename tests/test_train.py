@@ -100,12 +100,19 @@ def test_bank_build_then_three_operators(baseline, ray_local):
     for v in b1.videos:
         for t in b1.seconds_of(v):
             assert np.array_equal(b1.features_at(v, t), b2.features_at(v, t))
-    ops = tiny_config(cfg.workdir, cfg.data.root, f"bank.path={cfg.workdir}/bank1", "train.max_iters_per_epoch=2")
+    # Two runs at a time on the 2-CPU test cluster (each run's reservation halved: fit_many).
+    ops = tiny_config(cfg.workdir, cfg.data.root, f"bank.path={cfg.workdir}/bank1", "train.max_iters_per_epoch=2",
+                      "cluster.concurrent_runs=2")
     res = fit_operators(ops, ["nl", "avg", "max"])
     assert sorted(res) == ["avg", "max", "nl"]
     assert len({x.mlflow_run_id for x in res.values()}) == 3
     for x in res.values():
         assert 0.0 <= x.metrics["val/mAP"] <= 1.0
+    from mlflow.tracking import MlflowClient
+
+    info = [MlflowClient(ops.tracking_uri).get_run(x.mlflow_run_id).info for x in res.values()]
+    spans = sorted((i.start_time, i.end_time) for i in info)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), f"no two runs overlapped: {spans}"
 
 
 def test_head_warmup_without_finetuning_keeps_the_baseline_backbone(baseline, ray_local):

@@ -8,11 +8,13 @@ Same code for 1 or N workers, CPU (gloo, fp32) or GPU (nccl, bf16).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +33,8 @@ from lfb_ray.config import (
 )
 from lfb_ray.train.schedule import build_optimizer, lr_at  # noqa: F401  (re-exported)
 
-__all__ = ["FitResult", "build_optimizer", "fit", "fit_operators", "lr_at", "operator_tag", "run_name_for", "train_loop_per_worker"]
+__all__ = ["RESOURCE_HINTS", "FitResult", "build_optimizer", "fit", "fit_many", "fit_operators", "lr_at", "operator_tag",
+           "plan_concurrency", "run_name_for", "train_loop_per_worker"]
 
 
 @dataclass
@@ -42,6 +45,9 @@ class FitResult:
     checkpoint_path: str | None
     model_path: str | None
     seconds: float
+
+
+RESOURCE_HINTS = ("cpus_per_worker", "data_cpus", "concurrent_runs")
 
 
 def run_name_for(cfg: Config, init_checkpoint: str | None = None) -> str:
@@ -55,6 +61,10 @@ def run_name_for(cfg: Config, init_checkpoint: str | None = None) -> str:
     keep = config_to_dict(cfg)
     for volatile in ("tracking",):
         keep.pop(volatile)
+    # Resource hints do not change the model: a run resumes under the same name on a cluster of
+    # another size, and `fit_many` may scale them down to run several at once.
+    for hint in RESOURCE_HINTS:
+        keep["cluster"].pop(hint)
     if init_checkpoint:
         keep["init_checkpoint"] = init_checkpoint
     return f"{cfg.model.fbo}-{config_hash(keep)}"
@@ -510,15 +520,92 @@ def _with_operator(cfg: Config, op: str) -> Config:
     return config_from_dict(d)
 
 
-def fit_operators(cfg: Config, operators: list[str], *, fresh: bool = False,
-                  init_checkpoint: str | None = None) -> dict[str, FitResult]:
-    """One `TorchTrainer` run per operator under one MLflow parent run.
+def plan_concurrency(cfg: Config, runs: int, resources: dict[str, float]) -> tuple[int, float]:
+    """How many of `runs` training runs go at once, and the factor on each run's CPU reservations.
 
-    Runs concurrently (each driver in a Ray task) when the cluster has resources for more than
-    one run at once, so an autoscaling cluster scales up; otherwise one after another.
+    Args:
+        cfg: the runs' config (they share `cluster`).
+        runs: number of runs to schedule.
+        resources: `ray.cluster_resources()`.
+
+    Returns:
+        (slots, cpu_scale): slots >= 1 runs at a time; cpu_scale in (0, 1] multiplies
+        `cluster.cpus_per_worker` and `cluster.data_cpus` so that `slots` runs fit in the CPUs.
+        `cluster.concurrent_runs=0` keeps the reservations (scale 1) and takes as many runs as
+        fit; N >= 1 asks for N, scaling CPUs down, but never more runs than the GPUs hold (one GPU
+        per worker cannot be shared).
+    """
+    cl = cfg.cluster
+    need_cpu = cl.num_workers * (cl.cpus_per_worker + cl.data_cpus)
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    per_run_gpu = cl.num_workers if (cl.device == "gpu" or (cl.device == "auto" and gpus > 0)) else 0
+    gpu_slots = int(gpus // per_run_gpu) if per_run_gpu else runs
+    if cl.concurrent_runs == 0:
+        cpu_slots = int(cpus // need_cpu) if need_cpu > 0 else runs
+        return max(1, min(runs, cpu_slots, gpu_slots)), 1.0
+    slots = max(1, min(runs, cl.concurrent_runs, gpu_slots))
+    scale = min(1.0, cpus / (slots * need_cpu)) if need_cpu > 0 and cpus > 0 else 1.0
+    return slots, scale
+
+
+def _scaled(cfg: Config, scale: float) -> Config:
+    if scale >= 1.0:
+        return cfg
+    cl = dataclasses.replace(cfg.cluster, cpus_per_worker=cfg.cluster.cpus_per_worker * scale,
+                             data_cpus=cfg.cluster.data_cpus * scale)
+    return dataclasses.replace(cfg, cluster=cl)
+
+
+def fit_many(cfgs: dict[str, Config], *, fresh: bool = False, parent_run_id: str | None = None,
+             init_checkpoint: str | None = None,
+             on_done: Callable[[str, FitResult], None] | None = None) -> dict[str, FitResult]:
+    """Fit several runs (one per key), as many at once as `plan_concurrency` allows.
+
+    Concurrent runs are driven from Ray tasks of 0 CPUs (each holds a `TorchTrainer` driver);
+    a new run starts as soon as one finishes, in the order of `cfgs` (put the longest first).
+    `on_done(key, result)` is called on this process as each run finishes, so that a caller can
+    record it before the others end (the pipeline's resumable operators stage). Run names do not
+    depend on the scaled reservations (`run_name_for`), so a rerun resumes the same runs.
     """
     import ray
 
+    if not cfgs:
+        return {}
+    first = next(iter(cfgs.values()))
+    slots, scale = plan_concurrency(first, len(cfgs), ray.cluster_resources())
+    kw = dict(fresh=fresh, parent_run_id=parent_run_id, init_checkpoint=init_checkpoint)
+    out: dict[str, FitResult] = {}
+    if slots <= 1:
+        for key, c in cfgs.items():
+            out[key] = fit(c, **kw)
+            if on_done:
+                on_done(key, out[key])
+        return out
+    if scale < 1.0:
+        print(f"[lfb_ray] {len(cfgs)} runs, {slots} at a time (cluster.concurrent_runs={first.cluster.concurrent_runs}):"
+              f" CPU reservations scaled by {scale:.2f} so that they fit", flush=True)
+    else:
+        print(f"[lfb_ray] {len(cfgs)} runs, {slots} at a time", flush=True)
+    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit)
+    pending = list(cfgs.items())
+    running: dict = {}
+    while pending or running:
+        while pending and len(running) < slots:
+            key, c = pending.pop(0)
+            running[remote_fit.remote(_scaled(c, scale), **kw)] = key
+        ready, _ = ray.wait(list(running), num_returns=1)
+        key = running.pop(ready[0])
+        out[key] = ray.get(ready[0])
+        if on_done:
+            on_done(key, out[key])
+    return {key: out[key] for key in cfgs}
+
+
+def fit_operators(cfg: Config, operators: list[str], *, fresh: bool = False,
+                  init_checkpoint: str | None = None) -> dict[str, FitResult]:
+    """One `TorchTrainer` run per operator under one MLflow parent run, as many at once as the
+    cluster holds (`fit_many`, `cluster.concurrent_runs`), so an autoscaling cluster scales up.
+    """
     from lfb_ray.tracking import find_or_create_run
 
     parent = None
@@ -529,19 +616,5 @@ def fit_operators(cfg: Config, operators: list[str], *, fresh: bool = False,
                                         params={"operators": ",".join(operators)}, fresh=fresh)
         except Exception as e:
             print(f"[lfb_ray] WARNING: MLflow unavailable ({e}); no parent run", flush=True)
-    cfgs = {op: _with_operator(cfg, op) for op in operators}
-    res = ray.cluster_resources()
-    need_cpu = cfg.cluster.num_workers * (cfg.cluster.cpus_per_worker + cfg.cluster.data_cpus)
-    gpus = res.get("GPU", 0)
-    per_run_gpu = cfg.cluster.num_workers if (cfg.cluster.device != "cpu" and gpus) else 0
-    concurrent = (res.get("CPU", 0) >= 2 * need_cpu) and (not per_run_gpu or gpus >= 2 * per_run_gpu)
-    out: dict[str, FitResult] = {}
-    if concurrent and len(operators) > 1:
-        remote_fit = ray.remote(num_cpus=0)(fit)
-        refs = {op: remote_fit.remote(c, fresh=fresh, parent_run_id=parent, init_checkpoint=init_checkpoint)
-                for op, c in cfgs.items()}
-        out = {op: ray.get(r) for op, r in refs.items()}
-    else:
-        for op, c in cfgs.items():
-            out[op] = fit(c, fresh=fresh, parent_run_id=parent, init_checkpoint=init_checkpoint)
-    return out
+    return fit_many({op: _with_operator(cfg, op) for op in operators}, fresh=fresh, parent_run_id=parent,
+                    init_checkpoint=init_checkpoint)

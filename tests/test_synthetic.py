@@ -221,3 +221,36 @@ def test_job_if_missing_skips_the_same_and_refuses_a_different_dataset(dataset, 
     assert job.main(base[:2] + ["--videos", str(VIDEOS + 1), "--if-missing"]) == 2
     err = capsys.readouterr().err
     assert str(dataset) in err and "different synthetic dataset" in err and "--overwrite" in err
+
+
+def test_actors_are_not_unique_within_the_training_set(tmp_path):
+    """v1.4: an actor's size is its look's and a video's background is one of a shared pool, so a
+    head cannot tell training actors of the same look and background apart and learn their roles by
+    heart (README, issue #8); the first frames of two videos with the same background agree away
+    from the actors."""
+    from lfb_ray.data.synthetic import BACKGROUND_POOL
+
+    out = tmp_path / "many"
+    generate_dataset(out, num_videos=12, seconds=8, seed=3, width=64, height=48, workers=1)
+    meta = load_meta(out)
+    size_of_look: dict[int, set] = {}
+    for v in meta["videos"]:
+        assert 0 <= v["background"] < BACKGROUND_POOL
+        for a in v["actors"]:
+            size_of_look.setdefault(a["look"], set()).add((a["width_px"], a["height_px"]))
+    assert all(len(s) == 1 for s in size_of_look.values()), size_of_look
+    by_bg: dict[int, list[str]] = {}
+    for v in meta["videos"]:
+        by_bg.setdefault(v["background"], []).append(v)
+    a, b = next(vs for vs in by_bg.values() if len(vs) >= 2)[:2]
+    fa, fb = (decode(out / "videos" / f"{v['video_id']}.mp4")[0].astype(int) for v in (a, b))
+    free = np.ones(fa.shape[:2], bool)
+    for v in (a, b):
+        for actor in v["actors"]:
+            y, x = actor["y_px"], actor["x0_px"]  # where the actor is at frame 0
+            free[max(0, y - 2): y + actor["height_px"] + 2, max(0, x - 2): x + actor["width_px"] + 2] = False
+    assert free.sum() > 0.05 * free.size
+    assert np.abs(fa - fb)[free].mean() < 12  # same background up to grain and compression
+    other = next(vs[0] for k, vs in by_bg.items() if k != a["background"])
+    fo = decode(out / "videos" / f"{other['video_id']}.mp4")[0].astype(int)
+    assert np.abs(fa - fo)[free].mean() > np.abs(fa - fb)[free].mean() + 5

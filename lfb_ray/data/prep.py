@@ -143,6 +143,22 @@ def build_tasks(cfg: Config) -> tuple[list[dict], list[dict]]:
     return tasks, failures
 
 
+def inputs_fingerprint(cfg: Config) -> str:
+    """A short hash of everything the prepare stage reads, from `build_tasks`: annotations,
+    proposals, each video's size and mtime, the prepare settings, and the missing videos.
+
+    Why: the pipeline skips a stage whose key is unchanged; keyed on the config alone, a dataset
+    regenerated or edited in place (same paths) would keep its stale prepared rows. With this in
+    the key, prepare runs again, and its per-video markers redo exactly the videos that changed.
+    """
+    tasks, failures = build_tasks(resolve_paths(cfg))
+    h = hashlib.sha256()
+    for t in sorted(tasks, key=lambda t: (t["split"], t["video_id"])):
+        h.update(f"{t['split']}/{t['video_id']}:{t['hash']};".encode())
+    h.update(json.dumps(failures, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
 def _video_dir(root: str, split: str, vid: str) -> str:
     return join(root, split, vid)
 

@@ -224,10 +224,10 @@ def test_job_if_missing_skips_the_same_and_refuses_a_different_dataset(dataset, 
 
 
 def test_actors_are_not_unique_within_the_training_set(tmp_path):
-    """v1.4: an actor's size is its look's and a video's background is one of a shared pool, so a
-    head cannot tell training actors of the same look and background apart and learn their roles by
-    heart (README, issue #8); the first frames of two videos with the same background agree away
-    from the actors."""
+    """v1.4: an actor's size is its look's and a video's background is one of a shared pool, so
+    size and background no longer make each training actor unique (an NL head learned training
+    actors' roles by heart: README, issue #8; this alone did not stop it); the first frames of two
+    videos with the same background agree away from the actors."""
     from lfb_ray.data.synthetic import BACKGROUND_POOL
 
     out = tmp_path / "many"

@@ -93,7 +93,7 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
     """Run every stage (skipping completed ones); returns {"maps": {...}, "stage_seconds": {...}}."""
     from lfb_ray.bank.build import build_bank
     from lfb_ray.compare import compare
-    from lfb_ray.data.prep import inputs_fingerprint, prepare_dataset
+    from lfb_ray.data.prep import build_tasks, inputs_fingerprint, prepare_dataset
     from lfb_ray.train import fit, fit_many
 
     cfg = resolve_paths(cfg)
@@ -127,13 +127,15 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
 
     d = config_to_dict(cfg)
 
+    built = build_tasks(cfg)  # read once: the stage's key and, when it runs, its tasks
+
     def do_prepare():
-        s = prepare_dataset(cfg)
+        s = prepare_dataset(cfg, built=built)
         print(s.line(), flush=True)
         return {"keyframes": s.keyframes, "bytes": s.bytes, "failures": len(s.failures)}
 
     # The inputs' fingerprint too: a dataset regenerated in place must be prepared again.
-    prep = stage("prepare", json.dumps([config_hash(d, ["data"]), inputs_fingerprint(cfg)]), do_prepare)
+    prep = stage("prepare", json.dumps([config_hash(d, ["data"]), inputs_fingerprint(*built)]), do_prepare)
 
     def do_fit(c: Config, init: str | None = None):
         return _fit_summary(fit(c, init_checkpoint=init))

@@ -103,22 +103,26 @@ def test_inputs_fingerprint_follows_the_data_not_only_the_config(tmp_path):
     edited in place must not count as up to date."""
     import os
 
-    from lfb_ray.data.prep import inputs_fingerprint
+    from lfb_ray.data.prep import build_tasks, inputs_fingerprint
     from lfb_ray.data.synthetic import generate_dataset
 
     root = tmp_path / "d"
     generate_dataset(root, num_videos=2, seconds=8, seed=0, width=64, height=48, workers=1)
     cfg = tiny_config(tmp_path / "w", root)
-    first = inputs_fingerprint(cfg)
-    assert inputs_fingerprint(cfg) == first  # stable
+
+    def fingerprint(c):
+        return inputs_fingerprint(*build_tasks(c))
+
+    first = fingerprint(cfg)
+    assert fingerprint(cfg) == first  # stable
     csv_path = root / "annotations" / "train.csv"
     rows = csv_path.read_text().splitlines()
     csv_path.write_text("\n".join(rows[:-1]) + "\n")  # one annotation row fewer
-    assert inputs_fingerprint(cfg) != first
+    assert fingerprint(cfg) != first
     shutil.rmtree(root)
     generate_dataset(root, num_videos=2, seconds=8, seed=1, width=64, height=48, workers=1)  # same paths
-    assert inputs_fingerprint(cfg) != first
+    assert fingerprint(cfg) != first
     video = next((root / "videos").iterdir())
-    before = inputs_fingerprint(cfg)
+    before = fingerprint(cfg)
     os.utime(video, (video.stat().st_atime, video.stat().st_mtime + 10))  # a video replaced
-    assert inputs_fingerprint(cfg) != before
+    assert fingerprint(cfg) != before

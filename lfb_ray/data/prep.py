@@ -143,15 +143,15 @@ def build_tasks(cfg: Config) -> tuple[list[dict], list[dict]]:
     return tasks, failures
 
 
-def inputs_fingerprint(cfg: Config) -> str:
-    """A short hash of everything the prepare stage reads, from `build_tasks`: annotations,
+def inputs_fingerprint(tasks: list[dict], failures: list[dict]) -> str:
+    """A short hash of everything the prepare stage reads, from `build_tasks`' output: annotations,
     proposals, each video's size and mtime, the prepare settings, and the missing videos.
 
     Why: the pipeline skips a stage whose key is unchanged; keyed on the config alone, a dataset
     regenerated or edited in place (same paths) would keep its stale prepared rows. With this in
-    the key, prepare runs again, and its per-video markers redo exactly the videos that changed.
+    the key, prepare runs again (on the same tasks: `prepare_dataset(cfg, built=...)`), and its
+    per-video markers redo exactly the videos that changed.
     """
-    tasks, failures = build_tasks(resolve_paths(cfg))
     h = hashlib.sha256()
     for t in sorted(tasks, key=lambda t: (t["split"], t["video_id"])):
         h.update(f"{t['split']}/{t['video_id']}:{t['hash']};".encode())
@@ -281,8 +281,11 @@ def _prepare_batch(batch: dict, out_uri: str) -> dict:
                                 dtype=object)}
 
 
-def prepare_dataset(cfg: Config) -> PrepareSummary:
+def prepare_dataset(cfg: Config, built: tuple[list[dict], list[dict]] | None = None) -> PrepareSummary:
     """Run the prepare stage with Ray Data (call `ray.init` first, or Ray starts a local cluster).
+
+    `built`: `build_tasks(cfg)`'s output when the caller already has it (the pipeline, which keys
+    its stage on `inputs_fingerprint` of it), so annotations and proposals are read once.
 
     Raises:
         PrepareError: more videos failed than `data.failure_budget` allows (everything else is
@@ -296,7 +299,8 @@ def prepare_dataset(cfg: Config) -> PrepareSummary:
     cfg = resolve_paths(cfg)
     out_uri = cfg.prepared_dir
     check_writable(out_uri)
-    tasks, failures = build_tasks(cfg)
+    tasks, failures = built if built is not None else build_tasks(cfg)
+    failures = list(failures)  # extended below; the caller's list stays as it was
     summaries: list[dict] = []
     if tasks:
         ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))

@@ -363,12 +363,16 @@ def train_loop_per_worker(config: dict) -> None:
 # driver side
 
 
+def _uses_gpu(cfg: Config, cluster_gpus: float) -> bool:
+    """Whether the runs' workers take a GPU each: `cluster.device` gpu, or auto on a cluster with GPUs."""
+    return cfg.cluster.device == "gpu" or (cfg.cluster.device == "auto" and cluster_gpus > 0)
+
+
 def _scaling(cfg: Config):
     import ray
     from ray.train import ScalingConfig
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = cfg.cluster.device == "gpu" or (cfg.cluster.device == "auto" and gpus > 0)
+    use_gpu = _uses_gpu(cfg, ray.cluster_resources().get("GPU", 0))
     return ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
                          resources_per_worker={"CPU": cfg.cluster.cpus_per_worker,
                                                **({"GPU": 1} if use_gpu else {})})
@@ -538,7 +542,7 @@ def plan_concurrency(cfg: Config, runs: int, resources: dict[str, float]) -> tup
     cl = cfg.cluster
     need_cpu = cl.num_workers * (cl.cpus_per_worker + cl.data_cpus)
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    per_run_gpu = cl.num_workers if (cl.device == "gpu" or (cl.device == "auto" and gpus > 0)) else 0
+    per_run_gpu = cl.num_workers if _uses_gpu(cfg, gpus) else 0
     gpu_slots = int(gpus // per_run_gpu) if per_run_gpu else runs
     if cl.concurrent_runs == 0:
         cpu_slots = int(cpus // need_cpu) if need_cpu > 0 else runs
@@ -581,11 +585,9 @@ def fit_many(cfgs: dict[str, Config], *, fresh: bool = False, parent_run_id: str
             if on_done:
                 on_done(key, out[key])
         return out
-    if scale < 1.0:
-        print(f"[lfb_ray] {len(cfgs)} runs, {slots} at a time (cluster.concurrent_runs={first.cluster.concurrent_runs}):"
-              f" CPU reservations scaled by {scale:.2f} so that they fit", flush=True)
-    else:
-        print(f"[lfb_ray] {len(cfgs)} runs, {slots} at a time", flush=True)
+    scaled = (f" (cluster.concurrent_runs={first.cluster.concurrent_runs}): CPU reservations scaled by {scale:.2f} "
+              "so that they fit") if scale < 1.0 else ""
+    print(f"[lfb_ray] {len(cfgs)} runs, {slots} at a time{scaled}", flush=True)
     remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit)
     pending = list(cfgs.items())
     running: dict = {}

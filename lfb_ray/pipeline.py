@@ -54,6 +54,20 @@ def run_models(workdir: str | os.PathLike) -> dict[str, str]:
     return out
 
 
+def _without_hints(d: dict) -> dict:
+    from lfb_ray.train.loop import without_resource_hints
+
+    return without_resource_hints(d)
+
+
+def _fit_key(cfg: Config) -> str:
+    """A training stage's key: the whole config but the resource hints, which run names ignore too
+    (`lfb_ray.train.loop.without_resource_hints`), so the same pipeline rerun with another
+    `cluster.concurrent_runs`, CPU share or bank actor pool skips the runs it already has instead
+    of training them again."""
+    return config_hash(_without_hints(config_to_dict(cfg)))
+
+
 def _fit_summary(r) -> dict:
     """What the pipeline state keeps of a `FitResult`."""
     return {"run_name": r.run_name, "run_id": r.mlflow_run_id, "model": r.model_path,
@@ -140,19 +154,20 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
     def do_fit(c: Config, init: str | None = None):
         return _fit_summary(fit(c, init_checkpoint=init))
 
-    base = stage("baseline", json.dumps([prep, config_hash(base_cfg)]), lambda: do_fit(base_cfg))
+    base = stage("baseline", json.dumps([prep, _fit_key(base_cfg)]), lambda: do_fit(base_cfg))
 
     def do_bank():
         s = build_bank(cfg, base["model"])
         print(s.line(), flush=True)
         return {"features": s.features, "bytes": s.bytes, "path": s.bank_dir if hasattr(s, "bank_dir") else s.path}
 
-    bank = stage("bank", json.dumps([base, config_hash(d, ["bank"])]), do_bank)
+    # The actor pool's size and CPUs do not change the features either.
+    bank = stage("bank", json.dumps([base, config_hash(_without_hints(d), ["bank"])]), do_bank)
     op_cfgs = {op: _with(cfg, model__fbo=op) for op in operators}
     if cfg.model.init_backbone_from_baseline:
         # The LFB models get the baseline's training plus their own; the control gets the same.
         op_cfgs[CONTROL] = _with(cfg, model__fbo="none")
-    ops_key = json.dumps([bank, {op: config_hash(c) for op, c in op_cfgs.items()}])
+    ops_key = json.dumps([bank, {op: _fit_key(c) for op, c in op_cfgs.items()}])
 
     def do_operators():
         # Each finished model is recorded at once, so an interrupted stage does not train it again.

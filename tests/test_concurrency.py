@@ -50,9 +50,11 @@ def test_run_names_ignore_resource_hints_but_not_the_recipe():
 
     base = _cfg("model.fbo=nl")
     assert run_name_for(base) == run_name_for(_cfg("model.fbo=nl", "cluster.cpus_per_worker=0.25",
-                                                   "cluster.data_cpus=0.125", "cluster.concurrent_runs=2"))
+                                                   "cluster.data_cpus=0.125", "cluster.concurrent_runs=2",
+                                                   "bank.max_actors=1", "bank.cpus_per_actor=2"))
     assert run_name_for(base) != run_name_for(_cfg("model.fbo=nl", "cluster.num_workers=1"))  # batch changes
     assert run_name_for(base) != run_name_for(_cfg("model.fbo=nl", "train.head_warmup_steps=7"))
+    assert run_name_for(base) != run_name_for(_cfg("model.fbo=nl", "bank.max_feats_per_second=3"))
 
 
 def test_negative_concurrent_runs_is_rejected():

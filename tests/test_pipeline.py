@@ -50,6 +50,11 @@ def test_rerun_skips_every_stage_and_from_reruns_the_rest(first_run, capsys):
     assert json.dumps(again["maps"], sort_keys=True) == json.dumps(out["maps"], sort_keys=True)  # NaN-safe
     printed = capsys.readouterr().out
     assert printed.count("up to date, skipped") == len(STAGES)
+    # Resource settings only (another cluster size): still nothing to redo.
+    moved = tiny_config(cfg.workdir, cfg.data.root, *OVERRIDES, "cluster.concurrent_runs=1",
+                        "cluster.cpus_per_worker=0.25", "cluster.data_cpus=0.25", "bank.max_actors=1")
+    assert all(s == 0.0 for s in run_pipeline(moved)["stage_seconds"].values())
+    capsys.readouterr()
 
     spec = importlib.util.spec_from_file_location("pipeline_job", REPO / "jobs" / "pipeline.py")
     job = importlib.util.module_from_spec(spec)

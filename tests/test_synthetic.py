@@ -213,9 +213,8 @@ def test_job_if_missing_skips_the_same_and_refuses_a_different_dataset(dataset, 
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     base = ["--out", str(dataset), "--videos", str(VIDEOS), "--seconds", str(SECONDS), "--seed", str(SEED),
-            "--width", str(WIDTH), "--height", str(HEIGHT), "--if-missing"]
-    if load_meta(dataset)["args"].get("val_fraction") != 0.4:
-        base += ["--val-fraction", str(load_meta(dataset)["args"]["val_fraction"])]
+            "--width", str(WIDTH), "--height", str(HEIGHT), "--if-missing",
+            "--val-fraction", str(load_meta(dataset)["args"]["val_fraction"])]
     assert job.main(base) == 0
     assert "already generated" in capsys.readouterr().out
     assert job.main(base[:2] + ["--videos", str(VIDEOS + 1), "--if-missing"]) == 2

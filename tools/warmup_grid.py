@@ -30,6 +30,8 @@ Variants (comma-separated KEY=VALUE; `ref` = the recipe of configs/synthetic.yam
                               (every 250) with the lowest role cross-entropy on their entries
     sub=F                     train on a fraction F of the train videos only
     window=S                  bank window in seconds
+    lr=, batch=               Adam's learning rate and the boxes per step (default: the config's
+                              train.head_warmup_lr and head_warmup_batch)
 """
 
 import argparse
@@ -87,6 +89,7 @@ def main() -> int:
     nl_drop, smooth, wd = float(v.pop("nldrop", 0)), float(v.pop("ls", 0)), float(v.pop("wd", 0))
     hold, sub = float(v.pop("hold", 0)), float(v.pop("sub", 1))
     window = int(v.pop("window", cfg.bank.window_seconds))
+    lr, batch = float(v.pop("lr", cfg.train.head_warmup_lr)), int(v.pop("batch", cfg.train.head_warmup_batch))
     if v:
         print(f"error: unknown variant keys {sorted(v)}", file=sys.stderr)
         return 2
@@ -129,7 +132,7 @@ def main() -> int:
         keep_v = set(np.random.default_rng(98).permutation(videos)[: int(len(videos) * sub)])
         fit = np.array([i for i in fit if r_vids[i] in keep_v])
     head = [q for n, q in model.named_parameters() if not n.startswith("backbone.")]
-    opt = torch.optim.AdamW(head, lr=1e-3, weight_decay=wd) if wd > 0 else torch.optim.Adam(head, lr=1e-3)
+    opt = torch.optim.AdamW(head, lr=lr, weight_decay=wd) if wd > 0 else torch.optim.Adam(head, lr=lr)
     kw = dict(window_seconds=window, max_feats_per_second=cfg.bank.max_feats_per_second)
     if len(held):
         h_lt = bank.sample([r_vids[i] for i in held], r_secs[held], np.random.default_rng(7), **kw).to(dev)
@@ -137,7 +140,7 @@ def main() -> int:
     best, curve, t0 = (float("inf"), None, 0), [], time.time()
     for step in range(1, args.steps + 1):
         model.train()
-        pick = fit[rng.choice(len(fit), size=min(32, len(fit)), replace=False)]
+        pick = fit[rng.choice(len(fit), size=min(batch, len(fit)), replace=False)]
         lt = (bank.sample([r_vids[i] for i in pick], r_secs[pick], rng, **kw).to(dev)
               if model.fbo is not None else None)
         loss = loss_fn(classify(st_all[pick].to(dev), lt, True), y_all[pick].to(dev))

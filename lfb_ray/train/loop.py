@@ -33,8 +33,9 @@ from lfb_ray.config import (
 )
 from lfb_ray.train.schedule import build_optimizer, lr_at  # noqa: F401  (re-exported)
 
-__all__ = ["RESOURCE_HINTS", "FitResult", "build_optimizer", "fit", "fit_many", "fit_operators", "lr_at", "operator_tag",
-           "plan_concurrency", "run_name_for", "train_loop_per_worker"]
+__all__ = ["BANK_POOL_HINTS", "RESOURCE_HINTS", "FitResult", "build_optimizer", "fit", "fit_many", "fit_operators", "lr_at", "operator_tag",
+           "plan_concurrency", "run_name_for", "train_loop_per_worker",
+           "without_resource_hints"]
 
 
 @dataclass
@@ -48,6 +49,20 @@ class FitResult:
 
 
 RESOURCE_HINTS = ("cpus_per_worker", "data_cpus", "concurrent_runs")
+BANK_POOL_HINTS = ("cpus_per_actor", "min_actors", "max_actors")
+
+
+def without_resource_hints(d: dict) -> dict:
+    """A config dict without the settings that size the work, not the model: the training runs'
+    CPU shares and concurrency (`RESOURCE_HINTS` of `cluster`) and the bank actor pool's
+    (`BANK_POOL_HINTS` of `bank`). Run names and the pipeline's stage keys hash what is left, so the
+    same runs resume on a cluster of another size."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for hint in RESOURCE_HINTS:
+        d["cluster"].pop(hint, None)
+    for hint in BANK_POOL_HINTS:
+        d["bank"].pop(hint, None)
+    return d
 
 
 def run_name_for(cfg: Config, init_checkpoint: str | None = None) -> str:
@@ -58,13 +73,11 @@ def run_name_for(cfg: Config, init_checkpoint: str | None = None) -> str:
     """
     if cfg.train.run_name:
         return cfg.train.run_name
-    keep = config_to_dict(cfg)
+    keep = without_resource_hints(config_to_dict(cfg))
     for volatile in ("tracking",):
         keep.pop(volatile)
     # Resource hints do not change the model: a run resumes under the same name on a cluster of
     # another size, and `fit_many` may scale them down to run several at once.
-    for hint in RESOURCE_HINTS:
-        keep["cluster"].pop(hint)
     if init_checkpoint:
         keep["init_checkpoint"] = init_checkpoint
     return f"{cfg.model.fbo}-{config_hash(keep)}"

@@ -189,9 +189,10 @@ def flush_denormals() -> bool:
     is many times slower: 1500 warm-up steps on the 120-train-video synthetic bank took 298 s
     without this and 67 s with it (1 thread; 300 steps: 19 s, then ~85 s per 300 once the loss fell
     below 0.6). Values that small carry nothing the model uses (GPUs have no such penalty, so this
-    is CPU only). Returns whether
-    the CPU supports it. Ray Train runs the train function on its own thread, so the loop calls it
-    there.
+    is CPU only). Ray Train runs the train function on its own thread, so the loop calls it there.
+
+    Returns:
+        whether the CPU supports it (x86 with SSE3).
     """
     return torch.set_flush_denormal(True)
 

@@ -54,18 +54,14 @@ def run_models(workdir: str | os.PathLike) -> dict[str, str]:
     return out
 
 
-def _without_hints(d: dict) -> dict:
-    from lfb_ray.train.loop import without_resource_hints
-
-    return without_resource_hints(d)
-
-
 def _fit_key(cfg: Config) -> str:
     """A training stage's key: the whole config but the resource hints, which run names ignore too
     (`lfb_ray.train.loop.without_resource_hints`), so the same pipeline rerun with another
     `cluster.concurrent_runs`, CPU share or bank actor pool skips the runs it already has instead
     of training them again."""
-    return config_hash(_without_hints(config_to_dict(cfg)))
+    from lfb_ray.train.loop import without_resource_hints
+
+    return config_hash(without_resource_hints(config_to_dict(cfg)))
 
 
 def _fit_summary(r) -> dict:
@@ -109,6 +105,7 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
     from lfb_ray.compare import compare
     from lfb_ray.data.prep import build_tasks, inputs_fingerprint, prepare_dataset
     from lfb_ray.train import fit, fit_many
+    from lfb_ray.train.loop import without_resource_hints
 
     cfg = resolve_paths(cfg)
     baseline_cfg = resolve_paths(baseline_cfg) if baseline_cfg else None
@@ -162,7 +159,7 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
         return {"features": s.features, "bytes": s.bytes, "path": s.bank_dir if hasattr(s, "bank_dir") else s.path}
 
     # The actor pool's size and CPUs do not change the features either.
-    bank = stage("bank", json.dumps([base, config_hash(_without_hints(d), ["bank"])]), do_bank)
+    bank = stage("bank", json.dumps([base, config_hash(without_resource_hints(d), ["bank"])]), do_bank)
     op_cfgs = {op: _with(cfg, model__fbo=op) for op in operators}
     if cfg.model.init_backbone_from_baseline:
         # The LFB models get the baseline's training plus their own; the control gets the same.

@@ -73,11 +73,11 @@ def run_name_for(cfg: Config, init_checkpoint: str | None = None) -> str:
     """
     if cfg.train.run_name:
         return cfg.train.run_name
+    # Resource hints do not change the model: a run resumes under the same name on a cluster of
+    # another size, and `fit_many` may scale them down to run several at once.
     keep = without_resource_hints(config_to_dict(cfg))
     for volatile in ("tracking",):
         keep.pop(volatile)
-    # Resource hints do not change the model: a run resumes under the same name on a cluster of
-    # another size, and `fit_many` may scale them down to run several at once.
     if init_checkpoint:
         keep["init_checkpoint"] = init_checkpoint
     return f"{cfg.model.fbo}-{config_hash(keep)}"
@@ -646,7 +646,7 @@ def fit_operators(cfg: Config, operators: list[str], *, fresh: bool = False,
     if cfg.tracking.enabled:
         try:
             parent = find_or_create_run(cfg.tracking_uri, cfg.tracking.experiment,
-                                        f"operators-{'-'.join(operators)}-{config_hash(cfg)}",
+                                        f"operators-{'-'.join(operators)}-{config_hash(without_resource_hints(config_to_dict(cfg)))}",
                                         params={"operators": ",".join(operators)}, fresh=fresh)
         except Exception as e:
             print(f"[lfb_ray] WARNING: MLflow unavailable ({e}); no parent run", flush=True)

@@ -63,9 +63,10 @@ class DataConfig:
     temporal_jitter: bool = True  # train-time jitter of each frame in [jitter_min, jitter_max]
     jitter_min: int = -8
     jitter_max: int = 7
-    short_side: int = 256  # frames are stored resized to this short side
+    # Frames are stored at this short side (or the source's, when smaller: never upsampled). At
+    # least max(train_scale_range), so training never upsamples a frame that prepare shrank.
+    short_side: int = 320
     jpeg_quality: int = 90
-    max_rows_per_shard: int = 256  # keyframes per Parquet file (keeps Arrow chunks << 2 GiB)
     failure_budget: int = 0  # videos allowed to fail before the prepare job exits non-zero
     train_person_score_thr: float = 0.9
     val_person_score_thr: float = 0.9
@@ -88,6 +89,11 @@ class DataConfig:
             raise ConfigError(f"data.train_scale_range must be 0 < lo <= hi, got {self.train_scale_range}")
         if self.train_crop_size > lo:
             raise ConfigError("data.train_crop_size must be <= data.train_scale_range[0]")
+        if self.short_side < hi:
+            raise ConfigError(
+                f"data.short_side ({self.short_side}) < max(data.train_scale_range) ({hi}): frames would be "
+                f"stored smaller than training rescales them and upsampled at every step; set data.short_side "
+                f">= {hi} (prepare keeps a smaller source at its own size)")
         if self.clip_frames < 1 or self.frame_interval < 1:
             raise ConfigError("data.clip_frames and data.frame_interval must be >= 1")
 
@@ -198,10 +204,6 @@ class TrainConfig:
     max_failures: int = 2
     log_every_iters: int = 10
     max_iters_per_epoch: int = 0  # cap for smoke runs; 0 = full epoch
-    # Keep the raw train rows (JPEG bytes) in Ray's object store for the whole fit, so each epoch
-    # only re-runs decode/augment instead of re-reading Parquet. "auto": when the split's Parquet
-    # bytes are at most a quarter of the cluster's object store (the decision is printed).
-    cache_rows: Literal["auto", "on", "off"] = "auto"
     # Multiplies base_lr for a run whose backbone starts from a trained detector (an LFB model with
     # model.init_backbone_from_baseline, or `jobs/train.py --init-backbone`): fine-tuning from the
     # baseline wants a smaller step than training it from scratch. Not applied to model.pretrained

@@ -43,9 +43,9 @@ def load_model(cfg: Config, checkpoint: str, device: torch.device | str = "cpu")
     arbitrary objects (see `lfb_ray.models.checkpoint`).
     """
     from lfb_ray.models import build_detector, load_checkpoint
+    from lfb_ray.storage import checkpoint_file
 
-    if os.path.isdir(checkpoint):
-        checkpoint = os.path.join(checkpoint, "model.pt")
+    checkpoint = checkpoint_file(checkpoint)
     model = build_detector(cfg.model)
     load_checkpoint(model, checkpoint)
     return to_model_layout(model.to(device)).eval()
@@ -159,11 +159,13 @@ def infer_split(cfg: Config, checkpoint: str, csv_path: str, *, split: str = "va
 
     t0 = time.time()
     cfg = resolve_paths(cfg)
-    checkpoint = os.path.abspath(checkpoint)
+    if "://" not in checkpoint:  # the actors run in other directories; a URI stays as it is
+        checkpoint = os.path.abspath(checkpoint)
     gpus = ray.cluster_resources().get("GPU", 0)
     ds = read_split(cfg, split, drop_excluded=False).map_batches(
         decode_test_rows, batch_size=cfg.eval.batch_size, num_cpus=1,
-        fn_kwargs={"cfg_data": config_to_dict(cfg)["data"], "score_thr": cfg.data.val_person_score_thr})
+        fn_kwargs={"cfg_data": config_to_dict(cfg)["data"], "prepared_uri": cfg.prepared_dir,
+                   "score_thr": cfg.data.val_person_score_thr})
     ds = ds.map_batches(
         _Predictor, batch_size=cfg.eval.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(gpus) or cfg.bank.max_actors)),

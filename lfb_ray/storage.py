@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-__all__ = ["StorageError", "check_writable", "exists", "join", "join_uri", "read_json", "remove_dir",
+__all__ = ["StorageError", "check_writable", "checkpoint_file", "exists", "join", "join_uri", "read_json", "remove_dir",
            "resolve", "write_bytes_atomic", "write_json_atomic"]
 
 
@@ -44,6 +44,15 @@ def join_uri(uri: str, *parts: str) -> str:
     if "://" not in uri:
         return os.path.join(base, *parts)
     return join(base, *parts) + sep + query
+
+
+def checkpoint_file(path: str) -> str:
+    """A checkpoint given as a file or as a (Ray Train) checkpoint folder holding `model.pt`, as
+    the file's path or URI. Works for local paths and URIs (`s3://bucket/run/checkpoint_000001?...`)."""
+    fs, inner = resolve(path)
+    if fs.get_file_info(inner).type == pafs.FileType.Directory:
+        return join_uri(path, "model.pt")
+    return path
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:

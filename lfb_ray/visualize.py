@@ -68,7 +68,7 @@ def read_video_rows(cfg: Config, video_id: str, split: str = "val") -> list[dict
     from lfb_ray.data.prep import prepared_files
     from lfb_ray.storage import resolve
 
-    files = prepared_files(cfg.prepared_dir, split)  # layout <split>/<video_id>/part-*.parquet
+    files = prepared_files(cfg.prepared_dir, split)  # layout <split>/<video_id>/keyframes.parquet
     mine = [f for f in files if f.rstrip("/").split("/")[-2] == video_id]
     if not mine:
         known = sorted({f.rstrip("/").split("/")[-2] for f in files})
@@ -83,11 +83,14 @@ def read_video_rows(cfg: Config, video_id: str, split: str = "val") -> list[dict
     return sorted(rows, key=lambda r: int(r["timestamp"]))
 
 
-def keyframe_image(row: dict) -> np.ndarray:
+def keyframe_image(row: dict, prepared_uri: str) -> np.ndarray:
     """The stored keyframe (reference offset 0, else the nearest stored offset) as uint8 [H, W, 3]."""
+    from lfb_ray.data.frames import open_frame_store
+
     offsets = np.asarray(row["ref_offsets"], np.int64)
     pos = int(np.argmin(np.abs(offsets)))
-    return decode_jpeg(row["frames"][int(row["frame_slot"][pos])])
+    store = open_frame_store(prepared_uri, str(row["frames_file"]))
+    return decode_jpeg(store.jpeg(int(row["frame_rows"][pos])))
 
 
 @dataclass
@@ -133,7 +136,8 @@ def predict_keyframes(model: torch.nn.Module, rows: list[dict], cfg: Config, *, 
         for i in range(0, len(rows), step):
             chunk = rows[i:i + step]
             batch = collate_test(decode_test_rows({c: [r[c] for r in chunk] for c in RAW_COLUMNS},
-                                                  cfg_data=cfg_data, score_thr=cfg.data.val_person_score_thr),
+                                                  cfg_data=cfg_data, prepared_uri=cfg.prepared_dir,
+                                                  score_thr=cfg.data.val_person_score_thr),
                                  cfg.data.mean, cfg.data.std)
             seen.clear()
             pred = predict_batch(model, batch, bank=bank, rng=rng, device=device, amp=cfg.train.amp,
@@ -149,7 +153,7 @@ def predict_keyframes(model: torch.nn.Module, rows: list[dict], cfg: Config, *, 
                 sel = np.flatnonzero(batch["roi_batch"] == j)
                 gt_boxes, gt_multi_hot = row_gt(row, cfg.data.num_classes)
                 out.append(KeyframePrediction(
-                    video_id=str(row["video_id"]), timestamp=int(row["timestamp"]), image=keyframe_image(row),
+                    video_id=str(row["video_id"]), timestamp=int(row["timestamp"]), image=keyframe_image(row, cfg.prepared_dir),
                     gt_boxes=gt_boxes, gt_labels=[np.flatnonzero(h).tolist() for h in gt_multi_hot],
                     boxes=pred["boxes"][sel], scores=pred["scores"][sel],
                     attention=[per_box[s] for s in sel] if per_box is not None else None))

@@ -43,10 +43,10 @@ def test_head_width_follows_operator():
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config("configs/tiny.yaml", ["train.epochs=3", "model.fbo=avg", "data.train_scale_range=[120,130]",
+    cfg = load_config("configs/tiny.yaml", ["train.epochs=3", "model.fbo=avg", "data.train_scale_range=[120,128]",
                                             "train.lr_steps=[2]"])
     assert cfg.train.epochs == 3 and cfg.model.fbo == "avg"
-    assert cfg.data.train_scale_range == (120, 130) and cfg.train.lr_steps == (2,)
+    assert cfg.data.train_scale_range == (120, 128) and cfg.train.lr_steps == (2,)
     assert isinstance(cfg.train.base_lr, float)
 
 
@@ -88,3 +88,10 @@ def test_derived_paths(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert cfg.tracking_uri == "http://127.0.0.1:5000"
     assert cfg.data_path("a/b.csv") == "data/synthetic/a/b.csv" and cfg.data_path("/abs") == "/abs"
+
+
+def test_short_side_below_the_largest_train_scale_is_refused():
+    """Frames stored smaller than training rescales them would be upsampled at every step."""
+    with pytest.raises(ConfigError, match=r"data.short_side \(256\) < max\(data.train_scale_range\) \(320\)"):
+        load_config("configs/baseline.yaml", ["data.short_side=256"])
+    assert load_config("configs/baseline.yaml").data.short_side == 320

@@ -226,7 +226,7 @@ def test_interrupted_prepare_resumes_identical(synthetic_root, tmp_path):
 
     def digest(root: Path) -> dict[str, str]:
         return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(root.rglob("*.parquet"))}
+                for p in sorted([*root.rglob("*.parquet"), *root.rglob("*.arrow")])}
 
     def cmd(work: Path) -> list[str]:
         return [sys.executable, str(REPO / "jobs" / "prepare_data.py"), "--config", str(REPO / "configs" / "tiny.yaml"),

@@ -352,7 +352,7 @@ def test_ray_job_submit_with_token_auth(prepared, ray_cli_cluster, tmp_path):
 # 3. S3 (moto server) for prepared shards, the bank and Ray Train checkpoints
 
 
-def test_s3_prepare_bank_and_checkpoints(synthetic_root, ray_local, s3, tmp_path):
+def test_s3_prepare_bank_and_checkpoints(synthetic_root, ray_local, s3, tmp_path, monkeypatch):
     from lfb_ray.bank import FeatureBank, write_bank
     from lfb_ray.data.dataset import count_rows, read_split
     from lfb_ray.data.prep import prepare_dataset, prepared_files
@@ -369,6 +369,7 @@ def test_s3_prepare_bank_and_checkpoints(synthetic_root, ray_local, s3, tmp_path
     assert {"prepared/manifest.json", "prepared/failures.json"} <= set(stored)
     parquet = [k for k in stored if k.endswith(".parquet")]
     assert len(parquet) == len(prepared_files(cfg.prepared_dir, "train")) + len(prepared_files(cfg.prepared_dir, "val"))
+    assert len([k for k in stored if k.endswith("/frames.arrow")]) == 3  # one frame store per video
     assert not [k for k in stored if ".tmp-" in k]
     n_train = count_rows(cfg, "train", drop_excluded=True)
     assert read_split(cfg, "train").count() == n_train > 0
@@ -391,6 +392,25 @@ def test_s3_prepare_bank_and_checkpoints(synthetic_root, ray_local, s3, tmp_path
     from lfb_ray.models import build_detector, load_checkpoint  # the URI opens again, credentials and all
 
     assert load_checkpoint(build_detector(cfg.model), r.model_path) == "lfb_ray/v1"
+
+    # The bank stage and inference with the checkpoint on S3, from another working directory (under
+    # `ray job submit` the driver's cwd is Ray's package cache): the URI must stay a URI.
+    import dataclasses
+
+    from lfb_ray.bank.build import build_bank
+    from lfb_ray.inference import infer_split
+
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    bcfg = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, path=uri("bank_built")))
+    built = build_bank(bcfg, r.checkpoint_path)
+    assert built.keyframes == count_rows(cfg, "train", drop_excluded=False) + count_rows(cfg, "val", drop_excluded=False)
+    assert "bank_built/build.json" in keys("bank_built/")
+    assert FeatureBank.open(uri("bank_built"), cache_dir=tmp_path / "bank_cache2").num_features == built.features
+    res = infer_split(cfg, r.checkpoint_path, str(tmp_path / "infer.csv"))
+    assert res.num_boxes > 0 and 0.0 <= res.metrics["mAP"] <= 1.0
+    assert not list(elsewhere.iterdir())  # nothing written relative to the working directory
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.ray
 
 def _digest(root: str) -> dict[str, str]:
     out = {}
-    for p in sorted(Path(root).rglob("*.parquet")):
+    for p in sorted([*Path(root).rglob("*.parquet"), *Path(root).rglob("*.arrow")]):
         out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
@@ -25,6 +25,7 @@ def _digest(root: str) -> dict[str, str]:
 def test_rows_match_annotations_and_schema(prepared, synthetic_root):
     from lfb_ray.data.annotations import read_annotations
     from lfb_ray.data.clips import decode_jpeg
+    from lfb_ray.data.frames import open_frame_store
     from lfb_ray.data.prep import prepared_files
     from lfb_ray.data.schema import SCHEMA, row_gt
 
@@ -40,9 +41,33 @@ def test_rows_match_annotations_and_schema(prepared, synthetic_root):
         boxes, labels = row_gt(r, 81)
         kf = gt[(r["video_id"], r["timestamp"])]
         assert np.allclose(boxes, kf.boxes) and np.array_equal(labels, kf.labels)
-        assert len(r["ref_offsets"]) == 64  # jitter on: every offset in [-40, 23]
-        img = decode_jpeg(r["frames"][0])
+        assert len(r["ref_offsets"]) == len(r["frame_rows"]) == 64  # jitter on: every offset in [-40, 23]
+        store = open_frame_store(cfg.prepared_dir, r["frames_file"])
+        img = decode_jpeg(store.jpeg(r["frame_rows"][0]))
+        # short_side 128 > the 120-pixel source: stored at the source's own size, not upsampled
         assert img.shape == (120, 160, 3) and (r["height"], r["width"]) == (120, 160)
+
+
+def test_each_frame_is_stored_once(prepared):
+    """Neighbouring keyframes' windows overlap; their shared frames are one row of the frame store."""
+    import pyarrow as pa
+
+    from lfb_ray.data.frames import open_frame_store
+    from lfb_ray.data.prep import prepared_files
+
+    cfg, _ = prepared
+    for f in prepared_files(cfg.prepared_dir, "train"):
+        rows = pq.read_table(f).to_pylist()
+        store = open_frame_store(cfg.prepared_dir, rows[0]["frames_file"])
+        refs = {(fi, fr) for r in rows for fi, fr in zip(r["frame_indices"], r["frame_rows"], strict=True)}
+        frame_of_row = dict((fr, fi) for fi, fr in refs)
+        assert len(frame_of_row) == len(refs)  # one row per native frame, one frame per row
+        assert store.num_frames == len(frame_of_row)  # nothing stored that no keyframe uses
+        assert all(store.frame_index(fr) == fi for fr, fi in list(frame_of_row.items())[:20])
+        per_row = sum(len(set(r["frame_indices"])) for r in rows)
+        assert per_row > 1.8 * store.num_frames  # the old layout stored each frame ~2x
+        table = pa.ipc.open_file(pa.memory_map(str(Path(cfg.prepared_dir) / rows[0]["frames_file"]))).read_all()
+        assert table.column("frame_index").to_pylist() == sorted(frame_of_row.values())
 
 
 def test_stored_frames_are_the_videos_frames(prepared, synthetic_root):
@@ -50,18 +75,45 @@ def test_stored_frames_are_the_videos_frames(prepared, synthetic_root):
     import decord
 
     from lfb_ray.data.clips import decode_jpeg
+    from lfb_ray.data.frames import open_frame_store
     from lfb_ray.data.prep import prepared_files
 
     cfg, _ = prepared
     row = pq.read_table(prepared_files(cfg.prepared_dir, "val")[0]).slice(3, 1).to_pylist()[0]
     k = row["ref_offsets"].index(0)
-    idx = row["frame_indices"][row["frame_slot"][k]]
+    idx = row["frame_indices"][k]
     assert idx == 30 * (row["timestamp"] - 900)
     vr = decord.VideoReader(str(synthetic_root / "videos" / f"{row['video_id']}.mp4"))
-    got = decode_jpeg(row["frames"][row["frame_slot"][k]]).astype(int)
+    store = open_frame_store(cfg.prepared_dir, row["frames_file"])
+    assert store.frame_index(row["frame_rows"][k]) == idx
+    got = decode_jpeg(store.jpeg(row["frame_rows"][k])).astype(int)
     err = {i: np.abs(got - vr[i].asnumpy()).mean() for i in (idx - 1, idx, idx + 1)}
     assert err[idx] < 6  # JPEG q90 of the same textured 160x120 frame (measured 4.4)
     assert err[idx] < min(err[idx - 1], err[idx + 1])  # closer than the neighbouring frames
+
+
+def test_frames_stored_at_the_short_side_when_the_source_is_larger(synthetic_root, tmp_path):
+    """A 160x120 source with data.short_side=96 (scale range <= 96) is stored at 128x96."""
+    from lfb_ray.data.prep import build_tasks, prepare_video, stored_size
+
+    assert stored_size(256, 456, 320) == (256, 456)  # AVA's 456x256 files: kept, never upsampled
+    assert stored_size(720, 1280, 320) == (320, 569)
+    assert stored_size(1280, 720, 320) == (569, 320)
+    cfg = tiny_config(tmp_path / "w", synthetic_root, "data.short_side=96", "data.train_scale_range=[64,96]",
+                      "data.train_crop_size=64")
+    tasks, _ = build_tasks(cfg)
+    res = prepare_video(tasks[0], str(tmp_path / "out"))
+    assert res["status"] == "done", res
+    row = pq.read_table(tmp_path / "out" / tasks[0]["split"] / tasks[0]["video_id"] / "keyframes.parquet").to_pylist()[0]
+    assert (row["height"], row["width"], row["orig_height"], row["orig_width"]) == (96, 128, 120, 160)
+
+
+def test_a_set_prepared_in_the_old_format_names_its_version_and_the_command(tmp_path):
+    from lfb_ray.data.prep import PrepareError, prepared_files
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1, "videos": []}))
+    with pytest.raises(PrepareError, match=r"schema version 1 .*reads schema version 2.*jobs/prepare_data.py"):
+        prepared_files(str(tmp_path), "train")
 
 
 def test_rerun_is_idempotent_and_resumes(prepared, synthetic_root, tmp_path):
@@ -72,7 +124,7 @@ def test_rerun_is_idempotent_and_resumes(prepared, synthetic_root, tmp_path):
     # simulate an interrupted run: one video lost its commit marker and has a half-written part
     vdir = next(Path(cfg.prepared_dir, "train").iterdir())
     (vdir / "_DONE.json").unlink()
-    part = next(vdir.glob("*.parquet"))
+    part = vdir / "frames.arrow"
     part.write_bytes(part.read_bytes()[:100])
     s = prepare_dataset(cfg)
     assert s.skipped == 2 and s.videos == 3

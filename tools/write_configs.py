@@ -25,7 +25,7 @@ SEED = ["workdir=runs/ava", "data.root=data/ava", "data.train_csv=annotations/av
         "cluster.num_workers=8", "cluster.device=auto", "cluster.cpus_per_worker=4", "cluster.data_cpus=4",
         "bank.batch_size=16", "bank.cpus_per_actor=8",
         "tracking.experiment=lfb_ava21"]
-SYNTH = ["workdir=runs/synthetic", "data.root=data/synthetic", "data.short_side=120", "data.test_short_side=112",
+SYNTH = ["workdir=runs/synthetic", "data.root=data/synthetic", "data.short_side=128", "data.test_short_side=112",
          "data.train_scale_range=[112,128]", "data.train_crop_size=112", "data.jpeg_quality=90",
          "data.flip_ratio=0.0",
          "model.depth=18", "model.base_channels=16", "model.latent_channels=64", "model.init_backbone_from_baseline=true",

@@ -29,6 +29,7 @@ from lfb_ray.storage import (
     check_writable,
     exists,
     join,
+    join_uri,
     read_json,
     resolve,
     write_bytes_atomic,
@@ -54,11 +55,13 @@ class BankBuildSummary:
 
 
 def file_sha256(path: str) -> str:
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.pt")
+    """SHA-256 of a checkpoint file, or of `model.pt` in a checkpoint folder; local path or URI."""
+    from lfb_ray.storage import checkpoint_file
+
+    fs, inner = resolve(checkpoint_file(path))
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+    with fs.open_input_stream(inner) as f:
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 
@@ -116,12 +119,11 @@ class BankExtractor:
 
     def _decode(self, row: dict):
         """One keyframe row → (uint8 clip [T, H, W, 3], float32 pixel boxes [N, 4], proposals [N, 5])."""
-        from lfb_ray.data.clips import decode_jpeg, pick_clip_frames, select_proposals, test_transform
+        from lfb_ray.data.clips import select_proposals, test_transform
+        from lfb_ray.data.dataset import clip_frames
         from lfb_ray.data.schema import row_proposals
 
-        offsets = np.asarray(row["ref_offsets"], dtype=np.int64)
-        slots = np.asarray(row["frame_slot"], dtype=np.int64)[pick_clip_frames(offsets, self.spec, None)]
-        frames = np.stack([decode_jpeg(row["frames"][s]) for s in slots])
+        frames = clip_frames(row, self.spec, None, self.cfg.prepared_dir)
         props = select_proposals(row_proposals(row), self.cfg.bank.person_score_thr, self.cfg.data.max_proposals)
         frames, px = test_transform(frames, props[:, :4], self.spec)
         return frames, px.astype(np.float32), props
@@ -142,10 +144,11 @@ class BankExtractor:
             while pending:
                 yield pending.popleft().result()
 
-    def _extract(self, part_uri: str) -> dict:
+    def _extract(self, path: str) -> dict:
+        """Features of one video's keyframe table (`path` inside the prepared set's filesystem)."""
         import pyarrow.parquet as pq
 
-        fs, path = resolve(part_uri)
+        fs, _ = resolve(self.cfg.prepared_dir)
         with fs.open_input_file(path) as f:
             rows = pq.read_table(f).to_pylist()
         props_all, feats, clips, boxes = [], [], [], []  # clips/boxes: the batch being filled
@@ -208,11 +211,12 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
     import ray
 
     from lfb_ray.bank import FeatureBank, write_bank
-    from lfb_ray.data.prep import prepared_files
+    from lfb_ray.data.prep import prepared_files, read_manifest
 
     t0 = time.time()
     cfg = resolve_paths(cfg)
-    checkpoint = os.path.abspath(checkpoint)
+    if "://" not in checkpoint:  # the actors run in other directories; a URI stays as it is
+        checkpoint = os.path.abspath(checkpoint)
     bank_dir = cfg.bank_dir
     check_writable(bank_dir)
     ckpt_hash = file_sha256(checkpoint)
@@ -221,19 +225,17 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
                      k: v for k, v in config_to_dict(cfg)["data"].items()
                      if k in ("test_short_side", "clip_frames", "frame_interval", "mean", "std", "max_proposals")}}
     build_hash = hashlib.sha256(json.dumps(build_key, sort_keys=True).encode()).hexdigest()[:16]
-    fs, root = resolve(cfg.prepared_dir)
-    manifest = read_json(fs, join(root, "manifest.json"))
+    _, root = resolve(cfg.prepared_dir)
+    manifest = read_manifest(cfg.prepared_dir)
     bank_fs, bank_root = resolve(bank_dir)
-    parts_dir = join(bank_dir, "_parts", build_hash)  # URI or local path; parts go through pyarrow fs
+    parts_dir = join_uri(bank_dir, "_parts", build_hash)  # URI (its ?options kept last) or local path
     parts_root = join(bank_root, "_parts", build_hash)
     items = []
-    for split in ("train", "val"):
-        try:
-            files = prepared_files(cfg.prepared_dir, split)
-        except Exception:
+    video_hash = {v["video_id"] + "/" + v["split"]: v["hash"] for v in manifest["videos"]}
+    for split, csv in (("train", cfg.data.train_csv), ("val", cfg.data.val_csv)):
+        if not csv:  # a split the config does not use
             continue
-        video_hash = {v["video_id"] + "/" + v["split"]: v["hash"] for v in manifest["videos"]}
-        for uri in files:
+        for uri in prepared_files(cfg.prepared_dir, split):  # raises if a used split has no rows
             rel = uri[len(root):].strip("/")
             _, vid, fname = rel.split("/")[-3:]
             pid = hashlib.sha256(f"{rel}:{video_hash[vid + '/' + split]}".encode()).hexdigest()[:16]
@@ -271,7 +273,7 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
         cat = {k: np.concatenate([p[k] for p in parts]) for k in ("video_id", "second", "person_index", "box",
                                                                    "score", "feature")}
         total_kf += int(sum(int(p["keyframes"]) for p in parts))
-        summary = write_bank(join(bank_dir, split), video_ids=cat["video_id"], seconds=cat["second"],
+        summary = write_bank(join_uri(bank_dir, split), video_ids=cat["video_id"], seconds=cat["second"],
                              person_index=cat["person_index"], boxes=cat["box"], scores=cat["score"],
                              features=cat["feature"],
                              metadata={"checkpoint_sha256": ckpt_hash, "build_hash": build_hash, "split": split,

@@ -1,14 +1,25 @@
-"""Ray Datasets of training and test samples read from the prepared shards.
+"""Ray Datasets of training and test samples read from the prepared keyframe tables and frame stores.
 
 JPEG decoding, frame choice, augmentation and target assignment run in Ray Data CPU tasks
-(`map_batches`), so training workers only move ready tensors. Train samples have a fixed shape
-(crop size, RoIs padded to `max_rois_per_keyframe`), which lets `iter_torch_batches` stack them.
-Test samples keep the full frame and their own number of RoIs; `collate_test` pads per batch.
+(`map_batches`), so training workers only move ready tensors; each task reads from a video's frame
+store (`lfb_ray.data.frames`) only the frames its clips use. Train samples have a fixed shape (crop
+size, RoIs padded to `max_rois_per_keyframe`), which lets `iter_torch_batches` stack them. Test
+samples keep the full frame and their own number of RoIs; `collate_test` pads per batch.
+
+Training order (`epoch_order`, `train_samples`): every epoch is a fresh permutation of all training
+keyframes, seeded by `train.seed` and the epoch and dealt out to the ranks like PyTorch's
+`DistributedSampler(shuffle=True)` (mmaction2's sampler). Each sample's augmentation draws from its
+own generator, seeded by (`train.seed`, epoch, keyframe), so a run is reproducible whatever the
+batching, the number of data tasks or the rank a keyframe lands on, and a mid-epoch resume skips
+exactly the keyframes already seen.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pyarrow as pa
 
 from lfb_ray.config import Config
 from lfb_ray.data.clips import (
@@ -20,20 +31,22 @@ from lfb_ray.data.clips import (
     test_transform,
     train_transform,
 )
+from lfb_ray.data.frames import open_frame_store
 from lfb_ray.data.schema import row_gt, row_proposals
 
-__all__ = ["collate_test", "collate_train", "count_rows", "decode_test_rows", "decode_train_rows", "normalise",
-           "read_split"]
+__all__ = ["clip_frames", "collate_test", "collate_train", "count_rows", "decode_test_rows", "decode_train_rows",
+           "epoch_order", "normalise", "read_keyframes", "read_split", "train_samples"]
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # DataConfig defaults (RGB, 0-255 pixels)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
-RAW_COLUMNS = ["video_id", "timestamp", "excluded", "ref_offsets", "frame_slot", "frames", "height",
+RAW_COLUMNS = ["video_id", "timestamp", "excluded", "ref_offsets", "frame_rows", "frames_file", "height",
                "width", "num_gt", "gt_boxes", "gt_labels", "num_proposals", "proposals"]
 
 
 def read_split(cfg: Config, split: str, *, drop_excluded: bool | None = None):
-    """Ray Dataset of the raw prepared rows of one split.
+    """Ray Dataset of the keyframe rows of one split (test-time readers; training uses
+    `train_samples`).
 
     Args:
         drop_excluded: drop keyframes in the exclusions file; default True for train (mmaction2
@@ -57,20 +70,81 @@ def read_split(cfg: Config, split: str, *, drop_excluded: bool | None = None):
     return ds
 
 
-def count_rows(cfg: Config, split: str, *, drop_excluded: bool) -> int:
-    """Rows of a split from the Parquet files' `excluded` column, without running Ray Data."""
+def read_keyframes(cfg: Config, split: str, *, drop_excluded: bool, files: list[str] | None = None) -> pa.Table:
+    """The keyframe rows of a split as one Arrow table (`RAW_COLUMNS`), in manifest order (videos
+    sorted, keyframes by second). Small: no frames (AVA v2.1 train: ~235k rows, tens of MB).
+
+    `files`: a subset of the split's keyframe tables (default all).
+    """
     import pyarrow.parquet as pq
 
     from lfb_ray.data.prep import prepared_files
     from lfb_ray.storage import resolve
 
     fs, _ = resolve(cfg.prepared_dir)
-    n = 0
-    for f in prepared_files(cfg.prepared_dir, split):
+    tables = []
+    for f in files if files is not None else prepared_files(cfg.prepared_dir, split):
         with fs.open_input_file(f) as fh:
-            excl = pq.read_table(fh, columns=["excluded"]).column("excluded").to_numpy(zero_copy_only=False)
-        n += int((~excl).sum()) if drop_excluded else len(excl)
-    return n
+            tables.append(pq.read_table(fh, columns=RAW_COLUMNS))
+    table = pa.concat_tables(tables) if tables else pa.table({c: [] for c in RAW_COLUMNS})
+    if drop_excluded:
+        keep = ~table.column("excluded").to_numpy(zero_copy_only=False).astype(bool)
+        table = table.filter(pa.array(keep))
+    return table
+
+
+def count_rows(cfg: Config, split: str, *, drop_excluded: bool) -> int:
+    """Rows of a split from the keyframe tables, without running Ray Data."""
+    return read_keyframes(cfg, split, drop_excluded=drop_excluded).num_rows
+
+
+def epoch_order(num_keyframes: int, seed: int, epoch: int, world: int) -> np.ndarray:
+    """Which keyframes each rank trains on in `epoch`, in order.
+
+    A permutation of all keyframes drawn from (`seed`, `epoch`), padded with its own first entries
+    to a multiple of `world` and dealt round-robin, as `torch.utils.data.DistributedSampler(
+    shuffle=True)`: every keyframe once per epoch (plus at most `world - 1` repeats of the padding),
+    the same number of steps on every rank, a new order every epoch, the same order for the same seed.
+
+    Returns:
+        int64 [world, ceil(num_keyframes / world)] row positions into the keyframe table.
+    """
+    if num_keyframes < 1:
+        raise ValueError("no training keyframes to order")
+    perm = np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_keyframes)
+    per_rank = math.ceil(num_keyframes / world)
+    perm = np.concatenate([perm, perm[: per_rank * world - num_keyframes]])
+    return perm.reshape(per_rank, world).T.copy()
+
+
+def train_samples(cfg: Config, table: pa.Table, positions: np.ndarray, epoch: int, *, block_rows: int = 0):
+    """A Ray Dataset of decoded, augmented training samples for `positions` of `table`, in that order.
+
+    Args:
+        table: `read_keyframes(cfg, "train", drop_excluded=True)`.
+        positions: int64 [N] rows of `table` (one rank's `epoch_order`, minus the already-seen
+            prefix on a mid-epoch resume).
+        block_rows: rows per Ray Data block (one decode task each); default two training batches.
+
+    Order is preserved (`DataContext.execution_options.preserve_order`), so the sample order is
+    `positions`' whatever the number of decode tasks.
+    """
+    import ray
+
+    from lfb_ray.config import config_to_dict
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    positions = np.asarray(positions, dtype=np.int64)
+    block = block_rows or 2 * cfg.train.batch_size_per_worker
+
+    def block_of(pos: np.ndarray) -> pa.Table:  # `take` copies: a block never drags the whole table along
+        return table.take(pa.array(pos)).append_column("row_id", pa.array(pos)).append_column(
+            "epoch", pa.array(np.full(len(pos), epoch, np.int64)))
+
+    blocks = [block_of(positions[i:i + block]) for i in range(0, len(positions), block)] or [block_of(positions)]
+    return ray.data.from_arrow(blocks).map_batches(
+        decode_train_rows, batch_size=block, num_cpus=cfg.cluster.data_cpus,
+        fn_kwargs={"cfg_data": config_to_dict(cfg)["data"], "prepared_uri": cfg.prepared_dir, "seed": cfg.train.seed})
 
 
 def _rows(batch: dict) -> list[dict]:
@@ -78,16 +152,21 @@ def _rows(batch: dict) -> list[dict]:
     return [{k: v[i] for k, v in batch.items()} for i in range(n)]
 
 
-def _clip_frames(row: dict, spec: ClipSpec, rng: np.random.Generator | None) -> np.ndarray:
+def clip_frames(row: dict, spec: ClipSpec, rng: np.random.Generator | None, prepared_uri: str) -> np.ndarray:
+    """The clip of a keyframe row: its T frames (jittered when `rng` is given) read from the video's
+    frame store and decoded. Returns uint8 [T, H, W, 3]."""
     offsets = np.asarray(row["ref_offsets"], dtype=np.int64)
     pos = pick_clip_frames(offsets, spec, rng)
-    slots = np.asarray(row["frame_slot"], dtype=np.int64)[pos]
-    frames = row["frames"]
-    return np.stack([decode_jpeg(frames[s]) for s in slots])  # [T, H, W, 3]
+    store = open_frame_store(prepared_uri, str(row["frames_file"]))
+    rows = np.asarray(row["frame_rows"], dtype=np.int64)[pos]
+    return np.stack([decode_jpeg(store.jpeg(int(r))) for r in rows])  # [T, H, W, 3]
 
 
-def decode_train_rows(batch: dict, *, cfg_data: dict, seed: int | None = None) -> dict:
-    """Ray Data UDF: raw rows → fixed-shape training samples.
+def decode_train_rows(batch: dict, *, cfg_data: dict, prepared_uri: str, seed: int) -> dict:
+    """Ray Data UDF: keyframe rows (with `row_id` and `epoch` columns) → fixed-shape training samples.
+
+    Each row's augmentation (jitter, scale, crop, flip, RoI subsampling) draws from
+    `default_rng([seed, epoch, row_id])`.
 
     Returns (numpy batch of B rows):
         clip uint8 [B, T, S, S, 3] (normalised by `collate_train`); rois float32 [B, R, 4] crop pixels (R =
@@ -98,11 +177,11 @@ def decode_train_rows(batch: dict, *, cfg_data: dict, seed: int | None = None) -
 
     d: DataConfig = config_from_dict({"data": cfg_data}).data
     spec = ClipSpec.from_config(d)
-    rng = np.random.default_rng(seed)
     r_max, c = d.max_rois_per_keyframe, d.num_classes
     out = {k: [] for k in ("clip", "rois", "roi_valid", "labels", "video_id", "timestamp")}
     for row in _rows(batch):
-        frames = _clip_frames(row, spec, rng if d.temporal_jitter else None)
+        rng = np.random.default_rng([seed, int(row["epoch"]), int(row["row_id"])])
+        frames = clip_frames(row, spec, rng if d.temporal_jitter else None, prepared_uri)
         gt_boxes, gt_labels = row_gt(row, c)
         props = select_proposals(row_proposals(row), d.train_person_score_thr, d.max_proposals)
         rois, labels = assign_targets(gt_boxes, gt_labels, props, pos_iou_thr=d.pos_iou_thr,
@@ -124,7 +203,7 @@ def decode_train_rows(batch: dict, *, cfg_data: dict, seed: int | None = None) -
     return {k: (np.stack(v) if k not in ("video_id",) else np.array(v, dtype=object)) for k, v in out.items()}
 
 
-def decode_test_rows(batch: dict, *, cfg_data: dict, score_thr: float) -> dict:
+def decode_test_rows(batch: dict, *, cfg_data: dict, prepared_uri: str, score_thr: float) -> dict:
     """Ray Data UDF: raw rows → full-frame test clips with their thresholded proposals.
 
     Returns (numpy batch, ragged fields as object arrays):
@@ -138,7 +217,7 @@ def decode_test_rows(batch: dict, *, cfg_data: dict, score_thr: float) -> dict:
     spec = ClipSpec.from_config(d)
     out = {k: [] for k in ("clip", "boxes", "box_px", "box_scores", "video_id", "timestamp")}
     for row in _rows(batch):
-        frames = _clip_frames(row, spec, None)
+        frames = clip_frames(row, spec, None, prepared_uri)
         props = select_proposals(row_proposals(row), score_thr, d.max_proposals)
         clip, px = test_transform(frames, props[:, :4], spec)
         out["clip"].append(clip)

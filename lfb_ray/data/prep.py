@@ -1,17 +1,20 @@
-"""The prepare stage: AVA videos + annotations → sharded Parquet keyframe rows, with Ray Data.
+"""The prepare stage: AVA videos + annotations → per-video frame stores and keyframe tables, with Ray Data.
 
-One Ray task per (split, video) decodes exactly the frames the sampler can touch, in order, once
-(`decord.VideoReader.get_batch` over sorted unique indices per chunk of keyframes — never one seek
-per clip), resizes them to the configured short side, JPEG-encodes them and writes the video's
-rows as bounded Parquet parts. Each video commits with a `_DONE.json` marker written after its
-parts, which makes the job resumable and idempotent: a rerun skips videos whose marker matches
-the task (config, source file size/mtime, annotations) and redoes the rest from scratch. A bad
-video is recorded in `failures.json` and skipped; the job fails only past `data.failure_budget`.
+One Ray task per (split, video) decodes, in order and once, every frame that any keyframe's clip
+can touch (`decord.VideoReader.get_batch` over sorted unique indices, in bounded chunks — never one
+seek per clip), resizes them to the stored size (`stored_size`: `data.short_side`, or the source's
+size when smaller), JPEG-encodes each frame once into the video's frame store and writes the
+video's keyframe table (schema in `lfb_ray.data.schema`). Each video commits with a `_DONE.json`
+marker written after its files, which makes the job resumable and idempotent: a rerun skips videos
+whose marker matches the task (config, source file size/mtime, annotations) and redoes the rest
+from scratch. A bad video is recorded in `failures.json` and skipped; the job fails only past
+`data.failure_budget`.
 
 Layout under `prepared_dir`:
     manifest.json                      written last: schema version, config, per-video entries
     failures.json                      videos that could not be prepared, with reasons
-    <split>/<video_id>/part-00000.parquet ...
+    <split>/<video_id>/frames.arrow    each needed frame once (Arrow IPC, one record batch per frame)
+    <split>/<video_id>/keyframes.parquet   one row per annotated keyframe, frame rows per offset
     <split>/<video_id>/_DONE.json
 """
 
@@ -32,7 +35,8 @@ import pyarrow.parquet as pq
 from lfb_ray.config import Config, resolve_paths
 from lfb_ray.data import annotations as ann
 from lfb_ray.data.clips import encode_jpeg
-from lfb_ray.data.schema import SCHEMA, SCHEMA_VERSION
+from lfb_ray.data.frames import FrameStoreWriter
+from lfb_ray.data.schema import FRAMES_FILE, KEYFRAMES_FILE, SCHEMA, SCHEMA_VERSION
 from lfb_ray.data.timing import TimingError, detect_video_start, frame_indices_for, stored_ref_offsets
 from lfb_ray.storage import (
     exists,
@@ -48,7 +52,7 @@ __all__ = ["PrepareError", "PrepareSummary", "build_tasks", "prepare_dataset", "
            "prepared_files"]
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm")
-KEYFRAMES_PER_DECODE = 16  # keyframes decoded together: bounds memory, still one in-order pass
+FRAMES_PER_DECODE = 128  # frames decoded together: bounds memory, still one in-order pass
 
 
 class PrepareError(RuntimeError):
@@ -76,7 +80,7 @@ def _prep_settings(cfg: Config) -> dict:
     d = cfg.data
     return {"schema_version": SCHEMA_VERSION, "clip_frames": d.clip_frames, "frame_interval": d.frame_interval,
             "reference_fps": d.reference_fps, "jitter": [d.jitter_min, d.jitter_max] if d.temporal_jitter else None,
-            "short_side": d.short_side, "jpeg_quality": d.jpeg_quality, "max_rows_per_shard": d.max_rows_per_shard,
+            "short_side": d.short_side, "jpeg_quality": d.jpeg_quality,
             "video_start_second": d.video_start_second, "max_proposals": d.max_proposals,
             "num_classes": d.num_classes}
 
@@ -183,7 +187,7 @@ def prepare_video(task: dict, out_uri: str) -> dict:
             pass
     remove_dir(fs, vdir)  # partial or stale output: redo from scratch
     try:
-        rows_written, nbytes, files = _decode_and_write(task, fs, vdir)
+        rows_written, nbytes, files = _decode_and_write(task, fs, vdir, f"{task['split']}/{task['video_id']}")
     except Exception as e:
         remove_dir(fs, vdir)
         return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "rows": 0, "bytes": 0,
@@ -194,7 +198,19 @@ def prepare_video(task: dict, out_uri: str) -> dict:
     return {**base, **done, "status": "done"}
 
 
-def _decode_and_write(task: dict, fs, vdir: str) -> tuple[int, int, list[str]]:
+def stored_size(orig_h: int, orig_w: int, short_side: int) -> tuple[int, int]:
+    """(height, width) frames are stored at: short side `data.short_side`, or the source's own size
+    when that is smaller (never upsampled at prepare time; `load_config` makes sure `short_side` is
+    at least the largest train-time scale, so training never upsamples stored frames either)."""
+    short = min(short_side, orig_h, orig_w)
+    if orig_h <= orig_w:
+        return short, int(round(orig_w * short / orig_h))
+    return int(round(orig_h * short / orig_w)), short
+
+
+def _decode_and_write(task: dict, fs, vdir: str, rel_dir: str) -> tuple[int, int, list[str]]:
+    """Decode every frame the video's keyframes can touch once, in order, into the frame store, and
+    write the keyframe table that refers to it. Returns (rows, bytes written, file names)."""
     import decord
 
     s = task["settings"]
@@ -213,66 +229,57 @@ def _decode_and_write(task: dict, fs, vdir: str) -> tuple[int, int, list[str]]:
     timestamps = np.array([k["timestamp"] for k in task["keyframes"]], dtype=np.int64)
     start = detect_video_start(s["video_start_second"], duration_s=num_frames / fps,
                                max_timestamp=int(timestamps.max()), video=path)
-    short = s["short_side"]
-    if oh <= ow:
-        h, w = short, int(round(ow * short / oh))
-    else:
-        h, w = int(round(oh * short / ow)), short
-    vr = decord.VideoReader(path, width=w, height=h, num_threads=1)
+    h, w = stored_size(oh, ow, s["short_side"])
+    vr = (decord.VideoReader(path, num_threads=1) if (h, w) == (oh, ow)
+          else decord.VideoReader(path, width=w, height=h, num_threads=1))
     offsets = stored_ref_offsets(s["clip_frames"], s["frame_interval"],
                                  tuple(s["jitter"]) if s["jitter"] else None)
     frame_idx = frame_indices_for(timestamps, offsets, video_start_second=start, native_fps=fps,
-                                  num_frames=num_frames, reference_fps=s["reference_fps"])
+                                  num_frames=num_frames, reference_fps=s["reference_fps"])  # [K, O]
     # The last keyframe's own frame must exist; clipping is only for the clip's edge frames.
     centre = frame_indices_for(timestamps, np.zeros(1, np.int64), video_start_second=start,
                                native_fps=fps, num_frames=10**12, reference_fps=s["reference_fps"])[:, 0]
     if centre.max() >= num_frames:
         raise TimingError(f"{path}: video has {num_frames} frames but keyframe {int(timestamps.max())} "
                           f"needs frame {int(centre.max())}")
-    rows: list[dict] = []
-    files: list[str] = []
-    nbytes = 0
+    needed = np.unique(frame_idx)  # each frame once, however many keyframe windows share it
+    writer = FrameStoreWriter(fs, join(vdir, FRAMES_FILE))
+    try:
+        for c0 in range(0, len(needed), FRAMES_PER_DECODE):
+            chunk = needed[c0:c0 + FRAMES_PER_DECODE]
+            try:
+                decoded = vr.get_batch(chunk.tolist()).asnumpy()  # [n, h, w, 3], in order
+            except Exception as e:
+                raise ValueError(f"{path}: decoding frames {int(chunk[0])}..{int(chunk[-1])} failed "
+                                 f"(truncated or corrupt video?): {e}") from e
+            for j, i in enumerate(chunk):
+                writer.add(int(i), encode_jpeg(decoded[j], s["jpeg_quality"]))
+        frames_bytes = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    rows_of = np.searchsorted(needed, frame_idx).astype(np.int32)  # [K, O] rows in the store
     n_classes = s["num_classes"]
-    for c0 in range(0, len(timestamps), KEYFRAMES_PER_DECODE):
-        chunk = frame_idx[c0:c0 + KEYFRAMES_PER_DECODE]
-        needed = np.unique(chunk)
-        try:
-            decoded = vr.get_batch(needed.tolist()).asnumpy()  # [n, h, w, 3], one in-order pass
-        except Exception as e:
-            raise ValueError(f"{path}: decoding frames {int(needed[0])}..{int(needed[-1])} failed "
-                             f"(truncated or corrupt video?): {e}") from e
-        jpeg = {int(i): encode_jpeg(decoded[j], s["jpeg_quality"]) for j, i in enumerate(needed)}
-        for k, fidx in enumerate(chunk):
-            kf = task["keyframes"][c0 + k]
-            uniq, slot = np.unique(fidx, return_inverse=True)
-            n_gt = len(kf["gt_person_ids"])
-            rows.append({
-                "video_id": task["video_id"], "timestamp": int(kf["timestamp"]), "split": task["split"],
-                "excluded": bool(kf["excluded"]), "ref_offsets": offsets.astype(np.int16).tolist(),
-                "frame_slot": slot.astype(np.int16).tolist(), "frame_indices": uniq.astype(np.int32).tolist(),
-                "frames": [jpeg[int(i)] for i in uniq], "height": h, "width": w, "orig_height": oh,
-                "orig_width": ow, "fps": fps, "num_gt": n_gt, "gt_boxes": kf["gt_boxes"],
-                "gt_labels": kf["gt_labels"], "gt_person_ids": kf["gt_person_ids"],
-                "num_proposals": len(kf["proposals"]) // 5, "proposals": kf["proposals"],
-                "proposals_missing": bool(kf["proposals_missing"]),
-            })
-            assert len(kf["gt_labels"]) == n_gt * n_classes
-        while len(rows) >= s["max_rows_per_shard"]:
-            nbytes += _write_part(fs, vdir, len(files), rows[: s["max_rows_per_shard"]], files)
-            rows = rows[s["max_rows_per_shard"]:]
-    if rows:
-        nbytes += _write_part(fs, vdir, len(files), rows, files)
-    return len(timestamps), nbytes, files
-
-
-def _write_part(fs, vdir: str, index: int, rows: list[dict], files: list[str]) -> int:
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    rows: list[dict] = []
+    for k, kf in enumerate(task["keyframes"]):
+        n_gt = len(kf["gt_person_ids"])
+        if len(kf["gt_labels"]) != n_gt * n_classes:
+            raise ValueError(f"{path}: keyframe {kf['timestamp']} has {len(kf['gt_labels'])} label values "
+                             f"for {n_gt} boxes x {n_classes} classes")
+        rows.append({
+            "video_id": task["video_id"], "timestamp": int(kf["timestamp"]), "split": task["split"],
+            "excluded": bool(kf["excluded"]), "ref_offsets": offsets.astype(np.int16).tolist(),
+            "frame_rows": rows_of[k].tolist(), "frame_indices": frame_idx[k].astype(np.int32).tolist(),
+            "frames_file": f"{rel_dir}/{FRAMES_FILE}", "height": h, "width": w, "orig_height": oh,
+            "orig_width": ow, "fps": fps, "num_gt": n_gt, "gt_boxes": kf["gt_boxes"],
+            "gt_labels": kf["gt_labels"], "gt_person_ids": kf["gt_person_ids"],
+            "num_proposals": len(kf["proposals"]) // 5, "proposals": kf["proposals"],
+            "proposals_missing": bool(kf["proposals_missing"]),
+        })
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="none")  # JPEG bytes do not compress further
-    name = f"part-{index:05d}.parquet"
-    write_bytes_atomic(fs, join(vdir, name), buf.getvalue())
-    files.append(name)
-    return buf.tell()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), buf)
+    write_bytes_atomic(fs, join(vdir, KEYFRAMES_FILE), buf.getvalue())
+    return len(rows), frames_bytes + buf.tell(), [KEYFRAMES_FILE, FRAMES_FILE]
 
 
 def _prepare_batch(batch: dict, out_uri: str) -> dict:
@@ -332,21 +339,41 @@ def prepare_dataset(cfg: Config, built: tuple[list[dict], list[dict]] | None = N
     return summary
 
 
-def prepared_files(prepared_uri: str, split: str) -> list[str]:
-    """Parquet files of one split, from the manifest (full paths in the prepared filesystem).
+def read_manifest(prepared_uri: str) -> dict:
+    """The prepared set's manifest, checked for this code's schema version.
 
     Raises:
-        PrepareError: no manifest (prepare has not finished) or no rows for the split.
+        PrepareError: no manifest (prepare has not finished), or a set prepared in another format,
+            with the command that prepares it again.
     """
     fs, root = resolve(prepared_uri)
     mpath = join(root, "manifest.json")
     if not exists(fs, mpath):
         raise PrepareError(f"{prepared_uri} has no manifest.json: run jobs/prepare_data.py first")
     manifest = read_json(fs, mpath)
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise PrepareError(f"{prepared_uri}: schema version {manifest.get('schema_version')} != {SCHEMA_VERSION}; "
-                           "rerun prepare")
-    files = [join(root, f) for v in manifest["videos"] if v["split"] == split for f in v["files"]]
-    if not files:
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        old = " (version 1 kept each keyframe's 64 JPEGs inside its row)" if version == 1 else ""
+        raise PrepareError(
+            f"{prepared_uri} was prepared with schema version {version}{old}; this lfb_ray reads schema "
+            f"version {SCHEMA_VERSION} (each frame stored once in a per-video frame store). Prepare it again "
+            f"with `python jobs/prepare_data.py --config <your config>` (it rewrites every video in place) "
+            f"or point data.prepared_dir at a new folder")
+    return manifest
+
+
+def prepared_files(prepared_uri: str, split: str, *, allow_empty: bool = False) -> list[str]:
+    """Keyframe tables (`keyframes.parquet`) of one split, from the manifest, as full paths in the
+    prepared filesystem; each row's `frames_file` names its frame store.
+
+    Raises:
+        PrepareError: no manifest, another schema version, or (unless `allow_empty`) no rows for
+            the split.
+    """
+    _, root = resolve(prepared_uri)
+    manifest = read_manifest(prepared_uri)
+    files = [join(root, f) for v in manifest["videos"] if v["split"] == split for f in v["files"]
+             if f.endswith(KEYFRAMES_FILE)]
+    if not files and not allow_empty:
         raise PrepareError(f"{prepared_uri}: no prepared {split} rows")
     return files

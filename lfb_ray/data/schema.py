@@ -1,8 +1,13 @@
-"""The prepared-shard schema: one Parquet row per annotated keyframe.
+"""The prepared format (version 2): per video, a frame store holding each decoded frame once, and a
+small keyframe table that refers to it.
 
-Frames are JPEG bytes for every reference offset the configured sampler can touch (4 without
-jitter, 64 with the [-8, 7] jitter at stride 16). Ragged per-keyframe arrays (boxes, labels,
-proposals) are stored flat with a count column so plain pyarrow and Ray Data both read them.
+Why two tables: the clip windows of neighbouring keyframes overlap (with the [-8, 7] jitter at
+stride 16 a keyframe touches 64 reference offsets, ~2.1 s, and keyframes are 1 s apart), so rows
+that carried their own JPEGs stored every frame about twice, and a training step read all 64 JPEGs
+of a row to use 4. Now `frames.arrow` holds each needed frame of the video once, one Arrow record
+batch per frame (uncompressed IPC file: memory-mapped, a reader touches only the frames it takes),
+and `keyframes.parquet` holds boxes, labels, proposals and, per reference offset, the row of its
+frame in the store. Ragged per-keyframe arrays are stored flat with a count column.
 """
 
 from __future__ import annotations
@@ -10,9 +15,16 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "row_gt", "row_proposals"]
+__all__ = ["FRAMES_FILE", "FRAME_SCHEMA", "KEYFRAMES_FILE", "SCHEMA", "SCHEMA_VERSION", "row_gt", "row_proposals"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+KEYFRAMES_FILE = "keyframes.parquet"
+FRAMES_FILE = "frames.arrow"
+
+FRAME_SCHEMA = pa.schema([
+    ("frame_index", pa.int32()),  # native 0-based frame index in the source video
+    ("jpeg", pa.binary()),  # RGB JPEG, stored short side (see the keyframe table's height/width)
+])
 
 SCHEMA = pa.schema([
     ("video_id", pa.string()),
@@ -20,9 +32,9 @@ SCHEMA = pa.schema([
     ("split", pa.string()),  # "train" | "val"
     ("excluded", pa.bool_()),  # in the excluded-timestamps file of the split
     ("ref_offsets", pa.list_(pa.int16())),  # [O] sorted reference-frame offsets (30 fps units)
-    ("frame_slot", pa.list_(pa.int16())),  # [O] index into `frames` for each offset
-    ("frame_indices", pa.list_(pa.int32())),  # [F] native frame index of each stored JPEG
-    ("frames", pa.list_(pa.binary())),  # [F] JPEG bytes (RGB, short side data.short_side)
+    ("frame_rows", pa.list_(pa.int32())),  # [O] record batch (= row) of each offset's frame in frames.arrow
+    ("frame_indices", pa.list_(pa.int32())),  # [O] native frame index of each offset's frame
+    ("frames_file", pa.string()),  # the video's frame store, relative to the prepared root
     ("height", pa.int32()),  # stored frame size
     ("width", pa.int32()),
     ("orig_height", pa.int32()),  # size of the source video

@@ -22,6 +22,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from lfb_ray.compare import CONTROL
+from lfb_ray.data.dataset import epoch_order, train_samples
 from lfb_ray.config import (
     Config,
     ConfigError,
@@ -137,7 +138,8 @@ def _val_predictions(model, cfg: Config, bank, rank: int, world: int, device, rn
         fs, _ = resolve(cfg.prepared_dir)
         ds = ray.data.read_parquet(files, filesystem=fs, ray_remote_args={"num_cpus": cfg.cluster.data_cpus}).map_batches(
             decode_test_rows, batch_size=max(16, cfg.eval.batch_size), num_cpus=cfg.cluster.data_cpus,
-            fn_kwargs={"cfg_data": config_to_dict(cfg)["data"], "score_thr": cfg.data.val_person_score_thr})
+            fn_kwargs={"cfg_data": config_to_dict(cfg)["data"], "prepared_uri": cfg.prepared_dir,
+                       "score_thr": cfg.data.val_person_score_thr})
         for batch in ds.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"):
             preds.append(predict_batch(model, collate_test(batch, cfg.data.mean, cfg.data.std), bank=bank, rng=rng, device=device,
                                        amp=cfg.train.amp, window_seconds=cfg.bank.window_seconds,
@@ -327,23 +329,30 @@ def train_loop_per_worker(config: dict) -> None:
         # finetune_epochs=0: the (warmed-up) model is evaluated as it is, and saved as the result.
         finish({"epoch": 0, "global_step": 0}, 0, evaluate=True, final=True,
                line=f"[lfb_ray] {cfg.model.fbo} without fine-tuning")
+    train_table = None
+    if start_epoch < epochs:
+        from lfb_ray.data.dataset import read_keyframes
+
+        train_table = read_keyframes(cfg, "train", drop_excluded=True)
     for epoch in range(start_epoch, epochs):
         model.train()
-        shard = ray.train.get_dataset_shard("train")
         t_epoch = time.time()
         t_wait = 0.0
         n_clips = 0
-        it = 0
+        # This rank's keyframes of the epoch, in order (lfb_ray.data.dataset.epoch_order); a
+        # mid-epoch resume starts after the ones its checkpoint had already trained on.
+        first = skip_iters if epoch == start_epoch else 0
+        mine = epoch_order(train_table.num_rows, tc.seed, epoch, world)[rank]
+        if tc.max_iters_per_epoch:
+            mine = mine[: tc.max_iters_per_epoch * tc.batch_size_per_worker]
+        mine = mine[first * tc.batch_size_per_worker:]
+        it = first
         t_last = time.time()
         loss_sum, loss_n = 0.0, 0
-        for it, batch in enumerate(shard.iter_torch_batches(batch_size=tc.batch_size_per_worker,
-                                                            collate_fn=TrainCollate(cfg.data.mean, cfg.data.std),
-                                                            prefetch_batches=2)):
-            if tc.max_iters_per_epoch and it >= tc.max_iters_per_epoch:
-                break
-            if epoch == start_epoch and it < skip_iters:  # mid-epoch resume: skip done iterations
-                t_last = time.time()
-                continue
+        samples = train_samples(cfg, train_table, mine, epoch)
+        for it, batch in enumerate(samples.iter_torch_batches(batch_size=tc.batch_size_per_worker,
+                                                              collate_fn=TrainCollate(cfg.data.mean, cfg.data.std),
+                                                              prefetch_batches=2), start=first):
             t_wait += time.time() - t_last
             lr = lr_at(epoch + it / iters_per_epoch, tc, base_lr)
             for g in optimizer.param_groups:
@@ -427,30 +436,6 @@ def _checkpoint_uri(checkpoint, storage_path: str) -> str:
     return join_uri(storage_path, checkpoint.path[len(base_inner.rstrip("/")) + 1:])
 
 
-def _cache_rows(cfg: Config) -> bool:
-    """Whether to keep the raw train rows in the object store for the whole fit (`train.cache_rows`).
-
-    Measured on the synthetic demo (2 CPUs, 756 rows, 0.25 GB; tools/probe_epoch_start.py): the first
-    batch of an epoch came after 11.6-33.5 s when every epoch re-read the Parquet shards and after
-    4.0-9.8 s from cached rows.
-    """
-    import ray
-
-    from lfb_ray.data.prep import prepared_files
-    from lfb_ray.storage import resolve
-
-    mode = cfg.train.cache_rows
-    if mode != "auto":
-        return mode == "on"
-    fs, _ = resolve(cfg.prepared_dir)
-    size = sum(i.size or 0 for i in fs.get_file_info(prepared_files(cfg.prepared_dir, "train")))
-    store = ray.cluster_resources().get("object_store_memory", 0)
-    on = size <= store / 4
-    print(f"[lfb_ray] train.cache_rows=auto: train split {size / 1e9:.2f} GB, object store {store / 1e9:.2f} GB "
-          f"-> {'caching the raw rows for all epochs' if on else 're-reading Parquet every epoch'}", flush=True)
-    return on
-
-
 def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
         init_checkpoint: str | None = None) -> FitResult:
     """Train one model with a `TorchTrainer`; rerunning the same config resumes it.
@@ -462,10 +447,10 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
             stays freshly initialised); the lr is then scaled by `train.finetune_lr_scale`. LFB
             models with `model.init_backbone_from_baseline` default to `bank.checkpoint`.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from lfb_ray.data.dataset import count_rows, decode_train_rows, read_split
+    from lfb_ray.data.dataset import count_rows
     from lfb_ray.storage import join_uri
     from lfb_ray.tracking import find_or_create_run
 
@@ -494,14 +479,9 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
         except Exception as e:
             print(f"[lfb_ray] WARNING: MLflow unavailable at {cfg.tracking_uri} ({type(e).__name__}: {e}); "
                   "training without tracking", flush=True)
-    datasets = {}
-    if _epochs(cfg, init_checkpoint) > 0:  # finetune_epochs=0 reads no train data (no caching either)
-        raw = read_split(cfg, "train")
-        if _cache_rows(cfg):
-            raw = raw.materialize()
-        datasets["train"] = raw.map_batches(
-            decode_train_rows, batch_size=max(16, cfg.train.batch_size_per_worker), num_cpus=cfg.cluster.data_cpus,
-            fn_kwargs={"cfg_data": config_to_dict(cfg)["data"]})
+    # Each worker reads the (small) keyframe table and builds its own shuffled epoch of decoded
+    # samples (`train_samples`): no dataset goes through Ray Train's streaming split, whose
+    # assignment of rows to workers is not reproducible.
     n_train = count_rows(cfg, "train", drop_excluded=True)
     per_worker = math.ceil(n_train / cfg.cluster.num_workers)
     iters = max(1, math.ceil(per_worker / cfg.train.batch_size_per_worker))
@@ -512,8 +492,6 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
         train_loop_config={"cfg": config_to_dict(cfg), "mlflow_run_id": run_id, "results_dir": results_dir,
                            "iters_per_epoch": iters, "init_checkpoint": init_checkpoint},
         scaling_config=_scaling(cfg),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=list(datasets)),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),

@@ -1,0 +1,174 @@
+"""Per-video frame stores: each decoded frame stored once as JPEG, read back a frame at a time.
+
+A store is an uncompressed Arrow IPC file (`frames.arrow`, schema `FRAME_SCHEMA`) with one record
+batch per frame, in frame order. Readers memory-map it, as the feature bank does: `get_batch(i)`
+points into the page cache, so a training clip reads the pages of its 4 JPEGs and nothing else, and
+every process on a node shares the same cached pages. A store on object storage (`s3://...`) is
+copied once per node into the local cache (`$LFB_RAY_CACHE`, default `~/.cache/lfb_ray`) and
+mapped from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from lfb_ray.data.schema import FRAME_SCHEMA
+from lfb_ray.storage import join, resolve
+
+__all__ = ["FrameStore", "FrameStoreError", "FrameStoreWriter", "open_frame_store"]
+
+PAGE = 4096
+_OPEN_LIMIT = 256  # stores kept open per process (an mmap each; cheap)
+
+
+class FrameStoreError(ValueError):
+    """A frame store is missing, truncated or does not hold the frame asked for."""
+
+
+class FrameStoreWriter:
+    """Write a frame store atomically: frames are streamed to a temporary name, moved on `close`.
+
+    Frames must come in increasing frame-index order; `rows` maps a frame index to its row.
+    """
+
+    def __init__(self, fs: pafs.FileSystem, path: str):
+        self.fs, self.path = fs, path
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        self._tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        self._sink = fs.open_output_stream(self._tmp)
+        self._writer = pa.ipc.new_file(self._sink, FRAME_SCHEMA)
+        self.rows: dict[int, int] = {}
+        self.jpeg_bytes = 0
+
+    def add(self, frame_index: int, jpeg: bytes) -> int:
+        """Append one frame; returns its row."""
+        if self.rows and frame_index <= max(self.rows):
+            raise ValueError(f"frame {frame_index} after frame {max(self.rows)}: frames must be in increasing order")
+        self._writer.write_batch(pa.record_batch([pa.array([frame_index], pa.int32()), pa.array([jpeg], pa.binary())],
+                                                 schema=FRAME_SCHEMA))
+        self.rows[int(frame_index)] = len(self.rows)
+        self.jpeg_bytes += len(jpeg)
+        return self.rows[int(frame_index)]
+
+    def close(self) -> int:
+        """Finish the file and move it into place; returns its size in bytes."""
+        self._writer.close()
+        self._sink.close()
+        self.fs.move(self._tmp, self.path)
+        return int(self.fs.get_file_info(self.path).size)
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+            self._sink.close()
+        except Exception:  # noqa: BLE001 - cleaning up after another error, which is what propagates
+            pass
+        try:
+            self.fs.delete_file(self._tmp)
+        except (FileNotFoundError, OSError):
+            pass
+
+
+class FrameStore:
+    """A memory-mapped frame store. `jpeg(row)` is zero-copy (a `pyarrow.Buffer` into the mapping)."""
+
+    def __init__(self, local_path: str, label: str | None = None):
+        self.label = label or local_path
+        try:
+            self._reader = pa.ipc.open_file(pa.memory_map(local_path, "r"))
+        except (OSError, pa.ArrowInvalid) as e:
+            raise FrameStoreError(f"frame store {self.label} cannot be read (missing, truncated or not an "
+                                  f"Arrow IPC file): {e}; rerun jobs/prepare_data.py") from e
+        if not self._reader.schema.equals(FRAME_SCHEMA):
+            raise FrameStoreError(f"frame store {self.label} has schema {self._reader.schema}, expected {FRAME_SCHEMA}")
+        self.num_frames = self._reader.num_record_batches
+
+    def _batch(self, row: int) -> pa.RecordBatch:
+        if not 0 <= row < self.num_frames:
+            raise FrameStoreError(f"frame store {self.label} has {self.num_frames} frames, row {row} was asked for")
+        return self._reader.get_batch(int(row))
+
+    def jpeg(self, row: int) -> pa.Buffer:
+        """The JPEG of one row (frame), without copying."""
+        col = self._batch(row).column(1)
+        start, size = _value_span(col)
+        return col.buffers()[2].slice(start, size)
+
+    def frame_index(self, row: int) -> int:
+        return int(self._batch(row).column(0)[0].as_py())
+
+    def pages(self, rows: np.ndarray) -> int:
+        """4 KiB pages of the mapping that reading `rows` touches (their JPEG bytes): the bytes a
+        reader actually pulls from disk, for the benchmarks."""
+        touched: set[int] = set()
+        for r in np.unique(np.asarray(rows, dtype=np.int64)):
+            buf = self.jpeg(int(r))
+            touched.update(range(buf.address // PAGE, (buf.address + max(buf.size, 1) - 1) // PAGE + 1))
+        return len(touched)
+
+
+def _value_span(col: pa.BinaryArray) -> tuple[int, int]:
+    """(offset, length) of the single value of a length-1 binary array inside its data buffer."""
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int32, count=col.offset + 2)
+    start, end = int(offsets[col.offset]), int(offsets[col.offset + 1])
+    return start, end - start
+
+
+_open: OrderedDict[tuple[str, str], FrameStore] = OrderedDict()
+_lock = threading.Lock()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LFB_RAY_CACHE") or Path.home() / ".cache" / "lfb_ray") / "frames"
+
+
+def _local_copy(fs: pafs.FileSystem, path: str, label: str) -> str:
+    """A node-local copy of a remote store, downloaded once (keyed by path and size) and atomically."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FrameStoreError(f"frame store {label} does not exist; rerun jobs/prepare_data.py")
+    key = hashlib.sha256(f"{fs.type_name}:{path}:{info.size}:{info.mtime_ns}".encode()).hexdigest()[:24]
+    dest = _cache_dir() / f"{key}.arrow"
+    if dest.exists() and dest.stat().st_size == info.size:
+        return str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{key}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with fs.open_input_stream(path) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(64 << 20):
+                dst.write(chunk)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return str(dest)
+
+
+def open_frame_store(prepared_uri: str, rel_path: str) -> FrameStore:
+    """The store `rel_path` (a keyframe row's `frames_file`) of the prepared set at `prepared_uri`,
+    opened once per process (kept in a small LRU)."""
+    key = (prepared_uri, rel_path)
+    with _lock:
+        if key in _open:
+            _open.move_to_end(key)
+            return _open[key]
+    fs, root = resolve(prepared_uri)
+    path = join(root, rel_path)
+    label = join(prepared_uri.partition("?")[0], rel_path)
+    local = path if isinstance(fs, pafs.LocalFileSystem) else _local_copy(fs, path, label)
+    if isinstance(fs, pafs.LocalFileSystem) and not os.path.exists(local):
+        raise FrameStoreError(f"frame store {label} does not exist; rerun jobs/prepare_data.py")
+    store = FrameStore(local, label)
+    with _lock:
+        _open[key] = store
+        while len(_open) > _OPEN_LIMIT:
+            _open.popitem(last=False)
+    return store

@@ -22,7 +22,6 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from lfb_ray.compare import CONTROL
-from lfb_ray.data.dataset import epoch_order, train_samples
 from lfb_ray.config import (
     Config,
     ConfigError,
@@ -32,6 +31,7 @@ from lfb_ray.config import (
     flatten_config,
     resolve_paths,
 )
+from lfb_ray.data.dataset import epoch_order, train_samples
 from lfb_ray.train.schedule import build_optimizer, lr_at  # noqa: F401  (re-exported)
 
 __all__ = ["BANK_POOL_HINTS", "RESOURCE_HINTS", "FitResult", "build_optimizer", "fit", "fit_many", "fit_operators", "lr_at", "operator_tag",

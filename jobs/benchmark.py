@@ -1,6 +1,7 @@
 """Benchmarks of the pipeline stages, each against a baseline measured in the same run (BENCHMARKS.md).
 
     python jobs/benchmark.py prepare [--quick]      # Ray Data prepare vs sequential / per-keyframe decode
+    python jobs/benchmark.py ava-scale [--quick]    # prepared format at AVA size vs v1 rows and mmaction2 rawframes
     python jobs/benchmark.py bank-build [--quick]   # build_bank with 1 vs 2 actors
     python jobs/benchmark.py train [--quick]        # Ray Train loop vs a plain torch loop
     python jobs/benchmark.py eval [--quick]         # vectorised frame-mAP vs the loop reference
@@ -24,7 +25,7 @@ COMMANDS = ("prepare", "bank-build", "train", "eval")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=[*COMMANDS, "all", "gpu"])
+    parser.add_argument("command", choices=[*COMMANDS, "all", "gpu", "ava-scale"])
     parser.add_argument("--quick", action="store_true", help="small sizes (< 1 min each on 2 CPUs)")
     parser.add_argument("--workdir", default="runs/bench", help="synthetic data and scratch outputs")
     parser.add_argument("--prepared", default=None,
@@ -37,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.prepared:
         parser.error("--prepared is only for the gpu command")
+    if args.command == "ava-scale":  # not part of `all`: 15-minute videos, ~15 min on 2 CPUs
+        from lfb_ray.bench import ava_scale
+
+        ava_scale.run(quick=args.quick, workdir=args.workdir)
+        return 0
 
     import ray
 

@@ -11,7 +11,6 @@ reading the cue. Needs `jobs/prepare_data.py` to have run for the config. No Ray
 """
 
 import argparse
-import glob
 import sys
 import time
 from pathlib import Path
@@ -29,11 +28,11 @@ def main() -> int:
     args = p.parse_args()
 
     import numpy as np
-    import pyarrow.parquet as pq
+    import pyarrow as pa
     import torch
 
     from lfb_ray.config import config_to_dict, load_config, resolve_paths
-    from lfb_ray.data.dataset import RAW_COLUMNS, collate_train, decode_train_rows
+    from lfb_ray.data.dataset import collate_train, decode_train_rows, read_keyframes
     from lfb_ray.data.synthetic import LABEL_FAMILIES, load_actors
     from lfb_ray.models.detector import build_detector
 
@@ -43,17 +42,14 @@ def main() -> int:
     motion, roles = list(LABEL_FAMILIES["short_term"]), list(LABEL_FAMILIES["long_term"])
     cfg_data = config_to_dict(cfg)["data"]
 
-    def load(split: str) -> dict:
-        files = sorted(glob.glob(f"{cfg.prepared_dir}/{split}/**/*.parquet", recursive=True))
-        if not files:
-            raise SystemExit(f"no prepared {split} shards under {cfg.prepared_dir}: run jobs/prepare_data.py")
-        tables = [pq.read_table(f, columns=RAW_COLUMNS).to_pydict() for f in files]
-        d = {k: sum((t[k] for t in tables), []) for k in RAW_COLUMNS}
-        keep = [i for i, e in enumerate(d["excluded"]) if not e]
-        return {k: np.array([v[i] for i in keep], dtype=object) for k, v in d.items()}
+    def load(split: str, epoch: int = 0) -> dict:
+        table = read_keyframes(cfg, split, drop_excluded=True)
+        d = table.append_column("row_id", pa.array(np.arange(len(table)))).append_column(
+            "epoch", pa.array(np.full(len(table), epoch, np.int64))).to_pydict()
+        return {k: np.array(v, dtype=object) for k, v in d.items()}
 
     train, val = load("train"), load("val")
-    vb = decode_train_rows(val, cfg_data=cfg_data, seed=123)
+    vb = decode_train_rows(val, cfg_data=cfg_data, prepared_uri=cfg.prepared_dir, seed=123)
     model = build_detector(cfg.model)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
 
@@ -84,7 +80,8 @@ def main() -> int:
 
     step, epoch, t0 = 0, 0, time.time()
     while step < args.steps:
-        tb = decode_train_rows(train, cfg_data=cfg_data, seed=epoch)
+        train["epoch"][:] = epoch
+        tb = decode_train_rows(train, cfg_data=cfg_data, prepared_uri=cfg.prepared_dir, seed=0)
         epoch += 1
         perm = np.random.default_rng(epoch).permutation(len(tb["clip"]))
         for s in range(0, len(perm) - args.batch + 1, args.batch):

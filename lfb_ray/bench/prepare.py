@@ -124,6 +124,7 @@ def _video_plan(task: dict) -> dict:
     """What `prep._decode_and_write` decides for one video: size, frame indices per keyframe."""
     import decord
 
+    from lfb_ray.data.prep import stored_size
     from lfb_ray.data.timing import detect_video_start, frame_indices_for, stored_ref_offsets
 
     s = task["settings"]
@@ -134,8 +135,7 @@ def _video_plan(task: dict) -> dict:
     timestamps = np.array([k["timestamp"] for k in task["keyframes"]], dtype=np.int64)
     start = detect_video_start(s["video_start_second"], duration_s=num_frames / fps,
                                max_timestamp=int(timestamps.max()), video=task["path"])
-    short = s["short_side"]
-    h, w = (short, int(round(ow * short / oh))) if oh <= ow else (int(round(oh * short / ow)), short)
+    h, w = stored_size(oh, ow, s["short_side"])
     offsets = stored_ref_offsets(s["clip_frames"], s["frame_interval"],
                                  tuple(s["jitter"]) if s["jitter"] else None)
     idx = frame_indices_for(timestamps, offsets, video_start_second=start, native_fps=fps,
@@ -159,23 +159,21 @@ def _sequential_decode(tasks: list[dict]) -> int:
 
 
 def _naive_rows(task: dict, plan: dict, k: int, fidx: np.ndarray, frames: np.ndarray, quality: int) -> dict:
-    """The job's row for keyframe k, JPEG-encoding its frames itself (no sharing between keyframes)."""
+    """A per-keyframe row for keyframe k holding its own JPEGs (the v1 layout of
+    `lfb_ray.bench.ava_scale`; no sharing between keyframes)."""
     from lfb_ray.data.clips import encode_jpeg
 
     kf = task["keyframes"][k]
     uniq, slot = np.unique(fidx, return_inverse=True)
-    return {"video_id": task["video_id"], "timestamp": int(kf["timestamp"]), "split": task["split"],
-            "excluded": bool(kf["excluded"]), "ref_offsets": plan["offsets"].astype(np.int16).tolist(),
+    return {"video_id": task["video_id"], "timestamp": int(kf["timestamp"]),
+            "ref_offsets": plan["offsets"].astype(np.int16).tolist(),
             "frame_slot": slot.astype(np.int16).tolist(), "frame_indices": uniq.astype(np.int32).tolist(),
-            "frames": [encode_jpeg(f, quality) for f in frames], "height": plan["h"], "width": plan["w"],
-            "orig_height": plan["oh"], "orig_width": plan["ow"], "fps": plan["fps"],
-            "num_gt": len(kf["gt_person_ids"]), "gt_boxes": kf["gt_boxes"], "gt_labels": kf["gt_labels"],
-            "gt_person_ids": kf["gt_person_ids"], "num_proposals": len(kf["proposals"]) // 5,
-            "proposals": kf["proposals"], "proposals_missing": bool(kf["proposals_missing"])}
+            "frames": [encode_jpeg(f, quality) for f in frames], "gt_boxes": kf["gt_boxes"],
+            "gt_labels": kf["gt_labels"], "proposals": kf["proposals"]}
 
 
 def _per_keyframe(tasks: list[dict], out_dir: Path | None, train_clip: bool = False) -> tuple[int, int]:
-    """(c): a fresh `get_batch` per keyframe. With `out_dir`, also JPEG + Parquet as the job does.
+    """(c): a fresh `get_batch` per keyframe. With `out_dir`, also JPEG + Parquet rows of its own frames.
 
     `train_clip` decodes only the 4 jittered clip frames a train-time loader would read (one epoch).
 
@@ -186,7 +184,7 @@ def _per_keyframe(tasks: list[dict], out_dir: Path | None, train_clip: bool = Fa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lfb_ray.data.schema import SCHEMA
+    from lfb_ray.bench.ava_scale import v1_schema
     from lfb_ray.data.timing import clip_ref_offsets, frame_indices_for
 
     rng = np.random.default_rng(0)
@@ -213,25 +211,19 @@ def _per_keyframe(tasks: list[dict], out_dir: Path | None, train_clip: bool = Fa
                 continue
             rows.append(_naive_rows(task, plan, k, fidx, frames, s["jpeg_quality"]))
             last = k + 1 == len(plan["timestamps"])
-            if len(rows) >= s["max_rows_per_shard"] or (last and rows):
+            if len(rows) >= 256 or (last and rows):
                 vdir = out_dir / task["split"] / task["video_id"]
                 vdir.mkdir(parents=True, exist_ok=True)
                 path = vdir / f"part-{parts:05d}.parquet"
-                pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, compression="none")
+                pq.write_table(pa.Table.from_pylist(rows, schema=v1_schema()), path, compression="none")
                 nbytes += path.stat().st_size
                 parts, rows = parts + 1, []
     return n, nbytes
 
 
 def _job_frames(tasks: list[dict]) -> int:
-    """Frames the job decodes: unique frames per chunk of `KEYFRAMES_PER_DECODE` keyframes."""
-    from lfb_ray.data.prep import KEYFRAMES_PER_DECODE
-
-    n = 0
-    for task in tasks:
-        idx = _video_plan(task)["frame_idx"]
-        n += sum(len(np.unique(idx[c:c + KEYFRAMES_PER_DECODE])) for c in range(0, len(idx), KEYFRAMES_PER_DECODE))
-    return n
+    """Frames the job decodes: every frame any keyframe of the video needs, once."""
+    return int(sum(len(np.unique(_video_plan(task)["frame_idx"])) for task in tasks))
 
 
 def run(*, quick: bool = False, workdir: str | Path = "runs/bench") -> str:
@@ -276,7 +268,7 @@ def run(*, quick: bool = False, workdir: str | Path = "runs/bench") -> str:
     for name, what, frames, m in (
         ("(e) the job's prepare_video, in-process", "same, 1 thread, no Ray", _job_frames(tasks), inproc),
         ("(b) sequential decode, 1 thread", "decode+resize only", seq_frames, seq),
-        ("(c) per-keyframe get_batch + JPEG + write", "same output as the job", naive_frames, naive_full),
+        ("(c) per-keyframe get_batch + JPEG + write", "JPEG per keyframe row", naive_frames, naive_full),
         ("(c) per-keyframe get_batch, decode only", "decode+resize only", naive_frames, naive_dec),
         ("(c') train-time loader, 4 frames/keyframe", "decode only, one epoch", train_frames, train_dec),
     ):

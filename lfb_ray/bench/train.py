@@ -27,23 +27,22 @@ SIZES = {"quick": (3, 20, 4, 3, 1, 1), "default": (8, 60, 8, 16, 2, 2)}
 
 def _raw_batches(cfg: Config, batch_size: int, num_batches: int) -> list[dict]:
     """The first train rows (exclusions dropped) as Ray-Data-like column batches, read with pyarrow."""
+    import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    from lfb_ray.data.dataset import RAW_COLUMNS
-    from lfb_ray.data.prep import prepared_files
+    from lfb_ray.data.dataset import read_keyframes
 
-    tables = [pq.read_table(f, columns=RAW_COLUMNS) for f in prepared_files(cfg.prepared_dir, "train")]
-    table = pa.concat_tables(tables)
-    table = table.filter(pc.invert(table.column("excluded")))
+    table = read_keyframes(cfg, "train", drop_excluded=True)
     if len(table) < batch_size * num_batches:
         raise ValueError(f"only {len(table)} train rows for {num_batches} batches of {batch_size}")
+    table = table.append_column("row_id", pa.array(np.arange(len(table)))).append_column(
+        "epoch", pa.array(np.zeros(len(table), np.int64)))
     return [table.slice(i * batch_size, batch_size).to_pydict() for i in range(num_batches)]
 
 
 def _pipeline_only(cfg: Config, batch_size: int, num_batches: int) -> dict:
-    """The loop's Ray Data input alone, consumed by the driver for two passes ("epochs").
+    """The loop's Ray Data input alone (`train_samples` of one rank's epoch order, as every
+    training worker builds it), consumed by the driver for two epochs.
 
     Returns:
         first_batch_s per pass (the first pass starts cold Ray worker processes), clips/s after
@@ -51,21 +50,16 @@ def _pipeline_only(cfg: Config, batch_size: int, num_batches: int) -> dict:
     """
     import time
 
-    from lfb_ray.data.dataset import decode_train_rows, read_split
-    from lfb_ray.train.loop import TrainCollate, _cache_rows
+    from lfb_ray.data.dataset import epoch_order, read_keyframes, train_samples
+    from lfb_ray.train.loop import TrainCollate
 
     first_s, clips, rest_s = [], 0, 0.0
     with Measure(tree=True) as m:
-        t0 = time.perf_counter()
-        raw = read_split(cfg, "train")
-        if _cache_rows(cfg):  # as `fit` builds it (train.cache_rows); its cost is in the 1st pass
-            raw = raw.materialize()
-        ds = raw.map_batches(
-            decode_train_rows, batch_size=max(16, batch_size), num_cpus=cfg.cluster.data_cpus,
-            fn_kwargs={"cfg_data": config_to_dict(cfg)["data"]})
+        table = read_keyframes(cfg, "train", drop_excluded=True)
         for p in range(2):
-            if p:
-                t0 = time.perf_counter()
+            t0 = time.perf_counter()
+            order = epoch_order(table.num_rows, cfg.train.seed, p, 1)[0][: batch_size * num_batches]
+            ds = train_samples(cfg, table, order, p)
             for i, b in enumerate(ds.iter_torch_batches(batch_size=batch_size, prefetch_batches=2,
                                                         collate_fn=TrainCollate(cfg.data.mean, cfg.data.std))):
                 if i == 0:
@@ -93,7 +87,8 @@ def _baselines(cfg: Config, raw: list[dict]) -> dict:
         tc = cfg.train
 
         def decode(i: int) -> dict:
-            return collate_train(decode_train_rows(raw[i], cfg_data=cfg_data, seed=i), cfg.data.mean, cfg.data.std)
+            return collate_train(decode_train_rows(raw[i], cfg_data=cfg_data, prepared_uri=cfg.prepared_dir,
+                                                   seed=cfg.train.seed), cfg.data.mean, cfg.data.std)
 
         torch.manual_seed(tc.seed)
         model = build_detector(cfg.model).train()

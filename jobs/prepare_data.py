@@ -1,4 +1,4 @@
-"""Stage 1: AVA videos + annotations → sharded Parquet keyframe rows (Ray Data, decord).
+"""Stage 1: AVA videos + annotations → per-video frame stores and keyframe tables (Ray Data, decord).
 
     python jobs/prepare_data.py --config configs/synthetic.yaml
     ray job submit --working-dir . -- python jobs/prepare_data.py --config configs/lfb_nl.yaml
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary.line())
-    print(f"prepared shards: {cfg.prepared_dir}")
+    print(f"prepared set (frame stores + keyframe tables): {cfg.prepared_dir}")
     return 0
 
 

@@ -232,7 +232,7 @@ def test_interrupted_prepare_resumes_identical(synthetic_root, tmp_path):
         return [sys.executable, str(REPO / "jobs" / "prepare_data.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
                 f"workdir={work}", f"data.root={synthetic_root}"]
 
-    p = subprocess.Popen(cmd(tmp_path / "a"), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    p = subprocess.Popen(cmd(tmp_path / "a"), cwd=REPO, stdout=open(tmp_path / "job_a.log", "w"), stderr=subprocess.STDOUT,
                          start_new_session=True)
     try:
         _wait_for(lambda: list((tmp_path / "a" / "prepared").rglob("_DONE.json")), 600, "a committed video")

@@ -111,3 +111,20 @@ def test_commands_in_cluster_docs_exist_and_load():
     assert cmds
     for cmd in cmds:  # without placeholders: <model.pt>, $TMP/work, ...
         _check_command([a for a in cmd if "<" not in a and "$" not in a and a != "..."])
+
+
+def test_documented_job_submission_passes_the_tracking_uri_in_the_runtime_env():
+    """The command a user copies from docs/cluster.md: its runtime env (what
+    tests/test_integration.py::test_ray_job_submit_with_token_auth submits) declares the tracking
+    server in `env_vars`, and its entrypoint is a job command that loads."""
+    from doc_commands import user_submit
+
+    sub = user_submit()
+    env = sub.runtime_env
+    assert set(env) == {"excludes", "env_vars"}
+    assert set(env["env_vars"]) == {"MLFLOW_TRACKING_URI"}
+    assert {"/.venv/", "/.git/", "/mlruns/"} <= set(env["excludes"])
+    assert sub.option("--working-dir") == "."
+    assert sub.entrypoint[0] == "python"
+    _check_command(sub.entrypoint[1:])
+    assert sub.entrypoint[1:6] == ["jobs/train.py", "--config", "configs/lfb_nl.yaml", "--operators", "nl,avg,max"]

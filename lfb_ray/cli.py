@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 from lfb_ray.config import Config, ConfigError, load_config, resolve_paths
 
-__all__ = ["base_parser", "init_ray", "load_from_args"]
+__all__ = ["base_parser", "driver_runtime_env", "init_ray", "job_runtime_env", "load_from_args", "wait_for_cluster"]
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -26,24 +27,143 @@ def load_from_args(args: argparse.Namespace) -> Config:
         raise SystemExit(2) from None
 
 
+# Variables a driver passes on to its Ray workers when the job's runtime env does not already hold them.
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "PYTHONPATH")
+CONNECT_TIMEOUT_ENV = "LFB_RAY_CONNECT_TIMEOUT_S"
+DEFAULT_CONNECT_TIMEOUT_S = 60.0
+
+
+def job_runtime_env() -> dict:
+    """The runtime env this driver was submitted with by `ray job submit` ({} when it was not).
+
+    Ray's job supervisor hands it to the entrypoint in RAY_JOB_CONFIG_JSON_ENV_VAR and merges it
+    into the driver's `ray.init(runtime_env=...)`, failing on any field or env var key given twice.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    return json.loads(raw).get("runtime_env") or {}
+
+
+def driver_runtime_env(job_env: dict | None = None) -> dict:
+    """What the driver adds to the job's runtime env: the `FORWARDED_ENV` variables set here that
+    the job does not declare itself (those reach the workers already, and declaring them again is
+    an error)."""
+    job_env = job_runtime_env() if job_env is None else job_env
+    declared = set(job_env.get("env_vars") or {})
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in declared}
+    return {"env_vars": env_vars} if env_vars else {}
+
+
+def _connect_timeout_s() -> float:
+    raw = os.environ.get(CONNECT_TIMEOUT_ENV, "")
+    try:
+        return float(raw) if raw else DEFAULT_CONNECT_TIMEOUT_S
+    except ValueError:
+        raise SystemExit(f"error: {CONNECT_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+
+
+def _gcs_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a `host:port` or `ray://host:port` address; None for others (Ray judges those)."""
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    if "://" in rest or ":" not in rest:
+        return None
+    host, _, port = rest.rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        return None
+
+
+def wait_for_cluster(address: str, timeout_s: float) -> None:
+    """Return once a TCP connection to `address` (RAY_ADDRESS) succeeds; fail after `timeout_s`.
+
+    `ray.init(address=...)` retries an unreachable GCS for minutes without saying so (measured with
+    Ray 2.60: still waiting after 2 min); this bounded probe turns that into an error that names
+    the address and the fix.
+
+    Raises:
+        SystemExit: nothing accepts connections at `address` within `timeout_s`.
+    """
+    import socket
+    import time
+
+    hp = _gcs_host_port(address)
+    if hp is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    last: OSError | None = None
+    while True:
+        try:
+            with socket.create_connection(hp, timeout=min(5.0, max(0.5, timeout_s))):
+                return
+        except OSError as e:
+            last = e
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    raise SystemExit(
+        f"error: RAY_ADDRESS={address}: no Ray cluster answers at {hp[0]}:{hp[1]} after {timeout_s:.0f} s "
+        f"({type(last).__name__}: {last}). Start the cluster (`ray start --head`) or fix RAY_ADDRESS; unset it "
+        f"to run on a new local cluster; {CONNECT_TIMEOUT_ENV} sets the wait.")
+
+
 def init_ray(cfg: Config | None = None) -> None:
-    """Connect to the cluster of `ray job submit` (RAY_ADDRESS) or start a local one on loopback."""
+    """Connect to the cluster in RAY_ADDRESS (set by `ray job submit`), or start a local one on loopback.
+
+    * RAY_ADDRESS set: wait at most LFB_RAY_CONNECT_TIMEOUT_S (60 s) for it to answer, then connect,
+      adding to the job's runtime env only what it lacks (`driver_runtime_env`).
+    * RAY_ADDRESS unset: always a new local cluster (`address="local"`), never one found in Ray's
+      address file (`<temp dir>/ray/ray_current_cluster`): a file left by a crashed `ray start` made
+      a plain `ray.init()` wait forever for a cluster that was gone.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "PYTHONPATH")
-                                if k in os.environ}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
-    else:
-        # No dashboard locally, hence no State API: Ray Train's PlacementGroupCleaner actor then logs
-        # "Failed to query Ray Train Controller actor state" every few seconds for the whole fit.
-        # A local cluster dies with its driver (taking any placement group with it), so the hook
-        # raises only that logger's level in Ray's worker processes.
-        runtime_env["worker_process_setup_hook"] = "lfb_ray.cli.quiet_local_ray_workers"
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env,
-                 configure_logging=True, logging_level="WARNING")
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address:
+        if address == "auto":
+            from ray._private.services import canonicalize_bootstrap_address
+
+            try:
+                address = canonicalize_bootstrap_address("auto") or address
+            except ConnectionError as e:
+                raise SystemExit(f"error: RAY_ADDRESS=auto: {e}") from None
+        wait_for_cluster(address, _connect_timeout_s())
+        ray.init(address=address, runtime_env=driver_runtime_env() or None, log_to_driver=True)
+        return
+    _note_running_cluster()
+    runtime_env = driver_runtime_env({})
+    # No dashboard locally, hence no State API: Ray Train's PlacementGroupCleaner actor then logs
+    # "Failed to query Ray Train Controller actor state" every few seconds for the whole fit.
+    # A local cluster dies with its driver (taking any placement group with it), so the hook
+    # raises only that logger's level in Ray's worker processes.
+    runtime_env["worker_process_setup_hook"] = "lfb_ray.cli.quiet_local_ray_workers"
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=runtime_env,
+             configure_logging=True, logging_level="WARNING")
+
+
+def _note_running_cluster() -> None:
+    """Say so when Ray's address file names a cluster that answers: this run does not use it."""
+    import socket
+
+    try:
+        from ray._private.utils import read_ray_address
+
+        recorded = read_ray_address()
+    except Exception:
+        return
+    hp = _gcs_host_port(recorded or "")
+    if hp is None:
+        return
+    try:
+        with socket.create_connection(hp, timeout=0.5):
+            pass
+    except OSError:
+        return  # a stale file from a cluster that is gone: nothing to say
+    print(f"[lfb_ray] RAY_ADDRESS is unset: starting a new local Ray cluster; the cluster {recorded} started "
+          f"with `ray start` on this machine is not used (set RAY_ADDRESS={recorded} to run there)", flush=True)
 
 
 def quiet_local_ray_workers() -> None:

@@ -179,8 +179,10 @@ def plot(rows: list[ComparisonRow], path: str) -> None:
 
 def compare(tracking_uri: str, experiment: str, out_dir: str, run_ids: list[str] | None = None,
             log_to_mlflow: bool = True,
-            families: dict[str, tuple[int, ...]] | None = None) -> tuple[str, list[ComparisonRow]]:
-    """Build the comparison, write table/PNG into `out_dir`, log them to MLflow; return the table."""
+            families: dict[str, tuple[int, ...]] | None = None,
+            parent_run_id: str | None = None) -> tuple[str, list[ComparisonRow]]:
+    """Build the comparison, write table/PNG into `out_dir`, log them to MLflow (a `comparison` run,
+    nested under `parent_run_id` if given); return the table."""
     rows = collect_runs(tracking_uri, experiment, run_ids, families=families)
     if not rows:
         raise ValueError(f"no finished lfb_ray runs with a val/mAP in experiment {experiment!r}")
@@ -201,7 +203,8 @@ def compare(tracking_uri: str, experiment: str, out_dir: str, run_ids: list[str]
 
         setup_mlflow_env(tracking_uri)
         mlflow.set_experiment(experiment)
-        with mlflow.start_run(run_name="comparison", tags={"lfb_ray.kind": "comparison"}):
+        tags = {"lfb_ray.kind": "comparison", **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+        with mlflow.start_run(run_name="comparison", tags=tags):
             for name in ("comparison.md", "comparison.csv", "comparison.png"):
                 mlflow.log_artifact(os.path.join(out_dir, name))
             mlflow.log_param("runs", ",".join(r.run_id for r in rows))

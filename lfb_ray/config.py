@@ -260,7 +260,7 @@ class ClusterConfig:
     """Ray resources of one training run."""
 
     num_workers: int = 8
-    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto = GPU if the cluster has one
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto = GPU if the cluster has one *now*; gpu = ask for GPUs
     cpus_per_worker: float = 1.0
     data_cpus: float = 1.0  # CPUs left to Ray Data per worker for decode/augment
     # Operator runs at once (pipeline operators stage, `jobs/train.py --operators`). 0: as many as
@@ -269,12 +269,22 @@ class ClusterConfig:
     # the cores: worth it when a run leaves cores idle, like the synthetic head-only runs while
     # NL's head warm-up keeps one core busy and its other worker waits).
     concurrent_runs: int = 0
+    # GPUs the cluster can scale up to (GPU node types x their max_workers in the autoscaler's
+    # config): GPU runs plan their concurrency for this many instead of the GPUs up now, so that
+    # runs asked for at once make an autoscaler scaling from 0 GPU nodes add nodes for all of them.
+    # 0: a fixed cluster, only the GPUs up now count. Ignored by CPU runs.
+    max_gpus: int = 0
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("cluster.num_workers must be >= 1")
         if self.concurrent_runs < 0:
             raise ConfigError("cluster.concurrent_runs must be >= 0 (0 = as many as the cluster holds)")
+        if self.max_gpus < 0:
+            raise ConfigError(f"cluster.max_gpus must be >= 0 (0 = only the GPUs up now), got {self.max_gpus}")
+        if self.device != "cpu" and 0 < self.max_gpus < self.num_workers:
+            raise ConfigError(f"cluster.max_gpus={self.max_gpus} cannot hold one run of cluster.num_workers="
+                              f"{self.num_workers} workers with a GPU each: set max_gpus >= num_workers (or 0)")
 
 
 @dataclass(frozen=True)

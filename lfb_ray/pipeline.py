@@ -100,7 +100,53 @@ def _family_means(cfg: Config, csv_path: str) -> dict[str, float]:
 
 def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max"), start_from: str | None = None,
                  baseline_cfg: Config | None = None) -> dict:
-    """Run every stage (skipping completed ones); returns {"maps": {...}, "stage_seconds": {...}}."""
+    """Run every stage (skipping completed ones); returns {"maps": {...}, "stage_seconds": {...}}.
+
+    With tracking on, each invocation is one MLflow parent run (`pipeline-<config hash>`, tag
+    `lfb_ray.kind=pipeline`) under which the runs it trains (baseline, operators, control) and the
+    comparison are nested; it ends FINISHED with the stage times and `summary.csv`/`summary.md` (the
+    child runs' metrics), or FAILED/KILLED (`lfb_ray.tracking.close_parent_run`).
+
+    Raises:
+        ConfigError: a multi-node cluster with a node-local tracking store (checked first).
+    """
+    from lfb_ray.tracking import artifact_location, close_parent_run, find_or_create_run
+    from lfb_ray.train.loop import check_tracking_store
+
+    cfg = resolve_paths(cfg)
+    parent = None
+    if cfg.tracking.enabled:
+        check_tracking_store(cfg)
+        try:
+            parent = find_or_create_run(
+                cfg.tracking_uri, cfg.tracking.experiment, f"pipeline-{config_hash(cfg)}", fresh=True,
+                params={"operators": ",".join(operators), "from": start_from or "",
+                        "baseline_config": "given" if baseline_cfg else "derived"},
+                artifact_root=artifact_location(cfg.tracking_uri, cfg.workdir), tags={"lfb_ray.kind": "pipeline"})
+            print(f"[pipeline] MLflow parent run {parent}", flush=True)
+        except Exception as e:
+            print(f"[pipeline] WARNING: MLflow unavailable at {cfg.tracking_uri} ({type(e).__name__}: {e}); "
+                  "no parent run", flush=True)
+    try:
+        out = _run_stages(cfg, operators=operators, start_from=start_from, baseline_cfg=baseline_cfg,
+                          parent_run_id=parent)
+    except BaseException as e:
+        if parent:
+            close_parent_run(cfg.tracking_uri, parent, e)
+        raise
+    if parent:
+        from lfb_ray.tracking import Tracker
+
+        tr = Tracker(cfg.tracking_uri, parent)
+        tr.log_metrics({f"stage_seconds/{k}": v for k, v in out["stage_seconds"].items()}, step=0)
+        tr.flush()
+        close_parent_run(cfg.tracking_uri, parent)
+    return out
+
+
+def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | None, baseline_cfg: Config | None,
+                parent_run_id: str | None) -> dict:
+    """`run_pipeline`'s stages; the training runs and the comparison nest under `parent_run_id`."""
     from lfb_ray.bank.build import build_bank
     from lfb_ray.compare import compare
     from lfb_ray.data.prep import build_tasks, inputs_fingerprint, prepare_dataset
@@ -149,7 +195,7 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
     prep = stage("prepare", json.dumps([config_hash(d, ["data"]), inputs_fingerprint(*built)]), do_prepare)
 
     def do_fit(c: Config, init: str | None = None):
-        return _fit_summary(fit(c, init_checkpoint=init))
+        return _fit_summary(fit(c, init_checkpoint=init, parent_run_id=parent_run_id))
 
     base = stage("baseline", json.dumps([prep, _fit_key(base_cfg)]), lambda: do_fit(base_cfg))
 
@@ -179,7 +225,7 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
             _save_state(state_path, state)
 
         # As many runs at once as cluster.concurrent_runs / the cluster allow (fit_many), NL first.
-        fit_many({op: c for op, c in op_cfgs.items() if op not in done}, on_done=record,
+        fit_many({op: c for op, c in op_cfgs.items() if op not in done}, on_done=record, parent_run_id=parent_run_id,
                  init_checkpoint=base["model"] if cfg.model.init_backbone_from_baseline else None)
         state.pop("operators_partial", None)
         return {op: done[op] for op in op_cfgs}
@@ -204,7 +250,8 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
         def do_compare():
             ids = [base["run_id"]] + [r["run_id"] for r in ops.values()]
             table, _ = compare(cfg.tracking_uri, cfg.tracking.experiment,
-                               os.path.join(cfg.workdir, "comparison"), run_ids=[i for i in ids if i])
+                               os.path.join(cfg.workdir, "comparison"), run_ids=[i for i in ids if i],
+                               parent_run_id=parent_run_id)
             print(table, flush=True)
             return {"table": table}
 

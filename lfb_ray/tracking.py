@@ -8,6 +8,7 @@ next flush; training goes on.
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import re
@@ -15,7 +16,9 @@ import subprocess
 import sys
 from typing import Any
 
-__all__ = ["NullTracker", "Tracker", "find_or_create_run", "redact", "setup_mlflow_env"]
+__all__ = ["NullTracker", "Tracker", "artifact_location", "check_store_reaches_all_nodes", "close_parent_run",
+           "end_run", "find_or_create_run", "is_node_local", "redact", "run_status", "setup_mlflow_env",
+           "status_for"]
 
 log = logging.getLogger("lfb_ray.tracking")
 
@@ -51,6 +54,130 @@ def setup_mlflow_env(tracking_uri: str) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+def is_node_local(tracking_uri: str) -> bool:
+    """Whether `tracking_uri` is a store on this machine's disk (sqlite, file, a bare path), which
+    the other nodes of a cluster cannot reach (each would write its own)."""
+    uri = tracking_uri.strip().lower()
+    if uri.startswith(("sqlite:", "file:")):
+        return True
+    if "://" in uri or uri.startswith("databricks"):  # a server or a managed store ("databricks", "databricks-uc")
+        return False
+    return True  # a bare path: mlflow's file store
+
+
+def artifact_location(tracking_uri: str, workdir: str) -> str | None:
+    """Artifact root of a new experiment: None (the tracking server's artifact store) for a server,
+    `<workdir>/mlartifacts` for a node-local store. MLflow's own default for a local store is
+    `./mlruns`, relative to whichever process creates the experiment (a Ray worker's directory)."""
+    if not is_node_local(tracking_uri):
+        return None
+    from pathlib import Path
+
+    return (Path(workdir).resolve() / "mlartifacts").as_uri()
+
+
+def check_store_reaches_all_nodes(tracking_uri: str, alive_nodes: int) -> None:
+    """Fail at start-up when a multi-node cluster is given a node-local tracking store.
+
+    Raises:
+        ValueError: `alive_nodes` > 1 and `tracking_uri` is node-local (`is_node_local`).
+    """
+    if alive_nodes > 1 and is_node_local(tracking_uri):
+        raise ValueError(
+            f"MLflow tracking URI {redact('uri', tracking_uri)} is a store on one node's disk, but the Ray "
+            f"cluster has {alive_nodes} alive nodes: runs whose rank-0 worker is on another node would log "
+            "to a store of their own. Point tracking.tracking_uri (or MLFLOW_TRACKING_URI in the job's "
+            "runtime env) at a tracking server (http://...), or set tracking.enabled=false")
+
+
+def status_for(exc: BaseException | None) -> str:
+    """MLflow run status after `exc`: FINISHED (none), KILLED (Ctrl-C; SIGTERM, which Ray's driver
+    turns into SystemExit, e.g. from `ray job stop`), FAILED (any other exception)."""
+    if exc is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """Set the run's status (warns instead of raising: it runs while another exception propagates)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri).set_terminated(run_id, status)
+    except Exception as e:
+        print(f"[lfb_ray] WARNING: could not mark MLflow run {run_id} {status}: {type(e).__name__}: "
+              f"{str(e)[:200]}", flush=True)
+
+
+class run_status:  # noqa: N801  (a context manager, used as `with run_status(...)`)
+    """Ends MLflow run `run_id` when the block ends: `status_for` the exception it raised, if any
+    (which propagates). `run_id` None: does nothing."""
+
+    def __init__(self, tracking_uri: str, run_id: str | None):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.run_id:
+            end_run(self.tracking_uri, self.run_id, status_for(exc))
+        return False
+
+
+def _child_runs(client, parent_id: str) -> list:
+    parent = client.get_run(parent_id)
+    return client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=1000)
+
+
+def child_summary(client, parent_id: str) -> tuple[list[str], list[list[str]]]:
+    """A table of the child runs of `parent_id`: operator, run name and id, status, and each final
+    metric (per-class APs `val_ap/*` left out)."""
+    runs = _child_runs(client, parent_id)
+    keys = sorted({k for r in runs for k in r.data.metrics if not k.startswith("val_ap/")})
+    head = ["operator", "run_name", "run_id", "status", *keys]
+    rows = []
+    for r in runs:
+        m = r.data.metrics
+        rows.append([r.data.tags.get("lfb_ray.operator", ""), r.data.tags.get("lfb_ray.run_name", r.info.run_name),
+                     r.info.run_id, r.info.status, *[f"{m[k]:.6g}" if k in m else "" for k in keys]])
+    return head, rows
+
+
+def close_parent_run(tracking_uri: str, parent_id: str, exc: BaseException | None = None) -> None:
+    """End a parent run (`--operators`, a pipeline invocation): children still RUNNING end with the
+    parent's status (their processes are gone with the driver), the table of the children's
+    metrics is logged as `summary.csv` and `summary.md`, and the parent ends `status_for(exc)`.
+    Warns instead of raising (it also runs while `exc` propagates)."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    status = status_for(exc)
+    try:
+        client = MlflowClient(tracking_uri)
+        for r in _child_runs(client, parent_id):
+            if r.info.status == "RUNNING":
+                client.set_terminated(r.info.run_id, "KILLED" if status == "KILLED" else "FAILED")
+        head, rows = child_summary(client, parent_id)
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "summary.csv"), "w", newline="") as f:
+                csv.writer(f).writerows([head, *rows])
+            with open(os.path.join(d, "summary.md"), "w") as f:
+                f.write("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
+                f.writelines("| " + " | ".join(r) + " |\n" for r in rows)
+            client.log_artifact(parent_id, os.path.join(d, "summary.csv"))
+            client.log_artifact(parent_id, os.path.join(d, "summary.md"))
+        if exc is not None:
+            client.set_tag(parent_id, "lfb_ray.error", f"{type(exc).__name__}: {str(exc)[:400]}")
+        client.set_terminated(parent_id, status)
+    except Exception as e:
+        print(f"[lfb_ray] WARNING: could not close MLflow parent run {parent_id} ({status}): "
+              f"{type(e).__name__}: {str(e)[:200]}", flush=True)
+        end_run(tracking_uri, parent_id, status)
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -63,10 +190,13 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, *, par
                        artifact_root: str | None = None, parent_run_id: str | None = None,
                        fresh: bool = False, tags: dict[str, str] | None = None,
                        config_yaml: str | None = None) -> str:
-    """The MLflow run id of `run_name` in `experiment`, created (with params) if absent.
+    """The MLflow run id of `run_name` in `experiment`, created (with params) if absent, RUNNING.
 
     A rerun of the same command finds the same run (tag `lfb_ray.run_name`), so a resumed
-    training continues the same MLflow run. `fresh=True` always creates a new run.
+    training continues the same MLflow run: it is set RUNNING again and nested under
+    `parent_run_id` (the parent that runs it now). `fresh=True` always creates a new run.
+    `artifact_root` is the artifact location of the experiment if this creates it
+    (`artifact_location`).
     """
     import ray
     import torch
@@ -80,7 +210,12 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, *, par
         runs = client.search_runs([exp_id], f"tags.`lfb_ray.run_name` = '{run_name}'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
         if runs:
-            return runs[0].info.run_id
+            run = runs[0]
+            if run.info.status != "RUNNING":  # it runs again (a resume): FINISHED/FAILED/KILLED no more
+                client.update_run(run.info.run_id, status="RUNNING")
+            if parent_run_id and run.data.tags.get("mlflow.parentRunId") != parent_run_id:
+                client.set_tag(run.info.run_id, "mlflow.parentRunId", parent_run_id)  # nested where it runs now
+            return run.info.run_id
     all_tags = {"lfb_ray.run_name": run_name, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id

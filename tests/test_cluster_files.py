@@ -70,12 +70,20 @@ def test_cluster_launcher_yaml():
     assert head["resources"].get("GPU", 0) == 0
     gpu_groups = [t for name, t in types.items() if t.get("resources", {}).get("GPU", 0) > 0]
     assert gpu_groups and all(g["min_workers"] == 0 and g["max_workers"] >= 1 for g in gpu_groups)
-    assert c["docker"]["image"].startswith("rayproject/ray:2.60")
+    assert c["docker"]["image"] == _image_of_rayjob()  # lfb_ray's image (docker/Dockerfile), as on KubeRay
     head_cmds = " ".join(c["head_start_ray_commands"])
     assert "RAY_AUTH_MODE=token" in head_cmds and "--dashboard-host=127.0.0.1" in head_cmds
     assert "--num-cpus=0" in head_cmds
     assert all("RAY_AUTH_MODE=token" in cmd for cmd in c["worker_start_ray_commands"] if "ray start" in cmd)
-    assert any("pip install" in s and "-e" in s for s in c["setup_commands"])
+    # Nothing installed at boot: the image holds the pinned dependencies.
+    assert not any("pip" in cmd for key in ("setup_commands", "head_setup_commands", "worker_setup_commands",
+                                            "initialization_commands") for cmd in c.get(key, []))
+    # max_gpus of the AVA configs = what the GPU node types can scale to.
+    from lfb_ray.config import load_config
+
+    max_gpus = sum(t["resources"]["GPU"] * t["max_workers"] for t in gpu_groups)
+    for name in ("lfb_nl", "lfb_avg", "lfb_max", "baseline"):
+        assert load_config(REPO / "configs" / f"{name}.yaml").cluster.max_gpus == max_gpus, name
     for cmd in _job_commands("\n".join(_strings(c))):
         _check_command(cmd)
 
@@ -87,6 +95,7 @@ def test_rayjob_yaml():
     assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] >= 1
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"] and "MLFLOW_TRACKING_URI" in runtime_env["env_vars"]
+    assert not {"pip", "conda", "uv"} & set(runtime_env)  # the image has the pinned dependencies
     cmds = _job_commands(spec["entrypoint"])
     assert len(cmds) == 1 and cmds[0][:5] == ["jobs/train.py", "--config", "configs/lfb_nl.yaml",
                                               "--operators", "nl,avg,max"]
@@ -103,6 +112,52 @@ def test_rayjob_yaml():
     gpu = [g for g in cluster["workerGroupSpecs"]
            if any("nvidia.com/gpu" in c["resources"].get("limits", {}) for c in g["template"]["spec"]["containers"])]
     assert gpu and all(g["minReplicas"] == 0 and g["maxReplicas"] >= 1 for g in gpu)
+    images = {c["image"] for g in [head, *cluster["workerGroupSpecs"]] for c in g["template"]["spec"]["containers"]}
+    assert images == {_image_of_rayjob()}
+    from lfb_ray.config import load_config
+
+    max_gpus = sum(int(c["resources"]["limits"]["nvidia.com/gpu"]) * g["maxReplicas"]
+                   for g in gpu for c in g["template"]["spec"]["containers"])
+    assert load_config(REPO / "configs" / "lfb_nl.yaml").cluster.max_gpus == max_gpus
+
+
+def _image_of_rayjob() -> str:
+    j = yaml.safe_load(RAYJOB.read_text())
+    (image,) = {c["image"] for c in j["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]}
+    return image
+
+
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+CONSTRAINTS = REPO / "requirements" / "cluster-constraints.txt"
+
+
+def test_cluster_image_is_ray_of_the_pinned_version_plus_the_constraints():
+    text = DOCKERFILE.read_text()
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, flags=re.M).group(1)
+    pins = dict(line.split("==") for line in CONSTRAINTS.read_text().splitlines() if line and not line.startswith("#"))
+    # The base is the rayproject/ray image of the pinned Ray, Python 3.11, a CUDA variant.
+    assert re.fullmatch(rf"rayproject/ray:{re.escape(pins['ray'])}-py311-(gpu|cu\d+)", base), base
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, flags=re.M)
+    assert "pip install --no-cache-dir -r requirements/cluster-constraints.txt" in text
+    assert "--no-deps -c requirements/cluster-constraints.txt ." in text
+    # The image the cluster files run is the one the Dockerfile's header says to build.
+    assert f"-t {_image_of_rayjob()} ." in text
+    # Every runtime dependency of the package is pinned, and torch is the CUDA build the docs name.
+    for dep in ("torch", "torchvision", "ray", "mlflow", "decord", "av", "pyarrow", "numpy", "pyyaml", "pillow"):
+        assert dep in pins, dep
+    assert pins["torch"] == "2.14.1" and pins["nvidia-cuda-runtime"].startswith("13.0.")
+    docs = DOCS.read_text()
+    assert "580.65.06" in docs and "CUDA 13.0" in docs and "cluster-constraints.txt" in docs
+
+
+def test_constraints_match_the_installed_environment():
+    """requirements/cluster-constraints.txt is what tools/write_constraints.py writes from this venv."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "write_constraints.py"), "--check"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 @pytest.mark.skipif(not DOCS.exists(), reason="docs/cluster.md not written yet")
@@ -111,3 +166,20 @@ def test_commands_in_cluster_docs_exist_and_load():
     assert cmds
     for cmd in cmds:  # without placeholders: <model.pt>, $TMP/work, ...
         _check_command([a for a in cmd if "<" not in a and "$" not in a and a != "..."])
+
+
+def test_documented_job_submission_passes_the_tracking_uri_in_the_runtime_env():
+    """The command a user copies from docs/cluster.md: its runtime env (what
+    tests/test_integration.py::test_ray_job_submit_with_token_auth submits) declares the tracking
+    server in `env_vars`, and its entrypoint is a job command that loads."""
+    from doc_commands import user_submit
+
+    sub = user_submit()
+    env = sub.runtime_env
+    assert set(env) == {"excludes", "env_vars"}
+    assert set(env["env_vars"]) == {"MLFLOW_TRACKING_URI"}
+    assert {"/.venv/", "/.git/", "/mlruns/"} <= set(env["excludes"])
+    assert sub.option("--working-dir") == "."
+    assert sub.entrypoint[0] == "python"
+    _check_command(sub.entrypoint[1:])
+    assert sub.entrypoint[1:6] == ["jobs/train.py", "--config", "configs/lfb_nl.yaml", "--operators", "nl,avg,max"]

@@ -331,7 +331,37 @@ def test_fit_and_compare_against_a_real_mlflow_server(prepared, mlflow_server, t
 # 2. `ray start` + `ray job submit` with token auth
 
 
-def test_ray_job_submit_with_token_auth(prepared, ray_cli_cluster, tmp_path):
+def _doc_submission(c: RayCLICluster, work: Path, prepared_cfg, tracking_uri: str) -> list[str]:
+    """`ray job submit` argv of docs/cluster.md's "Submit, watch, resume", made runnable here.
+
+    Kept from the doc: every option (`--submission-id`, `--working-dir .`, the runtime env JSON with
+    its `excludes` and `env_vars` keys), the job script and `--operators`. Changed: the env var's value
+    (the local tracking server instead of the doc's), the config (tiny instead of AVA), the
+    operators (`none`: one short run), and the overrides that point at local data and storage.
+    """
+    from doc_commands import user_submit
+
+    sub = user_submit()
+    opts = list(sub.options)
+    env = sub.runtime_env
+    env["env_vars"] = {k: tracking_uri for k in env["env_vars"]}  # MLFLOW_TRACKING_URI, same key
+    opts[opts.index("--runtime-env-json") + 1] = json.dumps(env)
+    entry = list(sub.entrypoint)
+    assert entry[:3] == ["python", "jobs/train.py", "--config"] and "--operators" in entry
+    entry[3] = "configs/tiny.yaml"
+    entry[entry.index("--operators") + 1] = "none"
+    entry = [a for a in entry if not a.startswith("train.storage_path=")]
+    entry += [f"workdir={work}", f"data.root={prepared_cfg.data.root}", f"data.prepared_dir={prepared_cfg.prepared_dir}",
+              "train.max_iters_per_epoch=2", "tracking.experiment=doc-submit"]
+    return ["job", "submit", *opts, "--", *entry]
+
+
+def test_ray_job_submit_with_token_auth(prepared, ray_cli_cluster, mlflow_server, tmp_path):
+    """The submission of docs/cluster.md against `ray start --head` with token auth: the job's runtime
+    env declares MLFLOW_TRACKING_URI, which the job must not declare again (Ray refuses the merge)
+    and which must reach the Ray Train workers (rank 0 logs the metrics to that server)."""
+    from mlflow.tracking import MlflowClient
+
     cfg0, _ = prepared
     c = ray_cli_cluster
     c.start_head(num_cpus=2)
@@ -340,12 +370,35 @@ def test_ray_job_submit_with_token_auth(prepared, ray_cli_cluster, tmp_path):
         c.api("/api/jobs/", token=False)
     assert e.value.code in (401, 403)
     work = tmp_path / "work"
-    out = c.submit(_train_entrypoint(work, cfg0), "it-submit")
+    args = _doc_submission(c, work, cfg0, mlflow_server)
+    sid = args[args.index("--submission-id") + 1]
+    env = {**c.env(), "RAY_ADDRESS": c.dashboard}  # as the doc: `export RAY_ADDRESS=...`, no --address
+    try:
+        res = subprocess.run(["ray", *args], env=env, capture_output=True, text=True, timeout=420, cwd=REPO)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"ray job submit timed out:\n{(err.stdout or '')[-4000:]}")
+    out = res.stdout + res.stderr
+    (tmp_path / "submit.log").write_text(out)
+    assert res.returncode == 0, f"ray job submit exited {res.returncode}:\n{out[-6000:]}"
+    assert "Failed to merge" not in out
     assert "none: run none-" in out  # the job's own summary line, streamed back by `ray job submit`
-    assert c.api("/api/jobs/it-submit")["status"] == "SUCCEEDED"
-    logs = c.cli("job", "logs", "--address", c.dashboard, "-f", "it-submit")
+    assert c.api(f"/api/jobs/{sid}")["status"] == "SUCCEEDED"
+    logs = c.cli("job", "logs", "--address", c.dashboard, "-f", sid)
     assert logs.returncode == 0 and "none: run none-" in logs.stdout, logs.stdout + logs.stderr
     assert list((work / "ray_results").glob("none-*/checkpoint_*/model.pt"))
+
+    # The tracking server of the runtime env got the run from the workers, under a closed parent run.
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("doc-submit")
+    assert exp is not None, "the job did not log to the tracking server of its runtime env"
+    runs = {r.data.tags.get("lfb_ray.run_name", ""): r for r in client.search_runs([exp.experiment_id])}
+    child = next(r for name, r in runs.items() if name.startswith("none-"))
+    parent = next(r for name, r in runs.items() if name.startswith("operators-"))
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.info.status == "FINISHED" and parent.info.status == "FINISHED"
+    assert client.get_metric_history(child.info.run_id, "train/loss")  # logged by the rank-0 worker
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"summary.md", "summary.csv"}
+    assert not (work / "mlflow.db").exists()  # no node-local store beside the server
 
 
 # --------------------------------------------------------------------------------------------

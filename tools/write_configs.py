@@ -22,7 +22,8 @@ SEED = ["workdir=runs/ava", "data.root=data/ava", "data.train_csv=annotations/av
         "data.train_proposals=annotations/ava_dense_proposals_train.FAIR.recall_93.9.pkl",
         "data.val_proposals=annotations/ava_dense_proposals_val.FAIR.recall_93.9.pkl",
         "data.video_start_second=-1", "model.pretrained=checkpoints/slowonly_r50_4x16x1_256e_kinetics400_rgb.pth",
-        "cluster.num_workers=8", "cluster.device=auto", "cluster.cpus_per_worker=4", "cluster.data_cpus=4",
+        "cluster.num_workers=8", "cluster.device=gpu", "cluster.max_gpus=24", "cluster.cpus_per_worker=4",
+        "cluster.data_cpus=4",
         "bank.batch_size=16", "bank.cpus_per_actor=8",
         "tracking.experiment=lfb_ava21"]
 SYNTH = ["workdir=runs/synthetic", "data.root=data/synthetic", "data.short_side=128", "data.test_short_side=112",

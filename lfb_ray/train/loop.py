@@ -8,7 +8,6 @@ Same code for 1 or N workers, CPU (gloo, fp32) or GPU (nccl, bf16).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import random
@@ -32,6 +31,8 @@ from lfb_ray.config import (
     resolve_paths,
 )
 from lfb_ray.data.dataset import epoch_order, train_samples
+from lfb_ray.train.resources import device_note, plan_concurrency, scaling_config, uses_gpu  # noqa: F401
+from lfb_ray.train.resources import scaled as _scaled  # noqa: F401  (re-exported: tests, fit_many)
 from lfb_ray.train.schedule import build_optimizer, lr_at  # noqa: F401  (re-exported)
 
 __all__ = ["BANK_POOL_HINTS", "RESOURCE_HINTS", "FitResult", "build_optimizer", "fit", "fit_many", "fit_operators", "lr_at", "operator_tag",
@@ -49,7 +50,7 @@ class FitResult:
     seconds: float
 
 
-RESOURCE_HINTS = ("cpus_per_worker", "data_cpus", "concurrent_runs")
+RESOURCE_HINTS = ("cpus_per_worker", "data_cpus", "concurrent_runs", "max_gpus")
 BANK_POOL_HINTS = ("cpus_per_actor", "min_actors", "max_actors")
 
 
@@ -404,19 +405,15 @@ def train_loop_per_worker(config: dict) -> None:
 # driver side
 
 
-def _uses_gpu(cfg: Config, cluster_gpus: float) -> bool:
-    """Whether the runs' workers take a GPU each: `cluster.device` gpu, or auto on a cluster with GPUs."""
-    return cfg.cluster.device == "gpu" or (cfg.cluster.device == "auto" and cluster_gpus > 0)
-
-
 def _scaling(cfg: Config):
+    """The run's `ScalingConfig` (`lfb_ray.train.resources.scaling_config`), the device decision printed."""
     import ray
-    from ray.train import ScalingConfig
 
-    use_gpu = _uses_gpu(cfg, ray.cluster_resources().get("GPU", 0))
-    return ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
-                         resources_per_worker={"CPU": cfg.cluster.cpus_per_worker,
-                                               **({"GPU": 1} if use_gpu else {})})
+    resources = ray.cluster_resources()
+    note = device_note(cfg, resources)
+    if note:
+        print(note, flush=True)
+    return scaling_config(cfg, resources)
 
 
 def _checkpoint_uri(checkpoint, storage_path: str) -> str:
@@ -440,19 +437,21 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
         init_checkpoint: str | None = None) -> FitResult:
     """Train one model with a `TorchTrainer`; rerunning the same config resumes it.
 
+    Its MLflow run is RUNNING while it trains and ends FINISHED, FAILED (an exception) or KILLED
+    (Ctrl-C, SIGTERM/`ray job stop`).
+
     Args:
         fresh: start a new run (new Ray run name and MLflow run) instead of resuming.
-        parent_run_id: MLflow parent run (the `--operators` submission).
+        parent_run_id: MLflow parent run (the `--operators` submission, a pipeline invocation).
         init_checkpoint: a detector checkpoint whose backbone the new run starts from (the head
             stays freshly initialised); the lr is then scaled by `train.finetune_lr_scale`. LFB
             models with `model.init_backbone_from_baseline` default to `bank.checkpoint`.
-    """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
-    from lfb_ray.data.dataset import count_rows
-    from lfb_ray.storage import join_uri
-    from lfb_ray.tracking import find_or_create_run
+    Raises:
+        ConfigError: also when a multi-node cluster is given a node-local tracking store
+            (`check_tracking_store`).
+    """
+    from lfb_ray.tracking import artifact_location, end_run, find_or_create_run, status_for
 
     t0 = time.time()
     cfg = resolve_paths(cfg)
@@ -467,18 +466,54 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
     name = run_name_for(cfg, init_checkpoint)
     if fresh:
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = cfg.storage_path
-    results_dir = os.path.join(os.path.abspath(cfg.workdir), "results", name)
     run_id = None
     if cfg.tracking.enabled:
+        check_tracking_store(cfg)
         try:
             run_id = find_or_create_run(
                 cfg.tracking_uri, cfg.tracking.experiment, name, params=flatten_config(cfg),
-                artifact_root=None, parent_run_id=parent_run_id, fresh=fresh,
-                tags={"lfb_ray.operator": operator_tag(cfg, init_checkpoint)}, config_yaml=_redacted_yaml(cfg))
+                artifact_root=artifact_location(cfg.tracking_uri, cfg.workdir), parent_run_id=parent_run_id,
+                fresh=fresh, tags={"lfb_ray.operator": operator_tag(cfg, init_checkpoint)},
+                config_yaml=_redacted_yaml(cfg))
         except Exception as e:
             print(f"[lfb_ray] WARNING: MLflow unavailable at {cfg.tracking_uri} ({type(e).__name__}: {e}); "
                   "training without tracking", flush=True)
+    try:
+        return _fit_run(cfg, name=name, run_id=run_id, init_checkpoint=init_checkpoint, t0=t0)
+    except BaseException as e:
+        if run_id:
+            end_run(cfg.tracking_uri, run_id, status_for(e))
+        raise
+
+
+def check_tracking_store(cfg: Config) -> None:
+    """With tracking on, a cluster of more than one alive node needs a tracking server.
+
+    Raises:
+        ConfigError: naming the URI and the fix (`lfb_ray.tracking.check_store_reaches_all_nodes`).
+    """
+    import ray
+
+    from lfb_ray.tracking import check_store_reaches_all_nodes
+
+    if not cfg.tracking.enabled or not ray.is_initialized():
+        return
+    try:
+        check_store_reaches_all_nodes(cfg.tracking_uri, sum(1 for n in ray.nodes() if n.get("Alive")))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _fit_run(cfg: Config, *, name: str, run_id: str | None, init_checkpoint: str | None, t0: float) -> FitResult:
+    """The `TorchTrainer` run of `fit`, which owns the MLflow run `run_id` (ended FINISHED here)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from lfb_ray.data.dataset import count_rows
+    from lfb_ray.storage import join_uri
+
+    storage = cfg.storage_path
+    results_dir = os.path.join(os.path.abspath(cfg.workdir), "results", name)
     # Each worker reads the (small) keyframe table and builds its own shuffled epoch of decoded
     # samples (`train_samples`): no dataset goes through Ray Train's streaming split, whose
     # assignment of rows to workers is not reproducible.
@@ -534,42 +569,6 @@ def _with_operator(cfg: Config, op: str) -> Config:
     return config_from_dict(d)
 
 
-def plan_concurrency(cfg: Config, runs: int, resources: dict[str, float]) -> tuple[int, float]:
-    """How many of `runs` training runs go at once, and the factor on each run's CPU reservations.
-
-    Args:
-        cfg: the runs' config (they share `cluster`).
-        runs: number of runs to schedule.
-        resources: `ray.cluster_resources()`.
-
-    Returns:
-        (slots, cpu_scale): slots >= 1 runs at a time; cpu_scale in (0, 1] multiplies
-        `cluster.cpus_per_worker` and `cluster.data_cpus` so that `slots` runs fit in the CPUs.
-        `cluster.concurrent_runs=0` keeps the reservations (scale 1) and takes as many runs as
-        fit; N >= 1 asks for N, scaling CPUs down, but never more runs than the GPUs hold (one GPU
-        per worker cannot be shared).
-    """
-    cl = cfg.cluster
-    need_cpu = cl.num_workers * (cl.cpus_per_worker + cl.data_cpus)
-    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    per_run_gpu = cl.num_workers if _uses_gpu(cfg, gpus) else 0
-    gpu_slots = int(gpus // per_run_gpu) if per_run_gpu else runs
-    if cl.concurrent_runs == 0:
-        cpu_slots = int(cpus // need_cpu) if need_cpu > 0 else runs
-        return max(1, min(runs, cpu_slots, gpu_slots)), 1.0
-    slots = max(1, min(runs, cl.concurrent_runs, gpu_slots))
-    scale = min(1.0, cpus / (slots * need_cpu)) if need_cpu > 0 and cpus > 0 else 1.0
-    return slots, scale
-
-
-def _scaled(cfg: Config, scale: float) -> Config:
-    if scale >= 1.0:
-        return cfg
-    cl = dataclasses.replace(cfg.cluster, cpus_per_worker=cfg.cluster.cpus_per_worker * scale,
-                             data_cpus=cfg.cluster.data_cpus * scale)
-    return dataclasses.replace(cfg, cluster=cl)
-
-
 def fit_many(cfgs: dict[str, Config], *, fresh: bool = False, parent_run_id: str | None = None,
              init_checkpoint: str | None = None,
              on_done: Callable[[str, FitResult], None] | None = None) -> dict[str, FitResult]:
@@ -617,16 +616,31 @@ def fit_operators(cfg: Config, operators: list[str], *, fresh: bool = False,
                   init_checkpoint: str | None = None) -> dict[str, FitResult]:
     """One `TorchTrainer` run per operator under one MLflow parent run, as many at once as the
     cluster holds (`fit_many`, `cluster.concurrent_runs`), so an autoscaling cluster scales up.
-    """
-    from lfb_ray.tracking import find_or_create_run
 
+    The parent run ends FINISHED with `summary.csv`/`summary.md` (the child runs' metrics), or
+    FAILED/KILLED with the same summary of what ran (children still RUNNING end likewise).
+    """
+    from lfb_ray.tracking import artifact_location, close_parent_run, find_or_create_run
+
+    cfg = resolve_paths(cfg)
     parent = None
     if cfg.tracking.enabled:
+        check_tracking_store(cfg)
         try:
             parent = find_or_create_run(cfg.tracking_uri, cfg.tracking.experiment,
                                         f"operators-{'-'.join(operators)}-{config_hash(without_resource_hints(config_to_dict(cfg)))}",
-                                        params={"operators": ",".join(operators)}, fresh=fresh)
+                                        params={"operators": ",".join(operators)}, fresh=fresh,
+                                        artifact_root=artifact_location(cfg.tracking_uri, cfg.workdir),
+                                        tags={"lfb_ray.kind": "operators"})
         except Exception as e:
             print(f"[lfb_ray] WARNING: MLflow unavailable ({e}); no parent run", flush=True)
-    return fit_many({op: _with_operator(cfg, op) for op in operators}, fresh=fresh, parent_run_id=parent,
-                    init_checkpoint=init_checkpoint)
+    try:
+        results = fit_many({op: _with_operator(cfg, op) for op in operators}, fresh=fresh, parent_run_id=parent,
+                           init_checkpoint=init_checkpoint)
+    except BaseException as e:
+        if parent:
+            close_parent_run(cfg.tracking_uri, parent, e)
+        raise
+    if parent:
+        close_parent_run(cfg.tracking_uri, parent)
+    return results

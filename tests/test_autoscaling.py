@@ -1,0 +1,185 @@
+"""GPU runs on a cluster that scales from 0 GPU nodes: the autoscaler adds the nodes, the runs finish
+there, the idle nodes go away.
+
+Ray's fake multi-node provider (`RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config=...`) plays
+the cloud: its "GPU nodes" are raylets on this machine that advertise `GPU: 1` (there is no GPU; the
+tiny train loop below never touches CUDA and uses gloo). The head has no GPU, so no training worker
+can start before the autoscaler adds a node. What runs is lfb_ray's own start-up and resource rule
+(`init_ray`, `plan_concurrency`, `scaling_config` for `cluster.device=gpu`, `cluster.max_gpus=2`)
+with a stand-in training loop, two runs at once, as `fit_many` runs nl/avg/max.
+
+`ray.cluster_utils.AutoscalingCluster` is not used: it runs `ray stop --force` (every Ray on the
+machine) and its default config file is not in the Ray wheel. The cluster here is started and
+stopped like the other `ray start` clusters of the integration tests (own ports and temp dir,
+token auth, process-tree shutdown).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+from test_integration import RayCLICluster, _free_port, _wait_until
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+IDLE_TIMEOUT_MIN = 0.1  # 6 s
+
+DRIVER = r'''
+import json, os, sys, time
+import ray
+from ray.train import RunConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from lfb_ray.cli import init_ray
+from lfb_ray.config import load_config
+from lfb_ray.train.resources import plan_concurrency, scaling_config
+
+init_ray()  # RAY_ADDRESS: the fake cluster's head
+config_path, storage = sys.argv[1], sys.argv[2]  # read here: remote functions see their worker's argv
+cfg = load_config(config_path, ["cluster.device=gpu", "cluster.num_workers=1", "cluster.max_gpus=2",
+                                "cluster.cpus_per_worker=1", "cluster.data_cpus=0"])
+now = ray.cluster_resources()
+slots, scale = plan_concurrency(cfg, 2, now)
+sc = scaling_config(cfg, now)
+print("PLAN", json.dumps({"gpus_now": now.get("GPU", 0), "slots": slots, "scale": scale, "use_gpu": sc.use_gpu,
+                          "resources_per_worker": sc.resources_per_worker,
+                          "head": ray.get_runtime_context().get_node_id()}), flush=True)
+
+
+def loop(config):  # where the worker ran, and the GPU Ray gave it (Result.return_value of rank 0)
+    ctx = ray.get_runtime_context()
+    return {"node": ctx.get_node_id(), "gpus": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]}
+
+
+@ray.remote(num_cpus=0)
+def run(i):  # as fit_many drives each run: a 0-CPU task holding a TorchTrainer
+    trainer = TorchTrainer(loop, scaling_config=sc, torch_config=TorchConfig(backend="gloo"),
+                           run_config=RunConfig(name=f"autoscale-{i}", storage_path=storage))
+    return trainer.fit().return_value
+
+
+t0 = time.time()
+metrics = ray.get([run.remote(i) for i in range(slots)])
+print("RESULT", json.dumps({"metrics": metrics, "seconds": time.time() - t0}), flush=True)
+'''
+
+
+def _autoscaler_config(gcs_address: str) -> dict:
+    """The fake provider's cluster config (the fields of Ray's fake_multi_node/example.yaml)."""
+    return {
+        "cluster_name": "lfb-autoscale-test",
+        "max_workers": 2,
+        "upscaling_speed": 2.0,
+        "idle_timeout_minutes": IDLE_TIMEOUT_MIN,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address,
+                     "launch_multiple": True},  # "Launching 2 nodes" starts 2 (without it: 1 per launch)
+        "available_node_types": {
+            # Like configs/cluster/cluster.yaml's head: no GPU, so training workers cannot start there.
+            "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+            "gpu_node": {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": 150_000_000}, "node_config": {},
+                         "min_workers": 0, "max_workers": 2},
+        },
+        "head_node_type": "ray.head.default",
+        "auth": {}, "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [],
+    }
+
+
+def _autoscaler_lines(temp_dir: str) -> list[str]:
+    """What the autoscaler said about launching and removing nodes (its monitor.log / monitor.out)."""
+    from pathlib import Path
+
+    lines = []
+    for name in ("monitor.log", "monitor.out"):
+        for p in sorted(Path(temp_dir).glob(f"session_2*/logs/{name}")):  # not the session_latest link
+            for line in p.read_text(errors="replace").splitlines():
+                if "StandardAutoscaler: {" not in line and re.search(r"Adding \d+ node|Removing \d+ node|[Ll]aunching \d+ node|Terminating the node|"
+                             r"Terminating \d+ node|new nodes for launch|idle", line) and "gpu_node" in line:
+                    lines.append(f"{name}: {line.strip()}")
+    return lines
+
+
+def test_gpu_runs_scale_a_cluster_up_from_zero_gpu_nodes_and_back(tmp_path):
+    import ray._private.services as services
+
+    c = RayCLICluster(tmp_path)
+    try:
+        ip = services.get_node_ip_address()  # this machine: fake nodes join the head over its address
+        for attempt in (1, 2):  # `ray start` gives up after ~30 s on a busy machine: one retry, as add_node
+            c.gcs_port, c.dashboard_port = _free_port(), _free_port()
+            config_path = tmp_path / "autoscaler.json"
+            config_path.write_text(json.dumps(_autoscaler_config(f"{ip}:{c.gcs_port}")))
+            env = {**c.env(), "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+            c._start(["--head", f"--port={c.gcs_port}", "--dashboard-host=127.0.0.1",
+                      f"--dashboard-port={c.dashboard_port}", f"--ray-client-server-port={_free_port()}",
+                      f"--autoscaling-config={config_path}"], 1, None, env)
+            proc, temp_dir, log = c.nodes[-1]
+            try:
+                _wait_until(lambda: c.api("/api/version"), 120, "Ray head (dashboard)", proc, log)
+                c.wait_for_nodes(1)
+                break
+            except pytest.fail.Exception:
+                if attempt == 2 or proc.poll() is None or "timed out during startup" not in log.read_text():
+                    raise
+                c.stop()
+                c.nodes.clear()
+        assert len(c.alive_nodes()) == 1
+
+        t0 = time.time()
+        script = tmp_path / "driver.py"
+        script.write_text(DRIVER)
+        driver_env = {**c.env(), "RAY_ADDRESS": f"{ip}:{c.gcs_port}", "PYTHONPATH": str(REPO)}
+        try:
+            res = subprocess.run([sys.executable, str(script), str(REPO / "configs" / "tiny.yaml"),
+                                  str(tmp_path / "ray_results")], env=driver_env, capture_output=True, text=True,
+                                 timeout=420, cwd=tmp_path)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"driver did not finish in 420 s; autoscaler: {_autoscaler_lines(temp_dir)}\n"
+                        f"{(e.stdout or b'')[-3000:]!r}\n{(e.stderr or b'')[-3000:]!r}")
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out[-5000:]
+        plan = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("PLAN ")).split(" ", 1)[1])
+        result = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("RESULT ")).split(" ", 1)[1])
+        # At submission: no GPU anywhere, yet the plan is two GPU runs at once.
+        assert plan["gpus_now"] == 0 and plan["slots"] == 2 and plan["use_gpu"]
+        assert plan["resources_per_worker"] == {"CPU": 1.0, "GPU": 1}
+        # Both ran, each on a GPU node the autoscaler added (not the head), one node each.
+        nodes = [m["node"] for m in result["metrics"]]
+        assert len(set(nodes)) == 2 and plan["head"] not in nodes
+        assert all(m["gpus"] for m in result["metrics"])
+        up_s = time.time() - t0
+
+        # The idle GPU nodes go away again.
+        _wait_until(lambda: len(c.alive_nodes()) == 1, 120, "the idle GPU nodes to be removed", proc, log)
+        down_s = time.time() - t0 - up_s
+        lines = _autoscaler_lines(temp_dir)
+        print(f"\n[autoscaling] 2 runs on 2 added GPU nodes in {up_s:.0f} s (driver {result['seconds']:.0f} s); "
+              f"nodes removed {down_s:.0f} s later. Autoscaler log:")
+        for line in lines:
+            print("  " + line)
+        assert any(re.search(r"Adding \d+ node|[Ll]aunching \d+ node", x) for x in lines), lines
+        assert any(re.search(r"Removing \d+ node|Terminating", x) for x in lines), lines
+    finally:
+        _keep_logs(c, tmp_path / "cluster_logs")
+        c.stop()
+
+
+def _keep_logs(c: RayCLICluster, dest) -> None:
+    """The autoscaler's and raylets' logs survive the temp dir (pytest keeps tmp_path)."""
+    import shutil
+    from pathlib import Path
+
+    for _, temp_dir, _ in c.nodes:
+        for p in Path(temp_dir).glob("session_*/logs/*"):
+            if p.is_file() and (p.name.startswith(("monitor", "raylet", "gcs_server")) or p.suffix == ".err"):
+                dest.mkdir(parents=True, exist_ok=True)
+                shutil.copy(p, dest / p.name)

@@ -1,0 +1,179 @@
+"""MLflow run life cycle on the driver: a failed fit ends FAILED, an interrupted one KILLED (never
+RUNNING forever); the `--operators` parent run ends with a summary of its children; artifacts go to
+the server's store or the workdir, never `<cwd>/mlruns`; a multi-node cluster refuses a node-local store.
+
+The training itself is replaced here (`_fit_run`, `fit_many`): these are the driver's MLflow parts.
+tests/test_integration.py runs the real thing against an `mlflow server` through `ray job submit`.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from lfb_ray.config import ConfigError, load_config
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One SQLite store for the module (creating one runs MLflow's migrations: seconds each)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+@pytest.fixture(autouse=True)
+def _store_uri(store, monkeypatch, request):
+    monkeypatch.setenv("LFB_TEST_STORE", store)
+    monkeypatch.setenv("LFB_TEST_EXPERIMENT", request.node.name)
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    import os
+
+    return load_config(REPO / "configs" / "tiny.yaml", [f"workdir={tmp_path / 'work'}", "model.fbo=none",
+                                                          f"tracking.tracking_uri={os.environ['LFB_TEST_STORE']}",
+                                                          f"tracking.experiment={os.environ['LFB_TEST_EXPERIMENT']}",
+                                                          *overrides])
+
+
+def _runs(cfg) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    return {r.data.tags["lfb_ray.run_name"]: r for r in client.search_runs([exp.experiment_id])}
+
+
+@pytest.fixture
+def elsewhere(tmp_path, monkeypatch):
+    """Run from another directory, as a Ray worker does: nothing may land in its `mlruns`."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield cwd
+    assert not (cwd / "mlruns").exists(), "artifacts went to <cwd>/mlruns"
+
+
+@pytest.mark.parametrize("exc,status", [(RuntimeError("worker died"), "FAILED"), (KeyboardInterrupt(), "KILLED"),
+                                        (SystemExit(15), "KILLED")])
+def test_a_fit_that_raises_ends_its_run(tmp_path, elsewhere, monkeypatch, exc, status):
+    from lfb_ray.train import loop
+
+    def boom(cfg, **kw):
+        assert _runs(cfg)[kw["name"]].info.status == "RUNNING"
+        raise exc
+
+    monkeypatch.setattr(loop, "_fit_run", boom)
+    cfg = _cfg(tmp_path)
+    with pytest.raises(type(exc)):
+        loop.fit(cfg)
+    (run,) = _runs(cfg).values()
+    assert run.info.status == status
+    # The experiment's artifacts live in the workdir (a local store has no server to hold them).
+    assert run.info.artifact_uri.startswith((tmp_path / "work" / "mlartifacts").as_uri())
+
+    # The rerun resumes the same MLflow run: RUNNING again while it trains.
+    seen = []
+    monkeypatch.setattr(loop, "_fit_run", lambda cfg, **kw: seen.append(_runs(cfg)[kw["name"]].info.status)
+                        or (_ for _ in ()).throw(RuntimeError("again")))
+    with pytest.raises(RuntimeError):
+        loop.fit(cfg)
+    assert seen == ["RUNNING"] and [r.info.run_id for r in _runs(cfg).values()] == [run.info.run_id]
+
+
+def _fake_fit_many(fail_after: int | None = None, exc: BaseException | None = None):
+    """Stands in for `fit_many`: creates each child under the parent and logs its metrics like a
+    finished run; after `fail_after` children, leaves one RUNNING and raises `exc`."""
+    from lfb_ray.tracking import find_or_create_run
+
+    def fake(cfgs, *, parent_run_id=None, **kw):
+        from mlflow.tracking import MlflowClient
+
+        out = {}
+        for i, (op, c) in enumerate(cfgs.items()):
+            rid = find_or_create_run(c.tracking_uri, c.tracking.experiment, f"{op}-run", params={},
+                                     parent_run_id=parent_run_id, tags={"lfb_ray.operator": op})
+            client = MlflowClient(c.tracking_uri)
+            if fail_after is not None and i == fail_after:
+                raise exc
+            client.log_metric(rid, "val/mAP", 0.1 * (i + 1), step=1)
+            client.log_metric(rid, "val_ap/3", 0.5, step=1)
+            client.set_terminated(rid, "FINISHED")
+            out[op] = rid
+        return out
+
+    return fake
+
+
+def test_operators_parent_run_ends_with_a_summary_of_its_children(tmp_path, elsewhere, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.train import loop
+
+    monkeypatch.setattr(loop, "fit_many", _fake_fit_many())
+    cfg = _cfg(tmp_path)
+    loop.fit_operators(cfg, ["nl", "avg", "max"])
+    runs = _runs(cfg)
+    parent = next(r for name, r in runs.items() if name.startswith("operators-nl-avg-max-"))
+    assert parent.info.status == "FINISHED" and parent.data.tags["lfb_ray.kind"] == "operators"
+    for op in ("nl", "avg", "max"):
+        assert runs[f"{op}-run"].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    client = MlflowClient(cfg.tracking_uri)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"summary.csv", "summary.md"}
+    rows = list(csv.DictReader(open(client.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path)))))
+    assert [(r["operator"], r["status"], r["val/mAP"]) for r in rows] == [
+        ("nl", "FINISHED", "0.1"), ("avg", "FINISHED", "0.2"), ("max", "FINISHED", "0.3")]
+    assert "val_ap/3" not in rows[0]  # per-class APs stay in the child runs
+    md = Path(client.download_artifacts(parent.info.run_id, "summary.md", str(tmp_path))).read_text()
+    assert md.count("\n") == 2 + 3 and "| nl |" in md
+
+
+@pytest.mark.parametrize("exc,status", [(RuntimeError("avg failed"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_operators_parent_and_running_children_end_when_a_run_fails(tmp_path, elsewhere, monkeypatch, exc, status):
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.train import loop
+
+    monkeypatch.setattr(loop, "fit_many", _fake_fit_many(fail_after=1, exc=exc))
+    cfg = _cfg(tmp_path)
+    with pytest.raises(type(exc)):
+        loop.fit_operators(cfg, ["nl", "avg", "max"])
+    runs = _runs(cfg)
+    parent = next(r for name, r in runs.items() if name.startswith("operators-"))
+    assert parent.info.status == status
+    assert runs["nl-run"].info.status == "FINISHED" and runs["avg-run"].info.status == status
+    rows = list(csv.DictReader(open(MlflowClient(cfg.tracking_uri).download_artifacts(
+        parent.info.run_id, "summary.csv", str(tmp_path)))))
+    assert [(r["operator"], r["status"]) for r in rows] == [("nl", "FINISHED"), ("avg", status)]
+
+
+def test_server_experiments_keep_the_servers_artifact_store():
+    from lfb_ray.tracking import artifact_location, is_node_local
+
+    assert artifact_location("http://127.0.0.1:5000", "/w") is None
+    assert artifact_location("sqlite:////w/mlflow.db", "/w") == "file:///w/mlartifacts"
+    for uri in ("sqlite:///x.db", "file:///x", "mlruns", "/abs/mlruns", "file:mlruns"):
+        assert is_node_local(uri), uri
+    for uri in ("http://h:5000", "https://h", "databricks", "databricks-uc", "postgresql://u@h/db"):
+        assert not is_node_local(uri), uri
+
+
+def test_multi_node_cluster_refuses_a_node_local_store(tmp_path, monkeypatch):
+    import ray
+
+    from lfb_ray.train import loop
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
+    cfg = _cfg(tmp_path, f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(ConfigError, match=r"sqlite:///.*2 alive nodes.*tracking server"):
+        loop.fit(cfg)
+    with pytest.raises(ConfigError, match="2 alive nodes"):
+        loop.fit_operators(cfg, ["nl"])
+    assert not (tmp_path / "mlflow.db").exists()  # refused before touching the store
+    loop.check_tracking_store(_cfg(tmp_path, "tracking.tracking_uri=http://127.0.0.1:5000"))  # a server: fine
+    loop.check_tracking_store(_cfg(tmp_path, "tracking.enabled=false"))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": False}])
+    loop.check_tracking_store(cfg)  # one alive node: a local store is fine

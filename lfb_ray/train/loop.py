@@ -241,6 +241,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     # --- model: pretrained weights, then a checkpoint to resume or a backbone to start from, then DDP
     core = to_model_layout(build_detector(cfg.model).to(device))
+    bank = None
+    if cfg.model.fbo != "none":
+        # Before any work (the head warm-up included): a bank that lacks videos this run trains or
+        # evaluates on is refused, naming them, unless bank.missing_videos=zeros.
+        from lfb_ray.bank.coverage import open_checked
+
+        bank = open_checked(cfg, ("train", "val"), expected_dim=core.feature_channels)
     if cfg.model.pretrained:
         load_checkpoint(core, cfg.model.pretrained)  # Kinetics backbone or a whole detector
     start_epoch, skip_iters, global_step, best_map = 0, 0, 0, float("nan")
@@ -273,11 +280,6 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = build_optimizer(model.parameters(), tc, base_lr)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-    bank = None
-    if cfg.model.fbo != "none":
-        from lfb_ray.bank import FeatureBank
-
-        bank = FeatureBank.open(cfg.bank_dir, expected_dim=core.feature_channels)
     tracker = (Tracker(cfg.tracking_uri, config["mlflow_run_id"])
                if rank == 0 and config.get("mlflow_run_id") else NullTracker())
     results_dir = config["results_dir"]

@@ -9,11 +9,14 @@
     python jobs/benchmark.py gpu [--quick] [--prepared DIR]  # R50 training clips/s, bank keyframes/s (CUDA)
 
 Synthetic videos are generated once under --workdir and reused. Prints tables; asserts no timings.
+Exit code 0 when every benchmark ran (and its correctness checks held), 1 when one failed (`all`
+runs the others, then names the failed ones).
 """
 
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "gpu":  # not part of `all`: it needs a CUDA machine to mean anything
         from lfb_ray.bench import gpu
 
-        gpu.run(quick=args.quick, workdir=args.workdir, prepared=args.prepared)
-        return 0
+        return 0 if _attempt("gpu", lambda: gpu.run(quick=args.quick, workdir=args.workdir,
+                                                    prepared=args.prepared)) else 1
     if args.prepared:
         parser.error("--prepared is only for the gpu command")
     if args.command == "ava-scale":  # not part of `all`: 15-minute videos, ~15 min on 2 CPUs
@@ -53,18 +56,35 @@ def main(argv: list[str] | None = None) -> int:
            "train": lambda: train.run(quick=args.quick, workdir=args.workdir),
            "eval": lambda: evaluation.run(quick=args.quick)}
     started = False
+    failed = []
     for name in commands:
         if args.command == "all" and name in ("bank-build", "train"):
             started = start_local_ray(cpu_count()) or started  # one cluster for both; prepare runs its own
         elif started:  # no idle Ray cluster while eval is timed
             ray.shutdown()
             started = False
-        t0 = time.perf_counter()
-        run[name]()
-        print(f"[{name}] done in {time.perf_counter() - t0:.0f} s\n", flush=True)
+        if not _attempt(name, run[name]):
+            failed.append(name)
     if started:
         ray.shutdown()
+    if failed:
+        print(f"error: {len(failed)} of {len(commands)} benchmark(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _attempt(name: str, fn) -> bool:
+    """Run one benchmark; on an exception print its traceback and return False (the next one runs)."""
+    t0 = time.perf_counter()
+    try:
+        fn()
+    except Exception as e:  # reported in full here and in main's exit code and summary line
+        traceback.print_exc()
+        print(f"[{name}] FAILED after {time.perf_counter() - t0:.0f} s: {type(e).__name__}: {e}\n",
+              file=sys.stderr, flush=True)
+        return False
+    print(f"[{name}] done in {time.perf_counter() - t0:.0f} s\n", flush=True)
+    return True
 
 
 if __name__ == "__main__":

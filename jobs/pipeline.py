@@ -7,6 +7,7 @@
 """
 
 import sys
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -15,6 +16,8 @@ from lfb_ray.cli import base_parser, init_ray, load_from_args  # noqa: E402
 
 
 def main(argv=None) -> int:
+    """0 when every stage completed; 1 when a stage failed (its traceback and a one-line error on
+    stderr; rerunning continues from what was finished); 2 for a bad command line or config."""
     from lfb_ray.config import load_config
     from lfb_ray.pipeline import STAGES, run_pipeline
 
@@ -27,8 +30,13 @@ def main(argv=None) -> int:
     cfg = load_from_args(args)
     base = load_config(args.baseline_config, args.overrides + ["model.fbo=none"]) if args.baseline_config else None
     init_ray(cfg)
-    run_pipeline(cfg, operators=tuple(o for o in args.operators.split(",") if o), start_from=args.start_from,
-                 baseline_cfg=base)
+    try:
+        run_pipeline(cfg, operators=tuple(o for o in args.operators.split(",") if o), start_from=args.start_from,
+                     baseline_cfg=base)
+    except Exception as e:  # the exit code says it; the traceback keeps everything
+        traceback.print_exc()
+        print(f"error: the pipeline stopped: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

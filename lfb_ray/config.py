@@ -170,6 +170,10 @@ class BankConfig:
     cpus_per_actor: int = 1  # CPUs reserved per actor = its JPEG decode threads (decode overlaps the forward)
     min_actors: int = 1
     max_actors: int = 2
+    # A video that training or evaluation reads but the bank does not hold: "error" (refused when the
+    # bank is opened, naming the videos; mmaction2's `lfb[video_id]` raises KeyError) or "zeros"
+    # (all-zero long-term windows for it, with a warning naming the videos: an explicit opt-out).
+    missing_videos: Literal["error", "zeros"] = "error"
 
     def __post_init__(self) -> None:
         if self.window_seconds < 1 or self.max_feats_per_second < 1:

@@ -133,7 +133,8 @@ class _Predictor:
         if self.cfg.model.fbo != "none":
             from lfb_ray.bank import FeatureBank
 
-            self.bank = FeatureBank.open(self.cfg.bank_dir, expected_dim=self.model.feature_channels)
+            self.bank = FeatureBank.open(self.cfg.bank_dir, expected_dim=self.model.feature_channels,
+                                         missing_videos=self.cfg.bank.missing_videos)
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, batch: dict) -> dict:
@@ -159,6 +160,10 @@ def infer_split(cfg: Config, checkpoint: str, csv_path: str, *, split: str = "va
 
     t0 = time.time()
     cfg = resolve_paths(cfg)
+    if cfg.model.fbo != "none":  # before any work: a bank without some of the split's videos is refused
+        from lfb_ray.bank.coverage import open_checked
+
+        open_checked(cfg, (split,))
     if "://" not in checkpoint:  # the actors run in other directories; a URI stays as it is
         checkpoint = os.path.abspath(checkpoint)
     gpus = ray.cluster_resources().get("GPU", 0)

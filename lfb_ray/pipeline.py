@@ -150,7 +150,7 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
     from lfb_ray.bank.build import build_bank
     from lfb_ray.compare import compare
     from lfb_ray.data.prep import build_tasks, inputs_fingerprint, prepare_dataset
-    from lfb_ray.train import fit, fit_many
+    from lfb_ray.train import FitManyError, fit, fit_many
     from lfb_ray.train.loop import without_resource_hints
 
     cfg = resolve_paths(cfg)
@@ -225,8 +225,15 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
             _save_state(state_path, state)
 
         # As many runs at once as cluster.concurrent_runs / the cluster allow (fit_many), NL first.
-        fit_many({op: c for op, c in op_cfgs.items() if op not in done}, on_done=record, parent_run_id=parent_run_id,
-                 init_checkpoint=base["model"] if cfg.model.init_backbone_from_baseline else None)
+        # A failed run does not stop the others; each finished one is recorded by `record` before
+        # fit_many raises, so the rerun trains only the failed ones.
+        try:
+            fit_many({op: c for op, c in op_cfgs.items() if op not in done}, on_done=record, parent_run_id=parent_run_id,
+                     init_checkpoint=base["model"] if cfg.model.init_backbone_from_baseline else None)
+        except FitManyError as e:
+            print(f"[pipeline] operators: {len(done)} of {len(op_cfgs)} models recorded ({', '.join(sorted(done))}); "
+                  f"failed: {', '.join(e.failures)}; rerun to train only those", flush=True)
+            raise
         state.pop("operators_partial", None)
         return {op: done[op] for op in op_cfgs}
 

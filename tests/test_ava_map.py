@@ -1,8 +1,12 @@
-"""Frame-mAP: hand-computed cases for each LFB_SPEC section-14 point in both protocols, and the
-vectorised evaluator against the plain-loop reference on random cases."""
+"""Frame-mAP: hand-computed cases for each LFB_SPEC section-14 point in both protocols, the
+vectorised evaluator against the plain-loop reference on random cases, and against this file's own
+implementation of the official ActivityNet evaluator (which shares no code or constants with
+lfb_ray.evaluation) on random cases with distinct scores."""
 
 from __future__ import annotations
 
+import collections
+import heapq
 import math
 
 import numpy as np
@@ -316,3 +320,231 @@ def test_vectorised_matches_reference(seed, protocol):
     fast = evaluate_frame_map(gt, det, label_map, excl, protocol=protocol)
     _same(fast, evaluate_frame_map_reference(gt, det, label_map, excl, protocol=protocol))
     assert 0.0 <= fast.mAP <= 1.0 and sum(fast.num_det.values()) > 0
+
+
+# --- hand-computed APs over several keyframes and classes (issue 22) ---------------------------------
+
+
+def test_hand_computed_pooling_across_keyframes_and_classes():
+    gt = gt_rows(("v", 902, A, 1), ("v", 902, B, 1), ("w", 903, C, 1),  # class 1: 3 GT on 2 keyframes
+                 ("v", 902, B, 2),  # class 2: 1 GT
+                 ("w", 903, C, 20))  # class 20: 1 GT, never detected
+    det = det_rows(("v", 902, A, 1, 0.9),  # class 1 rank 1: TP (A)
+                   ("w", 903, C, 1, 0.8),  # rank 2: TP (C, the other keyframe)
+                   ("v", 902, C, 1, 0.7),  # rank 3: FP (C's box on v,902 overlaps neither A nor B)
+                   ("v", 902, B, 1, 0.6),  # rank 4: TP (B)
+                   ("v", 902, B, 2, 0.5))  # class 2: TP
+    off = evaluate(gt, det)
+    # class 1, ranks T T F T of 3 GT: precision 1, 1, 2/3, 3/4 at recall 1/3, 2/3, 2/3, 1; the envelope
+    # lifts rank 3 to 3/4; AP = 1/3 * 1 + 1/3 * 1 + 1/3 * 3/4 = 11/12.
+    assert off.per_class[1] == pytest.approx(11 / 12, abs=1e-15)
+    assert off.per_class[2] == 1.0 and off.per_class[20] == 0.0 and nan(off.per_class[64])
+    # mAP over the classes with GT: (11/12 + 1 + 0) / 3 = 23/36.
+    assert off.mAP == pytest.approx(23 / 36, abs=1e-15)
+    assert off.num_gt == {1: 3, 2: 1, 20: 1, 64: 0} and off.num_det == {1: 4, 2: 1, 20: 0, 64: 0}
+
+
+def test_hand_computed_envelope_after_false_positives():
+    gt = gt_rows(("v", 902, A, 1), ("v", 902, B, 1))
+    det = det_rows(("x", 902, A, 1, 0.9),  # rank 1: FP (x,902 has no GT)
+                   ("v", 902, A, 1, 0.8),  # rank 2: TP (A)
+                   ("v", 902, A2, 1, 0.7),  # rank 3: FP (its best GT, A, is taken)
+                   ("x", 902, B, 1, 0.6),  # rank 4: FP
+                   ("v", 902, B, 1, 0.5))  # rank 5: TP (B)
+    # precision 0, 1/2, 1/3, 1/4, 2/5 at recall 0, 1/2, 1/2, 1/2, 1; envelope 1/2, 1/2, 2/5, 2/5, 2/5;
+    # AP = (1/2 - 0) * 1/2 + (1 - 1/2) * 2/5 = 1/4 + 1/5 = 9/20.
+    off, mm = both(gt, det)
+    assert off.per_class[1] == pytest.approx(9 / 20, abs=1e-15)
+    # mmaction2 ignores keyframes without GT: ranks T F T, precision 1, 1/2, 2/3 -> 1/2 * 1 + 1/2 * 2/3.
+    assert mm.per_class[1] == pytest.approx(1 / 2 + 1 / 3, abs=1e-15)
+
+
+# The 60 classes evaluated in AVA v2.1 (ActivityNet Evaluation/ava/
+# ava_action_list_v2.1_for_activitynet_2018.pbtxt.txt), written out here, not read from lfb_ray.
+AVA_V21_60 = (1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17, 20, 22, 24, 26, 27, 28, 29, 30, 34, 36, 37,
+              38, 41, 43, 45, 46, 47, 48, 49, 51, 52, 54, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 66, 67, 68,
+              69, 70, 72, 73, 74, 76, 77, 78, 79, 80)
+
+
+def test_hand_computed_with_the_60_class_list():
+    label_map = {c: f"c{c}" for c in AVA_V21_60}
+    assert len(label_map) == 60 and 2 not in label_map and 16 not in label_map
+    gt = gt_rows(("v", 902, A, 2), ("v", 902, A, 1), ("v", 902, B, 16), ("v", 902, B, 80))
+    det = det_rows(("v", 902, A, 2, 0.99), ("v", 902, B, 16, 0.98),  # classes outside the 60: dropped
+                   ("v", 902, A, 1, 0.5), ("v", 902, B, 80, 0.4), ("v", 902, A, 80, 0.3))
+    off = evaluate(gt, det, label_map=label_map)
+    # class 1: T -> 1; class 80: T, F (A's box does not overlap B) -> 1 (recall 1 reached at rank 1);
+    # the 58 others have no GT: NaN. mAP = (1 + 1) / 2.
+    assert len(off.per_class) == 60 and off.per_class[1] == 1.0 and off.per_class[80] == 1.0
+    assert sum(not nan(v) for v in off.per_class.values()) == 2 and off.mAP == 1.0
+
+
+# --- an independent implementation of the official evaluator, against ava_map on random cases -----------
+
+
+def official_ava_frame_map(gt: list[tuple], det: list[tuple], class_ids: tuple[int, ...],
+                           excluded: set[tuple[str, int]], difficult: set[int] = frozenset(),
+                           capacity: int = 50, iou_threshold: float = 0.5) -> tuple[dict[int, float], float]:
+    """ActivityNet `Evaluation/get_ava_performance.py` (the March 2019 version, with the excluded
+    timestamps file) and its `ava/` PASCAL evaluator, re-written from that code for this test; shares
+    nothing with lfb_ray.evaluation.
+
+    Reading: rows of classes outside the label map are skipped first; a keyframe keeps its first
+    `capacity` detections in a min-heap of (score, action, y1, x1, y2, x2) that a later row replaces
+    only with a strictly higher score (GT: no cap, score 1); then sorted by descending score.
+    Excluded keyframes' GT and detections are dropped. Per keyframe, detection boxes with y1 >= y2
+    or x1 >= x2 are removed; per class, detections in that order each take the GT box of highest IoU
+    (float64, no +1): a true positive if IoU >= 0.5, the box is not difficult and not yet taken; a
+    detection whose best box is difficult is ignored. A keyframe without GT makes its detections
+    false positives. Difficult GT does not count in a class's GT total (AVA marks none difficult:
+    the official script passes all-False flags). Per class: pooled detections by descending score,
+    cumulative precision/recall, VOC AP under the monotone precision envelope; 0 with GT and no
+    detection, NaN without GT. mAP: NaN-mean over the classes.
+
+    Args:
+        gt: (video, second, (x1, y1, x2, y2), action) rows.
+        det: (video, second, (x1, y1, x2, y2), action, score) rows.
+        difficult: indices into `gt` of difficult boxes.
+
+    Returns:
+        ({class id: AP}, mAP).
+    """
+    whitelist = set(class_ids)
+
+    def read(rows, cap, scored):
+        """{keyframe: [(score, action, y1, x1, y2, x2, GT row index or -1)] by descending score}."""
+        heaps = collections.defaultdict(list)
+        for i, row in enumerate(rows):
+            video, second, (x1, y1, x2, y2), action = row[:4]
+            if action not in whitelist:
+                continue
+            score = row[4] if scored else 1.0
+            entry = (score, action, y1, x1, y2, x2, -1 if scored else i)
+            heap = heaps[(video, int(second))]
+            if cap < 1 or len(heap) < cap:
+                heapq.heappush(heap, entry)
+            elif score > heap[0][0]:
+                heapq.heapreplace(heap, entry)
+        return {key: sorted(heap, key=lambda e: -e[0]) for key, heap in heaps.items()}
+
+    def iou(d, g):  # boxes [N, 4] / [M, 4] as (y1, x1, y2, x2)
+        ih = np.maximum(0.0, np.minimum(d[:, None, 2], g[None, :, 2]) - np.maximum(d[:, None, 0], g[None, :, 0]))
+        iw = np.maximum(0.0, np.minimum(d[:, None, 3], g[None, :, 3]) - np.maximum(d[:, None, 1], g[None, :, 1]))
+        inter = ih * iw
+        area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+        return inter / (area(d)[:, None] + area(g)[None, :] - inter)
+
+    gt_images = {k: v for k, v in read(gt, 0, scored=False).items() if k not in excluded}
+    det_images = {k: v for k, v in read(det, capacity, scored=True).items() if k not in excluded}
+    num_gt = collections.Counter(e[1] for entries in gt_images.values() for e in entries if e[6] not in difficult)
+    pooled = collections.defaultdict(lambda: ([], []))  # class -> (scores, tp flags)
+    for key, entries in det_images.items():
+        entries = [e for e in entries if e[2] < e[4] and e[3] < e[5]]
+        gts = gt_images.get(key, [])
+        for c in sorted(whitelist):
+            d = [e for e in entries if e[1] == c]
+            if not d:
+                continue
+            g = [e for e in gts if e[1] == c]
+            tp = np.zeros(len(d), bool)
+            ignored = np.zeros(len(d), bool)
+            if g:
+                ious = iou(np.array([e[2:6] for e in d], float), np.array([e[2:6] for e in g], float))
+                best = np.argmax(ious, axis=1)
+                taken = np.zeros(len(g), bool)
+                for i, j in enumerate(best):
+                    if ious[i, j] >= iou_threshold:
+                        if g[j][6] in difficult:
+                            ignored[i] = True
+                        elif not taken[j]:
+                            tp[i] = taken[j] = True
+            pooled[c][0].extend(e[0] for e, skip in zip(d, ignored) if not skip)
+            pooled[c][1].extend(tp[~ignored].tolist())
+    aps = {}
+    for c in class_ids:
+        if num_gt[c] == 0:
+            aps[c] = float("nan")
+            continue
+        scores, flags = np.array(pooled[c][0], float), np.array(pooled[c][1], bool)
+        if not len(scores):
+            aps[c] = 0.0
+            continue
+        ranked = flags[np.argsort(scores)[::-1]].astype(int)
+        ctp, cfp = np.cumsum(ranked), np.cumsum(1 - ranked)
+        precision = np.concatenate([[0.0], ctp / (ctp + cfp), [0.0]])
+        recall = np.concatenate([[0.0], ctp / num_gt[c], [1.0]])
+        for i in range(len(precision) - 2, -1, -1):
+            precision[i] = max(precision[i], precision[i + 1])
+        steps = np.flatnonzero(recall[1:] != recall[:-1]) + 1
+        aps[c] = float(np.sum((recall[steps] - recall[steps - 1]) * precision[steps]))
+    finite = [v for v in aps.values() if not math.isnan(v)]
+    return aps, (sum(finite) / len(finite) if finite else float("nan"))
+
+
+def test_independent_official_rules_on_hand_cases():
+    """The test's own implementation against the hand-computed answers above, incl. difficult GT."""
+    gt = [("v", 902, A, 1), ("v", 902, B, 1), ("w", 903, C, 1), ("v", 902, B, 2), ("w", 903, C, 20)]
+    det = [("v", 902, A, 1, 0.9), ("w", 903, C, 1, 0.8), ("v", 902, C, 1, 0.7), ("v", 902, B, 1, 0.6),
+           ("v", 902, B, 2, 0.5)]
+    aps, m = official_ava_frame_map(gt, det, tuple(LM), set())
+    assert aps[1] == pytest.approx(11 / 12, abs=1e-15) and aps[2] == 1.0 and aps[20] == 0.0 and nan(aps[64])
+    assert m == pytest.approx(23 / 36, abs=1e-15)
+    # GT row 1 (B, class 1) difficult: 2 GT left; its detection (rank 4) is ignored -> T T F: 1/2 + 1/2.
+    aps, _ = official_ava_frame_map(gt, det, tuple(LM), set(), difficult={1})
+    assert aps[1] == 1.0
+    # (w, 903) excluded: class 1 has 2 GT on v,902: T F T -> 1/2 * 1 + 1/2 * 2/3; class 20 has no GT.
+    aps, _ = official_ava_frame_map(gt, det, tuple(LM), {("w", 903)})
+    assert aps[1] == pytest.approx(1 / 2 + 1 / 3, abs=1e-15) and nan(aps[20])
+
+
+def _official_random_case(seed: int):
+    """AVA-like rows with distinct scores (the official evaluator leaves tie order undefined): the
+    60-class list with rows of all 80 ids, duplicated GT, detections on keyframes without GT, zero-area
+    and inverted boxes, excluded keyframes, and crowded keyframes where the 50-cap bites."""
+    rng = np.random.default_rng(1000 + seed)
+    keyframes = sorted({(f"vid{rng.integers(4)}", int(902 + rng.integers(10))) for _ in range(30)})
+    gt, det = [], []
+    for v, t in keyframes:
+        for _ in range(rng.integers(0, 4)):
+            x1, y1 = rng.uniform(0, 0.7, 2)
+            box = (x1, y1, x1 + rng.uniform(0.05, 0.3), y1 + rng.uniform(0.05, 0.3))
+            for a in rng.choice(np.arange(1, 81), size=rng.integers(1, 4), replace=False):
+                gt += [(v, t, box, int(a))] * (2 if rng.random() < 0.05 else 1)
+    frequent = rng.choice(AVA_V21_60, size=12, replace=False)  # most detections in a few classes
+    for v, t, box, a in gt:
+        for _ in range(rng.integers(0, 5)):
+            j = np.clip(np.array(box) + rng.normal(0, 0.03, 4), 0, 1)
+            cls = a if rng.random() < 0.7 else int(rng.choice(frequent))
+            det.append((v, t, (min(j[0], j[2]), min(j[1], j[3]), max(j[0], j[2]), max(j[1], j[3])), cls))
+    for _ in range(40):  # elsewhere, some on keyframes without GT; some zero-area or inverted
+        v, t = f"vid{rng.integers(5)}", int(902 + rng.integers(12))
+        x1, y1 = rng.uniform(0, 0.8, 2)
+        w = float(rng.choice([0.0, -0.05, 0.1, 0.15]))
+        det.append((v, t, (x1, y1, x1 + w, y1 + 0.1), int(rng.choice(frequent))))
+    filler = np.zeros(len(det), bool)
+    for v, t in [keyframes[i] for i in rng.choice(len(keyframes), 3, replace=False)]:  # crowded
+        for _ in range(int(rng.integers(40, 70))):
+            x1, y1 = rng.uniform(0, 0.6, 2)
+            det.append((v, t, (x1, y1, x1 + 0.3, y1 + 0.3), int(rng.choice(frequent))))
+        filler = np.r_[filler, np.ones(len(det) - len(filler), bool)]
+    # Distinct scores (integers, and x.25 for the crowded keyframes' fillers); the fillers rank high,
+    # so the 50-cap cuts the detections of those keyframes' actual persons.
+    n = len(det)
+    scores = (rng.permutation(n) + np.where(filler, 0.5 * n + 0.25, 0.0)) / (1.5 * n + 1)
+    det = [(*d, float(s)) for d, s in zip(det, scores)]
+    det = [det[i] for i in rng.permutation(len(det))]
+    excluded = {keyframes[i] for i in rng.choice(len(keyframes), 3, replace=False)} | {("vid9", 902)}
+    return gt, det, excluded
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_vectorised_matches_an_independent_official_implementation(seed):
+    gt, det, excluded = _official_random_case(seed)
+    label_map = {c: f"class {c}" for c in AVA_V21_60}
+    want, want_map = official_ava_frame_map(gt, det, AVA_V21_60, excluded)
+    got = evaluate_frame_map(gt_rows(*gt), det_rows(*det), label_map, excluded, protocol="official")
+    assert list(got.per_class) == sorted(AVA_V21_60)
+    for c in AVA_V21_60:
+        assert (nan(want[c]) and nan(got.per_class[c])) or abs(want[c] - got.per_class[c]) <= 1e-12, (c, want[c])
+    assert abs(got.mAP - want_map) <= 1e-12
+    assert sum(not nan(v) for v in want.values()) >= 5 and 0.0 < want_map < 1.0  # a case with something in it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import socket
 from pathlib import Path
 
@@ -92,12 +93,43 @@ def test_sample_current_second_at_slot_half_window(bank):
     assert [int(slots[j, 0, 0]) for j in range(4)] == [105, 106, 107, 108]  # t - W//2 + j
 
 
-def test_sample_unknown_video_and_empty(bank):
+def test_sample_unknown_video_is_an_error_naming_it_and_the_bank(bank, tmp_path):
+    """mmaction2's `lfb[video_id]` raises KeyError; an all-zero window would hide a bank built for
+    other videos (issue 22)."""
     rng = np.random.default_rng(0)
-    assert torch.all(bank.sample(["missing"], [110], rng) == 0)
+    with pytest.raises(BankError, match=rf"bank at {re.escape(str(tmp_path / 'bank'))} has no features for video\(s\) "
+                                        r"'gone', 'missing' \(2 of 3 RoIs\).*bank.missing_videos=zeros"):
+        bank.sample(["missing", "v", "gone"], [110, 110, 3], rng)
+    with pytest.raises(BankError, match="'missing'"):  # a bank handed to another process keeps the mode
+        pickle.loads(pickle.dumps(bank)).sample(["missing"], [110], rng)
     assert bank.sample([], [], rng).shape == (0, 300, C)
     with pytest.raises(ValueError):
         bank.sample(["v"], [1, 2], rng)
+
+
+def test_sample_unknown_video_zeros_only_when_opted_out(tmp_path):
+    encoded_bank(tmp_path / "bank", PERSONS)
+    bank = FeatureBank.open(tmp_path / "bank", missing_videos="zeros")
+    rng = np.random.default_rng(0)
+    out = bank.sample(["missing", "v"], [110, 110], rng, window_seconds=8, max_feats_per_second=8)
+    assert torch.all(out[0] == 0)
+    check_window(out[1], "v", 110, 8, 8)  # the known video is sampled as usual
+    assert torch.all(pickle.loads(pickle.dumps(bank)).sample(["missing"], [110], rng) == 0)
+    with pytest.raises(BankError, match="missing_videos must be one of error, zeros, got 'skip'"):
+        FeatureBank.open(tmp_path / "bank", missing_videos="skip")
+
+
+def test_require_videos_names_split_videos_count_and_path(tmp_path, capsys):
+    encoded_bank(tmp_path / "bank", PERSONS)
+    bank = FeatureBank.open(tmp_path / "bank")
+    assert bank.require_videos(["v", "w", "v"], "train") == ()
+    wanted = ["v", "w"] + [f"val{i:02d}" for i in range(7)]
+    with pytest.raises(BankError, match=rf"bank at {re.escape(str(tmp_path / 'bank'))} lacks 7 of the 9 val videos: 'val00', "
+                                        r"'val01', 'val02', 'val03', 'val04' \(\+2 more\)"):
+        bank.require_videos(wanted, "val")
+    lenient = FeatureBank.open(tmp_path / "bank", missing_videos="zeros")
+    assert lenient.require_videos(wanted, "val") == tuple(f"val{i:02d}" for i in range(7))
+    assert "WARNING" in capsys.readouterr().out  # the opt-out is never silent
 
 
 def test_sample_without_replacement_uniform_random_order(bank):
@@ -193,7 +225,10 @@ def test_missing_and_empty_banks(tmp_path):
     encoded_bank(tmp_path / "empty", {})
     bank = FeatureBank.open(tmp_path / "empty")
     assert bank.videos == () and bank.num_features == 0
-    assert torch.all(bank.sample(["v"], [3], np.random.default_rng(0)) == 0)
+    with pytest.raises(BankError, match="no features for video"):
+        bank.sample(["v"], [3], np.random.default_rng(0))
+    empty = FeatureBank.open(tmp_path / "empty", missing_videos="zeros")
+    assert torch.all(empty.sample(["v"], [3], np.random.default_rng(0)) == 0)
 
 
 def test_truncated_file_refused(tmp_path):

@@ -49,6 +49,22 @@ def test_loss_decreases_and_mlflow_has_every_step_once(baseline):
     assert run.data.metrics["val/mAP"] == pytest.approx(r.metrics["val/mAP"])
 
 
+def test_rerun_of_a_finished_run_trains_nothing_and_returns_its_result(baseline):
+    """What a rerun after `FitManyError` relies on: fitting a finished run again (same name)
+    resumes it at its end, trains no step and returns its final checkpoint and metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.train import fit
+
+    cfg, r = baseline
+    t0 = len(MlflowClient(cfg.tracking_uri).get_metric_history(r.mlflow_run_id, "train/loss"))
+    again = fit(cfg)
+    assert again.run_name == r.run_name and again.mlflow_run_id == r.mlflow_run_id
+    assert again.metrics["epoch"] == 2 and again.metrics["global_step"] == r.metrics["global_step"]
+    assert again.metrics["val/mAP"] == r.metrics["val/mAP"] and os.path.exists(again.model_path)
+    assert len(MlflowClient(cfg.tracking_uri).get_metric_history(r.mlflow_run_id, "train/loss")) == t0
+
+
 def test_rerun_resumes_at_the_right_step(baseline):
     from mlflow.tracking import MlflowClient
 

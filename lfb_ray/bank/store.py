@@ -26,7 +26,7 @@ import torch
 
 from lfb_ray.storage import resolve
 
-__all__ = ["FORMAT_VERSION", "BankError", "BankSummary", "FeatureBank", "write_bank"]
+__all__ = ["FORMAT_VERSION", "MISSING_VIDEO_MODES", "BankError", "BankSummary", "FeatureBank", "write_bank"]
 
 FORMAT_VERSION = 1
 FEATURES_FILE = "features.arrow"
@@ -35,10 +35,20 @@ MANIFEST_FILE = "manifest.json"
 SPLITS = ("train", "val")  # sub-bank merge order of a split folder: val wins, as the reference
 _ROWS_PER_BATCH = 1 << 18  # rows per Arrow record batch (1 GiB at C=2048 fp16); readers handle any
 _SECOND_BIAS = 2**31  # key = video_code << 32 | (second + 2**31), sortable int64
+# What `FeatureBank.sample` does for a video the bank does not hold: "error" (BankError naming it,
+# as mmaction2's `lfb[video_id]` raises KeyError) or "zeros" (an all-zero window: an explicit opt-out).
+MISSING_VIDEO_MODES = ("error", "zeros")
+_NAMED = 5  # missing videos named in an error message; the rest are counted
 
 
 class BankError(ValueError):
-    """A bank is missing, incomplete, inconsistent, or does not fit the model."""
+    """A bank is missing, incomplete, inconsistent, lacks videos, or does not fit the model."""
+
+
+def _name_some(videos: Sequence[str]) -> str:
+    """'a', 'b', 'c' (+N more): the first few of a sorted list of video ids, and how many others."""
+    shown = ", ".join(repr(v) for v in videos[:_NAMED])
+    return shown + (f" (+{len(videos) - _NAMED} more)" if len(videos) > _NAMED else "")
 
 
 @dataclass(frozen=True)
@@ -338,9 +348,12 @@ class FeatureBank:
     so a bank handed to another process maps the same files instead of copying the features.
     """
 
-    def __init__(self, sources: list[_Source], spec: tuple[Any, ...]) -> None:
+    def __init__(self, sources: list[_Source], spec: tuple[Any, ...], missing_videos: str = "error") -> None:
+        if missing_videos not in MISSING_VIDEO_MODES:
+            raise BankError(f"missing_videos must be one of {', '.join(MISSING_VIDEO_MODES)}, got {missing_videos!r}")
         self._sources = sources
         self._spec = spec
+        self._missing_videos = missing_videos
         self._local = threading.local()
         dims = {s.manifest["feature_dim"] for s in sources}
         if len(dims) != 1:
@@ -387,6 +400,7 @@ class FeatureBank:
         expected_dim: int | None = None,
         filesystem: pafs.FileSystem | None = None,
         cache_dir: str | os.PathLike | None = None,
+        missing_videos: str = "error",
     ) -> FeatureBank:
         """Map a bank, a split folder (`train/` + `val/`, val wins per video), or a list of those.
 
@@ -397,6 +411,9 @@ class FeatureBank:
             expected_dim: feature dim C the model expects; checked here so a mismatch fails early.
             filesystem: pyarrow filesystem the path(s) live on, instead of inferring it from URIs.
             cache_dir: local cache for remote banks.
+            missing_videos: "error" (default): `sample` and `require_videos` raise `BankError` for a
+                video the bank does not hold; "zeros": `sample` gives such a video an all-zero window
+                and `require_videos` only warns (`bank.missing_videos`).
 
         Raises:
             BankError: missing/incomplete bank (no manifest), corrupt files, dims that differ between
@@ -414,7 +431,7 @@ class FeatureBank:
                 label = leaf if local else f"{fs.type_name}://{leaf}"
                 local_dir = Path(leaf) if local else _download(fs, leaf, manifest, cache)
                 sources.append(_map_source(label, local_dir, manifest))
-        bank = cls(sources, (paths, filesystem, expected_dim, cache_dir))
+        bank = cls(sources, (paths, filesystem, expected_dim, cache_dir), missing_videos)
         if expected_dim is not None and bank.feature_dim != expected_dim:
             raise BankError(f"bank {os.fspath(paths[0]) if len(paths) == 1 else paths} has feature dim "
                             f"{bank.feature_dim}, model expects {expected_dim}")
@@ -422,7 +439,44 @@ class FeatureBank:
 
     def __reduce__(self) -> tuple[Any, ...]:
         paths, filesystem, expected_dim, cache_dir = self._spec
-        return (_reopen, (paths, filesystem, expected_dim, cache_dir))
+        return (_reopen, (paths, filesystem, expected_dim, cache_dir, self._missing_videos))
+
+    @property
+    def path(self) -> str:
+        """Where the bank was opened from, for messages (a URI's `?query` options left out)."""
+        return ", ".join(os.fspath(p).partition("?")[0] for p in self._spec[0])
+
+    @property
+    def missing_videos(self) -> str:
+        """What `sample` does for a video the bank does not hold (`MISSING_VIDEO_MODES`)."""
+        return self._missing_videos
+
+    def require_videos(self, videos: Sequence[str], split: str) -> tuple[str, ...]:
+        """Check that the bank holds every video of `split` that a run will sample, before it starts.
+
+        Args:
+            videos: video ids the run reads (e.g. those of the split's annotation CSV).
+            split: name for the message ("train", "val").
+
+        Returns:
+            the sorted missing videos: always () in "error" mode; in "zeros" mode the videos whose
+            windows will be zeros (a warning naming them is printed).
+
+        Raises:
+            BankError: in "error" mode, naming the split, the first missing videos, their count and
+                the bank path.
+        """
+        missing = tuple(sorted({str(v) for v in videos} - set(self._video_code)))
+        if not missing:
+            return ()
+        what = (f"the feature bank at {self.path} lacks {len(missing)} of the {len(set(videos))} {split} "
+                f"videos: {_name_some(missing)}")
+        if self._missing_videos == "error":
+            raise BankError(f"{what}. Rebuild the bank for these videos (jobs/build_bank.py), or set "
+                            "bank.missing_videos=zeros to give them all-zero long-term features")
+        print(f"[lfb_ray] WARNING: {what}; their long-term features are zeros (bank.missing_videos=zeros)",
+              flush=True)
+        return missing
 
     @property
     def feature_dim(self) -> int:
@@ -537,8 +591,10 @@ class FeatureBank:
         Slot j of the window holds second `t - W//2 + j` (the current second at slot W//2). For each
         such second present in the bank with n features, a uniformly random subset of min(n, K) of
         them, without replacement and in random order, goes to rows j*K .. j*K+min(n,K)-1. Everything
-        else (missing seconds, beyond the video edges, unused rows, unknown videos) is zero. Draws are
-        independent per RoI, including RoIs of the same keyframe, and reproducible from `rng`.
+        else (missing seconds, beyond the video edges, unused rows) is zero. A video the bank does
+        not hold is a `BankError`, unless the bank was opened with `missing_videos="zeros"` (then its
+        windows are zero). Draws are independent per RoI, including RoIs of the same keyframe, and
+        reproducible from `rng`.
 
         Args:
             video_ids: [R] video id of each RoI.
@@ -552,6 +608,9 @@ class FeatureBank:
 
         Returns:
             [R, W*K, C] float32.
+
+        Raises:
+            BankError: a video the bank does not hold (in "error" mode), naming it and the bank path.
         """
         W, K, C = window_seconds, max_feats_per_second, self._dim
         if W < 1 or K < 1:
@@ -566,9 +625,14 @@ class FeatureBank:
                 or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous CPU float32 tensor of shape {(R, W * K, C)}, "
                              f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+        codes = np.fromiter((self._video_code.get(v, -1) for v in video_ids), dtype=np.int64, count=R)
+        if self._missing_videos == "error" and (codes < 0).any():
+            missing = sorted({str(v) for v, c in zip(video_ids, codes, strict=True) if c < 0})
+            raise BankError(f"the feature bank at {self.path} has no features for video(s) {_name_some(missing)} "
+                            f"({int((codes < 0).sum())} of {R} RoIs); set bank.missing_videos=zeros to sample "
+                            "all-zero windows for them instead")
         if R == 0 or len(self._keys) == 0:
             return out.zero_()
-        codes = np.fromiter((self._video_code.get(v, -1) for v in video_ids), dtype=np.int64, count=R)
         secs = t[:, None] + (np.arange(W) - W // 2)  # [R, W] second of each window slot
         valid = (codes[:, None] >= 0) & (secs >= -_SECOND_BIAS) & (secs < _SECOND_BIAS)
         query = ((codes[:, None] << 32) | (secs + _SECOND_BIAS)).ravel()
@@ -596,5 +660,6 @@ class FeatureBank:
         return out
 
 
-def _reopen(paths: Any, filesystem: Any, expected_dim: Any, cache_dir: Any) -> FeatureBank:
-    return FeatureBank.open(paths, expected_dim=expected_dim, filesystem=filesystem, cache_dir=cache_dir)
+def _reopen(paths: Any, filesystem: Any, expected_dim: Any, cache_dir: Any, missing_videos: str = "error") -> FeatureBank:
+    return FeatureBank.open(paths, expected_dim=expected_dim, filesystem=filesystem, cache_dir=cache_dir,
+                            missing_videos=missing_videos)

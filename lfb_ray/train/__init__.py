@@ -3,7 +3,7 @@
 `lfb_ray.train.schedule` imports without Ray; the names below load `loop` (and Ray) on first use.
 """
 
-__all__ = ["FitResult", "fit", "fit_many", "fit_operators", "plan_concurrency", "run_name_for"]
+__all__ = ["FitManyError", "FitResult", "fit", "fit_many", "fit_operators", "plan_concurrency", "run_name_for"]
 
 
 def __getattr__(name: str):

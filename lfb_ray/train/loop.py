@@ -244,6 +244,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     # --- model: pretrained weights, then a checkpoint to resume or a backbone to start from, then DDP
     core = to_model_layout(build_detector(cfg.model).to(device))
+    bank = None
+    if cfg.model.fbo != "none":
+        # Before any work (the head warm-up included): a bank that lacks videos this run trains or
+        # evaluates on is refused, naming them, unless bank.missing_videos=zeros.
+        from lfb_ray.bank.coverage import open_checked
+
+        bank = open_checked(cfg, ("train", "val"), expected_dim=core.feature_channels)
     if cfg.model.pretrained:
         load_checkpoint(core, cfg.model.pretrained)  # Kinetics backbone or a whole detector
     start_epoch, skip_iters, global_step, best_map = 0, 0, 0, float("nan")
@@ -276,11 +283,6 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = build_optimizer(model.parameters(), tc, base_lr)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-    bank = None
-    if cfg.model.fbo != "none":
-        from lfb_ray.bank import FeatureBank
-
-        bank = FeatureBank.open(cfg.bank_dir, expected_dim=core.feature_channels)
     tracker = (Tracker(cfg.tracking_uri, config["mlflow_run_id"])
                if rank == 0 and config.get("mlflow_run_id") else NullTracker())
     results_dir = config["results_dir"]
@@ -569,6 +571,31 @@ def _with_operator(cfg: Config, op: str) -> Config:
     return config_from_dict(d)
 
 
+class FitManyError(RuntimeError):
+    """Runs of `fit_many` failed for good; raised only once every other run has finished.
+
+    Attributes:
+        failures: key -> the error of each failed attempt of that run ("Type: message"), in order.
+        results: key -> `FitResult` of every run that finished (`on_done` was called for each).
+    """
+
+    def __init__(self, failures: dict[str, list[str]], results: dict[str, FitResult]):
+        self.failures, self.results = failures, results
+        lines = [f"  {key} ({len(errs)} attempt{'s' if len(errs) > 1 else ''}): {errs[-1]}"
+                 for key, errs in failures.items()]
+        super().__init__(
+            f"{len(failures)} of {len(failures) + len(results)} runs failed: {', '.join(failures)}; finished: "
+            f"{', '.join(results) or 'none'}. Rerunning the same command trains only what is missing: "
+            "finished runs resume from their last checkpoint under the same run name.\n" + "\n".join(lines))
+
+
+def _error_text(e: BaseException) -> str:
+    """'Type: message' of a run's error; for an exception raised inside a Ray task, the original one."""
+    cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps the task's exception
+    err = cause if isinstance(cause, BaseException) else e
+    return f"{type(err).__name__}: {err}"
+
+
 def fit_many(cfgs: dict[str, Config], *, fresh: bool = False, parent_run_id: str | None = None,
              init_checkpoint: str | None = None,
              on_done: Callable[[str, FitResult], None] | None = None) -> dict[str, FitResult]:
@@ -579,8 +606,21 @@ def fit_many(cfgs: dict[str, Config], *, fresh: bool = False, parent_run_id: str
     `on_done(key, result)` is called on this process as each run finishes, so that a caller can
     record it before the others end (the pipeline's resumable operators stage). Run names do not
     depend on the scaled reservations (`run_name_for`), so a rerun resumes the same runs.
+
+    Failures are isolated: a run that fails is reported (its error printed at once) and the others
+    go on; once all of them have finished, `FitManyError` lists the failed runs with their errors.
+    A run whose driver task *died* (its process or node lost: a Ray system error, not an exception
+    raised by `fit`) is started again, up to `train.max_failures` times: Ray Train's own
+    `FailureConfig(max_failures)` restarts failed *workers* from the last checkpoint, but it runs in
+    that task and cannot outlive it. An exception raised by `fit` is not retried here: it either
+    comes after Ray Train has already spent its restarts on the same failure (`TrainingFailedError`),
+    or it is deterministic (a config, bank or data error) and would fail the same way again.
+
+    Raises:
+        FitManyError: some runs failed for good; `.results` holds the finished ones.
     """
     import ray
+    from ray.exceptions import RayError, RayTaskError
 
     if not cfgs:
         return {}
@@ -588,27 +628,59 @@ def fit_many(cfgs: dict[str, Config], *, fresh: bool = False, parent_run_id: str
     slots, scale = plan_concurrency(first, len(cfgs), ray.cluster_resources())
     kw = dict(fresh=fresh, parent_run_id=parent_run_id, init_checkpoint=init_checkpoint)
     out: dict[str, FitResult] = {}
-    if slots <= 1:
-        for key, c in cfgs.items():
-            out[key] = fit(c, **kw)
-            if on_done:
-                on_done(key, out[key])
-        return out
-    scaled = (f" (cluster.concurrent_runs={first.cluster.concurrent_runs}): CPU reservations scaled by {scale:.2f} "
-              "so that they fit") if scale < 1.0 else ""
-    print(f"[lfb_ray] {len(cfgs)} runs, {slots} at a time{scaled}", flush=True)
-    remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit)
-    pending = list(cfgs.items())
-    running: dict = {}
-    while pending or running:
-        while pending and len(running) < slots:
-            key, c = pending.pop(0)
-            running[remote_fit.remote(_scaled(c, scale), **kw)] = key
-        ready, _ = ray.wait(list(running), num_returns=1)
-        key = running.pop(ready[0])
-        out[key] = ray.get(ready[0])
+    failures: dict[str, list[str]] = {}
+
+    def finished(key: str, result: FitResult) -> None:
+        out[key] = result
         if on_done:
-            on_done(key, out[key])
+            on_done(key, result)
+
+    def failed(key: str, e: BaseException, retry: bool) -> bool:
+        """Record a failed attempt; whether the run is to be started again."""
+        errs = failures.setdefault(key, [])
+        errs.append(_error_text(e))
+        again = retry and len(errs) <= cfgs[key].train.max_failures
+        why = (f"its task died, starting it again (attempt {len(errs) + 1} of {cfgs[key].train.max_failures + 1})"
+               if again else "the other runs go on")
+        print(f"[lfb_ray] run {key} failed ({why}): {errs[-1]}", flush=True)
+        return again
+
+    if slots <= 1:
+        # In this process: a run that fails is reported and the next one starts (a crash of this
+        # process ends them all; the rerun resumes them).
+        for key, c in cfgs.items():
+            try:
+                result = fit(c, **kw)
+            except Exception as e:  # not lost: every failed run is in the FitManyError raised below
+                failed(key, e, retry=False)
+                continue
+            finished(key, result)
+    else:
+        scaled = (f" (cluster.concurrent_runs={first.cluster.concurrent_runs}): CPU reservations scaled by "
+                  f"{scale:.2f} so that they fit") if scale < 1.0 else ""
+        print(f"[lfb_ray] {len(cfgs)} runs, {slots} at a time{scaled}", flush=True)
+        remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit)
+        pending = list(cfgs.items())
+        running: dict = {}
+        while pending or running:
+            while pending and len(running) < slots:
+                key, c = pending.pop(0)
+                running[remote_fit.remote(_scaled(c, scale), **kw)] = key
+            ready, _ = ray.wait(list(running), num_returns=1)
+            key = running.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except RayTaskError as e:  # raised by fit itself
+                failed(key, e, retry=False)
+                continue
+            except RayError as e:  # the task's process or node died
+                if failed(key, e, retry=True):
+                    pending.append((key, cfgs[key]))
+                continue
+            failures.pop(key, None)  # a retried run that finished
+            finished(key, result)
+    if failures:
+        raise FitManyError(failures, {key: out[key] for key in cfgs if key in out})
     return {key: out[key] for key in cfgs}
 
 

@@ -150,8 +150,21 @@ def test_cluster_image_is_ray_of_the_pinned_version_plus_the_constraints():
     assert "580.65.06" in docs and "CUDA 13.0" in docs and "cluster-constraints.txt" in docs
 
 
+def test_readme_and_ci_install_with_the_cluster_constraints():
+    """The tests run with the versions the cluster image pins: both README set-up commands install with
+    the constraints file, and .ci/run calls exactly README's test command (a new release on the
+    registry then changes neither the tests' environment nor the image's)."""
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    quick = [b for b in blocks[:2]]
+    assert len(quick) == 2 and all("pip install -q -c requirements/cluster-constraints.txt -e" in b for b in quick)
+    ci = (REPO / ".ci" / "run").read_text().strip().splitlines()
+    assert ci[-1] == quick[1], (ci[-1], quick[1])
+
+
 def test_constraints_match_the_installed_environment():
-    """requirements/cluster-constraints.txt is what tools/write_constraints.py writes from this venv."""
+    """requirements/cluster-constraints.txt is what tools/write_constraints.py writes from this venv
+    (README's commands install with it, so this holds on a fresh clone)."""
     import subprocess
     import sys
 

@@ -350,6 +350,9 @@ def train_loop_per_worker(config: dict) -> None:
             mine = mine[: tc.max_iters_per_epoch * tc.batch_size_per_worker]
         mine = mine[first * tc.batch_size_per_worker:]
         it = first
+        # The epoch's last iteration also logs the loss, so a run shorter than log_every_iters still
+        # has a loss curve (compare's plot reads it).
+        last_it = first + -(-len(mine) // tc.batch_size_per_worker) - 1
         t_last = time.time()
         loss_sum, loss_n = 0.0, 0
         samples = train_samples(cfg, train_table, mine, epoch)
@@ -380,7 +383,7 @@ def train_loop_per_worker(config: dict) -> None:
             n_clips += batch["num_clips"]
             loss_sum += float(loss.detach())
             loss_n += 1
-            if global_step % tc.log_every_iters == 0:
+            if global_step % tc.log_every_iters == 0 or it == last_it:
                 tracker.log_metrics({"train/loss": float(loss.detach()), "train/lr": lr}, step=global_step)
             if tc.checkpoint_every_iters and global_step % tc.checkpoint_every_iters == 0:
                 report({"epoch": epoch, "global_step": global_step, "train/loss": float(loss.detach())},

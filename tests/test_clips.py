@@ -58,6 +58,25 @@ def test_train_transform_shapes_and_box_scaling():
     assert 0 <= px[0, 0] <= px[0, 2] <= 63
 
 
+@pytest.mark.parametrize(("h", "w", "short"), [(64, 114, 80), (64, 114, 64), (80, 142, 66), (90, 60, 72)])
+def test_rescale_crop_equals_the_window_of_the_full_rescale(h, w, short):
+    """Cropping before rescaling (Pillow's resize box) gives the window of rescale-then-crop."""
+    from lfb_ray.data.clips import _rescale_crop, _resize_short, _short_side_size
+
+    rng = np.random.default_rng(h * w + short)
+    frames = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+    frames[:, h // 3:, : w // 2] //= 3  # some structure, edges inside the window
+    nh, nw = _short_side_size(h, w, short)
+    full = _resize_short(frames, short)
+    assert full.shape[1:3] == (nh, nw)
+    c = min(nh, nw) - 3
+    for y0, x0 in [(0, 0), (nh - c, nw - c), (1, (nw - c) // 2)]:
+        got = _rescale_crop(frames, (nh, nw), (y0, x0), c)
+        ref = full[:, y0:y0 + c, x0:x0 + c]
+        assert got.shape == ref.shape == (2, c, c, 3)
+        assert np.abs(got.astype(int) - ref).max() <= 1
+
+
 def test_flip_mirrors_boxes_and_pixels():
     spec = ClipSpec(scale_range=(32, 32), crop_size=32, flip_ratio=1.0)
     f = _frames(32, 32)
@@ -110,3 +129,26 @@ def test_box_iou():
     a = np.array([[0, 0, 2, 2]], float)
     b = np.array([[1, 1, 3, 3], [0, 0, 2, 2], [5, 5, 5, 6]], float)
     assert np.allclose(box_iou(a, b), [[1 / 7, 1.0, 0.0]])
+
+
+def test_decode_jpeg_reads_arrow_buffers_and_grayscale_like_pillow():
+    """decode_jpeg (simplejpeg) returns Pillow's pixels, from bytes or a frame store's pyarrow Buffer,
+    and RGB for a grayscale JPEG."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    data = encode_jpeg(img, 90)
+    with Image.open(io.BytesIO(data)) as im:
+        ref = np.asarray(im.convert("RGB"))
+    assert np.array_equal(decode_jpeg(data), ref)
+    assert np.array_equal(decode_jpeg(pa.py_buffer(data)), ref)
+    buf = io.BytesIO()
+    Image.fromarray(img[..., 0]).save(buf, format="JPEG", quality=90)
+    gray = decode_jpeg(buf.getvalue())
+    assert gray.shape == (24, 40, 3) and np.array_equal(gray[..., 0], gray[..., 2])
+    with pytest.raises(ValueError):
+        decode_jpeg(b"not a jpeg")

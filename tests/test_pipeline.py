@@ -38,6 +38,30 @@ def test_every_stage_runs_and_the_table_has_all_models(first_run, capsys):
         assert set(json.load(f)) == set(STAGES)
 
 
+def test_the_runs_nest_under_one_finished_pipeline_parent(first_run, tmp_path):
+    """MLflow: one parent run per invocation; the five training runs and the comparison are its
+    children, all FINISHED; the parent holds the stage times and the summary of its children."""
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.pipeline import resolve_paths
+
+    cfg = resolve_paths(first_run[0])
+    client = MlflowClient(cfg.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    (parent,) = [r for r in runs if r.data.tags.get("lfb_ray.kind") == "pipeline"]
+    assert parent.info.status == "FINISHED"
+    assert {f"stage_seconds/{s}" for s in STAGES} <= set(parent.data.metrics)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(runs) - 1  # nothing outside the parent
+    trained = [r for r in children if "lfb_ray.operator" in r.data.tags]
+    assert len(trained) == 5 and {"nl", "avg", "max"} <= {r.data.tags["lfb_ray.operator"] for r in trained}
+    assert [r.data.tags.get("lfb_ray.kind") for r in children if r not in trained] == ["comparison"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"summary.csv", "summary.md"}
+    assert all("val/mAP" in r.data.metrics for r in trained)
+
+
 def test_rerun_skips_every_stage_and_from_reruns_the_rest(first_run, capsys):
     """Resumable: a second run does nothing; `--from evaluate` (via the job's CLI) redoes only the tail."""
     import importlib.util

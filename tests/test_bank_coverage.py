@@ -53,7 +53,9 @@ def test_split_videos_are_the_csv_videos_less_prepare_failures(tmp_path, dataset
     prepared.mkdir(parents=True)
     (prepared / "failures.json").write_text(json.dumps([
         {"split": "train", "video_id": "tr_b", "path": None, "error": "missing video"},
-        {"split": "val", "video_id": "tr_c", "path": None, "error": "other split: not subtracted from train"}]))
+        {"split": "val", "video_id": "tr_c", "path": None, "error": "other split: not subtracted from train"},
+        {"split": "train", "video_id": "tr_a", "path": "tr_a.mp4", "timestamp": 905,
+         "error": "one keyframe lost to undecodable frames: the video has rows, so it stays"}]))
     assert split_videos(cfg, "train") == ["tr_a", "tr_c"]
     assert split_videos(config(tmp_path, dataset, "data.val_csv="), "val") == []
     with pytest.raises(ValueError, match="unknown split 'test'"):

@@ -54,3 +54,35 @@ def test_detect_start():
         detect_video_start(-1, duration_s=20.0, max_timestamp=958, video="v.mp4")
     with pytest.raises(TimingError, match="data.video_start_second=900"):
         detect_video_start(900, duration_s=20.0, max_timestamp=958, video="v.mp4")
+
+
+def test_nearest_frames_by_presentation_time():
+    from lfb_ray.data.timing import nearest_frames
+
+    times = np.array([0.0, 0.05, 0.1, 0.2, 0.4])
+    got = nearest_frames(times, np.array([-1.0, 0.0, 0.024, 0.025, 0.149, 0.15, 0.31, 9.0]))
+    assert got.tolist() == [0, 0, 0, 1, 2, 3, 4, 4]  # ties (0.025, 0.15) go to the later frame
+
+
+def test_frame_times_constant_rate_keeps_the_index_arithmetic():
+    from lfb_ray.data.timing import FrameTimes
+
+    ft = FrameTimes(np.arange(27030, dtype=np.float32) / np.float32(30), 30.0)  # decord's float32 clock
+    assert ft.constant and ft.duration == pytest.approx(901.0)
+    idx = ft.indices(np.array([902, 1000]), clip_ref_offsets(4, 16), video_start_second=900)
+    assert idx.tolist() == [[28, 44, 60, 76], [2968, 2984, 3000, 3016]]
+    late = FrameTimes.constant_rate(1000, 25.0, first=1.0)  # video stream starts 1 s into the file
+    assert late.indices(np.array([902]), np.array([0]), video_start_second=900).tolist() == [[25]]
+    assert late.indices(np.array([900]), np.array([0]), video_start_second=900).tolist() == [[0]]
+
+
+def test_frame_times_variable_rate_and_the_end_of_the_video():
+    from lfb_ray.data.timing import FrameTimes
+
+    times = np.concatenate([np.arange(0, 5, 1 / 24), 5 + np.arange(0, 5, 1 / 30)])  # 24 then 30 fps
+    ft = FrameTimes(times, len(times) / 10.0)
+    assert not ft.constant and ft.duration == pytest.approx(10.0, abs=1e-6)
+    idx = ft.indices(np.array([902, 906]), np.array([0, 16]), video_start_second=900)
+    assert idx.tolist() == [[48, 61], [120 + 30, 120 + 46]]
+    past = ft.indices(np.array([910]), np.array([0]), video_start_second=900, clip=False)
+    assert past[0, 0] == ft.num_frames  # beyond the last frame: the caller reports it

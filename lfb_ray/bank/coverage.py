@@ -18,8 +18,9 @@ __all__ = ["open_checked", "split_videos"]
 
 def split_videos(cfg: Config, split: str) -> list[str]:
     """The videos of `split` a run reads from the bank: those of the split's annotation CSV, less the
-    ones the prepare stage recorded as failed (`failures.json` of the prepared folder: they have no
-    prepared rows, so nothing samples them). Sorted; [] for a split without an annotation CSV in the
+    ones the prepare stage recorded as failed as a whole (`failures.json` of the prepared folder:
+    they have no prepared rows, so nothing samples them; a video that only lost some keyframes
+    stays). Sorted; [] for a split without an annotation CSV in the
     config (no rows of it are prepared, so none are read).
 
     Raises:
@@ -39,7 +40,10 @@ def split_videos(cfg: Config, split: str) -> list[str]:
     fs, root = resolve(cfg.prepared_dir)
     failures_json = join(root, "failures.json")
     if exists(fs, failures_json):
-        videos -= {f["video_id"] for f in read_json(fs, failures_json) if f.get("split") == split}
+        # Entries with a timestamp are single keyframes lost to undecodable frames: their video
+        # still has prepared rows, so the bank must hold it.
+        videos -= {f["video_id"] for f in read_json(fs, failures_json)
+                   if f.get("split") == split and f.get("timestamp") is None}
     return sorted(videos)
 
 

@@ -7,12 +7,16 @@ size when smaller), JPEG-encodes each frame once into the video's frame store an
 video's keyframe table (schema in `lfb_ray.data.schema`). Each video commits with a `_DONE.json`
 marker written after its files, which makes the job resumable and idempotent: a rerun skips videos
 whose marker matches the task (config, source file size/mtime, annotations) and redoes the rest
-from scratch. A bad video is recorded in `failures.json` and skipped; the job fails only past
-`data.failure_budget`.
+from scratch. A bad video is recorded in `failures.json` and skipped; a frame that cannot be decoded
+costs only the keyframes whose windows need it (each recorded in `failures.json` with its
+`timestamp`; the video's other keyframes are written). The job fails only when more videos than
+`data.failure_budget` failed as a whole or lost keyframes. Frame times follow
+`lfb_ray.data.timing` (movie time = pts minus the container's start; variable-rate files by each
+frame's presentation time).
 
 Layout under `prepared_dir`:
     manifest.json                      written last: schema version, config, per-video entries
-    failures.json                      videos that could not be prepared, with reasons
+    failures.json                      videos (and single keyframes) that could not be prepared, with reasons
     <split>/<video_id>/frames.arrow    each needed frame once (Arrow IPC, one record batch per frame)
     <split>/<video_id>/keyframes.parquet   one row per annotated keyframe, frame rows per offset
     <split>/<video_id>/_DONE.json
@@ -37,7 +41,7 @@ from lfb_ray.data import annotations as ann
 from lfb_ray.data.clips import encode_jpeg
 from lfb_ray.data.frames import FrameStoreWriter
 from lfb_ray.data.schema import FRAMES_FILE, KEYFRAMES_FILE, SCHEMA, SCHEMA_VERSION
-from lfb_ray.data.timing import TimingError, detect_video_start, frame_indices_for, stored_ref_offsets
+from lfb_ray.data.timing import FrameTimes, TimingError, detect_video_start, stored_ref_offsets
 from lfb_ray.storage import (
     exists,
     join,
@@ -172,7 +176,9 @@ def prepare_video(task: dict, out_uri: str) -> dict:
 
     Returns:
         summary dict: video_id, split, status ("done" | "skipped" | "failed"), rows, bytes, files,
-        error (for failures).
+        error (for failures), keyframe_failures (keyframes of a done or skipped video left without
+        a row because frames of their window cannot be decoded: timestamp and error each; kept in
+        the `_DONE.json` marker, so a resumed run reports them again).
     """
     fs, root = resolve(out_uri)
     vdir = _video_dir(root, task["split"], task["video_id"])
@@ -182,18 +188,19 @@ def prepare_video(task: dict, out_uri: str) -> dict:
         try:
             done = read_json(fs, done_path)
             if done.get("hash") == task["hash"]:
-                return {**base, **done, "status": "skipped"}
+                return {**base, "keyframe_failures": [], **done, "status": "skipped"}
         except Exception:  # unreadable marker: redo the video
             pass
     remove_dir(fs, vdir)  # partial or stale output: redo from scratch
     try:
-        rows_written, nbytes, files = _decode_and_write(task, fs, vdir, f"{task['split']}/{task['video_id']}")
+        rows_written, nbytes, files, kf_failures = _decode_and_write(task, fs, vdir,
+                                                                     f"{task['split']}/{task['video_id']}")
     except Exception as e:
         remove_dir(fs, vdir)
         return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "rows": 0, "bytes": 0,
-                "files": []}
+                "files": [], "keyframe_failures": []}
     done = {"hash": task["hash"], "rows": rows_written, "bytes": nbytes, "files": files,
-            "source": {"path": task["path"], **task["source"]}}
+            "source": {"path": task["path"], **task["source"]}, "keyframe_failures": kf_failures}
     write_json_atomic(fs, done_path, done)
     return {**base, **done, "status": "done"}
 
@@ -208,9 +215,151 @@ def stored_size(orig_h: int, orig_w: int, short_side: int) -> tuple[int, int]:
     return int(round(orig_h * short / orig_w)), short
 
 
-def _decode_and_write(task: dict, fs, vdir: str, rel_dir: str) -> tuple[int, int, list[str]]:
+def _stream_start_shift(path: str) -> float:
+    """Movie time of the video stream's first frame: its start time minus the container's (the
+    earliest start of any stream), as ffmpeg and players count time; 0 when either is unknown.
+    decord counts frame times from the video stream's own first frame, so this is added to them."""
+    import av
+
+    try:
+        with av.open(path) as c:
+            st = c.streams.video[0]
+            if st.start_time is None or c.start_time is None:
+                return 0.0
+            return max(0.0, float(st.start_time * st.time_base) - c.start_time / 1e6)
+    except Exception:  # noqa: BLE001 - decord opened the file; without PyAV's view, keep decord's clock
+        return 0.0
+
+
+def _frame_times(path: str, vr, fps: float) -> tuple[FrameTimes, float]:
+    """Every frame's movie time (`lfb_ray.data.timing`), from decord's per-frame timestamps, and the
+    shift from decord's clock (seconds since the video stream's first frame) to movie time."""
+    n = len(vr)
+    ts = np.asarray(vr.get_frame_timestamp(range(n)), dtype=np.float64).reshape(n, -1)[:, 0]
+    ts = ts - ts[0] if len(ts) else ts
+    shift = _stream_start_shift(path)
+    return FrameTimes(ts + shift, fps), shift
+
+
+def _decode_one_pyav(path: str, stream_time: float, height: int, width: int) -> np.ndarray:
+    """The frame shown at `stream_time` (seconds since the video stream's first frame), decoded with
+    PyAV from the keyframe before it, skipping packets the decoder refuses; RGB [height, width, 3].
+
+    Why: decord fails a whole request when any packet it has read ahead is broken, so frames shortly
+    before a broken packet are lost to it although nothing they depend on is damaged.
+
+    Raises:
+        ValueError: the frame is not produced, or it is decoded from a broken packet since the last
+            keyframe (its picture would be wrong).
+    """
+    import av
+
+    with av.open(path) as c:
+        st = c.streams.video[0]
+        st.thread_type = "NONE"
+        tb = float(st.time_base)
+        zero = float(st.start_time * st.time_base) if st.start_time is not None else 0.0
+        target = zero + stream_time
+        c.seek(int(target / tb), stream=st, backward=True, any_frame=False)
+        broken = None
+        for packet in c.demux(st):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as e:
+                broken = f"{type(e).__name__}: {e}"
+                continue
+            for f in frames:
+                if f.key_frame:
+                    broken = None
+                if f.pts is None:
+                    continue
+                t = f.pts * tb
+                if abs(t - target) < 2e-3:
+                    if broken:
+                        raise ValueError(f"decoded from a broken packet before it ({broken})")
+                    return f.to_ndarray(format="rgb24", width=width, height=height)
+                if t > target:
+                    raise ValueError(f"no frame at {stream_time:.3f} s (next one at {t - zero:.3f} s)")
+    raise ValueError(f"no frame at {stream_time:.3f} s (end of stream)")
+
+
+def _short_error(e: BaseException) -> str:
+    """One line of an exception: decord's messages are multi-line C++ traces."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("Stack trace")]
+    text = lines[0] if lines else ""
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def _decode_frames(open_reader, frames: np.ndarray, path: str, fallback):
+    """Decode `frames` (sorted unique indices) in order, in chunks of FRAMES_PER_DECODE, with decord.
+
+    A chunk that fails is split in halves down to single frames; a single frame that fails is
+    decoded by `fallback(index)` (PyAV) instead, and recorded as undecodable when that fails too.
+    The decord reader is opened afresh after a failure (a failed decode can leave it failing the
+    next request). Yields (frame index, [h, w, 3] array or None, error or None) in frame order.
+
+    Raises:
+        ValueError: more than max(FRAMES_PER_DECODE, a quarter of `frames`) frames are undecodable:
+            the video is broken as a whole, not in a few places (and bisecting all of it would cost
+            a decode per frame).
+    """
+    state = {"vr": open_reader(), "failed": 0}
+    limit = max(FRAMES_PER_DECODE, len(frames) // 4)
+
+    def run(chunk: np.ndarray):
+        try:
+            decoded = state["vr"].get_batch(chunk.tolist()).asnumpy()  # [n, h, w, 3], in order
+        except Exception as e:  # noqa: BLE001 - decord raises its own error types
+            if len(chunk) > 1:
+                mid = len(chunk) // 2
+                yield from run(chunk[:mid])
+                yield from run(chunk[mid:])
+                return
+            state["vr"] = open_reader()
+            i = int(chunk[0])
+            try:
+                yield i, fallback(i), None
+            except Exception as e2:  # noqa: BLE001
+                state["failed"] += 1
+                if state["failed"] > limit:
+                    raise ValueError(f"{path}: decoding frames failed at frame {i} and {limit} other frames "
+                                     f"(truncated or corrupt video?): {_short_error(e)}") from e
+                yield i, None, f"{_short_error(e2)} (decord: {_short_error(e)})"
+            return
+        for j, i in enumerate(chunk):
+            yield int(i), decoded[j], None
+
+    for c0 in range(0, len(frames), FRAMES_PER_DECODE):
+        yield from run(frames[c0:c0 + FRAMES_PER_DECODE])
+
+
+def _compact_store(fs, path: str, keep: np.ndarray) -> int:
+    """Rewrite the frame store at `path` with only the frames in `keep` (sorted frame indices), after
+    keyframes were dropped; returns the new size. Copies JPEG bytes, decodes nothing."""
+    import pyarrow.ipc as ipc
+
+    with fs.open_input_file(path) as fh:
+        table = ipc.open_file(fh).read_all()
+    index = table.column("frame_index").to_numpy()
+    writer = FrameStoreWriter(fs, path)
+    try:
+        jpegs = table.column("jpeg")
+        for row in np.flatnonzero(np.isin(index, keep)):
+            writer.add(int(index[row]), jpegs[int(row)].as_py())
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _decode_and_write(task: dict, fs, vdir: str, rel_dir: str) -> tuple[int, int, list[str], list[dict]]:
     """Decode every frame the video's keyframes can touch once, in order, into the frame store, and
-    write the keyframe table that refers to it. Returns (rows, bytes written, file names)."""
+    write the keyframe table that refers to it.
+
+    A frame that cannot be decoded costs the keyframes whose windows hold it, not the video: they get
+    no row and are returned as keyframe failures. Returns (rows, bytes written, file names, keyframe
+    failures: dicts with timestamp and error).
+    """
     import decord
 
     s = task["settings"]
@@ -221,43 +370,67 @@ def _decode_and_write(task: dict, fs, vdir: str, rel_dir: str) -> tuple[int, int
         probe = decord.VideoReader(path, num_threads=1)
         num_frames, fps = len(probe), float(probe.get_avg_fps())
         oh, ow = probe[0].shape[:2]
+        times, shift = _frame_times(path, probe, fps) if num_frames > 0 and fps > 0 else (None, 0.0)
         del probe
     except Exception as e:
         raise ValueError(f"{path}: cannot open as a video (truncated, corrupt or not a video file): {e}") from e
-    if num_frames <= 0 or fps <= 0:
+    if num_frames <= 0 or fps <= 0 or times is None:
         raise ValueError(f"{path}: no frames or unknown fps")
     timestamps = np.array([k["timestamp"] for k in task["keyframes"]], dtype=np.int64)
-    start = detect_video_start(s["video_start_second"], duration_s=num_frames / fps,
+    start = detect_video_start(s["video_start_second"], duration_s=times.duration,
                                max_timestamp=int(timestamps.max()), video=path)
     h, w = stored_size(oh, ow, s["short_side"])
-    vr = (decord.VideoReader(path, num_threads=1) if (h, w) == (oh, ow)
-          else decord.VideoReader(path, width=w, height=h, num_threads=1))
+
+    def open_reader():
+        return (decord.VideoReader(path, num_threads=1) if (h, w) == (oh, ow)
+                else decord.VideoReader(path, width=w, height=h, num_threads=1))
+
     offsets = stored_ref_offsets(s["clip_frames"], s["frame_interval"],
                                  tuple(s["jitter"]) if s["jitter"] else None)
-    frame_idx = frame_indices_for(timestamps, offsets, video_start_second=start, native_fps=fps,
-                                  num_frames=num_frames, reference_fps=s["reference_fps"])  # [K, O]
+    frame_idx = times.indices(timestamps, offsets, video_start_second=start,
+                              reference_fps=s["reference_fps"])  # [K, O]
     # The last keyframe's own frame must exist; clipping is only for the clip's edge frames.
-    centre = frame_indices_for(timestamps, np.zeros(1, np.int64), video_start_second=start,
-                               native_fps=fps, num_frames=10**12, reference_fps=s["reference_fps"])[:, 0]
+    centre = times.indices(timestamps, np.zeros(1, np.int64), video_start_second=start,
+                           reference_fps=s["reference_fps"], clip=False)[:, 0]
     if centre.max() >= num_frames:
         raise TimingError(f"{path}: video has {num_frames} frames but keyframe {int(timestamps.max())} "
                           f"needs frame {int(centre.max())}")
     needed = np.unique(frame_idx)  # each frame once, however many keyframe windows share it
-    writer = FrameStoreWriter(fs, join(vdir, FRAMES_FILE))
+    store_path = join(vdir, FRAMES_FILE)
+    writer = FrameStoreWriter(fs, store_path)
+    bad: dict[int, str] = {}
     try:
-        for c0 in range(0, len(needed), FRAMES_PER_DECODE):
-            chunk = needed[c0:c0 + FRAMES_PER_DECODE]
-            try:
-                decoded = vr.get_batch(chunk.tolist()).asnumpy()  # [n, h, w, 3], in order
-            except Exception as e:
-                raise ValueError(f"{path}: decoding frames {int(chunk[0])}..{int(chunk[-1])} failed "
-                                 f"(truncated or corrupt video?): {e}") from e
-            for j, i in enumerate(chunk):
-                writer.add(int(i), encode_jpeg(decoded[j], s["jpeg_quality"]))
+        def fallback(i: int) -> np.ndarray:
+            return _decode_one_pyav(path, float(times.times[i]) - shift, h, w)
+
+        for i, frame, err in _decode_frames(open_reader, needed, path, fallback):
+            if frame is None:
+                bad[i] = err
+            else:
+                writer.add(i, encode_jpeg(frame, s["jpeg_quality"]))
         frames_bytes = writer.close()
     except BaseException:
         writer.abort()
         raise
+    kept = np.ones(len(timestamps), bool)
+    kf_failures: list[dict] = []
+    if bad:
+        bad_idx = np.array(sorted(bad), dtype=np.int64)
+        for k in range(len(timestamps)):
+            hit = np.intersect1d(frame_idx[k], bad_idx)
+            if len(hit):
+                kept[k] = False
+                kf_failures.append({"timestamp": int(timestamps[k]), "error": (
+                    f"frames {_ranges(hit)} of {path} (movie time {_ranges_s(hit, times)}) cannot be decoded: "
+                    f"{bad[int(hit[0])]}; the keyframe's clip window needs them, so it has no row")})
+        if not kept.any():
+            raise ValueError(f"{path}: decoding frames failed for every keyframe (truncated or corrupt video?): "
+                             f"{len(bad)} undecodable frames {_ranges(bad_idx)}: {bad[int(bad_idx[0])]}")
+        stored = np.setdiff1d(needed, bad_idx)
+        keep = np.unique(frame_idx[kept])
+        if len(keep) < len(stored):  # frames only the dropped keyframes used: not kept
+            frames_bytes = _compact_store(fs, store_path, keep)
+        needed = keep
     rows_of = np.searchsorted(needed, frame_idx).astype(np.int32)  # [K, O] rows in the store
     n_classes = s["num_classes"]
     rows: list[dict] = []
@@ -266,6 +439,8 @@ def _decode_and_write(task: dict, fs, vdir: str, rel_dir: str) -> tuple[int, int
         if len(kf["gt_labels"]) != n_gt * n_classes:
             raise ValueError(f"{path}: keyframe {kf['timestamp']} has {len(kf['gt_labels'])} label values "
                              f"for {n_gt} boxes x {n_classes} classes")
+        if not kept[k]:
+            continue
         rows.append({
             "video_id": task["video_id"], "timestamp": int(kf["timestamp"]), "split": task["split"],
             "excluded": bool(kf["excluded"]), "ref_offsets": offsets.astype(np.int16).tolist(),
@@ -279,7 +454,26 @@ def _decode_and_write(task: dict, fs, vdir: str, rel_dir: str) -> tuple[int, int
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), buf)
     write_bytes_atomic(fs, join(vdir, KEYFRAMES_FILE), buf.getvalue())
-    return len(rows), frames_bytes + buf.tell(), [KEYFRAMES_FILE, FRAMES_FILE]
+    return len(rows), frames_bytes + buf.tell(), [KEYFRAMES_FILE, FRAMES_FILE], kf_failures
+
+
+def _ranges(idx: np.ndarray) -> str:
+    """'100-107, 200' for sorted frame indices."""
+    out, i = [], 0
+    idx = [int(x) for x in idx]
+    while i < len(idx):
+        j = i
+        while j + 1 < len(idx) and idx[j + 1] == idx[j] + 1:
+            j += 1
+        out.append(f"{idx[i]}" if i == j else f"{idx[i]}-{idx[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def _ranges_s(idx: np.ndarray, times: FrameTimes) -> str:
+    """Movie-time span of sorted frame indices, for messages: '7.480-7.920 s'."""
+    t = times.times[np.asarray(idx, dtype=np.int64)]
+    return f"{t.min():.3f} s" if len(t) == 1 else f"{t.min():.3f}-{t.max():.3f} s"
 
 
 def _prepare_batch(batch: dict, out_uri: str) -> dict:
@@ -313,10 +507,23 @@ def prepare_dataset(cfg: Config, built: tuple[list[dict], list[dict]] | None = N
         ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
         ds = ds.map_batches(_prepare_batch, batch_size=1, fn_kwargs={"out_uri": out_uri}, num_cpus=1)
         summaries = [json.loads(r["summary"]) for r in ds.take_all()]
-    summaries.sort(key=lambda r: (r["split"], r["video_id"]))
-    failures += [{k: r[k] for k in ("split", "video_id", "path", "error")}
-                 for r in summaries if r["status"] == "failed"]
+    return _finish(cfg, out_uri, summaries, failures, t0)
+
+
+def keyframe_failures(summary: dict) -> list[dict]:
+    """failures.json entries for the keyframes a prepared video lost to undecodable frames."""
+    return [{"split": summary["split"], "video_id": summary["video_id"], "path": summary["path"],
+             "timestamp": int(f["timestamp"]), "error": f["error"]}
+            for f in summary.get("keyframe_failures") or []]
+
+
+def _finish(cfg: Config, out_uri: str, summaries: list[dict], failures: list[dict], t0: float) -> PrepareSummary:
+    """Write failures.json and the manifest from the per-video summaries; apply the failure budget."""
+    summaries = sorted(summaries, key=lambda r: (r["split"], r["video_id"]))
+    failures = failures + [{k: r[k] for k in ("split", "video_id", "path", "error")}
+                           for r in summaries if r["status"] == "failed"]
     ok = [r for r in summaries if r["status"] != "failed"]
+    failures += [f for r in ok for f in keyframe_failures(r)]
     fs, root = resolve(out_uri)
     write_json_atomic(fs, join(root, "failures.json"), failures)
     manifest = {
@@ -331,11 +538,18 @@ def prepare_dataset(cfg: Config, built: tuple[list[dict], list[dict]] | None = N
     summary = PrepareSummary(videos=len(ok), skipped=sum(r["status"] == "skipped" for r in ok),
                              keyframes=sum(r["rows"] for r in ok), bytes=sum(r["bytes"] for r in ok),
                              seconds=time.time() - t0, failures=failures)
-    if len(failures) > cfg.data.failure_budget:
-        lines = "\n".join(f"  {f['split']}/{f['video_id']}: {f['error']}" for f in failures)
-        raise PrepareError(f"{len(failures)} video(s) failed, more than data.failure_budget="
+    # The budget counts videos: a whole video that failed, or one that lost keyframes.
+    failed_videos = list(dict.fromkeys((f["split"], f["video_id"]) for f in failures))
+    if len(failed_videos) > cfg.data.failure_budget:
+        lines = "\n".join(f"  {f['split']}/{f['video_id']}"
+                          + (f" keyframe {f['timestamp']}" if f.get("timestamp") is not None else "")
+                          + f": {f['error']}" for f in failures)
+        partly = sum(all(f.get("timestamp") is not None for f in failures if (f["split"], f["video_id"]) == v)
+                     for v in failed_videos)
+        part = f" ({partly} of them lost only some keyframes, their other keyframes are written)" if partly else ""
+        raise PrepareError(f"{len(failed_videos)} video(s) failed{part}, more than data.failure_budget="
                            f"{cfg.data.failure_budget} (details in {join(out_uri, 'failures.json')}); "
-                           f"the other {len(ok)} videos were written:\n{lines}")
+                           f"the other {len(ok) - partly} videos were written:\n{lines}")
     return summary
 
 

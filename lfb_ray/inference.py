@@ -58,22 +58,46 @@ def predict_batch(model: torch.nn.Module, batch: dict, *, bank=None, rng: np.ran
     """Scores of every RoI of a `collate_test` batch: sigmoid, softmax within the model's
     exclusive label groups (`LFBDetector.scores`).
 
+    Clips of one frame size go through the network together, each size on its own and cut back to
+    its own size (`batch["sizes"]`): zero padding to the batch's largest frame would change the
+    features of boxes near the bottom/right edge (the convolutions see the padding), so a val RoI
+    would score differently from its own bank entry and with its batch neighbours. AVA's videos
+    come in several aspect ratios, so a test batch often mixes sizes.
+
     Returns:
         video_ids list[str] [R], seconds int64 [R], boxes float32 [R, 4] normalised,
         scores float32 [R, num_classes].
     """
     model.eval()
-    clip = to_model_layout(batch["clip"].to(device, non_blocking=True))
-    rois = batch["rois"].to(device)
-    lt = None
+    core = getattr(model, "module", model)
+    rois_all = batch["rois"]
+    lt_all = None
     if bank is not None:
-        lt = bank.sample(batch["roi_video_ids"], batch["roi_seconds"], rng, window_seconds=window_seconds,
-                         max_feats_per_second=max_feats_per_second).to(device)
-    with autocast_for(device, amp):
-        logits = model(clip, rois, lt)
+        lt_all = bank.sample(batch["roi_video_ids"], batch["roi_seconds"], rng, window_seconds=window_seconds,
+                             max_feats_per_second=max_feats_per_second)
+    b = len(batch["clip"])
+    sizes = np.asarray(batch.get("sizes", [batch["clip"].shape[-2:]] * b), np.int64).reshape(b, 2)
+    roi_clip = rois_all[:, 0].long().numpy() if len(rois_all) else np.zeros(0, np.int64)
+    scores = None
+    for hw in np.unique(sizes, axis=0):
+        idx = np.flatnonzero((sizes == hw).all(1))  # the clips of this size, in batch order
+        sel = np.flatnonzero(np.isin(roi_clip, idx))
+        if not len(sel):
+            continue
+        h, w = int(hw[0]), int(hw[1])
+        clip = to_model_layout(batch["clip"][torch.from_numpy(idx)][..., :h, :w].to(device, non_blocking=True))
+        rois = rois_all[torch.from_numpy(sel)].clone()
+        rois[:, 0] = torch.from_numpy(np.searchsorted(idx, roi_clip[sel]).astype(np.float32))  # batch index in the group
+        lt = lt_all[torch.from_numpy(sel)].to(device) if lt_all is not None else None
+        with autocast_for(device, amp):
+            s = core.scores(model(clip, rois.to(device), lt)).float().cpu()
+        if scores is None:
+            scores = torch.zeros(len(rois_all), s.shape[1])
+        scores[torch.from_numpy(sel)] = s
+    if scores is None:  # no RoI in the batch
+        scores = torch.zeros(0, core.fc_cls.out_features)
     return {"video_ids": list(batch["roi_video_ids"]), "seconds": np.asarray(batch["roi_seconds"]),
-            "boxes": np.asarray(batch["boxes"], dtype=np.float32),
-            "scores": getattr(model, "module", model).scores(logits).cpu().numpy()}
+            "boxes": np.asarray(batch["boxes"], dtype=np.float32), "scores": scores.numpy()}
 
 
 def _concat(preds: list[dict]) -> dict:

@@ -178,3 +178,38 @@ def test_exclusive_groups_from_yaml_override(tmp_path) -> None:
     path.write_text("model:\n  exclusive_groups: [[64, 65, 66]]\n")
     assert load_config(path).model.exclusive_groups == ((64, 65, 66),)
     assert load_config(path, ["model.exclusive_groups=[]"]).model.exclusive_groups == ()
+
+
+@pytest.mark.parametrize("fbo", ["none", "nl"])
+def test_a_box_scores_the_same_whatever_clips_share_its_test_batch(fbo: str) -> None:
+    """Test batches mix frame sizes (AVA's aspect ratios); a box's score must not depend on the
+    padding to its batch's widest frame (mmaction2 tests one clip per forward)."""
+    import numpy as np
+
+    from lfb_ray.data.dataset import collate_test
+    from lfb_ray.inference import predict_batch
+
+    class Bank:  # the same long-term features for a RoI whatever its batch (the real bank's contract)
+        def sample(self, video_ids, seconds, rng, **kw):
+            return torch.stack([torch.full((6, 64), float(s % 7) / 7) for s in seconds])
+
+    model = small(fbo).eval()
+    rng = np.random.default_rng(0)
+    sizes = [(64, 112), (64, 80), (64, 112)]
+    clips = np.empty(3, dtype=object)
+    clips[:] = [rng.integers(0, 256, (4, h, w, 3), dtype=np.uint8) for h, w in sizes]
+    px = [np.array([[w - 30.0, 20.0, w - 1.0, 63.0], [0.0, 0.0, 30.0, 40.0]], np.float32) for _, w in sizes]
+    boxes = np.empty(3, dtype=object)
+    boxes[:] = [p / np.array([w, h, w, h], np.float32) for p, (h, w) in zip(px, sizes)]
+    box_px = np.empty(3, dtype=object)
+    box_px[:] = px
+    batch = {"clip": clips, "boxes": boxes, "box_px": box_px, "video_id": np.array(["a", "b", "c"], object),
+             "timestamp": np.array([902, 903, 904])}
+    bank = Bank() if fbo != "none" else None
+    kw = dict(bank=bank, rng=np.random.default_rng(1), device=torch.device("cpu"), amp="off", window_seconds=3,
+              max_feats_per_second=2)
+    together = predict_batch(model, collate_test(batch), **kw)["scores"]
+    alone = np.concatenate([predict_batch(model, collate_test({k: v[i:i + 1] for k, v in batch.items()}), **kw)["scores"]
+                            for i in range(3)])
+    assert together.shape == (6, 81)
+    np.testing.assert_allclose(together, alone, rtol=0, atol=1e-6)

@@ -4,7 +4,8 @@ JPEG decoding, frame choice, augmentation and target assignment run in Ray Data 
 (`map_batches`), so training workers only move ready tensors; each task reads from a video's frame
 store (`lfb_ray.data.frames`) only the frames its clips use. Train samples have a fixed shape (crop
 size, RoIs padded to `max_rois_per_keyframe`), which lets `iter_torch_batches` stack them. Test
-samples keep the full frame and their own number of RoIs; `collate_test` pads per batch.
+samples keep the full frame and their own number of RoIs; `collate_test` pads per batch (for
+transport only: inference runs each frame size on its own).
 
 Training order (`epoch_order`, `train_samples`): every epoch is a fresh permutation of all training
 keyframes, seeded by `train.seed` and the epoch and dealt out to the ranks like PyTorch's
@@ -275,9 +276,13 @@ def collate_train(batch: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
 def collate_test(batch: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
     """Pad full-frame clips of one batch to a common size (bottom/right) and list all RoIs.
 
+    The padding is only for transport: `lfb_ray.inference.predict_batch` runs each frame size of
+    the batch as its own forward pass on the unpadded clips (`sizes`), so a box's score never
+    depends on which other clips shared its batch.
+
     Returns:
-        clip [B, 3, T, Hmax, Wmax]; rois [R, 5]; boxes [R, 4] normalised; roi_batch [R];
-        video_ids list[str] per RoI; seconds [R].
+        clip [B, 3, T, Hmax, Wmax]; sizes int64 [B, 2] (each clip's own H, W); rois [R, 5];
+        boxes [R, 4] normalised; roi_batch [R]; video_ids list[str] per RoI; seconds [R].
     """
     import torch
 
@@ -295,6 +300,7 @@ def collate_test(batch: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
     b = np.concatenate(bidx)
     vids = np.asarray(batch["video_id"], dtype=object)
     ts = np.asarray(batch["timestamp"], dtype=np.int64)
-    return {"clip": out, "rois": torch.from_numpy(np.concatenate(rois)),
+    sizes = np.array([c.shape[2:4] for c in clips], np.int64).reshape(len(clips), 2)
+    return {"clip": out, "sizes": sizes, "rois": torch.from_numpy(np.concatenate(rois)),
             "boxes": np.concatenate(boxes), "roi_batch": b,
             "roi_video_ids": [str(v) for v in vids[b]], "roi_seconds": ts[b]}

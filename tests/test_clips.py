@@ -152,3 +152,40 @@ def test_decode_jpeg_reads_arrow_buffers_and_grayscale_like_pillow():
     assert gray.shape == (24, 40, 3) and np.array_equal(gray[..., 0], gray[..., 2])
     with pytest.raises(ValueError):
         decode_jpeg(b"not a jpeg")
+
+
+def test_targets_are_assigned_after_the_crop():
+    """mmaction2 assigns in the RoI head, after RandomCrop: a GT box the crop pushes out is clipped to
+    zero area and matches nothing (not even itself); a proposal matches on the cropped boxes.
+
+    Frames 64x128, short side 64 (no rescale), crop 64: the crop is x in [x0, x0 + 64), x0 in
+    [0, 64]; boxes are clipped to [0, 63]. GT A spans x 96..128 (normalised 0.75..1), GT B x 0..40.
+    Proposal P is A's left half, x 96..112 (IoU 0.5 with A on the full frame: negative there). In
+    the crop A is [96 - x0, 63] and P [96 - x0, min(112 - x0, 63)]: identical for x0 <= 49, IoU
+    16/17 at x0 = 50 (positive), 16/18 at 51 (negative); A has no width left for x0 <= 33.
+    """
+    from lfb_ray.data.clips import transform_and_assign
+
+    spec = ClipSpec(scale_range=(64, 64), crop_size=64, flip_ratio=0.0)
+    frames = np.zeros((2, 64, 128, 3), np.uint8)
+    gt = np.array([[0.75, 0.25, 1.0, 0.75], [0.0, 0.25, 40 / 128, 0.75]], np.float32)
+    labels = np.zeros((2, 81), np.float32)
+    labels[0, 12] = labels[1, 14] = 1
+    prop = np.array([[96 / 128, 0.25, 112 / 128, 0.75, 0.99]], np.float32)
+    seen = set()
+    for seed in range(200):
+        r = np.random.default_rng(seed)  # replays train_transform's draws: scale, y0, x0
+        r.integers(64, 65), r.integers(0, 1)
+        x0 = int(r.integers(0, 65))
+        clip, rois, lab = transform_and_assign(frames, gt, labels, prop, spec, pos_iou_thr=0.9, max_rois=32,
+                                               rng=np.random.default_rng(seed))
+        assert clip.shape == (2, 64, 64, 3)
+        got = sorted(int(np.argmax(row)) for row in lab)
+        a_in = x0 > 33  # A keeps some width inside the crop ([96 - x0, 63])
+        b_in = x0 < 40
+        p_matches = 33 < x0 <= 50
+        want = sorted([12] * a_in + [14] * b_in + [12] * p_matches)
+        assert got == want, (seed, x0, got, want)
+        assert np.all(rois[:, 2] > rois[:, 0])  # no zero-area RoI enters training
+        seen.add((a_in, b_in, p_matches))
+    assert seen == {(False, True, False), (True, True, True), (True, False, True), (True, False, False)}

@@ -194,16 +194,20 @@ def assign_targets(gt_boxes: np.ndarray, gt_labels: np.ndarray, proposals: np.nd
     """Training RoIs of one keyframe: GT boxes plus proposals with IoU >= thr (labels copied).
 
     mmaction2's MaxIoUAssignerAVA + RandomSampler(num=32, pos_fraction=1): negatives never enter
-    the loss, so only positives are kept; more than `max_rois` positives are subsampled.
+    the loss, so only positives are kept; more than `max_rois` positives are subsampled. It runs
+    on the boxes after the train transform (mmaction2 assigns in the RoI head, after RandomCrop),
+    so a GT box clipped to zero area by the crop matches nothing, itself included (IoU 0), and
+    is dropped like any negative.
 
     Args:
-        gt_boxes: [N, 4] normalised; gt_labels: [N, C] multi-hot; proposals: [M, 5] already
-            thresholded.
+        gt_boxes: [N, 4]; gt_labels: [N, C] multi-hot; proposals: [M, 4+] already thresholded
+            (x1, y1, x2, y2 first), in the same coordinates as the GT boxes.
 
     Returns:
-        rois [R, 4] normalised and labels [R, C], R <= max_rois.
+        rois [R, 4] and labels [R, C] in the input coordinates, R <= max_rois.
     """
-    rois, labels = [gt_boxes], [gt_labels]
+    kept = (gt_boxes[:, 2] > gt_boxes[:, 0]) & (gt_boxes[:, 3] > gt_boxes[:, 1])  # IoU 1 with itself
+    rois, labels = [gt_boxes[kept]], [gt_labels[kept]]
     if len(proposals) and len(gt_boxes):
         iou = box_iou(proposals[:, :4], gt_boxes)
         best = iou.argmax(1)
@@ -216,3 +220,25 @@ def assign_targets(gt_boxes: np.ndarray, gt_labels: np.ndarray, proposals: np.nd
         keep = np.sort(rng.choice(len(rois_a), max_rois, replace=False))
         rois_a, labels_a = rois_a[keep], labels_a[keep]
     return rois_a, labels_a
+
+
+def transform_and_assign(frames: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray, proposals: np.ndarray,
+                         spec: ClipSpec, *, pos_iou_thr: float, max_rois: int,
+                         rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One training sample in mmaction2's order: rescale/crop/flip the frames with the GT boxes and
+    the proposals, then assign the targets on the transformed boxes (`assign_targets`).
+
+    Args:
+        frames: uint8 [T, H, W, 3]; gt_boxes: [N, 4] normalised; gt_labels: [N, C];
+        proposals: [M, 4+] normalised, already thresholded.
+
+    Returns:
+        clip uint8 [T, crop, crop, 3]; rois float32 [R, 4] in crop pixels; labels float32 [R, C].
+    """
+    n_gt = len(gt_boxes)
+    boxes = np.concatenate([np.asarray(gt_boxes, np.float32).reshape(-1, 4),
+                            np.asarray(proposals, np.float32)[:, :4].reshape(-1, 4)])
+    clip, px = train_transform(frames, boxes, spec, rng)
+    rois, labels = assign_targets(px[:n_gt], gt_labels, px[n_gt:], pos_iou_thr=pos_iou_thr, max_rois=max_rois,
+                                  rng=rng)
+    return clip, rois, labels

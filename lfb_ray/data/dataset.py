@@ -25,12 +25,11 @@ import pyarrow as pa
 from lfb_ray.config import Config
 from lfb_ray.data.clips import (
     ClipSpec,
-    assign_targets,
     decode_jpeg,
     pick_clip_frames,
     select_proposals,
     test_transform,
-    train_transform,
+    transform_and_assign,
 )
 from lfb_ray.data.frames import open_frame_store
 from lfb_ray.data.schema import row_gt, row_proposals
@@ -185,9 +184,8 @@ def decode_train_rows(batch: dict, *, cfg_data: dict, prepared_uri: str, seed: i
         frames = clip_frames(row, spec, rng if d.temporal_jitter else None, prepared_uri)
         gt_boxes, gt_labels = row_gt(row, c)
         props = select_proposals(row_proposals(row), d.train_person_score_thr, d.max_proposals)
-        rois, labels = assign_targets(gt_boxes, gt_labels, props, pos_iou_thr=d.pos_iou_thr,
-                                      max_rois=r_max, rng=rng)
-        clip, px = train_transform(frames, rois, spec, rng)
+        clip, px, labels = transform_and_assign(frames, gt_boxes, gt_labels, props, spec, pos_iou_thr=d.pos_iou_thr,
+                                                max_rois=r_max, rng=rng)
         n = len(px)
         pad_rois = np.zeros((r_max, 4), np.float32)
         pad_rois[:n] = px

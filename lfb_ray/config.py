@@ -202,6 +202,9 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every_iters: int = 0  # extra mid-epoch checkpoints; 0 = per epoch only
     eval_every_epochs: int = 1  # 0 = only at the end
+    # mmaction2 0.x's save_best='mAP@0.5IOU': the run's model.pt and result are its best evaluated
+    # epoch (val frame-mAP), not its last (lfb_ray.train.best); needs eval_every_epochs > 0 to choose.
+    save_best: bool = False
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
     storage_path: str = ""  # Ray Train storage; "" = <workdir>/ray_results; may be s3://
     run_name: str = ""  # "" = deterministic from the config (rerun resumes)

@@ -176,3 +176,28 @@ def test_bank_extractor_batches_keyframes_without_changing_features(baseline, tm
     f1, f3 = one["feature"].astype(np.float32), three["feature"].astype(np.float32)
     assert f1.std() > 0
     np.testing.assert_allclose(f3, f1, rtol=1e-2, atol=1e-3 * float(np.abs(f1).max()))
+
+
+def test_save_best_makes_the_best_evaluated_epoch_the_result(prepared, tmp_path):
+    """train.save_best (mmaction2 0.x's save_best='mAP@0.5IOU'): model.pt and the result's val
+    metrics are those of the epoch with the highest val mAP (the earliest on a tie), whose weights
+    score that mAP again when the inference job evaluates model.pt."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.inference import infer_split
+    from lfb_ray.train import fit
+
+    cfg0, _ = prepared
+    cfg = tiny_config(tmp_path / "w", cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", "model.fbo=none",
+                      "train.epochs=3", "train.eval_every_epochs=1", "train.save_best=true", "train.base_lr=0.3",
+                      "train.max_iters_per_epoch=3", "cluster.num_workers=1")
+    r = fit(cfg)
+    hist = {m.step: m.value for m in MlflowClient(cfg.tracking_uri).get_metric_history(r.mlflow_run_id, "val/mAP")}
+    assert sorted(hist) == [1, 2, 3]
+    want = min(e for e in hist if hist[e] == max(hist.values()))
+    assert r.metrics["best/epoch"] == want and r.metrics["epoch"] == 3
+    assert r.metrics["val/mAP"] == pytest.approx(hist[want]) and r.metrics["last/val/mAP"] == pytest.approx(hist[3])
+    assert torch.load(r.model_path, weights_only=True)["source"] == f"lfb_ray none epoch {want} (best val mAP)"
+    res = infer_split(cfg, r.checkpoint_path, str(tmp_path / "best.csv"))
+    assert res.metrics["mAP"] == pytest.approx(r.metrics["val/mAP"], abs=1e-9)

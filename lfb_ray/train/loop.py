@@ -31,6 +31,7 @@ from lfb_ray.config import (
     resolve_paths,
 )
 from lfb_ray.data.dataset import epoch_order, train_samples
+from lfb_ray.train.best import BestEpoch
 from lfb_ray.train.resources import device_note, plan_concurrency, scaling_config, uses_gpu  # noqa: F401
 from lfb_ray.train.resources import scaled as _scaled  # noqa: F401  (re-exported: tests, fit_many)
 from lfb_ray.train.schedule import build_optimizer, lr_at  # noqa: F401  (re-exported)
@@ -255,10 +256,13 @@ def train_loop_per_worker(config: dict) -> None:
         load_checkpoint(core, cfg.model.pretrained)  # Kinetics backbone or a whole detector
     start_epoch, skip_iters, global_step, best_map = 0, 0, 0, float("nan")
     state = None
+    best = BestEpoch()  # train.save_best: rank 0's copy of the best evaluated weights
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+            if tc.save_best and rank == 0:
+                best = BestEpoch.load(d)
         core.load_state_dict(state["model"])
         start_epoch, skip_iters, global_step = state["epoch"], state["iter_in_epoch"], state["global_step"]
         best_map = state.get("best_map", float("nan"))
@@ -297,8 +301,13 @@ def train_loop_per_worker(config: dict) -> None:
                 torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                             "iter_in_epoch": iter_in_epoch, "global_step": global_step, "best_map": best_map,
                             "rng": _rng_state()}, os.path.join(tmp, "state.pt"))
+                if tc.save_best:
+                    best.save(tmp)
                 if final:
-                    save_checkpoint(core.state_dict(), os.path.join(tmp, "model.pt"), source=f"lfb_ray {cfg.model.fbo} epoch {epoch}")
+                    use_best = tc.save_best and best.state is not None
+                    save_checkpoint(best.state if use_best else core.state_dict(), os.path.join(tmp, "model.pt"),
+                                    source=f"lfb_ray {cfg.model.fbo} epoch {best.epoch if use_best else epoch}"
+                                           + (" (best val mAP)" if use_best else ""))
                 ckpt_obj = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({k: v for k, v in metrics.items() if not k.startswith("_")}, checkpoint=ckpt_obj)
         tracker.flush()
@@ -312,6 +321,8 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.update(ev)
             if rank == 0 and not math.isnan(ev.get("val/mAP", float("nan"))):
                 best_map = ev["val/mAP"] if math.isnan(best_map) else max(best_map, ev["val/mAP"])
+            if rank == 0 and tc.save_best and best.offer(done, ev, core):
+                tail += ", best so far (saved as the run's result)"
         if rank == 0:
             val = f", val mAP {metrics['val/mAP']:.4f}" if "val/mAP" in metrics else ""
             print(f"{line}{val}{tail}", flush=True)
@@ -321,6 +332,11 @@ def train_loop_per_worker(config: dict) -> None:
                 tracker.log_metrics({f"val_ap/{k}": v for k, v in metrics["_per_class"].items() if v == v}, step=done)
         if final:
             metrics.update(_param_agreement(core, world))
+            if tc.save_best and rank == 0 and best.state is not None:
+                metrics = best.result_metrics(metrics)
+                print(f"[lfb_ray] {cfg.model.fbo}: the result is epoch {best.epoch} (val mAP {best.mAP:.4f}; "
+                      f"last epoch {metrics.get('last/val/mAP', float('nan')):.4f})", flush=True)
+                tracker.log_metrics({"best/epoch": best.epoch, "best/val_mAP": best.mAP}, step=done)
         report(metrics, done, 0, final=final)
         if rank == 0 and "val/csv" in metrics:
             tracker.log_artifact(metrics["val/csv"], "results")

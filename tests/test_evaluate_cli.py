@@ -66,6 +66,25 @@ def test_main_exclusions_and_mmaction2(files, tmp_path):
     assert data["num_gt"]["2"] == 1  # mmaction2 still counts the excluded GT
 
 
+def test_main_both_protocols_side_by_side(files, tmp_path, capsys):
+    """`--protocol both`: one column per protocol; the JSON holds each protocol's full result. With
+    vid_a 903 excluded, class 2 has no GT left (official: n/a, mmaction2: n/a too, its only
+    detection being excluded) and the official class-1 AP stays 0.25."""
+    assert main(_args(files, tmp_path, "--exclusions", str(files["excl.csv"]), "--protocol", "both")) == 0
+    out = capsys.readouterr().out
+    head = out.splitlines()[0].split()
+    assert head[:2] == ["id", "action"] and head[-4:] == ["official", "mmaction2", "#gt", "#det"]
+    row1 = next(line for line in out.splitlines() if "bend/bow" in line).split()
+    assert row1[-4:-2] == ["25.00", "25.00"]
+    assert "mAP@0.5IOU" in out
+    data = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert set(data) == {"official", "mmaction2"}
+    assert data["official"]["protocol"] == "official" and data["mmaction2"]["protocol"] == "mmaction2"
+    assert data["mmaction2"]["num_gt"]["2"] == 1 and data["official"]["num_gt"]["2"] == 0
+    mm_line = next(line for line in out.splitlines() if line.strip().startswith("mAP@0.5IOU")).split()
+    assert mm_line[-2:] == [f"{100 * data['official']['mAP']:.2f}", f"{100 * data['mmaction2']['mAP']:.2f}"]
+
+
 def test_main_matches_library(files, tmp_path):
     assert main(_args(files, tmp_path, "--exclusions", str(files["excl.csv"]))) == 0
     data = json.loads((tmp_path / "out" / "metrics.json").read_text())

@@ -1,9 +1,14 @@
 """Command line of `jobs/evaluate.py`: score a result CSV against AVA GT and print/write frame-mAP.
 
 Mode 1: `--gt GT.csv --pred PRED.csv --label-map MAP.pbtxt [--exclusions EXCL.csv]
-[--protocol official|mmaction2] [--json OUT.json]`. Mode 2: `--config CFG --checkpoint CKPT
+[--protocol official|mmaction2|both] [--json OUT.json]`. Mode 2: `--config CFG --checkpoint CKPT
 [key=value ...] [--csv OUT.csv] [--json OUT.json]` scores the val split with the model (Ray Data
 actor pool, `lfb_ray.inference.infer_split`), writes the result CSV and evaluates it the same way.
+
+`--protocol both` prints the official ActivityNet evaluator and mmaction2's side by side: the seed
+table's numbers (24.11 / 22.15 / 20.17) come from mmaction2's own evaluator, which keeps every
+detection of a keyframe (the official one keeps the 50 best) and differs on exclusions and empty
+classes (LFB_SPEC section 14), so a comparison with them needs its column.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from lfb_ray.data.annotations import AnnotationError, read_annotation_rows, read
 from lfb_ray.evaluation.ava_map import MapResult, evaluate_frame_map
 from lfb_ray.evaluation.results import read_results_csv
 
-__all__ = ["build_parser", "format_table", "main", "result_to_json"]
+__all__ = ["PROTOCOLS", "build_parser", "format_side_by_side", "format_table", "main", "result_to_json"]
+
+PROTOCOLS = ("official", "mmaction2")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--pred", help="result CSV: video_id,timestamp,x1,y1,x2,y2,action_id,score")
     files.add_argument("--label-map", help="label map .pbtxt; only its ids are evaluated")
     files.add_argument("--exclusions", default="", help="excluded-timestamps CSV (optional)")
-    p.add_argument("--protocol", choices=("official", "mmaction2"), default=None,
-                   help="official ActivityNet evaluator (default; with --config: eval.protocol) "
-                        "or mmaction2 1.x's variant")
+    p.add_argument("--protocol", choices=(*PROTOCOLS, "both"), default=None,
+                   help="official ActivityNet evaluator (default; with --config: eval.protocol), "
+                        "mmaction2's variant (no 50-per-keyframe cap: the protocol of mmaction2's published "
+                        "LFB numbers), or both side by side")
     p.add_argument("--json", default="", help="also write the metrics as JSON here")
     model = p.add_argument_group("run a model first (Ray Data inference on the val split)")
     model.add_argument("--config", default="", help="config YAML of a trained model")
@@ -80,6 +88,41 @@ def format_table(result: MapResult) -> str:
     return "\n".join(lines)
 
 
+def format_side_by_side(results: list[MapResult]) -> str:
+    """Per-class AP (%) of the same detections under several protocols, one column each, then the
+    group means and the mAPs (#gt and #det as counted by the first protocol)."""
+
+    def pct(x: float) -> str:
+        return "   n/a" if math.isnan(x) else f"{100 * x:6.2f}"
+
+    first = results[0]
+    width = max([len(n) for n in first.class_names.values()] + [20])
+    cols = "  ".join(f"{r.protocol:>9}" for r in results)
+    lines = [f"{'id':>3}  {'action':<{width}}  {cols}  {'#gt':>7}  {'#det':>8}"]
+    for c in first.per_class:
+        aps = "  ".join(f"{pct(r.per_class.get(c, float('nan'))):>9}" for r in results)
+        lines.append(f"{c:>3}  {first.class_names[c]:<{width}}  {aps}  {first.num_gt[c]:>7}  {first.num_det[c]:>8}")
+    lines.append("")
+    for name in first.group_mAP:
+        vals = "  ".join(f"{pct(r.group_mAP.get(name, float('nan'))):>9}" for r in results)
+        lines.append(f"     {name:<{width}}  {vals}")
+    lines.append(f"     {'mAP@0.5IOU':<{width}}  " + "  ".join(f"{pct(r.mAP):>9}" for r in results))
+    return "\n".join(lines)
+
+
+def _evaluate_and_print(gt, det, label_map, exclusions, protocol: str, json_path: str) -> MapResult:
+    """Evaluate under `protocol` (or both), print the table, write the JSON (for `both`:
+    `{"official": {...}, "mmaction2": {...}}`). Returns the first protocol's result."""
+    names = PROTOCOLS if protocol == "both" else (protocol,)
+    results = [evaluate_frame_map(gt, det, label_map, exclusions, protocol=p) for p in names]
+    print(format_side_by_side(results) if len(results) > 1 else format_table(results[0]))
+    if json_path:
+        payload = ({r.protocol: result_to_json(r) for r in results} if len(results) > 1
+                   else result_to_json(results[0]))
+        _write_json_atomic(json_path, payload)
+    return results[0]
+
+
 def _write_json_atomic(path: str, payload: dict) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -119,16 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         gt = read_annotation_rows(args.gt)
         det = read_results_csv(args.pred)
         t1 = time.perf_counter()
-        result = evaluate_frame_map(gt, det, label_map, exclusions, protocol=args.protocol)
+        _evaluate_and_print(gt, det, label_map, exclusions, args.protocol, args.json)
     except (AnnotationError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     t2 = time.perf_counter()
-    print(format_table(result))
     print(f"\n{len(gt)} GT rows, {len(det)} detection rows, {len(label_map)} classes, "
           f"{len(exclusions)} excluded keyframes; read {t1 - t0:.1f} s, evaluated {t2 - t1:.1f} s")
     if args.json:
-        _write_json_atomic(args.json, result_to_json(result))
         print(f"wrote {args.json}")
     return 0
 
@@ -144,7 +185,7 @@ def _run_model(args: argparse.Namespace) -> int:
     from lfb_ray.data.prep import PrepareError
     from lfb_ray.inference import infer_split
 
-    overrides = list(args.overrides) + ([f"eval.protocol={args.protocol}"] if args.protocol else [])
+    overrides = list(args.overrides) + ([f"eval.protocol={args.protocol}"] if args.protocol in PROTOCOLS else [])
     try:
         cfg = resolve_paths(load_config(args.config, overrides))
     except (ConfigError, OSError) as e:
@@ -162,16 +203,16 @@ def _run_model(args: argparse.Namespace) -> int:
         exclusions = read_exclusions(cfg.data_path(cfg.data.val_exclusions)) if cfg.data.val_exclusions else set()
         gt = read_annotation_rows(cfg.data_path(cfg.data.val_csv))
         det = read_results_csv(csv_path)
-        result = evaluate_frame_map(gt, det, label_map, exclusions, protocol=cfg.eval.protocol)
+        t1 = time.perf_counter()
+        _evaluate_and_print(gt, det, label_map, exclusions, "both" if args.protocol == "both" else cfg.eval.protocol,
+                            args.json)
     except (AnnotationError, PrepareError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     t2 = time.perf_counter()
-    print(format_table(result))
     print(f"\n{inferred.num_boxes} boxes of the val split scored by {args.checkpoint} (fbo={cfg.model.fbo}) "
           f"in {inferred.seconds:.1f} s; {len(det)} detection rows in {csv_path}; {len(gt)} GT rows, "
           f"{len(label_map)} classes, {len(exclusions)} excluded keyframes; evaluated {t2 - t1:.1f} s")
     if args.json:
-        _write_json_atomic(args.json, result_to_json(result))
         print(f"wrote {args.json}")
     return 0

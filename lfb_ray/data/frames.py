@@ -48,11 +48,13 @@ class FrameStoreWriter:
         self._writer = pa.ipc.new_file(self._sink, FRAME_SCHEMA)
         self.rows: dict[int, int] = {}
         self.jpeg_bytes = 0
+        self._last = -1  # the last frame index added (O(1) order check: a movie has ~10^5 frames)
 
     def add(self, frame_index: int, jpeg: bytes) -> int:
         """Append one frame; returns its row."""
-        if self.rows and frame_index <= max(self.rows):
-            raise ValueError(f"frame {frame_index} after frame {max(self.rows)}: frames must be in increasing order")
+        if frame_index <= self._last:
+            raise ValueError(f"frame {frame_index} after frame {self._last}: frames must be in increasing order")
+        self._last = int(frame_index)
         self._writer.write_batch(pa.record_batch([pa.array([frame_index], pa.int32()), pa.array([jpeg], pa.binary())],
                                                  schema=FRAME_SCHEMA))
         self.rows[int(frame_index)] = len(self.rows)

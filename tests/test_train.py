@@ -190,14 +190,14 @@ def test_save_best_makes_the_best_evaluated_epoch_the_result(prepared, tmp_path)
 
     cfg0, _ = prepared
     cfg = tiny_config(tmp_path / "w", cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", "model.fbo=none",
-                      "train.epochs=3", "train.eval_every_epochs=1", "train.save_best=true", "train.base_lr=0.3",
-                      "train.max_iters_per_epoch=3", "cluster.num_workers=1")
+                      "train.epochs=2", "train.eval_every_epochs=1", "train.save_best=true", "train.base_lr=0.3",
+                      "train.max_iters_per_epoch=2", "cluster.num_workers=1")
     r = fit(cfg)
     hist = {m.step: m.value for m in MlflowClient(cfg.tracking_uri).get_metric_history(r.mlflow_run_id, "val/mAP")}
-    assert sorted(hist) == [1, 2, 3]
+    assert sorted(hist) == [1, 2]
     want = min(e for e in hist if hist[e] == max(hist.values()))
-    assert r.metrics["best/epoch"] == want and r.metrics["epoch"] == 3
-    assert r.metrics["val/mAP"] == pytest.approx(hist[want]) and r.metrics["last/val/mAP"] == pytest.approx(hist[3])
+    assert r.metrics["best/epoch"] == want and r.metrics["epoch"] == 2
+    assert r.metrics["val/mAP"] == pytest.approx(hist[want]) and r.metrics["last/val/mAP"] == pytest.approx(hist[2])
     assert torch.load(r.model_path, weights_only=True)["source"] == f"lfb_ray none epoch {want} (best val mAP)"
     res = infer_split(cfg, r.checkpoint_path, str(tmp_path / "best.csv"))
     assert res.metrics["mAP"] == pytest.approx(r.metrics["val/mAP"], abs=1e-9)

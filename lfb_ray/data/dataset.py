@@ -61,7 +61,7 @@ def read_split(cfg: Config, split: str, *, drop_excluded: bool | None = None):
     fs, _ = resolve(cfg.prepared_dir)
     # Reads take `cluster.data_cpus` (not Ray Data's default 1 CPU), or small nodes whose CPUs are
     # held by training workers would never schedule a read.
-    ds = ray.data.read_parquet(files, filesystem=fs, ray_remote_args={"num_cpus": cfg.cluster.data_cpus})
+    ds = ray.data.read_parquet(files, filesystem=fs, num_cpus=cfg.cluster.data_cpus)
     ds = ds.select_columns(RAW_COLUMNS)
     if drop_excluded if drop_excluded is not None else split == "train":
         from ray.data.expressions import col

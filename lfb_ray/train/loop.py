@@ -138,7 +138,7 @@ def _val_predictions(model, cfg: Config, bank, rank: int, world: int, device, rn
     preds = []
     if files:
         fs, _ = resolve(cfg.prepared_dir)
-        ds = ray.data.read_parquet(files, filesystem=fs, ray_remote_args={"num_cpus": cfg.cluster.data_cpus}).map_batches(
+        ds = ray.data.read_parquet(files, filesystem=fs, num_cpus=cfg.cluster.data_cpus).map_batches(
             decode_test_rows, batch_size=max(16, cfg.eval.batch_size), num_cpus=cfg.cluster.data_cpus,
             fn_kwargs={"cfg_data": config_to_dict(cfg)["data"], "prepared_uri": cfg.prepared_dir,
                        "score_thr": cfg.data.val_person_score_thr})

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -582,7 +583,8 @@ def test_s3_pipeline_from_an_empty_working_directory(synthetic_root, ray_local, 
     stored = set(keys("mlartifacts/"))
 
     def objects(run) -> set[str]:
-        prefix = "mlartifacts/" + run.info.artifact_uri.split("mlflow-artifacts:", 1)[1].strip("/") + "/"
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
+        prefix = "mlartifacts/" + urllib.parse.urlparse(run.info.artifact_uri).path.strip("/") + "/"
         return {k[len(prefix):] for k in stored if k.startswith(prefix)}
 
     trained = [r for r in runs if r.data.tags.get("lfb_ray.operator") in ("none", "nl")]

@@ -23,6 +23,7 @@ def main(argv=None) -> int:
     from lfb_ray.compare import compare, format_seed_table
     from lfb_ray.config import load_config, resolve_paths
     from lfb_ray.evaluation.families import label_families
+    from lfb_ray.storage import join_uri
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[],
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
                 cfg = resolve_paths(load_config(path, overrides))
                 fams = label_families(cfg.data_path("dataset.json"))
                 table, rows = compare(cfg.tracking_uri, cfg.tracking.experiment,
-                                      str(Path(cfg.workdir) / "comparison"), families=fams)
+                                      join_uri(cfg.workdir, "comparison"), families=fams)
                 print(f"== {cfg.tracking.experiment} ({cfg.workdir})\n{table}\n")
                 per_seed[f"{cfg.tracking.experiment}@{cfg.workdir}"] = rows
             seeds = format_seed_table(per_seed, markdown=False)
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         cfg = resolve_paths(load_config(groups[0][0] if groups else None, groups[0][1] if groups else ()))
         uri = args.tracking_uri or cfg.tracking_uri
         exp = args.experiment or cfg.tracking.experiment
-        out = args.out or str(Path(cfg.workdir) / "comparison")
+        out = args.out or join_uri(cfg.workdir, "comparison")
         table, _ = compare(uri, exp, out, run_ids=[r for r in args.run_ids.split(",") if r] or None,
                            families=label_families(cfg.data_path("dataset.json")))
     except ValueError as e:

@@ -181,31 +181,43 @@ def compare(tracking_uri: str, experiment: str, out_dir: str, run_ids: list[str]
             log_to_mlflow: bool = True,
             families: dict[str, tuple[int, ...]] | None = None,
             parent_run_id: str | None = None) -> tuple[str, list[ComparisonRow]]:
-    """Build the comparison, write table/PNG into `out_dir`, log them to MLflow (a `comparison` run,
-    nested under `parent_run_id` if given); return the table."""
+    """Build the comparison, write table/PNG into `out_dir` (a local folder or a URI such as
+    `s3://bucket/prefix`), log them to MLflow (a `comparison` run, nested under `parent_run_id` if
+    given); return the table."""
     rows = collect_runs(tracking_uri, experiment, run_ids, families=families)
     if not rows:
         raise ValueError(f"no finished lfb_ray runs with a val/mAP in experiment {experiment!r}")
-    os.makedirs(out_dir, exist_ok=True)
-    md = format_table(rows, markdown=True)
-    with open(os.path.join(out_dir, "comparison.md"), "w") as f:
-        f.write(md + "\n")
-    with open(os.path.join(out_dir, "comparison.csv"), "w") as f:
-        f.write("operator,run_id,mAP\n")
-        for r in rows:
-            f.write(f"{r.operator},{r.run_id},{r.metrics.get('val/mAP', float('nan')):.6f}\n")
-    png = os.path.join(out_dir, "comparison.png")
-    plot(rows, png)
-    if log_to_mlflow:
-        import mlflow
+    import tempfile
 
-        from lfb_ray.tracking import setup_mlflow_env
+    from lfb_ray.storage import is_uri, join_uri, upload_file
 
-        setup_mlflow_env(tracking_uri)
-        mlflow.set_experiment(experiment)
-        tags = {"lfb_ray.kind": "comparison", **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
-        with mlflow.start_run(run_name="comparison", tags=tags):
-            for name in ("comparison.md", "comparison.csv", "comparison.png"):
-                mlflow.log_artifact(os.path.join(out_dir, name))
-            mlflow.log_param("runs", ",".join(r.run_id for r in rows))
+    names = ("comparison.md", "comparison.csv", "comparison.png")
+    with tempfile.TemporaryDirectory(prefix="lfb_ray_compare_") as tmp:
+        # A URI `out_dir` (s3://...): the files are written locally (matplotlib and MLflow's
+        # log_artifact need local files) and then copied there.
+        local = tmp if is_uri(out_dir) else out_dir
+        os.makedirs(local, exist_ok=True)
+        md = format_table(rows, markdown=True)
+        with open(os.path.join(local, "comparison.md"), "w") as f:
+            f.write(md + "\n")
+        with open(os.path.join(local, "comparison.csv"), "w") as f:
+            f.write("operator,run_id,mAP\n")
+            for r in rows:
+                f.write(f"{r.operator},{r.run_id},{r.metrics.get('val/mAP', float('nan')):.6f}\n")
+        plot(rows, os.path.join(local, "comparison.png"))
+        if log_to_mlflow:
+            import mlflow
+
+            from lfb_ray.tracking import setup_mlflow_env
+
+            setup_mlflow_env(tracking_uri)
+            mlflow.set_experiment(experiment)
+            tags = {"lfb_ray.kind": "comparison", **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+            with mlflow.start_run(run_name="comparison", tags=tags):
+                for name in names:
+                    mlflow.log_artifact(os.path.join(local, name))
+                mlflow.log_param("runs", ",".join(r.run_id for r in rows))
+        if local != out_dir:
+            for name in names:
+                upload_file(os.path.join(local, name), join_uri(out_dir, name))
     return format_table(rows, markdown=False), rows

@@ -298,7 +298,7 @@ class ClusterConfig:
 class Config:
     """The whole typed configuration; each section is one dataclass above."""
 
-    workdir: str = "runs/default"  # where derived outputs go (prepared, bank, runs, mlflow)
+    workdir: str = "runs/default"  # where derived outputs go (prepared, bank, runs, mlflow); may be s3://
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     bank: BankConfig = field(default_factory=BankConfig)
@@ -314,26 +314,46 @@ class Config:
             return rel
         return str(Path(self.data.root) / rel)
 
+    def _in_workdir(self, name: str, *, absolute: bool = False) -> str:
+        """`<workdir>/<name>`: a URI when the workdir is one (`s3://bucket/run?options` keeps its
+        options at the end), else a local path (made absolute if `absolute`)."""
+        if "://" in self.workdir:
+            from lfb_ray.storage import join_uri
+
+            return join_uri(self.workdir, name)
+        return str((Path(self.workdir).resolve() if absolute else Path(self.workdir)) / name)
+
     @property
     def prepared_dir(self) -> str:
-        return self.data.prepared_dir or str(Path(self.workdir) / "prepared")
+        return self.data.prepared_dir or self._in_workdir("prepared")
 
     @property
     def bank_dir(self) -> str:
-        return self.bank.path or str(Path(self.workdir) / "bank")
+        return self.bank.path or self._in_workdir("bank")
 
     @property
     def storage_path(self) -> str:
-        return self.train.storage_path or str(Path(self.workdir).resolve() / "ray_results")
+        return self.train.storage_path or self._in_workdir("ray_results", absolute=True)
 
     @property
     def tracking_uri(self) -> str:
+        """`tracking.tracking_uri`, else MLFLOW_TRACKING_URI, else `sqlite:///<workdir>/mlflow.db`.
+
+        Raises:
+            ConfigError: neither is set and the workdir is a URI (SQLite needs a local file).
+        """
         import os
 
         if self.tracking.tracking_uri:
             return self.tracking.tracking_uri
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
+        if "://" in self.workdir:
+            from lfb_ray.tracking import redact
+
+            raise ConfigError(f"workdir is a URI ({redact('workdir', self.workdir)}), where the default MLflow store "
+                              "(sqlite:///<workdir>/mlflow.db) cannot be: set tracking.tracking_uri (or "
+                              "MLFLOW_TRACKING_URI) to a tracking server, or tracking.enabled=false")
         return "sqlite:///" + str(Path(self.workdir).resolve() / "mlflow.db")
 
 

@@ -7,6 +7,11 @@ same schedule, so that a gain is not just the extra training (row "none-ft" of t
 Each stage reads the previous stage's outputs from the paths in the config. A stage whose outputs
 are complete and whose inputs/config are unchanged is skipped (state in `<workdir>/pipeline.json`,
 keyed by a hash of what the stage depends on); `--from STAGE` reruns from that stage on.
+
+The workdir may be a URI (`s3://bucket/prefix`): the state, the val result CSVs and the comparison
+are then objects there (written through `lfb_ray.storage`), as are the prepared data, checkpoints
+and bank unless their own keys say otherwise, so a driver whose working directory is temporary
+(`ray job submit`) or another machine resumes from the same state. Tracking then needs a server.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 
 from lfb_ray.compare import CONTROL
 from lfb_ray.config import Config, config_from_dict, config_hash, config_to_dict, resolve_paths
+from lfb_ray.storage import exists, join_uri, local_file, read_json, resolve, write_bytes_atomic
 
 __all__ = ["STAGES", "run_models", "run_pipeline"]
 
@@ -33,17 +39,16 @@ def _with(cfg: Config, **section_updates) -> Config:
 
 
 def _load_state(path: str) -> dict:
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {}
+    """The pipeline state at `path` (a local path or URI); {} when there is none yet."""
+    fs, inner = resolve(path)
+    return read_json(fs, inner) if exists(fs, inner) else {}
 
 
 def run_models(workdir: str | os.PathLike) -> dict[str, str]:
     """Run name -> model ("baseline", `CONTROL`, "nl", ...) of the last pipeline run in `workdir`;
     {} when it has no readable `pipeline.json`."""
     try:
-        state = _load_state(os.path.join(workdir, "pipeline.json"))
+        state = _load_state(join_uri(os.fspath(workdir), "pipeline.json"))
     except (OSError, ValueError):
         return {}
     out = {}
@@ -71,10 +76,9 @@ def _fit_summary(r) -> dict:
 
 
 def _save_state(path: str, state: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=1)
-    os.replace(tmp, path)
+    """Write the state to `path` (a local path or URI) under a temporary name, then move it into place."""
+    fs, inner = resolve(path)
+    write_bytes_atomic(fs, inner, json.dumps(state, indent=1).encode())
 
 
 def _family_means(cfg: Config, csv_path: str) -> dict[str, float]:
@@ -93,7 +97,9 @@ def _family_means(cfg: Config, csv_path: str) -> dict[str, float]:
         return {}
     label_map = read_label_map(cfg.data_path(cfg.data.label_map))
     excl = read_exclusions(cfg.data_path(cfg.data.val_exclusions)) if cfg.data.val_exclusions else set()
-    res = evaluate_frame_map(read_annotation_rows(cfg.data_path(cfg.data.val_csv)), read_result_rows(csv_path),
+    with local_file(csv_path) as local:  # the CSV may be on S3 (a URI workdir)
+        det = read_result_rows(local)
+    res = evaluate_frame_map(read_annotation_rows(cfg.data_path(cfg.data.val_csv)), det,
                              label_map, excl, protocol=cfg.eval.protocol)
     return family_means(res.per_class, families)
 
@@ -155,8 +161,9 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
 
     cfg = resolve_paths(cfg)
     baseline_cfg = resolve_paths(baseline_cfg) if baseline_cfg else None
-    os.makedirs(cfg.workdir, exist_ok=True)
-    state_path = os.path.join(cfg.workdir, "pipeline.json")
+    fs, inner = resolve(cfg.workdir)
+    fs.create_dir(inner, recursive=True)
+    state_path = join_uri(cfg.workdir, "pipeline.json")
     state = _load_state(state_path)
     if start_from:
         if start_from not in STAGES:
@@ -257,7 +264,7 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
         def do_compare():
             ids = [base["run_id"]] + [r["run_id"] for r in ops.values()]
             table, _ = compare(cfg.tracking_uri, cfg.tracking.experiment,
-                               os.path.join(cfg.workdir, "comparison"), run_ids=[i for i in ids if i],
+                               join_uri(cfg.workdir, "comparison"), run_ids=[i for i in ids if i],
                                parent_run_id=parent_run_id)
             print(table, flush=True)
             return {"table": table}

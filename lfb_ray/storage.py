@@ -7,16 +7,20 @@ moved into place; completion markers are written last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
-__all__ = ["StorageError", "check_writable", "checkpoint_file", "exists", "join", "join_uri", "read_json", "remove_dir",
-           "resolve", "write_bytes_atomic", "write_json_atomic"]
+__all__ = ["StorageError", "check_writable", "checkpoint_file", "exists", "is_uri", "join", "join_uri", "local_file",
+           "read_json", "remove_dir", "resolve", "upload_file", "write_bytes_atomic", "write_json_atomic"]
 
 
 class StorageError(OSError):
@@ -31,6 +35,11 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError variants
             raise StorageError(f"cannot open {uri}: {e}") from e
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    """Whether `path` is a URI (`s3://...`, `gs://...`) rather than a local path."""
+    return "://" in os.fspath(path)
 
 
 def join(base: str, *parts: str) -> str:
@@ -74,6 +83,30 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         except Exception:
             pass
         raise
+
+
+def upload_file(local_path: str | os.PathLike, dest: str) -> None:
+    """Copy the local file `local_path` to `dest`, a local path or URI (`write_bytes_atomic`: a reader
+    never sees a partial file). Meant for small outputs (result CSVs, tables, plots): it is read whole."""
+    fs, path = resolve(dest)
+    with open(local_path, "rb") as f:
+        write_bytes_atomic(fs, path, f.read())
+
+
+@contextlib.contextmanager
+def local_file(path: str) -> Iterator[str]:
+    """A local path with the contents of the file `path`: `path` itself when it is local, else a
+    download into a temporary folder (under the system's temp dir, never the working directory)
+    that is removed when the block ends. For readers that need a local file (CSV parsers)."""
+    if not is_uri(path):
+        yield path
+        return
+    fs, inner = resolve(path)
+    with tempfile.TemporaryDirectory(prefix="lfb_ray_") as d:
+        local = os.path.join(d, inner.rsplit("/", 1)[-1] or "file")
+        with fs.open_input_stream(inner) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        yield local
 
 
 def write_json_atomic(fs: pafs.FileSystem, path: str, obj: Any) -> None:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from typing import Any
 
-__all__ = ["NullTracker", "Tracker", "artifact_location", "check_store_reaches_all_nodes", "close_parent_run",
+__all__ = ["NullTracker", "Tracker", "artifact_location", "check_artifact_store", "check_store_reaches_all_nodes", "close_parent_run",
            "end_run", "find_or_create_run", "is_node_local", "redact", "run_status", "setup_mlflow_env",
            "status_for"]
 
@@ -68,12 +68,32 @@ def is_node_local(tracking_uri: str) -> bool:
 def artifact_location(tracking_uri: str, workdir: str) -> str | None:
     """Artifact root of a new experiment: None (the tracking server's artifact store) for a server,
     `<workdir>/mlartifacts` for a node-local store. MLflow's own default for a local store is
-    `./mlruns`, relative to whichever process creates the experiment (a Ray worker's directory)."""
+    `./mlruns`, relative to whichever process creates the experiment (a Ray worker's directory).
+
+    Raises:
+        ValueError: a node-local store with a workdir that is a URI (`check_artifact_store`).
+    """
     if not is_node_local(tracking_uri):
         return None
+    check_artifact_store(tracking_uri, workdir)
     from pathlib import Path
 
     return (Path(workdir).resolve() / "mlartifacts").as_uri()
+
+
+def check_artifact_store(tracking_uri: str, workdir: str) -> None:
+    """A node-local tracking store keeps its artifacts in `<workdir>/mlartifacts`, which needs a local
+    workdir: a URI workdir (`s3://...`) needs a tracking server, whose artifact store (e.g.
+    `mlflow server --artifacts-destination s3://...`) takes the artifacts instead.
+
+    Raises:
+        ValueError: `tracking_uri` is node-local and `workdir` a URI.
+    """
+    if "://" in workdir and is_node_local(tracking_uri):
+        raise ValueError(
+            f"workdir {redact('workdir', workdir)} is a URI, but MLflow tracking URI {redact('uri', tracking_uri)} is a "
+            "store on this machine's disk, whose artifacts would go to <workdir>/mlartifacts: point "
+            "tracking.tracking_uri at a tracking server (http://...), or set tracking.enabled=false")
 
 
 def check_store_reaches_all_nodes(tracking_uri: str, alive_nodes: int) -> None:

@@ -90,6 +90,27 @@ def test_derived_paths(tmp_path, monkeypatch):
     assert cfg.data_path("a/b.csv") == "data/synthetic/a/b.csv" and cfg.data_path("/abs") == "/abs"
 
 
+
+def test_derived_paths_of_a_uri_workdir(monkeypatch):
+    """A workdir on S3: the derived locations are URIs under it (options kept at the end), and there
+    is no default local MLflow store; a node-local store is refused (its artifacts go to the workdir)."""
+    from lfb_ray.train.loop import check_tracking_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work = "s3://key:secret@bucket/run?endpoint_override=127.0.0.1:9000&scheme=http"
+    cfg = load_config(None, [f"workdir={work}"])
+    opts = "?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert cfg.prepared_dir == "s3://key:secret@bucket/run/prepared" + opts
+    assert cfg.bank_dir == "s3://key:secret@bucket/run/bank" + opts
+    assert cfg.storage_path == "s3://key:secret@bucket/run/ray_results" + opts
+    with pytest.raises(ConfigError, match="set tracking.tracking_uri") as e:
+        cfg.tracking_uri  # noqa: B018
+    assert "secret" not in str(e.value)
+    with pytest.raises(ConfigError, match="store on this machine's disk"):
+        check_tracking_store(load_config(None, [f"workdir={work}", "tracking.tracking_uri=sqlite:////tmp/x.db"]))
+    check_tracking_store(load_config(None, [f"workdir={work}", "tracking.tracking_uri=http://127.0.0.1:5000"]))
+    check_tracking_store(load_config(None, [f"workdir={work}", "tracking.enabled=false"]))
+
 def test_short_side_below_the_largest_train_scale_is_refused():
     """Frames stored smaller than training rescales them would be upsampled at every step."""
     with pytest.raises(ConfigError, match=r"data.short_side \(256\) < max\(data.train_scale_range\) \(320\)"):

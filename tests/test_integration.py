@@ -10,6 +10,7 @@ which would stop every Ray cluster on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -20,8 +21,11 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -102,16 +106,20 @@ def _stop_tree(proc: subprocess.Popen, marker: str | None = None, grace_s: float
 # fixtures: an MLflow server, moto's S3 server, `ray start` clusters
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` on 127.0.0.1 with a SQLite store and proxied artifacts; yields its URI."""
+@contextlib.contextmanager
+def _mlflow_server(tmp: Path, artifacts_destination: str, env: dict[str, str] | None = None):
+    """`mlflow server` on 127.0.0.1 with a SQLite store in `tmp` and artifacts proxied by the server
+    to `artifacts_destination` (a folder, or `s3://...` with `env` giving the server S3 access);
+    yields its URI. The server's own files (store, log) stay in `tmp`, its working directory."""
+    tmp.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    log = tmp_path / "mlflow_server.log"
+    log = tmp / "mlflow_server.log"
     cmd = [os.path.join(VENV_BIN, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
-           "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"]
+           "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+           "--artifacts-destination", artifacts_destination, "--workers", "1"]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,
+                                env={**os.environ, **(env or {})})
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_until(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).read().strip() == b"OK", 300,
@@ -122,8 +130,33 @@ def mlflow_server(tmp_path):
 
 
 @pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` with a SQLite store and artifacts proxied to a local folder; yields its URI."""
+    with _mlflow_server(tmp_path, str(tmp_path / "artifacts")) as uri:
+        yield uri
+
+
+@pytest.fixture
+def mlflow_server_s3(tmp_path, s3):
+    """`mlflow server` whose artifact store is moto's S3 (`s3://lfb-it/mlartifacts`, proxied: clients
+    log through the server and need no S3 credentials); yields its URI."""
+    env = {"MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    with _mlflow_server(tmp_path / "mlflow_server", f"s3://{s3.bucket}/mlartifacts", env) as uri:
+        yield uri
+
+
+class S3Server(NamedTuple):
+    uri: Callable[[str], str]  # prefix -> pyarrow URI of s3://lfb-it/<prefix>, credentials and endpoint included
+    keys: Callable[[str], list[str]]  # prefix -> the keys of the objects under it
+    endpoint: str  # http://127.0.0.1:PORT
+    bucket: str
+    client: Any  # boto3 S3 client
+
+
+@pytest.fixture
 def s3(monkeypatch):
-    """moto's S3 server on 127.0.0.1 with bucket `lfb-it`; yields `uri(prefix)` and a boto3 client.
+    """moto's S3 server on 127.0.0.1 with bucket `lfb-it`; yields an `S3Server` (`uri(prefix)`, `keys`).
 
     The URIs carry everything pyarrow needs (`user:secret@`, endpoint_override, scheme, region), so
     the session's Ray workers, started before this fixture, reach the server without env vars.
@@ -151,7 +184,7 @@ def s3(monkeypatch):
             pages = client.get_paginator("list_objects_v2").paginate(Bucket="lfb-it", Prefix=prefix)
             return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
-        yield uri, keys
+        yield S3Server(uri, keys, f"http://127.0.0.1:{port}", "lfb-it", client)
     finally:
         server.stop()
 
@@ -411,7 +444,7 @@ def test_s3_prepare_bank_and_checkpoints(synthetic_root, ray_local, s3, tmp_path
     from lfb_ray.data.prep import prepare_dataset, prepared_files
     from lfb_ray.train import fit
 
-    uri, keys = s3
+    uri, keys = s3.uri, s3.keys
     cfg = tiny_config(tmp_path / "work", synthetic_root, f"data.prepared_dir={uri('prepared')}",
                       f"train.storage_path={uri('ray_results')}", "model.fbo=none",
                       "train.max_iters_per_epoch=2", "cluster.num_workers=1", "tracking.enabled=false")
@@ -491,3 +524,94 @@ def test_training_spans_two_nodes(prepared, ray_cli_cluster, tmp_path):
     assert len(workers) == 2
     assert {w["node_id"] for w in workers} == nodes
     assert list((work / "ray_results").glob("none-*/checkpoint_*/model.pt"))
+
+
+# --------------------------------------------------------------------------------------------
+# 5. the whole pipeline with every location on S3 (moto), as a `ray job submit` driver runs it
+
+
+def _local_files(root: Path, skip: Path | None = None) -> dict[str, int]:
+    """Relative path -> size of every file under `root` (but under `skip`)."""
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*")
+            if p.is_file() and not (skip and p.is_relative_to(skip))}
+
+
+def test_s3_pipeline_from_an_empty_working_directory(synthetic_root, ray_local, s3, mlflow_server_s3, tmp_path,
+                                                      monkeypatch, capsys):
+    """`run_pipeline` with the workdir (pipeline state, result CSVs, comparison, and the derived
+    Ray Train storage and bank), the prepared data and the MLflow artifacts all on moto's S3 server,
+    and a tracking server: nothing is written to the driver's working directory (an empty temporary
+    one, as Ray's package cache under `ray job submit`), to the data root or anywhere else locally
+    (but the MLflow server's own store), every artifact is an object under the server's artifact
+    prefix, and a rerun from another empty directory skips every stage (its state is on S3)."""
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.pipeline import STAGES, run_models, run_pipeline
+
+    uri, keys = s3.uri, s3.keys
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    cfg = tiny_config(uri("work"), synthetic_root, f"data.prepared_dir={uri('prepared')}",
+                      "train.max_iters_per_epoch=2", "cluster.num_workers=1",
+                      f"tracking.tracking_uri={mlflow_server_s3}", "tracking.experiment=s3-pipeline")
+    assert cfg.bank_dir == uri("work/bank") and cfg.storage_path == uri("work/ray_results")  # derived: URIs too
+    data_before = _local_files(synthetic_root)
+    local_before = _local_files(tmp_path, skip=tmp_path / "mlflow_server")
+
+    out = run_pipeline(cfg, operators=("nl",))
+    assert list(out["stage_seconds"]) == list(STAGES)
+    assert sorted(out["maps"]) == ["nl", "none"] and all(0.0 <= m["mAP"] <= 1.0 for m in out["maps"].values())
+
+    # Every output is an object on S3; no temporary name is left behind.
+    work = set(keys("work/"))
+    assert "work/pipeline.json" in work
+    assert "work/bank/build.json" in work
+    assert len([k for k in work if k.startswith("work/ray_results/") and k.endswith("/model.pt")]) >= 2
+    csvs = sorted(k for k in work if k.startswith("work/results/") and k.endswith(".csv"))
+    assert len(csvs) == 2  # the baseline's and nl's val results
+    assert {f"work/comparison/comparison.{x}" for x in ("png", "md", "csv")} <= work
+    assert "prepared/manifest.json" in keys("prepared/")
+    assert not [k for k in keys("") if ".tmp" in k]
+    assert set(run_models(cfg.workdir).values()) == {"baseline", "nl"}  # the state file reads back from S3
+
+    # MLflow: the artifacts went through the server into the bucket, under its artifact prefix.
+    client = MlflowClient(mlflow_server_s3)
+    exp = client.get_experiment_by_name("s3-pipeline")
+    assert exp.artifact_location.startswith("mlflow-artifacts:")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    stored = set(keys("mlartifacts/"))
+
+    def objects(run) -> set[str]:
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
+        prefix = "mlartifacts/" + urllib.parse.urlparse(run.info.artifact_uri).path.strip("/") + "/"
+        return {k[len(prefix):] for k in stored if k.startswith(prefix)}
+
+    trained = [r for r in runs if r.data.tags.get("lfb_ray.operator") in ("none", "nl")]
+    assert len(trained) == 2
+    for r in trained:
+        assert {"config.yaml", "results/val_results_epoch001.csv"} <= objects(r)
+        csv_key = next(k for k in csvs if f"/{r.data.tags['lfb_ray.run_name']}/" in k)
+        artifact = s3.client.get_object(Bucket=s3.bucket, Key=next(
+            k for k in stored if k.endswith(f"{r.info.run_id}/artifacts/results/val_results_epoch001.csv")))
+        assert artifact["Body"].read() == s3.client.get_object(Bucket=s3.bucket, Key=csv_key)["Body"].read()
+    (comparison,) = [r for r in runs if r.data.tags.get("lfb_ray.kind") == "comparison"]
+    assert {"comparison.png", "comparison.md", "comparison.csv"} <= objects(comparison)
+    (parent,) = [r for r in runs if r.data.tags.get("lfb_ray.kind") == "pipeline"]
+    assert parent.info.status == "FINISHED" and {"summary.csv", "summary.md"} <= objects(parent)
+
+    # Nothing local: not the working directory, not the data, no other file under tmp_path.
+    assert not list(cwd.iterdir())
+    assert _local_files(synthetic_root) == data_before
+    assert _local_files(tmp_path, skip=tmp_path / "mlflow_server") == local_before
+
+    # Resumable from the state on S3 alone: a rerun from another empty directory skips every stage.
+    cwd2 = tmp_path / "cwd2"
+    cwd2.mkdir()
+    monkeypatch.chdir(cwd2)
+    capsys.readouterr()
+    again = run_pipeline(cfg, operators=("nl",))
+    assert all(s == 0.0 for s in again["stage_seconds"].values())
+    assert capsys.readouterr().out.count("up to date, skipped") == len(STAGES)
+    assert json.dumps(again["maps"], sort_keys=True) == json.dumps(out["maps"], sort_keys=True)  # NaN-safe
+    assert not list(cwd2.iterdir())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -150,10 +151,16 @@ def _val_predictions(model, cfg: Config, bank, rank: int, world: int, device, rn
 
 
 def _evaluate(model, cfg: Config, bank, ctx, device, epoch: int, results_dir: str, rng) -> dict:
-    """Distributed val inference; rank 0 gathers, writes the CSV and computes frame-mAP."""
+    """Distributed val inference; rank 0 gathers, writes the CSV and computes frame-mAP.
+
+    `val/csv` is the CSV in `results_dir`. When that is a URI, the CSV is written to a local
+    temporary folder first (the evaluator and MLflow's `log_artifact` read local files) and then
+    copied there; `_csv_local` names the local copy, which the caller removes once logged.
+    """
     import torch.distributed as dist
 
     from lfb_ray.inference import _concat, write_and_evaluate
+    from lfb_ray.storage import is_uri, join_uri, upload_file
 
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     mine = _val_predictions(model, cfg, bank, rank, world, device, rng)
@@ -165,9 +172,15 @@ def _evaluate(model, cfg: Config, bank, ctx, device, epoch: int, results_dir: st
     if rank != 0:
         return {}
     pred = _concat([g for g in gathered if len(g["video_ids"])])
-    csv_path = os.path.join(results_dir, f"val_results_epoch{epoch + 1:03d}.csv")
+    csv_name = f"val_results_epoch{epoch + 1:03d}.csv"
+    remote = is_uri(results_dir)
+    csv_path = os.path.join(tempfile.mkdtemp(prefix="lfb_ray_val_") if remote else results_dir, csv_name)
     res = write_and_evaluate(cfg, pred, csv_path)
     out = {"val/mAP": res["mAP"], "val/csv": csv_path}
+    if remote:
+        out["val/csv"] = join_uri(results_dir, csv_name)
+        upload_file(csv_path, out["val/csv"])
+        out["_csv_local"] = csv_path
     for g, v in res["group_mAP"].items():
         out[f"val/mAP_{g}"] = v
     out["_per_class"] = res["per_class"]
@@ -339,7 +352,9 @@ def train_loop_per_worker(config: dict) -> None:
                 tracker.log_metrics({"best/epoch": best.epoch, "best/val_mAP": best.mAP}, step=done)
         report(metrics, done, 0, final=final)
         if rank == 0 and "val/csv" in metrics:
-            tracker.log_artifact(metrics["val/csv"], "results")
+            tracker.log_artifact(metrics.get("_csv_local", metrics["val/csv"]), "results")
+            if "_csv_local" in metrics:  # the local copy of a CSV on S3 (`_evaluate`)
+                shutil.rmtree(os.path.dirname(metrics["_csv_local"]), ignore_errors=True)
 
     # --- epochs
     epochs = _epochs(cfg, config.get("init_checkpoint"))
@@ -508,19 +523,25 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
 
 
 def check_tracking_store(cfg: Config) -> None:
-    """With tracking on, a cluster of more than one alive node needs a tracking server.
+    """With tracking on, a cluster of more than one alive node, or a workdir that is a URI, needs a
+    tracking server.
 
     Raises:
-        ConfigError: naming the URI and the fix (`lfb_ray.tracking.check_store_reaches_all_nodes`).
+        ConfigError: naming the URI and the fix (`lfb_ray.tracking.check_store_reaches_all_nodes`,
+            `lfb_ray.tracking.check_artifact_store`; also `Config.tracking_uri`'s).
     """
     import ray
 
-    from lfb_ray.tracking import check_store_reaches_all_nodes
+    from lfb_ray.tracking import check_artifact_store, check_store_reaches_all_nodes
 
-    if not cfg.tracking.enabled or not ray.is_initialized():
+    if not cfg.tracking.enabled:
         return
     try:
-        check_store_reaches_all_nodes(cfg.tracking_uri, sum(1 for n in ray.nodes() if n.get("Alive")))
+        check_artifact_store(cfg.tracking_uri, cfg.workdir)
+        if ray.is_initialized():
+            check_store_reaches_all_nodes(cfg.tracking_uri, sum(1 for n in ray.nodes() if n.get("Alive")))
+    except ConfigError:
+        raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -531,10 +552,12 @@ def _fit_run(cfg: Config, *, name: str, run_id: str | None, init_checkpoint: str
     from ray.train.torch import TorchTrainer
 
     from lfb_ray.data.dataset import count_rows
-    from lfb_ray.storage import join_uri
+    from lfb_ray.storage import is_uri, join_uri
 
     storage = cfg.storage_path
-    results_dir = os.path.join(os.path.abspath(cfg.workdir), "results", name)
+    # The val result CSVs: `<workdir>/results/<run>/`, on S3 too when the workdir is a URI (`_evaluate`).
+    results_dir = (join_uri(cfg.workdir, "results", name) if is_uri(cfg.workdir)
+                   else os.path.join(os.path.abspath(cfg.workdir), "results", name))
     # Each worker reads the (small) keyframe table and builds its own shuffled epoch of decoded
     # samples (`train_samples`): no dataset goes through Ray Train's streaming split, whose
     # assignment of rows to workers is not reproducible.

@@ -33,7 +33,10 @@ def main(argv=None) -> int:
     p.add_argument("--tracking-uri", default="")
     p.add_argument("--experiment", default="")
     p.add_argument("--run-ids", default="")
-    p.add_argument("--out", default="")
+    p.add_argument("--out", default="", help="output folder or URI (default <workdir>/comparison)")
+    p.add_argument("--protocols", action="store_true",
+                   help="also print each run's mAP under both evaluators (official, mmaction2's: the protocol of "
+                        "mmaction2's published 24.11/22.15/20.17)")
     # --set applies to the latest --config: parse the argv order ourselves.
     argv = list(sys.argv[1:] if argv is None else argv)
     groups: list[tuple[str, list[str]]] = []
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
                 cfg = resolve_paths(load_config(path, overrides))
                 fams = label_families(cfg.data_path("dataset.json"))
                 table, rows = compare(cfg.tracking_uri, cfg.tracking.experiment,
-                                      join_uri(cfg.workdir, "comparison"), families=fams)
+                                      join_uri(cfg.workdir, "comparison"), families=fams, protocols=args.protocols)
                 print(f"== {cfg.tracking.experiment} ({cfg.workdir})\n{table}\n")
                 per_seed[f"{cfg.tracking.experiment}@{cfg.workdir}"] = rows
             seeds = format_seed_table(per_seed, markdown=False)
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
         exp = args.experiment or cfg.tracking.experiment
         out = args.out or join_uri(cfg.workdir, "comparison")
         table, _ = compare(uri, exp, out, run_ids=[r for r in args.run_ids.split(",") if r] or None,
-                           families=label_families(cfg.data_path("dataset.json")))
+                           families=label_families(cfg.data_path("dataset.json")), protocols=args.protocols)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

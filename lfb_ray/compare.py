@@ -96,17 +96,26 @@ def _render(head: list[str], lines: list[list[str]], markdown: bool) -> str:
     return "\n".join(out)
 
 
-def format_table(rows: list[ComparisonRow], markdown: bool = True) -> str:
-    """Seed-style table: mAP in percent, as the LFB paper and mmaction2 report it."""
+PROTOCOL_KEYS = ("val/mAP_official", "val/mAP_mmaction2")
+
+
+def format_table(rows: list[ComparisonRow], markdown: bool = True, protocols: bool = False) -> str:
+    """Seed-style table: mAP in percent, as the LFB paper and mmaction2 report it.
+
+    `protocols`: also the mAP under each evaluator (official ActivityNet, mmaction2's: the protocol of
+    mmaction2's published LFB numbers), as every run's evaluation logs both ("-" for runs that
+    predate it)."""
     fam_keys = sorted({k for r in rows for k in r.metrics if k.startswith("val/mAP_family_")})
     grp_keys = ["val/mAP_person_movement", "val/mAP_object_manipulation", "val/mAP_person_interaction"]
-    head = (["model", "mAP"] + [k.replace("val/mAP_family_", "mAP ") for k in fam_keys]
+    proto_keys = list(PROTOCOL_KEYS) if protocols else []
+    head = (["model", "mAP"] + [k.replace("val/", "") for k in proto_keys]
+            + [k.replace("val/mAP_family_", "mAP ") for k in fam_keys]
             + ["movement", "object", "interaction", "epochs", "wall s", "clips/s", "run id"])
     lines = []
     for r in rows:
         m = r.metrics
         lines.append([NAMES.get(r.operator, r.operator), _fmt(m.get("val/mAP"))]
-                     + [_fmt(m.get(k)) for k in fam_keys] + [_fmt(m.get(k)) for k in grp_keys]
+                     + [_fmt(m.get(k)) for k in proto_keys] + [_fmt(m.get(k)) for k in fam_keys] + [_fmt(m.get(k)) for k in grp_keys]
                      + [str(int(m.get("epoch", 0))), f"{m.get('wall_seconds', float('nan')):.0f}",
                         f"{m.get('train/clips_per_s', float('nan')):.1f}", r.run_id[:12]])
     return _render(head, lines, markdown)
@@ -180,7 +189,7 @@ def plot(rows: list[ComparisonRow], path: str) -> None:
 def compare(tracking_uri: str, experiment: str, out_dir: str, run_ids: list[str] | None = None,
             log_to_mlflow: bool = True,
             families: dict[str, tuple[int, ...]] | None = None,
-            parent_run_id: str | None = None) -> tuple[str, list[ComparisonRow]]:
+            parent_run_id: str | None = None, protocols: bool = False) -> tuple[str, list[ComparisonRow]]:
     """Build the comparison, write table/PNG into `out_dir` (a local folder or a URI such as
     `s3://bucket/prefix`), log them to MLflow (a `comparison` run, nested under `parent_run_id` if
     given); return the table."""
@@ -197,7 +206,7 @@ def compare(tracking_uri: str, experiment: str, out_dir: str, run_ids: list[str]
         # log_artifact need local files) and then copied there.
         local = tmp if is_uri(out_dir) else out_dir
         os.makedirs(local, exist_ok=True)
-        md = format_table(rows, markdown=True)
+        md = format_table(rows, markdown=True, protocols=protocols)
         with open(os.path.join(local, "comparison.md"), "w") as f:
             f.write(md + "\n")
         with open(os.path.join(local, "comparison.csv"), "w") as f:
@@ -220,4 +229,4 @@ def compare(tracking_uri: str, experiment: str, out_dir: str, run_ids: list[str]
         if local != out_dir:
             for name in names:
                 upload_file(os.path.join(local, name), join_uri(out_dir, name))
-    return format_table(rows, markdown=False), rows
+    return format_table(rows, markdown=False, protocols=protocols), rows

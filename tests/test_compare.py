@@ -46,3 +46,17 @@ def test_family_means_from_per_class_aps(tmp_path):
     out = family_means({"11": 0.5, "12": 1.0, 64: float("nan")}, fams)
     assert out["val/mAP_family_short"] == 0.75
     assert math.isnan(out["val/mAP_family_long"])  # no class of the family has an AP
+
+
+def test_table_shows_both_protocols_when_asked():
+    from lfb_ray.compare import format_table
+
+    rows = [ComparisonRow("nl", "run-nl-0123456789", "nl", {"val/mAP": 0.25, "val/mAP_official": 0.25,
+                                                           "val/mAP_mmaction2": 0.2411}, {}, []),
+            ComparisonRow("none", "run-none-0123456", "none", {"val/mAP": 0.2}, {}, [])]  # logged before both
+    plain = format_table(rows).splitlines()
+    assert "mAP_official" not in plain[0]
+    lines = format_table(rows, protocols=True).splitlines()
+    assert lines[0].startswith("| model | mAP | mAP_official | mAP_mmaction2 |")
+    assert lines[2].startswith("| LFB-NL | 25.00 | 25.00 | 24.11 |")
+    assert lines[3].startswith("| baseline | 20.00 | - | - |")

@@ -183,6 +183,8 @@ def _evaluate(model, cfg: Config, bank, ctx, device, epoch: int, results_dir: st
         out["_csv_local"] = csv_path
     for g, v in res["group_mAP"].items():
         out[f"val/mAP_{g}"] = v
+    for protocol, v in res["protocol_mAP"].items():  # val/mAP_official, val/mAP_mmaction2
+        out[f"val/mAP_{protocol}"] = v
     out["_per_class"] = res["per_class"]
     from lfb_ray.evaluation.families import family_means, label_families
 

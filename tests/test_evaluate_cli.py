@@ -188,3 +188,17 @@ def test_main_config_mode_runs_inference(prepared, tmp_path, capsys):
     assert data["mAP"] is None or 0.0 <= data["mAP"] <= 1.0
     assert set(data["num_det"]) == set(data["per_class"])
     assert sum(data["num_det"].values()) <= len(lines)
+
+    # The same with the checkpoint and the result CSV given as URIs (as on a cluster: s3://...; here
+    # file://, which goes through the same pyarrow filesystem path): read from and uploaded to them.
+    uri_csv = tmp_path / "remote" / "val.csv"
+    assert main(["--config", str(REPO / "configs" / "tiny.yaml"), "--checkpoint", f"file://{ckpt}", *overrides,
+                 "--csv", f"file://{uri_csv}", "--protocol", "both"]) == 0
+    assert uri_csv.read_text() == csv_path.read_text()
+    assert "mmaction2" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_main_config_mode_refuses_a_missing_checkpoint_uri(tmp_path, capsys):
+    assert main(["--config", str(REPO / "configs" / "tiny.yaml"), "--checkpoint", f"file://{tmp_path}/none.pt",
+                 f"workdir={tmp_path}"]) == 1
+    assert "does not exist" in capsys.readouterr().err

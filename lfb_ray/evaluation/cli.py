@@ -191,13 +191,25 @@ def _run_model(args: argparse.Namespace) -> int:
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if not os.path.exists(args.checkpoint):
+    from lfb_ray.storage import StorageError, exists, is_uri, join_uri, resolve, upload_file
+
+    try:  # a local path or a URI (s3://... of a cluster's checkpoints)
+        found = exists(*resolve(args.checkpoint))
+    except (StorageError, OSError):
+        found = False
+    if not found:
         print(f"error: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
         return 1
-    csv_path = os.path.abspath(args.csv or os.path.join(cfg.workdir, "results", f"infer_{cfg.model.fbo}.csv"))
+    # The result CSV: `--csv` or <workdir>/results/infer_<fbo>.csv, either a local path or a URI
+    # (written locally, scored, then uploaded).
+    target = args.csv or join_uri(cfg.workdir, "results", f"infer_{cfg.model.fbo}.csv")
+    tmp = tempfile.TemporaryDirectory(prefix="lfb_ray_eval_") if is_uri(target) else None
+    csv_path = os.path.join(tmp.name, "results.csv") if tmp else os.path.abspath(target)
     init_ray(cfg)
     try:
         inferred = infer_split(cfg, args.checkpoint, csv_path)
+        if tmp:
+            upload_file(csv_path, target)
         t1 = time.perf_counter()
         label_map = read_label_map(cfg.data_path(cfg.data.label_map))
         exclusions = read_exclusions(cfg.data_path(cfg.data.val_exclusions)) if cfg.data.val_exclusions else set()
@@ -209,9 +221,12 @@ def _run_model(args: argparse.Namespace) -> int:
     except (AnnotationError, PrepareError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if tmp:
+            tmp.cleanup()
     t2 = time.perf_counter()
     print(f"\n{inferred.num_boxes} boxes of the val split scored by {args.checkpoint} (fbo={cfg.model.fbo}) "
-          f"in {inferred.seconds:.1f} s; {len(det)} detection rows in {csv_path}; {len(gt)} GT rows, "
+          f"in {inferred.seconds:.1f} s; {len(det)} detection rows in {target}; {len(gt)} GT rows, "
           f"{len(label_map)} classes, {len(exclusions)} excluded keyframes; evaluated {t2 - t1:.1f} s")
     if args.json:
         print(f"wrote {args.json}")

@@ -94,7 +94,7 @@ def _load_object(path: str | Path) -> Any:
     A URI (`s3://...`, e.g. a Ray Train checkpoint on object storage) is first copied to a local
     temporary file through its pyarrow filesystem; the same restricted loading applies to it.
     """
-    if "://" in str(path) and not str(path).startswith("file://"):
+    if "://" in str(path):  # s3://, gs://, file:// ...: through the URI's pyarrow filesystem
         from lfb_ray.storage import resolve
 
         fs, inner = resolve(str(path))

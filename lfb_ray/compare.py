@@ -151,6 +151,14 @@ def format_seed_table(per_seed: dict[str, list[ComparisonRow]], markdown: bool =
     return _render(head, lines, markdown)
 
 
+def tick_label(name: str, width: int = 14) -> str:
+    """A model name wrapped onto lines of at most `width` characters (where it has spaces), so the
+    long names ("control (baseline, LFB head recipe)") do not run into their neighbours' labels."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(name, width)) or name
+
+
 def plot(rows: list[ComparisonRow], path: str) -> None:
     """PNG: per-operator mAP bars with per-class AP points, and training-loss curves."""
     import matplotlib
@@ -168,7 +176,7 @@ def plot(rows: list[ComparisonRow], path: str) -> None:
         aps = [100 * v for v in r.per_class.values() if v == v]
         a1.scatter(i + rng.uniform(-0.2, 0.2, len(aps)), aps, s=10, color="#1f3b63", alpha=0.7,
                    label="per-class AP" if i == 0 else None)
-    a1.set_xticks(range(len(rows)), names)
+    a1.set_xticks(range(len(rows)), [tick_label(n) for n in names], fontsize=8)
     a1.set_ylabel("val frame-mAP@0.5 (%)")
     a1.set_title("operators")
     a1.legend(loc="lower right", fontsize=8)
@@ -181,6 +189,10 @@ def plot(rows: list[ComparisonRow], path: str) -> None:
     a2.set_title("training loss")
     if any(r.loss_curve for r in rows):
         a2.legend(fontsize=8)
+    without = [n for r, n in zip(rows, names) if not r.loss_curve]
+    if without:  # e.g. LFB heads trained by warm-up only (train.finetune_epochs=0): no SGD steps to plot
+        a2.text(0.98, 0.80, "no end-to-end training steps:\n" + "\n".join(without), transform=a2.transAxes,
+                fontsize=7, ha="right", va="top", color="#555555")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

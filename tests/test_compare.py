@@ -60,3 +60,15 @@ def test_table_shows_both_protocols_when_asked():
     assert lines[0].startswith("| model | mAP | mAP_official | mAP_mmaction2 |")
     assert lines[2].startswith("| LFB-NL | 25.00 | 25.00 | 24.11 |")
     assert lines[3].startswith("| baseline | 20.00 | - | - |")
+
+
+def test_plot_labels_are_wrapped_and_runs_without_steps_are_named(tmp_path):
+    from lfb_ray.compare import NAMES, plot, tick_label
+
+    assert tick_label(NAMES["none-ft"]) == "control\n(baseline, LFB\nhead recipe)"
+    assert all(len(line) <= 14 for line in tick_label(NAMES["none-ft"]).splitlines())
+    assert tick_label("LFB-NL") == "LFB-NL"
+    rows = [ComparisonRow("none", "a", "none", {"val/mAP": 0.5}, {"1": 0.4}, [(1, 0.3), (2, 0.2)]),
+            ComparisonRow("none-ft", "b", "none-ft", {"val/mAP": 0.6}, {}, [])]
+    plot(rows, str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").stat().st_size > 0

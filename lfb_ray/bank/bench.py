@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         args.videos = max(1, int(args.videos * scale))
         print(f"scaled down to {args.videos} videos to fit {avail / 1024**3:.1f} GiB available memory")
 
+    if args.workdir:  # a missing --workdir is created, not a traceback
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench_bank_", dir=args.workdir))
     try:
         t0 = time.perf_counter()

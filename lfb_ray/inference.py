@@ -76,7 +76,7 @@ def predict_batch(model: torch.nn.Module, batch: dict, *, bank=None, rng: np.ran
         lt_all = bank.sample(batch["roi_video_ids"], batch["roi_seconds"], rng, window_seconds=window_seconds,
                              max_feats_per_second=max_feats_per_second)
     b = len(batch["clip"])
-    sizes = np.asarray(batch.get("sizes", [batch["clip"].shape[-2:]] * b), np.int64).reshape(b, 2)
+    sizes = np.asarray(batch["sizes"], np.int64).reshape(b, 2)
     roi_clip = rois_all[:, 0].long().numpy() if len(rois_all) else np.zeros(0, np.int64)
     scores = None
     for hw in np.unique(sizes, axis=0):
@@ -189,6 +189,7 @@ def infer_split(cfg: Config, checkpoint: str, csv_path: str, *, split: str = "va
 
     from lfb_ray.config import config_to_dict
     from lfb_ray.data.dataset import decode_test_rows, read_split
+    from lfb_ray.storage import is_uri
 
     t0 = time.time()
     cfg = resolve_paths(cfg)
@@ -196,7 +197,7 @@ def infer_split(cfg: Config, checkpoint: str, csv_path: str, *, split: str = "va
         from lfb_ray.bank.coverage import open_checked
 
         open_checked(cfg, (split,))
-    if "://" not in checkpoint:  # the actors run in other directories; a URI stays as it is
+    if not is_uri(checkpoint):  # the actors run in other directories; a URI stays as it is
         checkpoint = os.path.abspath(checkpoint)
     gpus = ray.cluster_resources().get("GPU", 0)
     ds = read_split(cfg, split, drop_excluded=False).map_batches(

@@ -37,7 +37,7 @@ class FrameStoreError(ValueError):
 class FrameStoreWriter:
     """Write a frame store atomically: frames are streamed to a temporary name, moved on `close`.
 
-    Frames must come in increasing frame-index order; `rows` maps a frame index to its row.
+    Frames must come in increasing frame-index order; `add` returns each frame's row.
     """
 
     def __init__(self, fs: pafs.FileSystem, path: str):
@@ -46,8 +46,7 @@ class FrameStoreWriter:
         self._tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         self._sink = fs.open_output_stream(self._tmp)
         self._writer = pa.ipc.new_file(self._sink, FRAME_SCHEMA)
-        self.rows: dict[int, int] = {}
-        self.jpeg_bytes = 0
+        self._count = 0  # frames written so far: the next frame's row
         self._last = -1  # the last frame index added (O(1) order check: a movie has ~10^5 frames)
 
     def add(self, frame_index: int, jpeg: bytes) -> int:
@@ -57,9 +56,8 @@ class FrameStoreWriter:
         self._last = int(frame_index)
         self._writer.write_batch(pa.record_batch([pa.array([frame_index], pa.int32()), pa.array([jpeg], pa.binary())],
                                                  schema=FRAME_SCHEMA))
-        self.rows[int(frame_index)] = len(self.rows)
-        self.jpeg_bytes += len(jpeg)
-        return self.rows[int(frame_index)]
+        self._count += 1
+        return self._count - 1
 
     def close(self) -> int:
         """Finish the file and move it into place; returns its size in bytes."""

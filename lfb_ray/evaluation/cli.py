@@ -210,7 +210,6 @@ def _run_model(args: argparse.Namespace) -> int:
         inferred = infer_split(cfg, args.checkpoint, csv_path)
         if tmp:
             upload_file(csv_path, target)
-        t1 = time.perf_counter()
         label_map = read_label_map(cfg.data_path(cfg.data.label_map))
         exclusions = read_exclusions(cfg.data_path(cfg.data.val_exclusions)) if cfg.data.val_exclusions else set()
         gt = read_annotation_rows(cfg.data_path(cfg.data.val_csv))

@@ -94,9 +94,9 @@ def _load_object(path: str | Path) -> Any:
     A URI (`s3://...`, e.g. a Ray Train checkpoint on object storage) is first copied to a local
     temporary file through its pyarrow filesystem; the same restricted loading applies to it.
     """
-    if "://" in str(path):  # s3://, gs://, file:// ...: through the URI's pyarrow filesystem
-        from lfb_ray.storage import resolve
+    from lfb_ray.storage import is_uri, resolve
 
+    if is_uri(path):  # s3://, gs://, file:// ...: through the URI's pyarrow filesystem
         fs, inner = resolve(str(path))
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, os.path.basename(inner) or "checkpoint.pt")

@@ -14,7 +14,7 @@
 Why: the product's warm-up (`lfb_ray/train/head_warmup.py`: the LFB head on the bank's own train
 entries, Adam 1e-3, batches of 32, the detector's loss with the softmax role group) gives an NL model
 that reads the role from the bank where the clip cannot show it, but whose long-term mAP over the
-control (the same recipe without a bank) changes sign between runs (README, issue #8). Each variant
+control (the same recipe without a bank) changes sign between runs (docs/synthetic_study.md). Each variant
 here changes one thing of that recipe; one line of JSON per run reports the val role accuracy with
 and without the actor's cue in the clip, the mean confidence of the predicted role, and a role-AP
 proxy (mean over the three role classes of the AP of their softmax score over the GT-matched val

@@ -186,7 +186,7 @@ class LFBDetector(nn.Module):
 
         Why: with a mean sigmoid BCE over 80 classes, a group of mutually exclusive labels that
         only long-term context can tell gets about 1/80 of the gradient, and the LFB-NL head
-        did not learn to retrieve it on the synthetic set (README, issue #8 probes); the
+        did not learn to retrieve it on the synthetic set (docs/synthetic_study.md); the
         softmax form is also the right likelihood for labels of which exactly one holds.
 
         Args:

@@ -7,7 +7,7 @@ computes for that box at test time. So the head can be trained on (bank entry, s
 pairs without running the backbone: about 50 ms per step of 32 boxes for the synthetic NL head
 on 2 CPU cores, against about 0.7 s per training iteration of 16 clips through the backbone.
 On the synthetic set the NL operator only learns to retrieve an actor's own earlier entries
-(the long-term "role" labels) after ~100k such samples (README, issue #8 probes), which SGD
+(the long-term "role" labels) after ~100k such samples (docs/synthetic_study.md), which SGD
 through the backbone does not reach in a CPU budget. This is linear probing before fine-tuning
 (Kumar et al., ICLR 2022) with the bank as the feature cache.
 

@@ -72,3 +72,23 @@ def test_plot_labels_are_wrapped_and_runs_without_steps_are_named(tmp_path):
             ComparisonRow("none-ft", "b", "none-ft", {"val/mAP": 0.6}, {}, [])]
     plot(rows, str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_compare_job_protocols_flag_prints_both_evaluators(tmp_path, capsys):
+    """`python jobs/compare.py --config configs/synthetic.yaml --protocols` (README), on a local
+    MLflow store holding one finished run that logged both protocols."""
+    from mlflow.tracking import MlflowClient
+
+    import jobs.compare as job
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "art"))
+    run = client.create_run(exp, tags={"lfb_ray.operator": "nl"})
+    for k, v in {"val/mAP": 0.25, "val/mAP_official": 0.25, "val/mAP_mmaction2": 0.2411}.items():
+        client.log_metric(run.info.run_id, k, v)
+    client.set_terminated(run.info.run_id)
+    assert job.main(["--config", "configs/synthetic.yaml", "--tracking-uri", uri, "--experiment", "e",
+                     "--out", str(tmp_path / "cmp"), "--protocols"]) == 0
+    out = capsys.readouterr().out
+    assert "mAP_official" in out and "mAP_mmaction2" in out and "24.11" in out

@@ -97,6 +97,8 @@ def _render(head: list[str], lines: list[list[str]], markdown: bool) -> str:
 
 
 PROTOCOL_KEYS = ("val/mAP_official", "val/mAP_mmaction2")
+AVA_GROUP_KEYS = {"val/mAP_person_movement": "movement", "val/mAP_object_manipulation": "object",
+                  "val/mAP_person_interaction": "interaction"}
 
 
 def format_table(rows: list[ComparisonRow], markdown: bool = True, protocols: bool = False) -> str:
@@ -106,11 +108,13 @@ def format_table(rows: list[ComparisonRow], markdown: bool = True, protocols: bo
     mmaction2's published LFB numbers), as every run's evaluation logs both ("-" for runs that
     predate it)."""
     fam_keys = sorted({k for r in rows for k in r.metrics if k.startswith("val/mAP_family_")})
-    grp_keys = ["val/mAP_person_movement", "val/mAP_object_manipulation", "val/mAP_person_interaction"]
+    # AVA's category groups are defined by AVA's class ids; a dataset that declares its own label
+    # families (the synthetic set) gets those columns instead.
+    grp_keys = [] if fam_keys else list(AVA_GROUP_KEYS)
     proto_keys = list(PROTOCOL_KEYS) if protocols else []
     head = (["model", "mAP"] + [k.replace("val/", "") for k in proto_keys]
             + [k.replace("val/mAP_family_", "mAP ") for k in fam_keys]
-            + ["movement", "object", "interaction", "epochs", "wall s", "clips/s", "run id"])
+            + [AVA_GROUP_KEYS[k] for k in grp_keys] + ["epochs", "wall s", "clips/s", "run id"])
     lines = []
     for r in rows:
         m = r.metrics

@@ -92,3 +92,20 @@ def test_compare_job_protocols_flag_prints_both_evaluators(tmp_path, capsys):
                      "--out", str(tmp_path / "cmp"), "--protocols"]) == 0
     out = capsys.readouterr().out
     assert "mAP_official" in out and "mAP_mmaction2" in out and "24.11" in out
+
+
+def test_table_shows_the_dataset_families_instead_of_the_ava_groups():
+    """On a dataset that declares its label families (the synthetic set) the AVA category columns
+    (movement / object / interaction, computed from AVA's class ids) mean nothing: the families
+    are shown instead; on AVA (no families) the AVA groups are shown."""
+    from lfb_ray.compare import format_table
+
+    ava = {"val/mAP": 0.25, "val/mAP_person_movement": 0.4, "val/mAP_object_manipulation": 0.1,
+           "val/mAP_person_interaction": 0.2}
+    head = format_table([ComparisonRow("nl", "run-nl-0123456789", "nl", ava, {}, [])]).splitlines()[0]
+    assert "| movement | object | interaction |" in head
+    syn = {**ava, "val/mAP_family_long_term": 0.7, "val/mAP_family_short_term": 0.9}
+    lines = format_table([ComparisonRow("nl", "run-nl-0123456789", "nl", syn, {}, [])]).splitlines()
+    assert lines[0].startswith("| model | mAP | mAP long_term | mAP short_term | epochs |")
+    assert "movement" not in lines[0] and "interaction" not in lines[0]
+    assert lines[2].startswith("| LFB-NL | 25.00 | 70.00 | 90.00 | 0 |")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lfb_ray.bench.table import Measure, cpu_count, format_table, machine_line, ratio
+from benchmarks.table import Measure, cpu_count, format_table, machine_line, ratio, shown
 
 __all__ = ["run", "v1_schema"]
 
@@ -37,7 +37,7 @@ CLIPS_TIMED = 200  # training clips per loader measurement
 
 
 def _config(workdir: Path, root: Path):
-    from lfb_ray.bench.prepare import bench_config
+    from benchmarks.prepare import bench_config
 
     # The AVA seed recipe's data settings (configs/baseline.yaml) on the synthetic videos.
     return bench_config("baseline", workdir, root, "data.train_csv=annotations/train.csv",
@@ -58,7 +58,7 @@ def _dataset(workdir: Path, videos: int, seconds: int) -> Path:
         with Measure() as m:
             generate_dataset(root, num_videos=videos, seconds=seconds, seed=0, width=WIDTH, height=HEIGHT,
                              overwrite=True, workers=min(cpu_count(), videos))
-        print(f"generated {videos} videos x {seconds} s at {WIDTH}x{HEIGHT} in {root} ({m.wall_s:.0f} s)", flush=True)
+        print(f"generated {videos} videos x {seconds} s at {WIDTH}x{HEIGHT} in {shown(root)} ({m.wall_s:.0f} s)", flush=True)
     return root
 
 
@@ -67,7 +67,7 @@ _PLANS: dict[str, dict] = {}
 
 def _plan(task: dict) -> dict:
     """`prep`'s decode plan of a video (stored size, frame indices per keyframe), computed once."""
-    from lfb_ray.bench.prepare import _video_plan
+    from benchmarks.prepare import _video_plan
 
     if task["path"] not in _PLANS:
         _PLANS[task["path"]] = _video_plan(task)
@@ -143,7 +143,7 @@ def _write_rawframes(task: dict, out: Path) -> tuple[int, int]:
 
 
 def _sequential_decode(tasks: list[dict]) -> int:
-    from lfb_ray.bench.prepare import _sequential_decode as seq
+    from benchmarks.prepare import _sequential_decode as seq
 
     return seq(tasks)
 

@@ -10,9 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lfb_ray.data.synthetic import dataset_matches, generate_dataset  # noqa: E402
+from lfb_ray.data.synthetic import dataset_matches, generate_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

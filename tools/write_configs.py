@@ -6,13 +6,11 @@ complete when a field is added. Run: python tools/write_configs.py
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lfb_ray.config import config_to_dict, load_config  # noqa: E402
+from lfb_ray.config import config_to_dict, load_config
 
 SEED = ["workdir=runs/ava", "data.root=data/ava", "data.train_csv=annotations/ava_train_v2.1.csv",
         "data.val_csv=annotations/ava_val_v2.1.csv",

@@ -33,7 +33,7 @@ class BenchSize:
 
 QUICK = BenchSize(clips=1, crop_pixels=64, rois_per_clip=2, bank_slots=60, warmup_iters=1, iters=2)
 DEFAULT = BenchSize()
-CUDA_DEFAULT = BenchSize(clips=12, warmup_iters=3, iters=10)  # one worker's batch (spec section 8)
+CUDA_DEFAULT = BenchSize(clips=12, warmup_iters=3, iters=10)  # one worker's batch (configs/lfb_*.yaml)
 
 
 @dataclass(frozen=True)

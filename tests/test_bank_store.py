@@ -1,4 +1,4 @@
-"""FeatureBank: on-disk format, window sampling semantics (spec section 5), merging, atomicity, mmap."""
+"""FeatureBank: on-disk format, window sampling semantics, merging, atomicity, mmap."""
 
 from __future__ import annotations
 

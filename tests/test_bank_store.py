@@ -347,7 +347,7 @@ def test_s3_round_trip(s3_filesystem, tmp_path):
         FeatureBank.open("bucket/lfb", filesystem=fs, cache_dir=cache)
 
 
-def test_bench_bank_creates_a_missing_workdir(tmp_path, capsys):
+def test_bank_read_benchmark_creates_a_missing_workdir(tmp_path, capsys):
     """`jobs/benchmark.py bank-read --workdir DIR` with DIR missing creates it (it used to die with a
     FileNotFoundError traceback); a tiny bank keeps this a few seconds."""
     from benchmarks.cli import main

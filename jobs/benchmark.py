@@ -1,91 +1,10 @@
-"""Benchmarks of the pipeline stages, each against a baseline measured in the same run (BENCHMARKS.md).
+"""Benchmarks of the pipeline stages against same-run baselines; the code is in `benchmarks/`.
 
-    python jobs/benchmark.py prepare [--quick]      # Ray Data prepare vs sequential / per-keyframe decode
-    python jobs/benchmark.py ava-scale [--quick]    # prepared format at AVA size vs v1 rows and mmaction2 rawframes
-    python jobs/benchmark.py bank-build [--quick]   # build_bank with 1 vs 2 actors
-    python jobs/benchmark.py train [--quick]        # Ray Train loop vs a plain torch loop
-    python jobs/benchmark.py eval [--quick]         # vectorised frame-mAP vs the loop reference
-    python jobs/benchmark.py all [--quick]          # all four, one after another
-    python jobs/benchmark.py gpu [--quick] [--prepared DIR]  # R50 training clips/s, bank keyframes/s (CUDA)
-
-Synthetic videos are generated once under --workdir and reused. Prints tables; asserts no timings.
-Exit code 0 when every benchmark ran (and its correctness checks held), 1 when one failed (`all`
-runs the others, then names the failed ones).
+    python jobs/benchmark.py --help    # the subcommands: prepare, ava-scale, bank-build, train, eval,
+                                       # all, gpu, bank-read, model
 """
 
-import argparse
-import sys
-import time
-import traceback
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lfb_ray.bench.table import cpu_count  # noqa: E402
-
-COMMANDS = ("prepare", "bank-build", "train", "eval")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=[*COMMANDS, "all", "gpu", "ava-scale"])
-    parser.add_argument("--quick", action="store_true", help="small sizes (< 1 min each on 2 CPUs)")
-    parser.add_argument("--workdir", default="runs/bench", help="synthetic data and scratch outputs")
-    parser.add_argument("--prepared", default=None,
-                        help="gpu only: an existing prepared folder for the bank section (then Ray is not needed)")
-    args = parser.parse_args(argv)
-    if args.command == "gpu":  # not part of `all`: it needs a CUDA machine to mean anything
-        from lfb_ray.bench import gpu
-
-        return 0 if _attempt("gpu", lambda: gpu.run(quick=args.quick, workdir=args.workdir,
-                                                    prepared=args.prepared)) else 1
-    if args.prepared:
-        parser.error("--prepared is only for the gpu command")
-    if args.command == "ava-scale":  # not part of `all`: 15-minute videos, ~15 min on 2 CPUs
-        from lfb_ray.bench import ava_scale
-
-        ava_scale.run(quick=args.quick, workdir=args.workdir)
-        return 0
-
-    import ray
-
-    from lfb_ray.bench import bank_build, evaluation, prepare, start_local_ray, train
-    commands = COMMANDS if args.command == "all" else (args.command,)
-    run = {"prepare": lambda: prepare.run(quick=args.quick, workdir=args.workdir),
-           "bank-build": lambda: bank_build.run(quick=args.quick, workdir=args.workdir),
-           "train": lambda: train.run(quick=args.quick, workdir=args.workdir),
-           "eval": lambda: evaluation.run(quick=args.quick)}
-    started = False
-    failed = []
-    for name in commands:
-        if args.command == "all" and name in ("bank-build", "train"):
-            started = start_local_ray(cpu_count()) or started  # one cluster for both; prepare runs its own
-        elif started:  # no idle Ray cluster while eval is timed
-            ray.shutdown()
-            started = False
-        if not _attempt(name, run[name]):
-            failed.append(name)
-    if started:
-        ray.shutdown()
-    if failed:
-        print(f"error: {len(failed)} of {len(commands)} benchmark(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _attempt(name: str, fn) -> bool:
-    """Run one benchmark; on an exception print its traceback and return False (the next one runs)."""
-    t0 = time.perf_counter()
-    try:
-        fn()
-    except Exception as e:  # reported in full here and in main's exit code and summary line
-        traceback.print_exc()
-        print(f"[{name}] FAILED after {time.perf_counter() - t0:.0f} s: {type(e).__name__}: {e}\n",
-              file=sys.stderr, flush=True)
-        return False
-    print(f"[{name}] done in {time.perf_counter() - t0:.0f} s\n", flush=True)
-    return True
-
+from benchmarks.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

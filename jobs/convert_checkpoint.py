@@ -8,13 +8,9 @@ Without --config the model layout is inferred from the checkpoint's keys and sha
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lfb_ray.config import load_config  # noqa: E402
-from lfb_ray.models.checkpoint import convert_checkpoint  # noqa: E402
+from lfb_ray.config import load_config
+from lfb_ray.models.checkpoint import convert_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:

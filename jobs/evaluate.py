@@ -10,12 +10,7 @@ The GT/pred mode needs no Ray; the --config/--checkpoint mode runs inference ove
 with a Ray Data actor pool first. All logic lives in `lfb_ray.evaluation.cli`.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from lfb_ray.evaluation.cli import main  # noqa: E402
+from lfb_ray.evaluation.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,7 +1,9 @@
 """Generate the synthetic AVA-format dataset (videos, CSVs, label map, proposals, dataset.json).
 
 python jobs/make_synthetic_ava.py --out data/synthetic_ava            # demo defaults
-python jobs/make_synthetic_ava.py --out /tmp/ava_ci --videos 3 --seconds 20
+python jobs/make_synthetic_ava.py --out data/synthetic_small --videos 3 --seconds 20   # a quick one
+
+What the videos show, the labels, the split and the files: docs/synthetic_dataset.md.
 """
 
 import argparse
@@ -10,9 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lfb_ray.data.synthetic import dataset_matches, generate_dataset  # noqa: E402
+from lfb_ray.data.synthetic import dataset_matches, generate_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

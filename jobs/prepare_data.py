@@ -5,11 +5,8 @@
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lfb_ray.cli import base_parser, init_ray, load_from_args  # noqa: E402
+from lfb_ray.cli import base_parser, init_ray, load_from_args
 
 
 def main(argv=None) -> int:

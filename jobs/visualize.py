@@ -8,11 +8,8 @@ this process from the prepared shards; no Ray cluster needed. LFB models also re
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lfb_ray.cli import base_parser, load_from_args  # noqa: E402
+from lfb_ray.cli import base_parser, load_from_args
 
 
 def main(argv=None) -> int:

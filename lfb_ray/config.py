@@ -44,7 +44,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the AVA-format data lives and how clips are sampled (spec sections 1-2)."""
+    """Where the AVA-format data lives and how clips are sampled and transformed."""
 
     root: str = "data/synthetic"  # dataset root; relative paths below are resolved against it
     videos_dir: str = "videos"  # folder of <video_id>.mp4/.mkv/.webm
@@ -122,7 +122,7 @@ def check_exclusive_groups(groups, num_classes: int) -> tuple[tuple[int, ...], .
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """SlowOnly backbone, RoI head, feature-bank operator and classifier (spec sections 3, 6, 7)."""
+    """SlowOnly backbone, RoI head, feature-bank operator and classifier."""
 
     depth: Literal[18, 34, 50, 101] = 50
     base_channels: int = 64  # width of res2; 64 gives the 2048-d features of SlowOnly-R50
@@ -159,7 +159,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class BankConfig:
-    """Long-term feature bank: how it is built and sampled (spec sections 4-5)."""
+    """Long-term feature bank: how it is built and sampled."""
 
     path: str = ""  # bank folder; "" = <workdir>/bank; may be s3://
     checkpoint: str = ""  # baseline checkpoint that computes the bank; "" = the baseline run's
@@ -186,7 +186,7 @@ class BankConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation recipe (spec section 8) and checkpointing."""
+    """Optimisation recipe (optimiser, warm-up, step schedule) and checkpointing."""
 
     epochs: int = 20
     batch_size_per_worker: int = 12
@@ -246,7 +246,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation protocol and inference settings (spec sections 7, 9, 14)."""
+    """Evaluation protocol and inference settings."""
 
     protocol: Literal["official", "mmaction2"] = "official"
     batch_size: int = 4

@@ -1,7 +1,8 @@
-"""Frame-mAP: hand-computed cases for each LFB_SPEC section-14 point in both protocols, the
-vectorised evaluator against the plain-loop reference on random cases, and against this file's own
-implementation of the official ActivityNet evaluator (which shares no code or constants with
-lfb_ray.evaluation) on random cases with distinct scores."""
+"""Frame-mAP: hand-computed cases for each evaluator rule (label-map filter, exclusions, top-50 cap,
+degenerate boxes, matching, empty classes, ties) in both protocols, the vectorised evaluator against
+the plain-loop reference on random cases, and against this file's own implementation of the
+official ActivityNet evaluator (which shares no code or constants with lfb_ray.evaluation) on random
+cases with distinct scores."""
 
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ import torch
 
 from lfb_ray.models.backbone import BasicBlock3d, Bottleneck3d, ResNet3dSlowOnly, build_backbone
 
-KEYS_FILE = Path(__file__).parent / "data" / "mmaction2_state_dict_keys.txt"  # from LFB_SPEC, checked against mmaction2
+# Key, shape and dtype of every parameter and buffer of mmaction2 0.x's ResNet3dSlowOnly(depth=50), FBOHead
+# (non_local / avg / max) and BBoxHeadAVA state dicts, one section per module, printed from mmaction2.
+KEYS_FILE = Path(__file__).parent / "data" / "mmaction2_state_dict_keys.txt"
 
 
 def mmaction2_sections() -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:

@@ -1,4 +1,4 @@
-"""FeatureBank: on-disk format, window sampling semantics (spec section 5), merging, atomicity, mmap."""
+"""FeatureBank: on-disk format, window sampling semantics, merging, atomicity, mmap."""
 
 from __future__ import annotations
 
@@ -347,12 +347,12 @@ def test_s3_round_trip(s3_filesystem, tmp_path):
         FeatureBank.open("bucket/lfb", filesystem=fs, cache_dir=cache)
 
 
-def test_bench_bank_creates_a_missing_workdir(tmp_path, capsys):
-    """`jobs/bench_bank.py --workdir DIR` with DIR missing creates it (it used to die with a
+def test_bank_read_benchmark_creates_a_missing_workdir(tmp_path, capsys):
+    """`jobs/benchmark.py bank-read --workdir DIR` with DIR missing creates it (it used to die with a
     FileNotFoundError traceback); a tiny bank keeps this a few seconds."""
-    from lfb_ray.bank.bench import main
+    from benchmarks.cli import main
 
     work = tmp_path / "not" / "there"
-    main(["--videos", "2", "--seconds", "4", "--dim", "8", "--batches", "1", "--workers", "1", "--rois", "4",
-          "--window-seconds", "2", "--max-feats-per-second", "2", "--workdir", str(work)])
+    assert main(["bank-read", "--videos", "2", "--seconds", "4", "--dim", "8", "--batches", "1", "--workers", "1",
+                 "--rois", "4", "--window-seconds", "2", "--max-feats-per-second", "2", "--workdir", str(work)]) == 0
     assert work.is_dir() and "[sample]" in capsys.readouterr().out

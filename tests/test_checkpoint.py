@@ -26,7 +26,7 @@ from lfb_ray.models.checkpoint import (
 from lfb_ray.models.detector import LFBDetector, build_detector
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS_FILE = Path("/work/shared/docs/mmaction2_state_dict_keys.txt")
+KEYS_FILE = REPO / "tests" / "data" / "mmaction2_state_dict_keys.txt"  # also read by test_backbone.py
 SMALL = ModelConfig(depth=18, base_channels=8, fbo="nl", latent_channels=16)
 CLIPS = torch.randn(2, 3, 2, 32, 32, generator=torch.Generator().manual_seed(1))
 ROIS = torch.tensor([[0, 0.0, 0.0, 20.0, 30.0], [1, 5.0, 5.0, 31.0, 31.0]])

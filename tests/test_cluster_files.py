@@ -196,3 +196,22 @@ def test_documented_job_submission_passes_the_tracking_uri_in_the_runtime_env():
     assert sub.entrypoint[0] == "python"
     _check_command(sub.entrypoint[1:])
     assert sub.entrypoint[1:6] == ["jobs/train.py", "--config", "configs/lfb_nl.yaml", "--operators", "nl,avg,max"]
+
+
+def test_scripts_named_in_the_docs_exist():
+    """Every `jobs/`, `tools/`, `research/` or `benchmarks/` script that a document or a config comment
+    names is in the repository (scripts that moved leave no stale commands behind)."""
+    texts = [REPO / "README.md", REPO / "BENCHMARKS.md", *(REPO / "docs").glob("*.md"),
+             *(REPO / "research").glob("*.md"), *(REPO / "configs").rglob("*.yaml"), REPO / "docker" / "Dockerfile"]
+    named = {m.group(0) for path in texts
+             for m in re.finditer(r"(?<![\w/.])(?:jobs|tools|research|benchmarks)/[a-z][a-z0-9_]*\.py", path.read_text())}
+    assert {"jobs/train.py", "jobs/benchmark.py", "research/probe_bank_reader.py"} <= named
+    assert sorted(p for p in named if not (REPO / p).is_file()) == []
+
+
+def test_scripts_are_plain_scripts_over_the_installed_package():
+    """No entry point edits `sys.path`: the package is installed (`pip install -e .`, the Dockerfile's
+    `pip install .`), and `ray job submit --working-dir .` puts the working dir on PYTHONPATH."""
+    scripts = [p for d in ("jobs", "tools", "research") for p in (REPO / d).glob("*.py")]
+    assert scripts
+    assert [str(p.relative_to(REPO)) for p in scripts if "sys.path" in p.read_text()] == []

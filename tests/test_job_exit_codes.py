@@ -21,7 +21,7 @@ def job(name: str):
 
 @pytest.fixture
 def small_eval_case(monkeypatch):
-    from lfb_ray.bench import evaluation
+    from benchmarks import evaluation
 
     monkeypatch.setitem(evaluation.SIZES, "quick", 40)  # keyframes: the check, not the timing, is under test
 

@@ -6,13 +6,11 @@ complete when a field is added. Run: python tools/write_configs.py
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lfb_ray.config import config_to_dict, load_config  # noqa: E402
+from lfb_ray.config import config_to_dict, load_config
 
 SEED = ["workdir=runs/ava", "data.root=data/ava", "data.train_csv=annotations/ava_train_v2.1.csv",
         "data.val_csv=annotations/ava_val_v2.1.csv",
@@ -48,7 +46,7 @@ CONFIGS = {
     "baseline": ("Short-term baseline SlowOnly-R50 4x16 that computes the bank (mmaction2: 20.1 mAP; lr 0.2 at 128)",
                  SEED + ["model.fbo=none", "train.base_lr=0.2", "train.reference_batch=128",
                          "train.batch_size_per_worker=16"], "jobs/train.py"),
-    "lfb_infer": ("Bank inference with the AVA baseline checkpoint (spec section 4: proposals >= 0.9, test transform)",
+    "lfb_infer": ("Bank inference with the AVA baseline checkpoint (proposals >= 0.9, test transform)",
                   SEED + ["model.fbo=none", "model.pretrained=",
                           "bank.checkpoint=checkpoints/slowonly_kinetics_pretrained_r50_4x16x1_20e_ava_rgb.pth",
                           "bank.person_score_thr=0.9", "bank.min_actors=1", "bank.max_actors=8"],

@@ -4,7 +4,7 @@ A Ray Data actor pool (`map_batches(BankExtractor, compute=ActorPoolStrategy(min
 per actor on GPU clusters) loads the baseline once per actor. Work is one prepared Parquet part per
 item: the actor decodes its keyframes with the test transform, computes one 2048-d (model width)
 fp16 feature per detected person (proposals at `bank.person_score_thr` with the max-score and
-whole-frame fallbacks, spec section 4) and writes a bank part atomically. Parts that already exist
+whole-frame fallbacks of `select_proposals`) and writes a bank part atomically. Parts that already exist
 are skipped, so an interrupted build resumes, and a crashed actor's item is retried by Ray.
 Keyframes of a part go through the network `bank.batch_size` at a time (channels-last-3d and bf16
 autocast on CUDA); the model is in eval mode, so a keyframe's features do not depend on its batch

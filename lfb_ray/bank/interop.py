@@ -1,6 +1,6 @@
 """Convert between mmaction2 LFB pickles (`lfb_{train,val}.pkl`) and the lfb_ray bank format.
 
-mmaction2 layout (spec section 4): `torch.save` of `{video_id: {second: [fp16 tensor [C], ...]}}`, one
+mmaction2 layout: `torch.save` of `{video_id: {second: [fp16 tensor [C], ...]}}`, one
 tensor per person in proposal order (1.x may hold a stacked [n, C] tensor per second). Files are read
 with `weights_only=True`, so a pickle holding anything but containers and tensors is refused, never run.
 """

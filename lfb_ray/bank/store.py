@@ -1,7 +1,8 @@
 """Long-term feature bank on disk: an uncompressed Arrow IPC file, memory-mapped and shared by processes.
 
 `write_bank` writes a bank folder (features.arrow, index.arrow, manifest.json last); `FeatureBank.open`
-maps one or several banks and `FeatureBank.sample` draws the LFB window of spec section 5, vectorised.
+maps one or several banks and `FeatureBank.sample` draws the LFB window of each RoI (W seconds
+around its keyframe, at most K features per second), vectorised.
 """
 
 from __future__ import annotations
@@ -586,7 +587,7 @@ class FeatureBank:
         max_feats_per_second: int = 5,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sample the long-term features of each RoI (spec section 5), all RoIs at once.
+        """Sample the long-term features of each RoI, all RoIs at once.
 
         Slot j of the window holds second `t - W//2 + j` (the current second at slot W//2). For each
         such second present in the bank with n features, a uniformly random subset of min(n, K) of

@@ -180,7 +180,7 @@ class AnnotationRows:
     """Raw rows of an AVA annotation CSV, one per (box, action), in file order.
 
     Boxes stay float64 (the parsed CSV values) so the evaluator's IoU is computed exactly as the
-    reference does (float64, spec section 14 point 5); `group_keyframes` gives float32 boxes.
+    official evaluator does (in float64); `group_keyframes` gives float32 boxes.
     """
 
     video_ids: np.ndarray  # [N] str
@@ -256,7 +256,7 @@ def read_result_rows(path: str | os.PathLike) -> ResultRows:
     """Reads a result CSV `video_id,timestamp,x1,y1,x2,y2,action_id,score` (8 columns).
 
     Degenerate or out-of-range boxes and unknown action ids are kept: the evaluator decides what
-    to do with them (spec section 14 points 1 and 4).
+    to do with them (the official one drops degenerate boxes and ids outside the label map).
 
     Raises:
         AnnotationError: wrong column count, non-numeric or non-finite field.
@@ -395,7 +395,7 @@ def _check_boxes(path: str | os.PathLike, boxes: np.ndarray, lines: np.ndarray) 
 
 @dataclass(frozen=True)
 class KeyframeBoxes:
-    """All GT persons of one keyframe, with multi-hot labels (spec section 1)."""
+    """All GT persons of one keyframe, with multi-hot labels."""
 
     video_id: str
     timestamp: int
@@ -407,7 +407,7 @@ class KeyframeBoxes:
 def group_keyframes(rows: AnnotationRows, num_classes: int = 81) -> dict[tuple[str, int], KeyframeBoxes]:
     """Merges rows into keyframes; rows with identical 4 box floats on a keyframe are one person.
 
-    Entity ids are not used for merging (spec section 1). Persons keep the order in which their
+    Entity ids are not used for merging (mmaction2 groups by box too). Persons keep the order in which their
     box first appears in the file.
 
     Args:
@@ -524,7 +524,7 @@ def load_proposals(path: str | os.PathLike) -> dict[tuple[str, int], np.ndarray]
 
 
 def select_proposals(props: np.ndarray | None, score_thr: float, max_proposals: int = 1000) -> np.ndarray:
-    """Selects the proposals of one keyframe (spec section 1).
+    """Selects the proposals of one keyframe.
 
     thr = min(score_thr, best score); keep score >= thr (so the best box always survives); keep
     the first `max_proposals` in stored order (as mmaction2 does). A missing or empty entry gives

@@ -2,10 +2,10 @@
 
 A prepared row (see `lfb_ray.data.schema`) stores JPEG frames for every reference offset the
 sampler can touch. Here we pick the clip's frames (with train-time jitter), decode them, apply the
-train or test transform of spec section 2 to frames and boxes together, and build the RoIs and
-81-wide targets of spec section 7. Ray Data calls these functions in CPU workers, so training
-workers receive ready tensors. numpy, PIL and simplejpeg only: no torch import (and no torch thread pool)
-in the data workers.
+train or test transform to frames and boxes together, and build the RoIs and their 81-wide
+multi-hot targets (column k = AVA action id k; column 0 unused, as in mmaction2). Ray Data calls
+these functions in CPU workers, so training workers receive ready tensors. numpy, PIL and
+simplejpeg only: no torch import (and no torch thread pool) in the data workers.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def _rescale_crop(frames: np.ndarray, size: tuple[int, int], origin: tuple[int, 
 
 def train_transform(frames: np.ndarray, boxes: np.ndarray, spec: ClipSpec,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """RandomRescale [lo, hi] → RandomCrop(crop) → Flip(0.5) (spec section 2; normalised later).
+    """RandomRescale [lo, hi] → RandomCrop(crop) → Flip(0.5) (normalised later).
 
     Args:
         frames: uint8 [T, H, W, 3].

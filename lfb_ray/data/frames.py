@@ -26,7 +26,6 @@ from lfb_ray.storage import join, resolve
 
 __all__ = ["FrameStore", "FrameStoreError", "FrameStoreWriter", "open_frame_store"]
 
-PAGE = 4096
 _OPEN_LIMIT = 256  # stores kept open per process (an mmap each; cheap)
 
 
@@ -105,15 +104,6 @@ class FrameStore:
 
     def frame_index(self, row: int) -> int:
         return int(self._batch(row).column(0)[0].as_py())
-
-    def pages(self, rows: np.ndarray) -> int:
-        """4 KiB pages of the mapping that reading `rows` touches (their JPEG bytes): the bytes a
-        reader actually pulls from disk, for the benchmarks."""
-        touched: set[int] = set()
-        for r in np.unique(np.asarray(rows, dtype=np.int64)):
-            buf = self.jpeg(int(r))
-            touched.update(range(buf.address // PAGE, (buf.address + max(buf.size, 1) - 1) // PAGE + 1))
-        return len(touched)
 
 
 def _value_span(col: pa.BinaryArray) -> tuple[int, int]:

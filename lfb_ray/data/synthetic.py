@@ -1,7 +1,8 @@
 """Synthetic AVA-format dataset whose role labels need a long-term feature bank.
 
 Actors move in short, visible motion segments (short-term labels) and carry a hidden role (long-term
-label) that is shown only as a brief coloured cue a few times per video. See docs/SYNTHETIC_AVA.md.
+label) that is shown only as a brief coloured cue a few times per video. The rules, sizes and files:
+docs/synthetic_dataset.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Frame timing: which frames of a video file a keyframe clip touches (spec sections 1, 2 and 11).
+"""Frame timing: which frames of a video file a keyframe clip touches.
 
 AVA clips are defined on 30 fps rawframes of the trimmed movie: the clip of keyframe second `t`
 is centred on reference frame 30*(t-900)+1 (1-based), i.e. exactly at time t, with reference

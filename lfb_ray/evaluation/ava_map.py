@@ -1,7 +1,8 @@
 """AVA frame-mAP@0.5, vectorised: the official ActivityNet evaluator or mmaction2 1.x's variant.
 
-Implements LFB_SPEC section 14 exactly. Rows are grouped with sorts (no per-keyframe Python
-loop); the greedy matching is vectorised because a detection only ever claims its own best GT:
+Implements both evaluators' rules as `evaluate_frame_map` lists them (label-map filter, exclusions,
+top-50 cap, degenerate boxes, greedy IoU matching, empty classes, ties). Rows are grouped with sorts
+(no per-keyframe Python loop); the greedy matching is vectorised because a detection only ever claims its own best GT:
 it is a true positive iff IoU >= thr and it is the first such claimant of that GT in score order.
 `reference.py` is the plain-loop version the tests compare against.
 """
@@ -81,7 +82,7 @@ def voc_ap(tp: np.ndarray, num_gt: int) -> float:
 def evaluate_frame_map(gt_rows: AnnotationRows, det_rows: ResultRows, label_map: dict[int, str],
                        exclusions: set[tuple[str, int]] | frozenset = frozenset(),
                        protocol: Protocol = "official", iou_thr: float = 0.5) -> MapResult:
-    """Frame-mAP of detections against GT (LFB_SPEC section 14).
+    """Frame-mAP of detections against GT, by the rules of one of the two evaluators.
 
     "official" (ActivityNet `get_ava_performance.py`, March 2019): label-map filter; excluded
     keyframes dropped on both sides; top-50 detections per keyframe (ties: earlier row); degenerate

@@ -8,7 +8,8 @@ actor pool, `lfb_ray.inference.infer_split`), writes the result CSV and evaluate
 `--protocol both` prints the official ActivityNet evaluator and mmaction2's side by side: the seed
 table's numbers (24.11 / 22.15 / 20.17) come from mmaction2's own evaluator, which keeps every
 detection of a keyframe (the official one keeps the 50 best) and differs on exclusions and empty
-classes (LFB_SPEC section 14), so a comparison with them needs its column.
+classes (it still counts the GT of excluded keyframes, and leaves out a class without detections
+instead of scoring it 0), so a comparison with them needs its column.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser; the CSV-mode inputs are required only without `--config`."""
     p = argparse.ArgumentParser(
         prog="jobs/evaluate.py",
-        description="AVA frame-mAP@0.5 of a result CSV (LFB_SPEC section 14).")
+        description="AVA frame-mAP@0.5 of a result CSV: the official ActivityNet evaluator, "
+                    "mmaction2 1.x's ava_eval, or both.")
     files = p.add_argument_group("evaluate a result CSV")
     files.add_argument("--gt", help="GT CSV, e.g. ava_val_v2.1.csv")
     files.add_argument("--pred", help="result CSV: video_id,timestamp,x1,y1,x2,y2,action_id,score")

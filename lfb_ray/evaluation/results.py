@@ -1,7 +1,7 @@
 """The AVA result CSV: one row per (keyframe, box, class) `video_id,timestamp,x1,y1,x2,y2,action_id,score`.
 
 Scores are written with 6 decimals and boxes with 6 (mmaction2 writes 3-4, which creates score
-ties whose order the evaluators leave undefined; spec section 14 point 9).
+ties, whose order neither the official evaluator nor mmaction2's defines).
 """
 
 from __future__ import annotations

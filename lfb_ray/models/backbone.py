@@ -1,4 +1,4 @@
-"""SlowOnly ResNet3D short-term backbone (spec section 3), named like mmaction2 so that
+"""SlowOnly ResNet3D short-term backbone, named like mmaction2 so that
 checkpoint keys map one to one: `conv1.{conv,bn}`, `layer{1..4}.{i}.conv{1,2,3}.{conv,bn}`,
 `layer{1..4}.0.downsample.{conv,bn}`.
 """

@@ -1,4 +1,4 @@
-"""Safe checkpoint reading and the mmaction2 <-> lfb_ray key mapping (spec section 14).
+"""Safe checkpoint reading and the mmaction2 <-> lfb_ray key mapping.
 
 Our module names equal mmaction2's below three prefixes, so the mapping is a prefix rename:
 

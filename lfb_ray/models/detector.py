@@ -1,5 +1,5 @@
 """LFBDetector: SlowOnly backbone + RoIAlign head + feature-bank operator + linear classifier
-(spec sections 3, 6, 7), its loss, and `build_detector(model_cfg)`.
+its loss, and `build_detector(model_cfg)`.
 """
 
 from __future__ import annotations

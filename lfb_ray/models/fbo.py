@@ -1,4 +1,4 @@
-"""Feature-bank operators (spec section 6): non-local (LFB-NL), average and max over the bank.
+"""Feature-bank operators: non-local (LFB-NL), average and max over the bank.
 
 Inputs are flat: short-term features [N, C] and the sampled bank [N, S, C] (S slots, zero
 padded). The NL operator keeps mmaction2's Conv3d 1x1x1 modules (and names) so checkpoints load

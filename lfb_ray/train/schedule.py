@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule (spec section 8), free of Ray so GPU benchmarks share them."""
+"""Optimiser and learning-rate schedule, free of Ray so GPU benchmarks share them."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Frozen-feature probe: can an LFB head learn to read an actor's role from the bank at all?
 
-    python tools/probe_bank_reader.py --data data/synthetic --bank runs/synthetic/bank \
+    python research/probe_bank_reader.py --data data/synthetic --bank runs/synthetic/bank \
         --fbo nl --steps 2000 --lr 1e-3 --dropout 0.2
 
 Separates "the operator cannot learn retrieval" from "the full training run is too short". The
@@ -18,8 +18,6 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _entries(dataset_dir: Path, bank_split: Path, split: str):

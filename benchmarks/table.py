@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Measure", "TreeCpu", "cpu_count", "format_table", "machine_line", "ratio"]
+__all__ = ["Measure", "TreeCpu", "cpu_count", "format_table", "machine_line", "ratio", "shown"]
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -25,6 +25,18 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def shown(path: str | Path) -> str:
+    """`path` as printed in a table: relative to the current directory when it lies inside it, so
+    results pasted into BENCHMARKS.md name `runs/bench/...`, not one machine's checkout."""
+    if "://" in str(path):
+        return str(path)
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
 
 
 def _cpu_model() -> str:

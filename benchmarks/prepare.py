@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lfb_ray.bench.table import Measure, cpu_count, format_table, machine_line, ratio
+from benchmarks.table import Measure, cpu_count, format_table, machine_line, ratio, shown
 from lfb_ray.config import Config, load_config, resolve_paths
 
 __all__ = ["bench_config", "main_child", "prepared_config", "run", "synthetic_root"]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SIZES = {"quick": (3, 20), "default": (8, 60)}  # (videos, seconds per video)
 RESULT_PREFIX = "BENCH_RESULT "
 
@@ -41,7 +41,7 @@ def synthetic_root(workdir: str | Path, *, videos: int, seconds: int, seed: int 
         with Measure() as m:
             generate_dataset(root, num_videos=videos, seconds=seconds, seed=seed, overwrite=True,
                              workers=min(cpu_count(), videos))
-        print(f"generated {videos} synthetic videos x {seconds} s in {root} ({m.wall_s:.0f} s)", flush=True)
+        print(f"generated {videos} synthetic videos x {seconds} s in {shown(root)} ({m.wall_s:.0f} s)", flush=True)
     return root
 
 
@@ -77,7 +77,7 @@ def main_child(spec_json: str) -> None:
     """Subprocess entry: start Ray with `num_cpus`, run each prepare config, print one JSON line."""
     import ray
 
-    from lfb_ray.bench import start_local_ray
+    from benchmarks import start_local_ray
     from lfb_ray.data.prep import prepare_dataset
 
     spec = json.loads(spec_json)
@@ -106,7 +106,7 @@ def main_child(spec_json: str) -> None:
 
 def _run_job(num_cpus: int, workdir: Path, data_root: Path, runs: list[list[str]]) -> dict:
     spec = {"num_cpus": num_cpus, "workdir": str(workdir), "data_root": str(data_root), "runs": runs}
-    code = "import sys; from lfb_ray.bench.prepare import main_child; main_child(sys.argv[1])"
+    code = "import sys; from benchmarks.prepare import main_child; main_child(sys.argv[1])"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
                          env=env, cwd=REPO, timeout=1800)
@@ -160,7 +160,7 @@ def _sequential_decode(tasks: list[dict]) -> int:
 
 def _naive_rows(task: dict, plan: dict, k: int, fidx: np.ndarray, frames: np.ndarray, quality: int) -> dict:
     """A per-keyframe row for keyframe k holding its own JPEGs (the v1 layout of
-    `lfb_ray.bench.ava_scale`; no sharing between keyframes)."""
+    `benchmarks.ava_scale`; no sharing between keyframes)."""
     from lfb_ray.data.clips import encode_jpeg
 
     kf = task["keyframes"][k]
@@ -184,7 +184,7 @@ def _per_keyframe(tasks: list[dict], out_dir: Path | None, train_clip: bool = Fa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lfb_ray.bench.ava_scale import v1_schema
+    from benchmarks.ava_scale import v1_schema
     from lfb_ray.data.timing import clip_ref_offsets, frame_indices_for
 
     rng = np.random.default_rng(0)

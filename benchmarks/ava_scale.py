@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lfb_ray.bench.table import Measure, cpu_count, format_table, machine_line, ratio
+from benchmarks.table import Measure, cpu_count, format_table, machine_line, ratio, shown
 
 __all__ = ["run", "v1_schema"]
 
@@ -34,10 +34,11 @@ SIZES = {"quick": (2, 60), "default": (2, 900)}  # (videos, seconds per video)
 AVA_KEYFRAMES = 299 * 897  # AVA v2.1: 235 train + 64 val videos, keyframes at seconds 902..1798
 WIDTH, HEIGHT = 456, 256  # AVA's stored resolution (mmaction2 rawframes: short side 256)
 CLIPS_TIMED = 200  # training clips per loader measurement
+PAGE = 4096  # bytes of a memory page
 
 
 def _config(workdir: Path, root: Path):
-    from lfb_ray.bench.prepare import bench_config
+    from benchmarks.prepare import bench_config
 
     # The AVA seed recipe's data settings (configs/baseline.yaml) on the synthetic videos.
     return bench_config("baseline", workdir, root, "data.train_csv=annotations/train.csv",
@@ -58,7 +59,7 @@ def _dataset(workdir: Path, videos: int, seconds: int) -> Path:
         with Measure() as m:
             generate_dataset(root, num_videos=videos, seconds=seconds, seed=0, width=WIDTH, height=HEIGHT,
                              overwrite=True, workers=min(cpu_count(), videos))
-        print(f"generated {videos} videos x {seconds} s at {WIDTH}x{HEIGHT} in {root} ({m.wall_s:.0f} s)", flush=True)
+        print(f"generated {videos} videos x {seconds} s at {WIDTH}x{HEIGHT} in {shown(root)} ({m.wall_s:.0f} s)", flush=True)
     return root
 
 
@@ -67,7 +68,7 @@ _PLANS: dict[str, dict] = {}
 
 def _plan(task: dict) -> dict:
     """`prep`'s decode plan of a video (stored size, frame indices per keyframe), computed once."""
-    from lfb_ray.bench.prepare import _video_plan
+    from benchmarks.prepare import _video_plan
 
     if task["path"] not in _PLANS:
         _PLANS[task["path"]] = _video_plan(task)
@@ -143,7 +144,7 @@ def _write_rawframes(task: dict, out: Path) -> tuple[int, int]:
 
 
 def _sequential_decode(tasks: list[dict]) -> int:
-    from lfb_ray.bench.prepare import _sequential_decode as seq
+    from benchmarks.prepare import _sequential_decode as seq
 
     return seq(tasks)
 
@@ -176,7 +177,7 @@ def _read_v2(cfg, tasks, requests) -> dict:
     import pyarrow.parquet as pq
 
     from lfb_ray.data.clips import decode_jpeg
-    from lfb_ray.data.frames import PAGE, open_frame_store
+    from lfb_ray.data.frames import open_frame_store
 
     tables = {}
     for t in {r[0] for r in requests}:
@@ -193,8 +194,18 @@ def _read_v2(cfg, tasks, requests) -> dict:
             frames = np.stack([decode_jpeg(store.jpeg(int(r))) for r in rows])
             _transform(frames, cfg, rng)
             used += sum(store.jpeg(int(r)).size for r in rows)
-            pages += store.pages(rows)
+            pages += _pages_touched(store, rows)
     return {"measure": m, "read_bytes": pages * PAGE, "used_bytes": used}
+
+
+def _pages_touched(store, rows: np.ndarray) -> int:
+    """4 KiB pages of the frame store's mapping that reading `rows` touches (their JPEG bytes): the
+    bytes a reader actually pulls from disk."""
+    touched: set[int] = set()
+    for r in np.unique(np.asarray(rows, dtype=np.int64)):
+        buf = store.jpeg(int(r))
+        touched.update(range(buf.address // PAGE, (buf.address + max(buf.size, 1) - 1) // PAGE + 1))
+    return len(touched)
 
 
 def _read_v1(v1_dir: Path, tasks, requests, cfg) -> dict:

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from lfb_ray.bench.table import Measure, format_table, machine_line, ratio
+from benchmarks.table import Measure, format_table, machine_line, ratio
 from lfb_ray.data.annotations import AnnotationRows, ResultRows
 
 __all__ = ["make_case", "run"]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lfb_ray.bench.table import format_table, machine_line, ratio
+from benchmarks.table import format_table, machine_line, ratio, shown
 
 __all__ = ["run"]
 
@@ -42,7 +42,7 @@ REPEATS = 8  # each prepared part extracted this many times in the timed pass
 def _train_rows(device: str, quick: bool) -> tuple[list[list], float]:
     import torch
 
-    from lfb_ray.models.bench import BenchSize, time_train_step
+    from benchmarks.model import BenchSize, time_train_step
 
     cases = QUICK_TRAIN_CASES if quick else TRAIN_CASES
     if device == "cpu":  # fp32 only: autocast/channels-last rows are GPU rows
@@ -171,7 +171,7 @@ def run(*, quick: bool = False, workdir: str | Path = "runs/bench", prepared: st
     """Run both sections on CUDA if available (CPU otherwise); prints and returns the tables."""
     import torch
 
-    from lfb_ray.bench.prepare import bench_config
+    from benchmarks.prepare import bench_config
     from lfb_ray.models import build_detector, save_checkpoint
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -192,9 +192,9 @@ def run(*, quick: bool = False, workdir: str | Path = "runs/bench", prepared: st
     arch = ("model.depth=18", "model.base_channels=16", "data.test_short_side=112") if quick else (
         "model.depth=50", "model.base_channels=64", "data.test_short_side=256")
     if prepared is None:
-        from lfb_ray.bench import start_local_ray
-        from lfb_ray.bench.prepare import prepared_config
-        from lfb_ray.bench.table import cpu_count
+        from benchmarks import start_local_ray
+        from benchmarks.prepare import prepared_config
+        from benchmarks.table import cpu_count
 
         started = start_local_ray(cpu_count())
         try:
@@ -212,7 +212,7 @@ def run(*, quick: bool = False, workdir: str | Path = "runs/bench", prepared: st
     ckpt = str(work / "baseline.pt")
     save_checkpoint(build_detector(cfg.model).state_dict(), ckpt, source="random-weight bench baseline")
     bank_table = format_table(
-        f"[gpu-bank-build] BankExtractor in this process on {device}, prepared parts of {cfg.prepared_dir}",
+        f"[gpu-bank-build] BankExtractor in this process on {device}, prepared parts of {shown(cfg.prepared_dir)}",
         ["extraction", "precision", "keyframes", "features", "wall s", "keyframes/s", "features/s",
          "vs 1 / forward"], _bank_rows(cfg, ckpt, work, 4 if quick else BANK_BATCH, 1 if quick else REPEATS),
         [f"model: depth {cfg.model.depth}, width {cfg.model.base_channels}, random weights, test short side "

@@ -1,16 +1,16 @@
 """Experiment: pre-train an LFB model's head on the bank itself, then fine-tune the whole model.
 
-    python tools/warm_start_head.py --config configs/synthetic.yaml --bank runs/synthetic/bank \
+    python research/warm_start_head.py --config configs/synthetic.yaml --bank runs/synthetic/bank \
         --baseline-model <baseline model.pt> --out runs/synthetic/warm_nl.pt model.fbo=nl
     python jobs/train.py --config configs/synthetic.yaml --operators nl bank.path=runs/synthetic/bank \
         bank.checkpoint=<baseline model.pt> model.pretrained=runs/synthetic/warm_nl.pt
 
-Why: `tools/probe_bank_reader.py` shows that an NL head trained with Adam on the baseline's frozen
+Why: `research/probe_bank_reader.py` shows that an NL head trained with Adam on the baseline's frozen
 features learns to retrieve an actor's role from the bank in ~1000 steps, while the full SGD
 training of the demo budget does not. The bank already holds the baseline's RoI feature of every
 train keyframe's persons, so the head (operator + `fc_cls`) can be trained on those features at
 almost no cost ("linear probing, then fine-tuning"). The product version of this is
-`train.head_warmup_steps` (lfb_ray/train/head_warmup.py); this tool keeps the probe variants
+`train.head_warmup_steps` (lfb_ray/train/head_warmup.py); this probe keeps the variants
 (focal loss, family weights, --optim sgd) and prints the synthetic role accuracy of the warm head.
 
 Targets: each train bank entry matched (IoU >= 0.5) to a GT person gets that person's multi-hot
@@ -24,8 +24,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _targets(csv_path: str, table, num_classes: int):

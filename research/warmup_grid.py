@@ -1,15 +1,22 @@
 """Experiment: the head warm-up's variants on a frozen bank, scored on the val bank entries.
 
-    python tools/warmup_grid.py --bank runs/synthetic_s1/bank --data data/synthetic_s1 \
+    python research/warmup_grid.py --bank runs/synthetic_s1/bank --data data/synthetic_s1 \
         --variant nldrop=0.5 --seed 0 --steps 3000 --device cpu --out grid.jsonl
 
-    # the grid of the README (3 banks x 10 variants x 2 head seeds), 14 at a time on one GPU:
-    for seed in 0 1; do for b in /tmp/s1u/run/bank:data/synthetic_s1 runs/synthetic_s1/bank:data/synthetic_s1 \
+    # the grid of docs/synthetic_study.md (3 banks x 10 variants x 2 head seeds), 14 at a time on one GPU:
+    for seed in 0 1; do for b in runs/s1u/run/bank:data/synthetic_s1 runs/synthetic_s1/bank:data/synthetic_s1 \
         runs/synthetic/bank:data/synthetic; do for v in ref fbo=none nldrop=0.5 ls=0.2 wd=0.5 hold=0.2 \
         latent_channels=16 lt_feat_dropout=0.5,nl_dropout=0.5 nldrop=0.5,hold=0.2; do
         echo "${b%%:*} ${b##*:} $v $seed 3000"; done; echo "${b%%:*} ${b##*:} ref $seed 1000"; done; done |
-      xargs -P 14 -L 1 sh -c 'python tools/warmup_grid.py --bank $0 --data $1 --variant $2 --seed $3 --steps $4 \
+      xargs -P 14 -L 1 sh -c 'python research/warmup_grid.py --bank $0 --data $1 --variant $2 --seed $3 --steps $4 \
         --device cuda --out grid.jsonl'
+
+The banks are those of pipeline runs made by the "Before the shuffle" commands of
+docs/synthetic_study.md: `runs/synthetic/bank` (`python jobs/make_synthetic_ava.py --out data/synthetic`,
+then `python jobs/pipeline.py --config configs/synthetic.yaml`), `runs/synthetic_s1/bank` (the same
+with `--seed 1 --out data/synthetic_s1` and `workdir=runs/synthetic_s1 data.root=data/synthetic_s1`)
+and `runs/s1u/run/bank`, a second pipeline run on data/synthetic_s1 (`workdir=runs/s1u/run
+data.root=data/synthetic_s1 tracking.experiment=lfb_s1u`: Ray Data's order differs, so its bank does).
 
 Why: the product's warm-up (`lfb_ray/train/head_warmup.py`: the LFB head on the bank's own train
 entries, Adam 1e-3, batches of 32, the detector's loss with the softmax role group) gives an NL model
@@ -40,9 +47,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MODEL_KEYS = ("latent_channels", "lt_feat_dropout", "nl_dropout", "st_feat_dropout", "head_dropout")
 

@@ -1,6 +1,6 @@
 """Plain-torch probe: can the short-term model learn the synthetic labels, and from what?
 
-    python tools/probe_short_term.py --config configs/synthetic.yaml --steps 500 --lr 1.6
+    python research/probe_short_term.py --config configs/synthetic.yaml --steps 500 --lr 1.6
 
 Trains the baseline detector (`model.fbo=none`) in one process on the prepared train rows (train
 transforms, fresh augmentation per pass), and every 100 steps prints on the val rows (train
@@ -11,11 +11,8 @@ reading the cue. Needs `jobs/prepare_data.py` to have run for the config. No Ray
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:

@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from lfb_ray.bench.table import Measure, cpu_count, format_table, machine_line, ratio
+from benchmarks.table import Measure, cpu_count, format_table, machine_line, ratio
 from lfb_ray.config import Config, config_to_dict
 
 __all__ = ["run"]
@@ -125,8 +125,8 @@ def run(*, quick: bool = False, workdir: str | Path = "runs/bench") -> str:
 
     import ray
 
-    from lfb_ray.bench import start_local_ray
-    from lfb_ray.bench.prepare import prepared_config
+    from benchmarks import start_local_ray
+    from benchmarks.prepare import prepared_config
     from lfb_ray.train.loop import fit
 
     workdir = Path(workdir).resolve()

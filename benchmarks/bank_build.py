@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from lfb_ray.bench.table import Measure, cpu_count, format_table, machine_line, ratio
+from benchmarks.table import Measure, cpu_count, format_table, machine_line, ratio
 
 __all__ = ["run"]
 
@@ -49,9 +49,9 @@ def run(*, quick: bool = False, workdir: str | Path = "runs/bench") -> str:
     import ray
     import torch
 
+    from benchmarks import start_local_ray
+    from benchmarks.prepare import prepared_config
     from lfb_ray.bank.build import build_bank
-    from lfb_ray.bench import start_local_ray
-    from lfb_ray.bench.prepare import prepared_config
     from lfb_ray.models import build_detector, save_checkpoint
 
     workdir = Path(workdir).resolve()

@@ -156,9 +156,11 @@ def _bench_memory(path: Path, warmup_path: Path, workers: int, feature_bytes: in
               f"{np.mean([s['load_s'] for s in stats]):.2f} s/proc")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run both benchmarks; `--quick` is a < 30 s smoke size, the default about a minute on 2 cores."""
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """Run both benchmarks; `--quick` is a < 30 s smoke size, the default about a minute on 2 cores.
+
+    The command line of `python jobs/benchmark.py bank-read [--quick] ...`."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (< 30 s)")
     parser.add_argument("--videos", type=int)
     parser.add_argument("--seconds", type=int)

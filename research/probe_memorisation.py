@@ -1,7 +1,7 @@
 """Experiment: does a pipeline's LFB-NL model retrieve an actor's role from the bank, or has it
 learned the training actors' roles by heart?
 
-    python tools/probe_memorisation.py --workdir runs/synthetic_s1 --data data/synthetic_s1 [--val-half-steps 3000]
+    python research/probe_memorisation.py --workdir runs/synthetic_s1 --data data/synthetic_s1 [--val-half-steps 3000]
 
 Three measurements on the GT-matched bank entries (no Ray, CPU, seconds; the last one minutes):
 
@@ -27,8 +27,6 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:

@@ -6,6 +6,7 @@ ratios are like-for-like. Numbers are printed, never asserted.
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import torch
 from lfb_ray.config import ModelConfig
 from lfb_ray.models.detector import LFBDetector, build_detector
 
-__all__ = ["BenchResult", "BenchSize", "format_table", "run_benchmark", "time_train_step"]
+__all__ = ["BenchResult", "BenchSize", "format_table", "main", "run_benchmark", "time_train_step"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class BenchSize:
 
 QUICK = BenchSize(clips=1, crop_pixels=64, rois_per_clip=2, bank_slots=60, warmup_iters=1, iters=2)
 DEFAULT = BenchSize()
-CUDA_DEFAULT = BenchSize(clips=12, warmup_iters=3, iters=10)  # one worker's batch (spec section 8)
+CUDA_DEFAULT = BenchSize(clips=12, warmup_iters=3, iters=10)  # one worker's batch (configs/lfb_*.yaml)
 
 
 @dataclass(frozen=True)
@@ -149,3 +150,17 @@ def format_table(results: list[BenchResult], size: BenchSize, device: str) -> st
         lines.append(f"{r.mode:<34} {r.clips_per_second:9.2f} {r.seconds_per_iter:8.3f} "
                      f"{r.clips_per_second / base:7.2f} {peak}")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """`python jobs/benchmark.py model [--quick] [--device cuda]`: `--quick` is tiny sizes (< 1 min on
+    2 CPU cores); on CUDA it compares fp32 with bf16 autocast (+ channels_last_3d)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny batch and crop, few iterations")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args(argv)
+    if args.quick:
+        size = QUICK
+    else:
+        size = CUDA_DEFAULT if args.device == "cuda" else DEFAULT
+    print(format_table(run_benchmark(device=args.device, size=size), size, args.device))

@@ -310,16 +310,18 @@ class Config:
     # Derived paths: one place decides where each stage writes.
     def data_path(self, rel: str) -> str:
         """Resolve a data-relative path (absolute paths and URIs pass through)."""
-        if not rel or "://" in rel or Path(rel).is_absolute():
+        from lfb_ray.storage import is_uri  # lazily: pyarrow is not needed to read a config
+
+        if not rel or is_uri(rel) or Path(rel).is_absolute():
             return rel
         return str(Path(self.data.root) / rel)
 
     def _in_workdir(self, name: str, *, absolute: bool = False) -> str:
         """`<workdir>/<name>`: a URI when the workdir is one (`s3://bucket/run?options` keeps its
         options at the end), else a local path (made absolute if `absolute`)."""
-        if "://" in self.workdir:
-            from lfb_ray.storage import join_uri
+        from lfb_ray.storage import is_uri, join_uri
 
+        if is_uri(self.workdir):
             return join_uri(self.workdir, name)
         return str((Path(self.workdir).resolve() if absolute else Path(self.workdir)) / name)
 
@@ -348,7 +350,9 @@ class Config:
             return self.tracking.tracking_uri
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
-        if "://" in self.workdir:
+        from lfb_ray.storage import is_uri
+
+        if is_uri(self.workdir):
             from lfb_ray.tracking import redact
 
             raise ConfigError(f"workdir is a URI ({redact('workdir', self.workdir)}), where the default MLflow store "
@@ -523,8 +527,10 @@ def resolve_paths(cfg: Config) -> Config:
     Jobs call this on the driver: Ray workers run in other directories, so every path they
     receive must be absolute (or a URI). Idempotent.
     """
+    from lfb_ray.storage import is_uri
+
     def absolute(p: str) -> str:
-        return p if not p or "://" in p or Path(p).is_absolute() else str(Path(p).resolve())
+        return p if not p or is_uri(p) or Path(p).is_absolute() else str(Path(p).resolve())
 
     return dataclasses.replace(
         cfg,

@@ -206,7 +206,7 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
     def do_bank():
         s = build_bank(cfg, base["model"])
         print(s.line(), flush=True)
-        return {"features": s.features, "bytes": s.bytes, "path": s.bank_dir if hasattr(s, "bank_dir") else s.path}
+        return {"features": s.features, "bytes": s.bytes, "path": s.path}
 
     # The actor pool's size and CPUs do not change the features either.
     bank = stage("bank", json.dumps([base, config_hash(without_resource_hints(d), ["bank"])]), do_bank)

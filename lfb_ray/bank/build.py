@@ -28,6 +28,7 @@ from lfb_ray.config import Config, config_from_dict, config_to_dict, resolve_pat
 from lfb_ray.storage import (
     check_writable,
     exists,
+    is_uri,
     join,
     join_uri,
     read_json,
@@ -216,7 +217,7 @@ def merge_split_parts(fs, part_paths: list[str], split_dir: str, metadata: dict)
                          person_index=cat["person_index"], boxes=cat["box"], scores=cat["score"],
                          features=cat["feature"], metadata=metadata)
     return (int(sum(int(p["keyframes"]) for p in parts)), len(cat["feature"]),
-            int(getattr(summary, "bytes", cat["feature"].nbytes)))
+            summary.nbytes)
 
 
 def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) -> BankBuildSummary:
@@ -233,7 +234,7 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
 
     t0 = time.time()
     cfg = resolve_paths(cfg)
-    if "://" not in checkpoint:  # the actors run in other directories; a URI stays as it is
+    if not is_uri(checkpoint):  # the actors run in other directories; a URI stays as it is
         checkpoint = os.path.abspath(checkpoint)
     bank_dir = cfg.bank_dir
     check_writable(bank_dir)

@@ -25,6 +25,7 @@ from lfb_ray.config import (
     resolve_paths,
 )
 from lfb_ray.runs import operator_tag, run_name_for, without_resource_hints
+from lfb_ray.storage import is_uri, join_uri, resolve
 from lfb_ray.train.recipe import train_loop_per_worker
 from lfb_ray.train.resources import device_note, plan_concurrency, scaled, scaling_config
 
@@ -58,10 +59,8 @@ def _checkpoint_uri(checkpoint, storage_path: str) -> str:
     `Checkpoint.path` drops the scheme and the options of remote storage (`bucket/run/ckpt` for
     `s3://bucket/run/ckpt?endpoint_override=...`): the configured storage URI supplies them.
     """
-    from lfb_ray.storage import join_uri, resolve
-
     fs = getattr(checkpoint, "filesystem", None)
-    if fs is None or getattr(fs, "type_name", "local") == "local" or "://" not in storage_path:
+    if fs is None or getattr(fs, "type_name", "local") == "local" or not is_uri(storage_path):
         return checkpoint.path
     _, base_inner = resolve(storage_path)
     if not checkpoint.path.startswith(base_inner.rstrip("/") + "/"):
@@ -96,7 +95,7 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
         if not init_checkpoint:
             raise ConfigError("model.init_backbone_from_baseline=true needs the baseline checkpoint: set "
                               "bank.checkpoint (the pipeline passes its baseline automatically)")
-    if init_checkpoint and "://" not in init_checkpoint:
+    if init_checkpoint and not is_uri(init_checkpoint):
         # The workers run in other directories: a relative path would not be found there.
         init_checkpoint = os.path.abspath(init_checkpoint)
     name = run_name_for(cfg, init_checkpoint)
@@ -152,8 +151,6 @@ def _fit_run(cfg: Config, *, name: str, run_id: str | None, init_checkpoint: str
     from ray.train.torch import TorchTrainer
 
     from lfb_ray.data.dataset import count_rows
-    from lfb_ray.storage import is_uri, join_uri
-
     storage = cfg.storage_path
     # The val result CSVs: `<workdir>/results/<run>/`, on S3 too when the workdir is a URI (`_evaluate`).
     results_dir = (join_uri(cfg.workdir, "results", name) if is_uri(cfg.workdir)

@@ -7,7 +7,7 @@
     python jobs/evaluate.py --config configs/synthetic.yaml --checkpoint runs/.../model.pt [--csv OUT.csv]
 
 The GT/pred mode needs no Ray; the --config/--checkpoint mode runs inference over the val shards
-with a Ray Data actor pool first. All logic lives in `lfb_ray.evaluation.cli`.
+with a Ray Data actor pool first. All logic lives in `lfb_ray.evaluate_cli`.
 """
 
 import sys
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from lfb_ray.evaluation.cli import main  # noqa: E402
+from lfb_ray.evaluate_cli import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

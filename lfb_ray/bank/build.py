@@ -71,13 +71,12 @@ class BankExtractor:
     """Ray Data actor: one prepared part in, one bank part written, a summary row out."""
 
     def __init__(self, cfg_dict: dict, checkpoint: str, parts_dir: str):
-        import torch
 
         from lfb_ray.data.clips import ClipSpec
-        from lfb_ray.inference import load_model
+        from lfb_ray.models.device import best_device, load_model
 
         self.cfg = config_from_dict(cfg_dict)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = best_device()
         self.model = load_model(self.cfg, checkpoint, self.device)
         self.parts_dir = parts_dir
         self.spec = ClipSpec.from_config(self.cfg.data)
@@ -97,7 +96,7 @@ class BankExtractor:
         import torch
 
         from lfb_ray.data.dataset import normalise
-        from lfb_ray.inference import autocast_for, to_model_layout
+        from lfb_ray.models.device import autocast_for, to_model_layout
 
         out = [np.zeros((0, self.model.feature_channels), np.float16) for _ in clips]
         todo = sorted((i for i in range(len(clips)) if len(boxes[i])), key=lambda i: clips[i].shape)

@@ -62,7 +62,7 @@ def _val_predictions(model, cfg: Config, bank, rank: int, world: int, device, rn
 
     from lfb_ray.data.dataset import collate_test, decode_test_rows
     from lfb_ray.data.prep import prepared_files
-    from lfb_ray.inference import _concat, predict_batch
+    from lfb_ray.inference import concat_predictions, predict_batch
     from lfb_ray.storage import resolve
 
     files = prepared_files(cfg.prepared_dir, "val")[rank::world]
@@ -77,7 +77,7 @@ def _val_predictions(model, cfg: Config, bank, rank: int, world: int, device, rn
             preds.append(predict_batch(model, collate_test(batch, cfg.data.mean, cfg.data.std), bank=bank, rng=rng, device=device,
                                        amp=cfg.train.amp, window_seconds=cfg.bank.window_seconds,
                                        max_feats_per_second=cfg.bank.max_feats_per_second))
-    return _concat(preds)
+    return concat_predictions(preds)
 
 
 def _evaluate(model, cfg: Config, bank, ctx, device, epoch: int, results_dir: str, rng) -> dict:
@@ -89,7 +89,7 @@ def _evaluate(model, cfg: Config, bank, ctx, device, epoch: int, results_dir: st
     """
     import torch.distributed as dist
 
-    from lfb_ray.inference import _concat, write_and_evaluate
+    from lfb_ray.inference import concat_predictions, write_and_evaluate
     from lfb_ray.storage import is_uri, join_uri, upload_file
 
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -101,7 +101,7 @@ def _evaluate(model, cfg: Config, bank, ctx, device, epoch: int, results_dir: st
         gathered = [mine]
     if rank != 0:
         return {}
-    pred = _concat([g for g in gathered if len(g["video_ids"])])
+    pred = concat_predictions([g for g in gathered if len(g["video_ids"])])
     csv_name = f"val_results_epoch{epoch + 1:03d}.csv"
     remote = is_uri(results_dir)
     csv_path = os.path.join(tempfile.mkdtemp(prefix="lfb_ray_val_") if remote else results_dir, csv_name)
@@ -173,8 +173,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from lfb_ray.inference import autocast_for, to_model_layout
     from lfb_ray.models import build_detector, load_checkpoint, save_checkpoint
+    from lfb_ray.models.device import autocast_for, to_model_layout
     from lfb_ray.tracking import NullTracker, Tracker
 
     cfg = config_from_dict(config["cfg"])

@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lfb_ray.cli import base_parser, init_ray, load_from_args  # noqa: E402
+from lfb_ray.config import OPERATORS  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,9 +32,9 @@ def main(argv=None) -> int:
     init_ray(cfg)
     if args.operators:
         ops = [o.strip() for o in args.operators.split(",") if o.strip()]
-        bad = [o for o in ops if o not in ("none", "nl", "avg", "max")]
+        bad = [o for o in ops if o not in OPERATORS]
         if bad:
-            print(f"error: --operators: unknown operator(s) {bad}; allowed: none, nl, avg, max", file=sys.stderr)
+            print(f"error: --operators: unknown operator(s) {bad}; allowed: {', '.join(OPERATORS)}", file=sys.stderr)
             return 2
         results = fit_operators(cfg, ops, fresh=args.fresh, init_checkpoint=args.init_backbone)
     else:

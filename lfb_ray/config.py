@@ -120,13 +120,18 @@ def check_exclusive_groups(groups, num_classes: int) -> tuple[tuple[int, ...], .
     return tuple(out)
 
 
+# `model.fbo`: the feature-bank operator, "none" for the short-term baseline (no bank).
+Operator = Literal["none", "nl", "avg", "max"]
+OPERATORS: tuple[str, ...] = typing.get_args(Operator)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """SlowOnly backbone, RoI head, feature-bank operator and classifier (spec sections 3, 6, 7)."""
 
     depth: Literal[18, 34, 50, 101] = 50
     base_channels: int = 64  # width of res2; 64 gives the 2048-d features of SlowOnly-R50
-    fbo: Literal["none", "nl", "avg", "max"] = "nl"
+    fbo: Operator = "nl"
     latent_channels: int = 512  # FBO-NL latent width
     num_nl_layers: int = 2
     st_feat_dropout: float = 0.2
@@ -155,6 +160,11 @@ class ModelConfig:
             check_exclusive_groups(self.exclusive_groups, self.num_classes)
         except ValueError as e:
             raise ConfigError(f"model.exclusive_groups: {e}") from None
+
+    @property
+    def uses_bank(self) -> bool:
+        """Whether this model reads a feature bank (any operator but "none", the baseline)."""
+        return self.fbo != "none"
 
 
 @dataclass(frozen=True)

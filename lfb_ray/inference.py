@@ -134,7 +134,7 @@ class _Predictor:
         self.device = best_device()
         self.model = load_model(self.cfg, checkpoint, self.device)
         self.bank = None
-        if self.cfg.model.fbo != "none":
+        if self.cfg.model.uses_bank:
             from lfb_ray.bank import FeatureBank
 
             self.bank = FeatureBank.open(self.cfg.bank_dir, expected_dim=self.model.feature_channels,
@@ -165,7 +165,7 @@ def infer_split(cfg: Config, checkpoint: str, csv_path: str, *, split: str = "va
 
     t0 = time.time()
     cfg = resolve_paths(cfg)
-    if cfg.model.fbo != "none":  # before any work: a bank without some of the split's videos is refused
+    if cfg.model.uses_bank:  # before any work: a bank without some of the split's videos is refused
         from lfb_ray.bank.coverage import open_checked
 
         open_checked(cfg, (split,))

@@ -318,7 +318,7 @@ def visualize_video(cfg: Config, checkpoint: str, video_id: str, *, split: str =
     rows = [rows[i] for i in keep]
     model = load_model(cfg, checkpoint, dev)
     bank = None
-    if cfg.model.fbo != "none":
+    if cfg.model.uses_bank:
         from lfb_ray.bank import FeatureBank
 
         bank = FeatureBank.open(cfg.bank_dir, expected_dim=model.feature_channels)

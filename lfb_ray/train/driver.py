@@ -90,7 +90,7 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
 
     t0 = time.time()
     cfg = resolve_paths(cfg)
-    if cfg.model.fbo != "none" and cfg.model.init_backbone_from_baseline:
+    if cfg.model.uses_bank and cfg.model.init_backbone_from_baseline:
         init_checkpoint = init_checkpoint or cfg.bank.checkpoint
         if not init_checkpoint:
             raise ConfigError("model.init_backbone_from_baseline=true needs the baseline checkpoint: set "

@@ -191,7 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
     # --- model: pretrained weights, then a checkpoint to resume or a backbone to start from, then DDP
     core = to_model_layout(build_detector(cfg.model).to(device))
     bank = None
-    if cfg.model.fbo != "none":
+    if cfg.model.uses_bank:
         # Before any work (the head warm-up included): a bank that lacks videos this run trains or
         # evaluates on is refused, naming them, unless bank.missing_videos=zeros.
         from lfb_ray.bank.coverage import open_checked

@@ -51,7 +51,7 @@ def _pipeline_only(cfg: Config, batch_size: int, num_batches: int) -> dict:
     import time
 
     from lfb_ray.data.dataset import epoch_order, read_keyframes, train_samples
-    from lfb_ray.train.loop import TrainCollate
+    from lfb_ray.train.recipe import TrainCollate
 
     first_s, clips, rest_s = [], 0, 0.0
     with Measure(tree=True) as m:
@@ -127,7 +127,7 @@ def run(*, quick: bool = False, workdir: str | Path = "runs/bench") -> str:
 
     from benchmarks import start_local_ray
     from benchmarks.prepare import prepared_config
-    from lfb_ray.train.loop import fit
+    from lfb_ray.train.driver import fit
 
     workdir = Path(workdir).resolve()
     videos, seconds, batch, iters, epochs, max_workers = SIZES["quick" if quick else "default"]

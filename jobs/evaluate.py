@@ -7,10 +7,10 @@
     python jobs/evaluate.py --config configs/synthetic.yaml --checkpoint runs/.../model.pt [--csv OUT.csv]
 
 The GT/pred mode needs no Ray; the --config/--checkpoint mode runs inference over the val shards
-with a Ray Data actor pool first. All logic lives in `lfb_ray.evaluation.cli`.
+with a Ray Data actor pool first. All logic lives in `lfb_ray.evaluate_cli`.
 """
 
-from lfb_ray.evaluation.cli import main
+from lfb_ray.evaluate_cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -39,8 +39,9 @@ def main(argv=None) -> int:
               f"{r.nocue:6.3f} (n={r.nocue_total:4d})")
     if args.bank_probe:
         from lfb_ray.evaluation.synthetic_report import bank_probe
+        from lfb_ray.models.checkpoint import read_classifier
 
-        b = bank_probe(args.data, args.bank_probe, args.baseline_model)
+        b = bank_probe(args.data, args.bank_probe, read_classifier(args.baseline_model))
         print("\nbank probe (the baseline's fc_cls on its own bank entries, GT-matched):")
         for split in ("train", "val"):
             (c, nc), (o, no) = b.role_cue[split], b.role_nocue[split]

@@ -12,6 +12,7 @@ Rerunning the same command resumes the same run (deterministic run name); --fres
 import sys
 
 from lfb_ray.cli import base_parser, init_ray, load_from_args
+from lfb_ray.config import OPERATORS
 
 
 def main(argv=None) -> int:
@@ -28,9 +29,9 @@ def main(argv=None) -> int:
     init_ray(cfg)
     if args.operators:
         ops = [o.strip() for o in args.operators.split(",") if o.strip()]
-        bad = [o for o in ops if o not in ("none", "nl", "avg", "max")]
+        bad = [o for o in ops if o not in OPERATORS]
         if bad:
-            print(f"error: --operators: unknown operator(s) {bad}; allowed: none, nl, avg, max", file=sys.stderr)
+            print(f"error: --operators: unknown operator(s) {bad}; allowed: {', '.join(OPERATORS)}", file=sys.stderr)
             return 2
         results = fit_operators(cfg, ops, fresh=args.fresh, init_checkpoint=args.init_backbone)
     else:

@@ -12,11 +12,10 @@ import math
 import os
 from dataclasses import dataclass
 
+from lfb_ray.runs import CONTROL
+
 __all__ = ["CONTROL", "ComparisonRow", "collect_runs", "compare", "format_seed_table", "format_table"]
 
-# Operator tag of the baseline retrained from its own backbone with the LFB models' recipe (fine-tune
-# schedule, head warm-up, loss): the control for the extra training LFB models get from the baseline.
-CONTROL = "none-ft"
 ORDER = {"none": 0, CONTROL: 1, "avg": 2, "max": 3, "nl": 4}
 NAMES = {"none": "baseline", CONTROL: "control (baseline, LFB head recipe)", "avg": "LFB-Avg", "max": "LFB-Max",
          "nl": "LFB-NL"}

@@ -120,13 +120,18 @@ def check_exclusive_groups(groups, num_classes: int) -> tuple[tuple[int, ...], .
     return tuple(out)
 
 
+# `model.fbo`: the feature-bank operator, "none" for the short-term baseline (no bank).
+Operator = Literal["none", "nl", "avg", "max"]
+OPERATORS: tuple[str, ...] = typing.get_args(Operator)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """SlowOnly backbone, RoI head, feature-bank operator and classifier."""
 
     depth: Literal[18, 34, 50, 101] = 50
     base_channels: int = 64  # width of res2; 64 gives the 2048-d features of SlowOnly-R50
-    fbo: Literal["none", "nl", "avg", "max"] = "nl"
+    fbo: Operator = "nl"
     latent_channels: int = 512  # FBO-NL latent width
     num_nl_layers: int = 2
     st_feat_dropout: float = 0.2
@@ -155,6 +160,11 @@ class ModelConfig:
             check_exclusive_groups(self.exclusive_groups, self.num_classes)
         except ValueError as e:
             raise ConfigError(f"model.exclusive_groups: {e}") from None
+
+    @property
+    def uses_bank(self) -> bool:
+        """Whether this model reads a feature bank (any operator but "none", the baseline)."""
+        return self.fbo != "none"
 
 
 @dataclass(frozen=True)
@@ -310,16 +320,18 @@ class Config:
     # Derived paths: one place decides where each stage writes.
     def data_path(self, rel: str) -> str:
         """Resolve a data-relative path (absolute paths and URIs pass through)."""
-        if not rel or "://" in rel or Path(rel).is_absolute():
+        from lfb_ray.storage import is_uri  # lazily: pyarrow is not needed to read a config
+
+        if not rel or is_uri(rel) or Path(rel).is_absolute():
             return rel
         return str(Path(self.data.root) / rel)
 
     def _in_workdir(self, name: str, *, absolute: bool = False) -> str:
         """`<workdir>/<name>`: a URI when the workdir is one (`s3://bucket/run?options` keeps its
         options at the end), else a local path (made absolute if `absolute`)."""
-        if "://" in self.workdir:
-            from lfb_ray.storage import join_uri
+        from lfb_ray.storage import is_uri, join_uri
 
+        if is_uri(self.workdir):
             return join_uri(self.workdir, name)
         return str((Path(self.workdir).resolve() if absolute else Path(self.workdir)) / name)
 
@@ -348,7 +360,9 @@ class Config:
             return self.tracking.tracking_uri
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
-        if "://" in self.workdir:
+        from lfb_ray.storage import is_uri
+
+        if is_uri(self.workdir):
             from lfb_ray.tracking import redact
 
             raise ConfigError(f"workdir is a URI ({redact('workdir', self.workdir)}), where the default MLflow store "
@@ -523,8 +537,10 @@ def resolve_paths(cfg: Config) -> Config:
     Jobs call this on the driver: Ray workers run in other directories, so every path they
     receive must be absolute (or a URI). Idempotent.
     """
+    from lfb_ray.storage import is_uri
+
     def absolute(p: str) -> str:
-        return p if not p or "://" in p or Path(p).is_absolute() else str(Path(p).resolve())
+        return p if not p or is_uri(p) or Path(p).is_absolute() else str(Path(p).resolve())
 
     return dataclasses.replace(
         cfg,

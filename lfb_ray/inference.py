@@ -1,13 +1,13 @@
 """Inference: test-time scores for every proposal box of a keyframe, with the bank for LFB models.
 
 `predict_batch` is the one code path used by the training job's val metric and by the
-stand-alone inference job (`infer_split`, a Ray Data actor pool). `load_model` reads our
-checkpoints and mmaction2 `.pth` files safely.
+stand-alone inference job (`infer_split`, a Ray Data actor pool). The device helpers and
+`load_model` (our checkpoints and mmaction2 `.pth` files, read safely) are
+`lfb_ray.models.device`'s, re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -16,39 +16,10 @@ import numpy as np
 import torch
 
 from lfb_ray.config import Config, resolve_paths
+from lfb_ray.models.device import autocast_for, best_device, load_model, to_model_layout
 
-__all__ = ["InferenceResult", "autocast_for", "infer_split", "load_model", "predict_batch",
+__all__ = ["InferenceResult", "autocast_for", "concat_predictions", "infer_split", "load_model", "predict_batch",
            "to_model_layout", "write_and_evaluate"]
-
-
-def autocast_for(device: torch.device, amp: str):
-    """bf16 autocast on CUDA when amp is auto/bf16; fp32 elsewhere."""
-    if device.type == "cuda" and amp in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def to_model_layout(x):
-    """Clips [B, 3, T, H, W] or a model, in channels-last-3d on CUDA (where cuDNN's bf16 3-D
-    convolutions are fastest, as in training); unchanged on CPU."""
-    on_cuda = x.is_cuda if isinstance(x, torch.Tensor) else next(x.parameters()).is_cuda
-    return x.to(memory_format=torch.channels_last_3d) if on_cuda else x
-
-
-def load_model(cfg: Config, checkpoint: str, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Build the detector of `cfg.model` and load `checkpoint` strictly, in eval mode.
-
-    Accepts our `model.pt` (or a Ray checkpoint folder holding one), files converted by
-    `jobs/convert_checkpoint.py` and mmaction2 `.pth` detector checkpoints; never unpickles
-    arbitrary objects (see `lfb_ray.models.checkpoint`).
-    """
-    from lfb_ray.models import build_detector, load_checkpoint
-    from lfb_ray.storage import checkpoint_file
-
-    checkpoint = checkpoint_file(checkpoint)
-    model = build_detector(cfg.model)
-    load_checkpoint(model, checkpoint)
-    return to_model_layout(model.to(device)).eval()
 
 
 @torch.no_grad()
@@ -100,7 +71,8 @@ def predict_batch(model: torch.nn.Module, batch: dict, *, bank=None, rng: np.ran
             "boxes": np.asarray(batch["boxes"], dtype=np.float32), "scores": scores.numpy()}
 
 
-def _concat(preds: list[dict]) -> dict:
+def concat_predictions(preds: list[dict]) -> dict:
+    """`predict_batch` outputs of several batches as one (an empty one for none)."""
     if not preds:
         return {"video_ids": [], "seconds": np.zeros(0, np.int64), "boxes": np.zeros((0, 4), np.float32),
                 "scores": np.zeros((0, 81), np.float32)}
@@ -159,10 +131,10 @@ class _Predictor:
         from lfb_ray.config import config_from_dict
 
         self.cfg = config_from_dict(cfg_dict)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = best_device()
         self.model = load_model(self.cfg, checkpoint, self.device)
         self.bank = None
-        if self.cfg.model.fbo != "none":
+        if self.cfg.model.uses_bank:
             from lfb_ray.bank import FeatureBank
 
             self.bank = FeatureBank.open(self.cfg.bank_dir, expected_dim=self.model.feature_channels,
@@ -193,7 +165,7 @@ def infer_split(cfg: Config, checkpoint: str, csv_path: str, *, split: str = "va
 
     t0 = time.time()
     cfg = resolve_paths(cfg)
-    if cfg.model.fbo != "none":  # before any work: a bank without some of the split's videos is refused
+    if cfg.model.uses_bank:  # before any work: a bank without some of the split's videos is refused
         from lfb_ray.bank.coverage import open_checked
 
         open_checked(cfg, (split,))

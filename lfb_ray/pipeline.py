@@ -21,8 +21,8 @@ import math
 import os
 import time
 
-from lfb_ray.compare import CONTROL
 from lfb_ray.config import Config, config_from_dict, config_hash, config_to_dict, resolve_paths
+from lfb_ray.runs import CONTROL, without_resource_hints
 from lfb_ray.storage import exists, join_uri, local_file, read_json, resolve, write_bytes_atomic
 
 __all__ = ["STAGES", "run_models", "run_pipeline"]
@@ -61,11 +61,9 @@ def run_models(workdir: str | os.PathLike) -> dict[str, str]:
 
 def _fit_key(cfg: Config) -> str:
     """A training stage's key: the whole config but the resource hints, which run names ignore too
-    (`lfb_ray.train.loop.without_resource_hints`), so the same pipeline rerun with another
+    (`lfb_ray.runs.without_resource_hints`), so the same pipeline rerun with another
     `cluster.concurrent_runs`, CPU share or bank actor pool skips the runs it already has instead
     of training them again."""
-    from lfb_ray.train.loop import without_resource_hints
-
     return config_hash(without_resource_hints(config_to_dict(cfg)))
 
 
@@ -117,7 +115,7 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
         ConfigError: a multi-node cluster with a node-local tracking store (checked first).
     """
     from lfb_ray.tracking import artifact_location, close_parent_run, find_or_create_run
-    from lfb_ray.train.loop import check_tracking_store
+    from lfb_ray.train.driver import check_tracking_store
 
     cfg = resolve_paths(cfg)
     parent = None
@@ -157,7 +155,6 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
     from lfb_ray.compare import compare
     from lfb_ray.data.prep import build_tasks, inputs_fingerprint, prepare_dataset
     from lfb_ray.train import FitManyError, fit, fit_many
-    from lfb_ray.train.loop import without_resource_hints
 
     cfg = resolve_paths(cfg)
     baseline_cfg = resolve_paths(baseline_cfg) if baseline_cfg else None
@@ -209,7 +206,7 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
     def do_bank():
         s = build_bank(cfg, base["model"])
         print(s.line(), flush=True)
-        return {"features": s.features, "bytes": s.bytes, "path": s.bank_dir if hasattr(s, "bank_dir") else s.path}
+        return {"features": s.features, "bytes": s.bytes, "path": s.path}
 
     # The actor pool's size and CPUs do not change the features either.
     bank = stage("bank", json.dumps([base, config_hash(without_resource_hints(d), ["bank"])]), do_bank)

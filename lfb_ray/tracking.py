@@ -16,6 +16,8 @@ import subprocess
 import sys
 from typing import Any
 
+from lfb_ray.storage import is_uri
+
 __all__ = ["NullTracker", "Tracker", "artifact_location", "check_artifact_store", "check_store_reaches_all_nodes", "close_parent_run",
            "end_run", "find_or_create_run", "is_node_local", "redact", "run_status", "setup_mlflow_env",
            "status_for"]
@@ -60,7 +62,7 @@ def is_node_local(tracking_uri: str) -> bool:
     uri = tracking_uri.strip().lower()
     if uri.startswith(("sqlite:", "file:")):
         return True
-    if "://" in uri or uri.startswith("databricks"):  # a server or a managed store ("databricks", "databricks-uc")
+    if is_uri(uri) or uri.startswith("databricks"):  # a server or a managed store ("databricks", "databricks-uc")
         return False
     return True  # a bare path: mlflow's file store
 
@@ -89,7 +91,7 @@ def check_artifact_store(tracking_uri: str, workdir: str) -> None:
     Raises:
         ValueError: `tracking_uri` is node-local and `workdir` a URI.
     """
-    if "://" in workdir and is_node_local(tracking_uri):
+    if is_uri(workdir) and is_node_local(tracking_uri):
         raise ValueError(
             f"workdir {redact('workdir', workdir)} is a URI, but MLflow tracking URI {redact('uri', tracking_uri)} is a "
             "store on this machine's disk, whose artifacts would go to <workdir>/mlartifacts: point "

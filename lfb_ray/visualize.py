@@ -308,7 +308,7 @@ def visualize_video(cfg: Config, checkpoint: str, video_id: str, *, split: str =
         ValueError: the video is not in the split, or `max_keyframes` < 1.
     """
     from lfb_ray.data.annotations import read_label_map
-    from lfb_ray.inference import load_model
+    from lfb_ray.models.device import load_model
 
     if max_keyframes < 1:
         raise ValueError(f"max_keyframes must be >= 1, got {max_keyframes}")
@@ -318,7 +318,7 @@ def visualize_video(cfg: Config, checkpoint: str, video_id: str, *, split: str =
     rows = [rows[i] for i in keep]
     model = load_model(cfg, checkpoint, dev)
     bank = None
-    if cfg.model.fbo != "none":
+    if cfg.model.uses_bank:
         from lfb_ray.bank import FeatureBank
 
         bank = FeatureBank.open(cfg.bank_dir, expected_dim=model.feature_channels)

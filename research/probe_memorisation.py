@@ -46,7 +46,7 @@ def main() -> int:
     from lfb_ray.evaluation.synthetic_report import _gt_boxes, matched_entries, read_bank_split
     from lfb_ray.models import build_detector, load_checkpoint
     from lfb_ray.train.head_warmup import warm_up_head
-    from lfb_ray.train.loop import flush_denormals
+    from lfb_ray.train.recipe import flush_denormals
 
     torch.set_num_threads(1)
     flush_denormals()  # as the train loop does (NL steps slow down ~4x without it)

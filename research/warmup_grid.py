@@ -83,7 +83,7 @@ def main() -> int:
     from lfb_ray.data.synthetic import LABEL_FAMILIES
     from lfb_ray.models import build_detector
     from lfb_ray.train.head_warmup import gt_targets
-    from lfb_ray.train.loop import flush_denormals
+    from lfb_ray.train.recipe import flush_denormals
 
     torch.set_num_threads(1)
     flush_denormals()  # as the train loop does (NL steps slow down ~4x without it)

@@ -356,3 +356,29 @@ def test_bank_read_benchmark_creates_a_missing_workdir(tmp_path, capsys):
     assert main(["bank-read", "--videos", "2", "--seconds", "4", "--dim", "8", "--batches", "1", "--workers", "1",
                  "--rois", "4", "--window-seconds", "2", "--max-feats-per-second", "2", "--workdir", str(work)]) == 0
     assert work.is_dir() and "[sample]" in capsys.readouterr().out
+
+
+def test_bank_build_reports_the_bytes_of_the_bank_files(tmp_path):
+    """`build_bank`'s merge reports the size of the files it wrote (`BankSummary.nbytes`), not the
+    feature payload: the bank line says how much disk the bank takes."""
+    import io
+
+    from lfb_ray.bank.build import merge_split_parts
+
+    fs = pafs.LocalFileSystem()
+    paths = []
+    for i, vid in enumerate(["a", "b"]):
+        n = 3 + i
+        buf = io.BytesIO()
+        np.savez(buf, video_id=np.array([vid] * n), second=np.arange(n, dtype=np.int32) + 902,
+                 person_index=np.zeros(n, np.int32), box=np.tile(np.float32([0.1, 0.1, 0.5, 0.5]), (n, 1)),
+                 score=np.ones(n, np.float32), feature=np.random.default_rng(i).random((n, C)).astype(np.float16),
+                 keyframes=np.array(n))
+        paths.append(str(tmp_path / f"part{i}.npz"))
+        Path(paths[-1]).write_bytes(buf.getvalue())
+    keyframes, features, nbytes = merge_split_parts(fs, paths, str(tmp_path / "bank" / "val"), {"split": "val"})
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "bank" / "val").rglob("*")
+                  if p.is_file() and p.name != "manifest.json")  # the files the manifest lists
+    assert (keyframes, features) == (7, 7)
+    assert nbytes == on_disk
+    assert nbytes != 7 * C * 2  # the fp16 payload alone

@@ -14,7 +14,7 @@ def _cfg(*overrides: str):
 
 
 def test_auto_takes_as_many_runs_as_the_cpus_hold():
-    from lfb_ray.train.loop import plan_concurrency
+    from lfb_ray.train.resources import plan_concurrency
 
     cfg = _cfg("cluster.num_workers=2", "cluster.cpus_per_worker=0.5", "cluster.data_cpus=0.5")  # 2 CPUs a run
     assert plan_concurrency(cfg, 4, {"CPU": 2.0}) == (1, 1.0)
@@ -23,20 +23,20 @@ def test_auto_takes_as_many_runs_as_the_cpus_hold():
 
 
 def test_asked_for_runs_scale_the_cpu_reservations_to_fit():
-    from lfb_ray.train.loop import _scaled, plan_concurrency
+    from lfb_ray.train.resources import plan_concurrency, scaled
 
     cfg = _cfg("cluster.num_workers=2", "cluster.cpus_per_worker=0.5", "cluster.data_cpus=0.5",
                "cluster.concurrent_runs=2")
     slots, scale = plan_concurrency(cfg, 4, {"CPU": 2.0})
     assert (slots, scale) == (2, 0.5)
-    s = _scaled(cfg, scale).cluster
+    s = scaled(cfg, scale).cluster
     assert slots * s.num_workers * (s.cpus_per_worker + s.data_cpus) == pytest.approx(2.0)
     assert plan_concurrency(cfg, 4, {"CPU": 8.0}) == (2, 1.0)  # enough CPUs: no scaling
     assert plan_concurrency(cfg, 1, {"CPU": 2.0}) == (1, 1.0)  # one run: as configured
 
 
 def test_gpu_runs_never_share_a_gpu():
-    from lfb_ray.train.loop import plan_concurrency
+    from lfb_ray.train.resources import plan_concurrency
 
     cfg = _cfg("cluster.num_workers=2", "cluster.device=gpu", "cluster.concurrent_runs=3")
     assert plan_concurrency(cfg, 3, {"CPU": 64.0, "GPU": 4.0})[0] == 2

@@ -94,7 +94,7 @@ def test_derived_paths(tmp_path, monkeypatch):
 def test_derived_paths_of_a_uri_workdir(monkeypatch):
     """A workdir on S3: the derived locations are URIs under it (options kept at the end), and there
     is no default local MLflow store; a node-local store is refused (its artifacts go to the workdir)."""
-    from lfb_ray.train.loop import check_tracking_store
+    from lfb_ray.train.driver import check_tracking_store
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     work = "s3://key:secret@bucket/run?endpoint_override=127.0.0.1:9000&scheme=http"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,8 @@ import numpy as np
 import pytest
 
 from lfb_ray.data.annotations import read_annotation_rows, read_exclusions, read_label_map
+from lfb_ray.evaluate_cli import main
 from lfb_ray.evaluation import build_result_rows, evaluate_frame_map, read_results_csv, write_results_csv
-from lfb_ray.evaluation.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 PBTXT = 'item {\n  name: "bend/bow (at the waist)"\n  id: 1\n}\nitem {\n  name: "crawl"\n  id: 2\n}\n' \
@@ -202,3 +203,17 @@ def test_main_config_mode_refuses_a_missing_checkpoint_uri(tmp_path, capsys):
     assert main(["--config", str(REPO / "configs" / "tiny.yaml"), "--checkpoint", f"file://{tmp_path}/none.pt",
                  f"workdir={tmp_path}"]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_evaluation_and_the_bank_builder_keep_their_layers():
+    """`lfb_ray.evaluation` is pure numpy (no torch, Ray or model), and the bank builder runs the
+    detector through `lfb_ray.models.device`, not the val inference module."""
+    import subprocess
+
+    code = ("import sys, lfb_ray.evaluation, lfb_ray.evaluation.families, lfb_ray.evaluation.synthetic_report;"
+            "bad = [m for m in ('torch', 'ray', 'lfb_ray.inference', 'lfb_ray.models') if m in sys.modules];"
+            "import lfb_ray.bank.build, lfb_ray.models.device;"
+            "bad += [m for m in ('lfb_ray.inference',) if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "[]"

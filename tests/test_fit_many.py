@@ -25,7 +25,7 @@ BEHAVIOUR = {"none": ("ok", 0.2), "nl": ("raise", 1.0), "avg": ("crash-once", 0.
 
 
 def fake_fit(cfg, *, fresh=False, parent_run_id=None, init_checkpoint=None):
-    from lfb_ray.train.loop import FitResult
+    from lfb_ray.train.driver import FitResult
 
     calls = Path(cfg.workdir) / "calls"
     calls.mkdir(parents=True, exist_ok=True)
@@ -48,7 +48,7 @@ def calls(workdir: Path) -> dict[str, int]:
 
 
 def configs(tmp_path, ops, *overrides):
-    from lfb_ray.train.loop import _with_operator
+    from lfb_ray.train.driver import _with_operator
 
     cfg = tiny_config(tmp_path, tmp_path / "data", "tracking.enabled=false", *overrides)
     return {op: _with_operator(cfg, op) for op in ops}
@@ -58,10 +58,10 @@ def configs(tmp_path, ops, *overrides):
 def fake(monkeypatch, ray_local):
     import ray.cloudpickle
 
-    from lfb_ray.train import loop
+    from lfb_ray.train import driver
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's own pickler
-    monkeypatch.setattr(loop, "fit", fake_fit)
+    monkeypatch.setattr(driver, "fit", fake_fit)
 
 
 def test_a_failing_run_does_not_end_the_others(fake, tmp_path, capsys):

@@ -118,7 +118,7 @@ def test_flush_denormals_zeroes_subnormal_math_on_its_thread() -> None:
     4.5x slower without it). Run on fresh threads so the test process's own state is untouched."""
     import threading
 
-    from lfb_ray.train.loop import flush_denormals
+    from lfb_ray.train.recipe import flush_denormals
 
     tiny = torch.finfo(torch.float32).tiny  # smallest normal float32, 1.18e-38
     got = {}

@@ -59,16 +59,16 @@ def elsewhere(tmp_path, monkeypatch):
 @pytest.mark.parametrize("exc,status", [(RuntimeError("worker died"), "FAILED"), (KeyboardInterrupt(), "KILLED"),
                                         (SystemExit(15), "KILLED")])
 def test_a_fit_that_raises_ends_its_run(tmp_path, elsewhere, monkeypatch, exc, status):
-    from lfb_ray.train import loop
+    from lfb_ray.train import driver
 
     def boom(cfg, **kw):
         assert _runs(cfg)[kw["name"]].info.status == "RUNNING"
         raise exc
 
-    monkeypatch.setattr(loop, "_fit_run", boom)
+    monkeypatch.setattr(driver, "_fit_run", boom)
     cfg = _cfg(tmp_path)
     with pytest.raises(type(exc)):
-        loop.fit(cfg)
+        driver.fit(cfg)
     (run,) = _runs(cfg).values()
     assert run.info.status == status
     # The experiment's artifacts live in the workdir (a local store has no server to hold them).
@@ -76,10 +76,10 @@ def test_a_fit_that_raises_ends_its_run(tmp_path, elsewhere, monkeypatch, exc, s
 
     # The rerun resumes the same MLflow run: RUNNING again while it trains.
     seen = []
-    monkeypatch.setattr(loop, "_fit_run", lambda cfg, **kw: seen.append(_runs(cfg)[kw["name"]].info.status)
+    monkeypatch.setattr(driver, "_fit_run", lambda cfg, **kw: seen.append(_runs(cfg)[kw["name"]].info.status)
                         or (_ for _ in ()).throw(RuntimeError("again")))
     with pytest.raises(RuntimeError):
-        loop.fit(cfg)
+        driver.fit(cfg)
     assert seen == ["RUNNING"] and [r.info.run_id for r in _runs(cfg).values()] == [run.info.run_id]
 
 
@@ -110,11 +110,11 @@ def _fake_fit_many(fail_after: int | None = None, exc: BaseException | None = No
 def test_operators_parent_run_ends_with_a_summary_of_its_children(tmp_path, elsewhere, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from lfb_ray.train import loop
+    from lfb_ray.train import driver
 
-    monkeypatch.setattr(loop, "fit_many", _fake_fit_many())
+    monkeypatch.setattr(driver, "fit_many", _fake_fit_many())
     cfg = _cfg(tmp_path)
-    loop.fit_operators(cfg, ["nl", "avg", "max"])
+    driver.fit_operators(cfg, ["nl", "avg", "max"])
     runs = _runs(cfg)
     parent = next(r for name, r in runs.items() if name.startswith("operators-nl-avg-max-"))
     assert parent.info.status == "FINISHED" and parent.data.tags["lfb_ray.kind"] == "operators"
@@ -134,12 +134,12 @@ def test_operators_parent_run_ends_with_a_summary_of_its_children(tmp_path, else
 def test_operators_parent_and_running_children_end_when_a_run_fails(tmp_path, elsewhere, monkeypatch, exc, status):
     from mlflow.tracking import MlflowClient
 
-    from lfb_ray.train import loop
+    from lfb_ray.train import driver
 
-    monkeypatch.setattr(loop, "fit_many", _fake_fit_many(fail_after=1, exc=exc))
+    monkeypatch.setattr(driver, "fit_many", _fake_fit_many(fail_after=1, exc=exc))
     cfg = _cfg(tmp_path)
     with pytest.raises(type(exc)):
-        loop.fit_operators(cfg, ["nl", "avg", "max"])
+        driver.fit_operators(cfg, ["nl", "avg", "max"])
     runs = _runs(cfg)
     parent = next(r for name, r in runs.items() if name.startswith("operators-"))
     assert parent.info.status == status
@@ -163,17 +163,17 @@ def test_server_experiments_keep_the_servers_artifact_store():
 def test_multi_node_cluster_refuses_a_node_local_store(tmp_path, monkeypatch):
     import ray
 
-    from lfb_ray.train import loop
+    from lfb_ray.train import driver
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
     cfg = _cfg(tmp_path, f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db")
     with pytest.raises(ConfigError, match=r"sqlite:///.*2 alive nodes.*tracking server"):
-        loop.fit(cfg)
+        driver.fit(cfg)
     with pytest.raises(ConfigError, match="2 alive nodes"):
-        loop.fit_operators(cfg, ["nl"])
+        driver.fit_operators(cfg, ["nl"])
     assert not (tmp_path / "mlflow.db").exists()  # refused before touching the store
-    loop.check_tracking_store(_cfg(tmp_path, "tracking.tracking_uri=http://127.0.0.1:5000"))  # a server: fine
-    loop.check_tracking_store(_cfg(tmp_path, "tracking.enabled=false"))
+    driver.check_tracking_store(_cfg(tmp_path, "tracking.tracking_uri=http://127.0.0.1:5000"))  # a server: fine
+    driver.check_tracking_store(_cfg(tmp_path, "tracking.enabled=false"))
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": False}])
-    loop.check_tracking_store(cfg)  # one alive node: a local store is fine
+    driver.check_tracking_store(cfg)  # one alive node: a local store is fine

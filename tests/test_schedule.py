@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lfb_ray.config import load_config
-from lfb_ray.train.loop import build_optimizer, lr_at
+from lfb_ray.train.schedule import build_optimizer, lr_at
 
 
 def _train_cfg(*overrides: str):

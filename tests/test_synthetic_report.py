@@ -54,6 +54,7 @@ def test_bank_probe_reads_roles_and_looks_of_a_bank_that_holds_them(synthetic_ro
     from lfb_ray.bank import write_bank
     from lfb_ray.evaluation.synthetic_report import bank_probe
     from lfb_ray.models import save_checkpoint
+    from lfb_ray.models.checkpoint import read_classifier
 
     roles, looks = LABEL_FAMILIES["long_term"], LABEL_FAMILIES["appearance"]
     actors = load_actors(synthetic_root / "dataset.json")
@@ -73,7 +74,7 @@ def test_bank_probe_reads_roles_and_looks_of_a_bank_that_holds_them(synthetic_ro
     for k, a in enumerate(looks):
         weight[a, len(roles) + k] = 1
     save_checkpoint({"fc_cls.weight": weight, "fc_cls.bias": torch.zeros(81)}, tmp_path / "model.pt")
-    probe = bank_probe(synthetic_root, tmp_path / "bank", tmp_path / "model.pt")
+    probe = bank_probe(synthetic_root, tmp_path / "bank", read_classifier(tmp_path / "model.pt"))
     for split in ("train", "val"):
         assert probe.role_cue[split][0] == probe.role_nocue[split][0] == 1.0
         assert probe.role_cue[split][1] > 0 and probe.role_nocue[split][1] > 0

@@ -28,6 +28,7 @@ from lfb_ray.config import Config, config_from_dict, config_to_dict, resolve_pat
 from lfb_ray.storage import (
     check_writable,
     exists,
+    is_uri,
     join,
     join_uri,
     read_json,
@@ -70,13 +71,12 @@ class BankExtractor:
     """Ray Data actor: one prepared part in, one bank part written, a summary row out."""
 
     def __init__(self, cfg_dict: dict, checkpoint: str, parts_dir: str):
-        import torch
 
         from lfb_ray.data.clips import ClipSpec
-        from lfb_ray.inference import load_model
+        from lfb_ray.models.device import best_device, load_model
 
         self.cfg = config_from_dict(cfg_dict)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = best_device()
         self.model = load_model(self.cfg, checkpoint, self.device)
         self.parts_dir = parts_dir
         self.spec = ClipSpec.from_config(self.cfg.data)
@@ -96,7 +96,7 @@ class BankExtractor:
         import torch
 
         from lfb_ray.data.dataset import normalise
-        from lfb_ray.inference import autocast_for, to_model_layout
+        from lfb_ray.models.device import autocast_for, to_model_layout
 
         out = [np.zeros((0, self.model.feature_channels), np.float16) for _ in clips]
         todo = sorted((i for i in range(len(clips)) if len(boxes[i])), key=lambda i: clips[i].shape)
@@ -201,6 +201,24 @@ def _load_part(fs, path: str) -> dict:
         return {k: z[k] for k in z.files}
 
 
+def merge_split_parts(fs, part_paths: list[str], split_dir: str, metadata: dict) -> tuple[int, int, int]:
+    """Merge the bank parts at `part_paths` (on `fs`) into the sub-bank `split_dir` (`write_bank`).
+
+    Returns:
+        (keyframes, features, bytes of the sub-bank's files).
+    """
+    from lfb_ray.bank import write_bank
+
+    parts = [_load_part(fs, path) for path in part_paths]
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in ("video_id", "second", "person_index", "box",
+                                                               "score", "feature")}
+    summary = write_bank(split_dir, video_ids=cat["video_id"], seconds=cat["second"],
+                         person_index=cat["person_index"], boxes=cat["box"], scores=cat["score"],
+                         features=cat["feature"], metadata=metadata)
+    return (int(sum(int(p["keyframes"]) for p in parts)), len(cat["feature"]),
+            summary.nbytes)
+
+
 def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) -> BankBuildSummary:
     """Build (or resume building) the bank of `cfg` with the baseline `checkpoint`.
 
@@ -210,12 +228,12 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
     """
     import ray
 
-    from lfb_ray.bank import FeatureBank, write_bank
+    from lfb_ray.bank import FeatureBank
     from lfb_ray.data.prep import prepared_files, read_manifest
 
     t0 = time.time()
     cfg = resolve_paths(cfg)
-    if "://" not in checkpoint:  # the actors run in other directories; a URI stays as it is
+    if not is_uri(checkpoint):  # the actors run in other directories; a URI stays as it is
         checkpoint = os.path.abspath(checkpoint)
     bank_dir = cfg.bank_dir
     check_writable(bank_dir)
@@ -269,17 +287,11 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
         split_items = [it for it in items if it["split"] == split]
         if not split_items:
             continue
-        parts = [_load_part(bank_fs, join(parts_root, split, it["part_id"] + ".npz")) for it in split_items]
-        cat = {k: np.concatenate([p[k] for p in parts]) for k in ("video_id", "second", "person_index", "box",
-                                                                   "score", "feature")}
-        total_kf += int(sum(int(p["keyframes"]) for p in parts))
-        summary = write_bank(join_uri(bank_dir, split), video_ids=cat["video_id"], seconds=cat["second"],
-                             person_index=cat["person_index"], boxes=cat["box"], scores=cat["score"],
-                             features=cat["feature"],
-                             metadata={"checkpoint_sha256": ckpt_hash, "build_hash": build_hash, "split": split,
-                                       "config": build_key})
-        total_feat += len(cat["feature"])
-        total_bytes += int(getattr(summary, "bytes", cat["feature"].nbytes))
+        kf, feat, nbytes = merge_split_parts(
+            bank_fs, [join(parts_root, split, it["part_id"] + ".npz") for it in split_items],
+            join_uri(bank_dir, split),
+            metadata={"checkpoint_sha256": ckpt_hash, "build_hash": build_hash, "split": split, "config": build_key})
+        total_kf, total_feat, total_bytes = total_kf + kf, total_feat + feat, total_bytes + nbytes
     FeatureBank.open(bank_dir)  # validate before declaring success
     write_json_atomic(bank_fs, done_marker, {"build_hash": build_hash, "keyframes": total_kf,
                                               "features": total_feat, "bytes": total_bytes,

@@ -1,4 +1,7 @@
-"""AVA frame-mAP evaluation (pure numpy, no Ray) and the result CSV."""
+"""AVA frame-mAP evaluation and the result CSV: pure numpy (no torch, no Ray, no model).
+
+The command line that also runs a model first (`jobs/evaluate.py`) is `lfb_ray.evaluate_cli`.
+"""
 
 from lfb_ray.evaluation.ava_map import GROUPS, MapResult, Protocol, evaluate_frame_map
 from lfb_ray.evaluation.reference import evaluate_frame_map_reference

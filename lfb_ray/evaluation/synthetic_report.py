@@ -138,7 +138,7 @@ def matched_entries(table, gt: dict) -> Iterator[tuple[int, str, int, tuple]]:
 
 
 def bank_probe(dataset_dir: str | os.PathLike, bank_dir: str | os.PathLike,
-               baseline_model: str | os.PathLike) -> BankProbe:
+               classifier: tuple[np.ndarray, np.ndarray]) -> BankProbe:
     """Apply the baseline's `fc_cls` to every bank entry matched (IoU >= 0.5) to a GT actor.
 
     Answers "does the bank hold each actor's role, and can an entry be told whose it is?" apart
@@ -148,14 +148,13 @@ def bank_probe(dataset_dir: str | os.PathLike, bank_dir: str | os.PathLike,
 
     Args:
         bank_dir: the bank folder with `train/` and `val/` (`features.arrow` each).
-        baseline_model: the baseline's `model.pt` (the detector that computed the bank).
+        classifier: (weight [num_classes, C], bias [num_classes]) of the baseline's `fc_cls`, the
+            detector that computed the bank (`lfb_ray.models.checkpoint.read_classifier`).
     """
     from lfb_ray.data.synthetic import LABEL_FAMILIES, load_actors
-    from lfb_ray.models.checkpoint import read_checkpoint_file
 
     dataset_dir = Path(dataset_dir)
-    sd = read_checkpoint_file(baseline_model)
-    weight, bias = sd["fc_cls.weight"].float().numpy(), sd["fc_cls.bias"].float().numpy()
+    weight, bias = classifier
     roles, looks = list(LABEL_FAMILIES["long_term"]), list(LABEL_FAMILIES["appearance"])
     actors = load_actors(dataset_dir / "dataset.json")
     role_cue, role_nocue = {}, {}

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -141,6 +142,12 @@ def _unwrap(obj: Any, where: str) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in out):  # saved from a DDP-wrapped model
         out = {k[len("module."):]: v for k, v in out.items()}
     return out
+
+
+def read_classifier(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(weight [num_classes, C], bias [num_classes]) float32 of a detector checkpoint's `fc_cls`."""
+    sd = read_checkpoint_file(path)
+    return sd["fc_cls.weight"].float().numpy(), sd["fc_cls.bias"].float().numpy()
 
 
 def read_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:

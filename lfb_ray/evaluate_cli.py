@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 
 from lfb_ray.data.annotations import AnnotationError, read_annotation_rows, read_exclusions, read_label_map
-from lfb_ray.evaluation.ava_map import MapResult, evaluate_frame_map
-from lfb_ray.evaluation.results import read_results_csv
+from lfb_ray.evaluation import MapResult, evaluate_frame_map, read_results_csv
 
 __all__ = ["PROTOCOLS", "build_parser", "format_side_by_side", "format_table", "main", "result_to_json"]
 

@@ -1,0 +1,370 @@
+"""The training recipe: what every Ray Train worker runs (`train_loop_per_worker`).
+
+The whole loop, top to bottom: model, SGD with warmup + steps, AMP on GPU, bank sampling per RoI,
+checkpoints through `ray.train.report`, val mAP during training, and rank-0 MLflow logging. Same
+code for 1 or N workers, CPU (gloo, fp32) or GPU (nccl, bf16). The driver side that starts it (one
+`TorchTrainer` per model) is `lfb_ray.train.driver`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from lfb_ray.config import Config, config_from_dict, config_to_dict
+from lfb_ray.data.dataset import epoch_order, train_samples
+from lfb_ray.train.best import BestEpoch
+from lfb_ray.train.schedule import build_optimizer, lr_at
+
+__all__ = ["TrainCollate", "flush_denormals", "train_loop_per_worker"]
+
+
+class TrainCollate(NumpyBatchCollateFn):
+    """`iter_torch_batches` collate: numpy train batch → normalised tensors + per-RoI bank keys."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, batch: dict) -> dict:
+        from lfb_ray.data.dataset import collate_train
+
+        return collate_train(batch, self.mean, self.std)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+            "python": random.getstate()[1]}
+
+
+def _param_agreement(model, world: int) -> dict:
+    """Checksum of the parameters on every rank: DDP must keep them identical."""
+    import torch.distributed as dist
+
+    local = float(sum(p.detach().double().sum().item() for p in model.parameters()))
+    sums = [local]
+    if world > 1:
+        sums = [None] * world
+        dist.all_gather_object(sums, local)
+    return {"ddp/param_checksum": local, "ddp/param_checksums_equal": float(len(set(sums)) == 1)}
+
+
+def _val_predictions(model, cfg: Config, bank, rank: int, world: int, device, rng) -> dict:
+    """This rank's share of val predictions (files split round-robin across ranks)."""
+    import ray
+
+    from lfb_ray.data.dataset import collate_test, decode_test_rows
+    from lfb_ray.data.prep import prepared_files
+    from lfb_ray.inference import concat_predictions, predict_batch
+    from lfb_ray.storage import resolve
+
+    files = prepared_files(cfg.prepared_dir, "val")[rank::world]
+    preds = []
+    if files:
+        fs, _ = resolve(cfg.prepared_dir)
+        ds = ray.data.read_parquet(files, filesystem=fs, num_cpus=cfg.cluster.data_cpus).map_batches(
+            decode_test_rows, batch_size=max(16, cfg.eval.batch_size), num_cpus=cfg.cluster.data_cpus,
+            fn_kwargs={"cfg_data": config_to_dict(cfg)["data"], "prepared_uri": cfg.prepared_dir,
+                       "score_thr": cfg.data.val_person_score_thr})
+        for batch in ds.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"):
+            preds.append(predict_batch(model, collate_test(batch, cfg.data.mean, cfg.data.std), bank=bank, rng=rng, device=device,
+                                       amp=cfg.train.amp, window_seconds=cfg.bank.window_seconds,
+                                       max_feats_per_second=cfg.bank.max_feats_per_second))
+    return concat_predictions(preds)
+
+
+def _evaluate(model, cfg: Config, bank, ctx, device, epoch: int, results_dir: str, rng) -> dict:
+    """Distributed val inference; rank 0 gathers, writes the CSV and computes frame-mAP.
+
+    `val/csv` is the CSV in `results_dir`. When that is a URI, the CSV is written to a local
+    temporary folder first (the evaluator and MLflow's `log_artifact` read local files) and then
+    copied there; `_csv_local` names the local copy, which the caller removes once logged.
+    """
+    import torch.distributed as dist
+
+    from lfb_ray.inference import concat_predictions, write_and_evaluate
+    from lfb_ray.storage import is_uri, join_uri, upload_file
+
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    mine = _val_predictions(model, cfg, bank, rank, world, device, rng)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+    else:
+        gathered = [mine]
+    if rank != 0:
+        return {}
+    pred = concat_predictions([g for g in gathered if len(g["video_ids"])])
+    csv_name = f"val_results_epoch{epoch + 1:03d}.csv"
+    remote = is_uri(results_dir)
+    csv_path = os.path.join(tempfile.mkdtemp(prefix="lfb_ray_val_") if remote else results_dir, csv_name)
+    res = write_and_evaluate(cfg, pred, csv_path)
+    out = {"val/mAP": res["mAP"], "val/csv": csv_path}
+    if remote:
+        out["val/csv"] = join_uri(results_dir, csv_name)
+        upload_file(csv_path, out["val/csv"])
+        out["_csv_local"] = csv_path
+    for g, v in res["group_mAP"].items():
+        out[f"val/mAP_{g}"] = v
+    for protocol, v in res["protocol_mAP"].items():  # val/mAP_official, val/mAP_mmaction2
+        out[f"val/mAP_{protocol}"] = v
+    out["_per_class"] = res["per_class"]
+    from lfb_ray.evaluation.families import family_means, label_families
+
+    out.update(family_means(res["per_class"], label_families(cfg.data_path("dataset.json"))))
+    return out
+
+
+def _epochs(cfg: Config, init_checkpoint: str | None) -> int:
+    """Epochs of this run: `train.finetune_epochs` when it starts from a trained detector (and that is
+    not -1), else `train.epochs`."""
+    tc = cfg.train
+    return tc.finetune_epochs if init_checkpoint and tc.finetune_epochs >= 0 else tc.epochs
+
+
+def flush_denormals() -> bool:
+    """Flush subnormal floats to zero on this thread's CPU math (and threads it starts later).
+
+    Why: the NL head's warm-up slows down as it learns. Once its attention sharpens, the softmax
+    weights of unrelated bank slots fall below 1.2e-38 (subnormal; 399 of 9600 after 900 steps) and
+    so do ~13% of the gradients of the [32, 300, 64] bank tensors, and x86 arithmetic on subnormals
+    is many times slower: 1500 warm-up steps on the 120-train-video synthetic bank took 298 s
+    without this and 67 s with it (1 thread; 300 steps: 19 s, then ~85 s per 300 once the loss fell
+    below 0.6). Values that small carry nothing the model uses (GPUs have no such penalty, so this
+    is CPU only). Ray Train runs the train function on its own thread, so the loop calls it there.
+
+    Returns:
+        whether the CPU supports it (x86 with SSE3).
+    """
+    return torch.set_flush_denormal(True)
+
+
+def _warm_up(core, cfg: Config, checkpoint: str) -> None:
+    """`train.head_warmup_steps` Adam steps on the bank's train features (lfb_ray.train.head_warmup),
+    on rank 0 only: DDP's wrap then broadcasts the warmed-up head to the other ranks (the warm-up is
+    small next to training and not worth splitting).
+
+    It runs on the worker's own torch threads. Its ops are small (the synthetic NL head: [32, 300,
+    128] windows): on an idle 2-core machine 2 threads are only ~1.2x faster than 1 (300 steps:
+    16.5 s vs 20.2 s), and with other load on it 3.3x *slower* (41 s vs 12 s for 150 steps).
+    """
+    from lfb_ray.storage import join_uri
+    from lfb_ray.train.head_warmup import warm_up_head
+
+    tc = cfg.train
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    res = warm_up_head(core, join_uri(cfg.bank_dir, "train"), cfg.data_path(cfg.data.train_csv),
+                       steps=tc.head_warmup_steps, lr=tc.head_warmup_lr, batch=tc.head_warmup_batch,
+                       seed=tc.seed, window_seconds=cfg.bank.window_seconds,
+                       max_feats_per_second=cfg.bank.max_feats_per_second, checkpoint=checkpoint, log=log)
+    log(f"[lfb_ray] head warm-up: {res.steps} steps on {res.entries} bank entries, loss {res.loss_first:.4f} -> "
+        f"{res.loss_last:.4f}, {res.seconds:.0f} s on {torch.get_num_threads()} CPU thread(s)")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker entry point. `config` = {"cfg": nested config dict, "mlflow_run_id": ...}."""
+    import ray.train
+    import ray.train.torch
+
+    from lfb_ray.models import build_detector, load_checkpoint, save_checkpoint
+    from lfb_ray.models.device import autocast_for, to_model_layout
+    from lfb_ray.tracking import NullTracker, Tracker
+
+    cfg = config_from_dict(config["cfg"])
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        flush_denormals()
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    random.seed(tc.seed)
+
+    # --- model: pretrained weights, then a checkpoint to resume or a backbone to start from, then DDP
+    core = to_model_layout(build_detector(cfg.model).to(device))
+    bank = None
+    if cfg.model.uses_bank:
+        # Before any work (the head warm-up included): a bank that lacks videos this run trains or
+        # evaluates on is refused, naming them, unless bank.missing_videos=zeros.
+        from lfb_ray.bank.coverage import open_checked
+
+        bank = open_checked(cfg, ("train", "val"), expected_dim=core.feature_channels)
+    if cfg.model.pretrained:
+        load_checkpoint(core, cfg.model.pretrained)  # Kinetics backbone or a whole detector
+    start_epoch, skip_iters, global_step, best_map = 0, 0, 0, float("nan")
+    state = None
+    best = BestEpoch()  # train.save_best: rank 0's copy of the best evaluated weights
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+            if tc.save_best and rank == 0:
+                best = BestEpoch.load(d)
+        core.load_state_dict(state["model"])
+        start_epoch, skip_iters, global_step = state["epoch"], state["iter_in_epoch"], state["global_step"]
+        best_map = state.get("best_map", float("nan"))
+        torch.set_rng_state(state["rng"]["torch"])
+        if rank == 0:
+            print(f"[lfb_ray] resumed from checkpoint at epoch {start_epoch + 1}, iteration {skip_iters}, "
+                  f"global step {global_step}", flush=True)
+    elif config.get("init_checkpoint"):  # a new LFB run starting from the baseline's backbone
+        what = load_checkpoint(core, config["init_checkpoint"], backbone_only=True)
+        if rank == 0:
+            print(f"[lfb_ray] initialised the backbone from {config['init_checkpoint']} ({what})", flush=True)
+            if tc.head_warmup_steps > 0:
+                _warm_up(core, cfg, config["init_checkpoint"])
+    # DDP broadcasts rank 0's parameters and buffers when it wraps the model, so the head that rank 0
+    # warmed up reaches every rank (the others wait here meanwhile).
+    model = ray.train.torch.prepare_model(core)
+    core = model.module if hasattr(model, "module") else model
+    global_batch = tc.batch_size_per_worker * world
+    base_lr = tc.base_lr * global_batch / tc.reference_batch  # linear scaling rule
+    if config.get("init_checkpoint"):  # fine-tuning from a trained detector's backbone
+        base_lr *= tc.finetune_lr_scale
+    optimizer = build_optimizer(model.parameters(), tc, base_lr)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    tracker = (Tracker(cfg.tracking_uri, config["mlflow_run_id"])
+               if rank == 0 and config.get("mlflow_run_id") else NullTracker())
+    results_dir = config["results_dir"]
+    rng = np.random.default_rng([tc.seed, rank, global_step])
+    iters_per_epoch = config["iters_per_epoch"]
+
+    def report(metrics: dict, epoch: int, iter_in_epoch: int, final: bool = False) -> None:
+        """Checkpoint (rank 0 writes, all ranks call report), then flush MLflow."""
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt_obj = None
+            if rank == 0:
+                torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                            "iter_in_epoch": iter_in_epoch, "global_step": global_step, "best_map": best_map,
+                            "rng": _rng_state()}, os.path.join(tmp, "state.pt"))
+                if tc.save_best:
+                    best.save(tmp)
+                if final:
+                    use_best = tc.save_best and best.state is not None
+                    save_checkpoint(best.state if use_best else core.state_dict(), os.path.join(tmp, "model.pt"),
+                                    source=f"lfb_ray {cfg.model.fbo} epoch {best.epoch if use_best else epoch}"
+                                           + (" (best val mAP)" if use_best else ""))
+                ckpt_obj = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({k: v for k, v in metrics.items() if not k.startswith("_")}, checkpoint=ckpt_obj)
+        tracker.flush()
+
+    def finish(metrics: dict, done: int, *, evaluate: bool, final: bool, line: str, tail: str = "") -> None:
+        """End of an epoch (`done` epochs completed; 0 = the starting model of `finetune_epochs=0`):
+        evaluate when due, print, log to MLflow, checkpoint and report, attach the val CSV."""
+        nonlocal best_map
+        if evaluate:
+            ev = _evaluate(core, cfg, bank, ctx, device, done - 1, results_dir, rng)
+            metrics.update(ev)
+            if rank == 0 and not math.isnan(ev.get("val/mAP", float("nan"))):
+                best_map = ev["val/mAP"] if math.isnan(best_map) else max(best_map, ev["val/mAP"])
+            if rank == 0 and tc.save_best and best.offer(done, ev, core):
+                tail += ", best so far (saved as the run's result)"
+        if rank == 0:
+            val = f", val mAP {metrics['val/mAP']:.4f}" if "val/mAP" in metrics else ""
+            print(f"{line}{val}{tail}", flush=True)
+            tracker.log_metrics({k: v for k, v in metrics.items()
+                                 if isinstance(v, (int, float)) and k != "global_step"}, step=done)
+            if "_per_class" in metrics:
+                tracker.log_metrics({f"val_ap/{k}": v for k, v in metrics["_per_class"].items() if v == v}, step=done)
+        if final:
+            metrics.update(_param_agreement(core, world))
+            if tc.save_best and rank == 0 and best.state is not None:
+                metrics = best.result_metrics(metrics)
+                print(f"[lfb_ray] {cfg.model.fbo}: the result is epoch {best.epoch} (val mAP {best.mAP:.4f}; "
+                      f"last epoch {metrics.get('last/val/mAP', float('nan')):.4f})", flush=True)
+                tracker.log_metrics({"best/epoch": best.epoch, "best/val_mAP": best.mAP}, step=done)
+        report(metrics, done, 0, final=final)
+        if rank == 0 and "val/csv" in metrics:
+            tracker.log_artifact(metrics.get("_csv_local", metrics["val/csv"]), "results")
+            if "_csv_local" in metrics:  # the local copy of a CSV on S3 (`_evaluate`)
+                shutil.rmtree(os.path.dirname(metrics["_csv_local"]), ignore_errors=True)
+
+    # --- epochs
+    epochs = _epochs(cfg, config.get("init_checkpoint"))
+    t_run = time.time()
+    if epochs == 0 and start_epoch == 0:
+        # finetune_epochs=0: the (warmed-up) model is evaluated as it is, and saved as the result.
+        finish({"epoch": 0, "global_step": 0}, 0, evaluate=True, final=True,
+               line=f"[lfb_ray] {cfg.model.fbo} without fine-tuning")
+    train_table = None
+    if start_epoch < epochs:
+        from lfb_ray.data.dataset import read_keyframes
+
+        train_table = read_keyframes(cfg, "train", drop_excluded=True)
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        t_epoch = time.time()
+        t_wait = 0.0
+        n_clips = 0
+        # This rank's keyframes of the epoch, in order (lfb_ray.data.dataset.epoch_order); a
+        # mid-epoch resume starts after the ones its checkpoint had already trained on.
+        first = skip_iters if epoch == start_epoch else 0
+        mine = epoch_order(train_table.num_rows, tc.seed, epoch, world)[rank]
+        if tc.max_iters_per_epoch:
+            mine = mine[: tc.max_iters_per_epoch * tc.batch_size_per_worker]
+        mine = mine[first * tc.batch_size_per_worker:]
+        it = first
+        # The epoch's last iteration also logs the loss, so a run shorter than log_every_iters still
+        # has a loss curve (compare's plot reads it).
+        last_it = first + -(-len(mine) // tc.batch_size_per_worker) - 1
+        t_last = time.time()
+        loss_sum, loss_n = 0.0, 0
+        samples = train_samples(cfg, train_table, mine, epoch)
+        for it, batch in enumerate(samples.iter_torch_batches(batch_size=tc.batch_size_per_worker,
+                                                              collate_fn=TrainCollate(cfg.data.mean, cfg.data.std),
+                                                              prefetch_batches=2), start=first):
+            t_wait += time.time() - t_last
+            lr = lr_at(epoch + it / iters_per_epoch, tc, base_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            clip = to_model_layout(batch["clip"].to(device, non_blocking=True))
+            rois = batch["rois"].to(device)
+            labels = batch["labels"].to(device)
+            lt = None
+            if bank is not None:
+                lt = bank.sample(batch["roi_video_ids"], batch["roi_seconds"], rng,
+                                 window_seconds=cfg.bank.window_seconds,
+                                 max_feats_per_second=cfg.bank.max_feats_per_second).to(device)
+            with autocast_for(device, tc.amp):
+                logits = model(clip, rois, lt)
+            loss = core.loss(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            global_step += 1
+            n_clips += batch["num_clips"]
+            loss_sum += float(loss.detach())
+            loss_n += 1
+            if global_step % tc.log_every_iters == 0 or it == last_it:
+                tracker.log_metrics({"train/loss": float(loss.detach()), "train/lr": lr}, step=global_step)
+            if tc.checkpoint_every_iters and global_step % tc.checkpoint_every_iters == 0:
+                report({"epoch": epoch, "global_step": global_step, "train/loss": float(loss.detach())},
+                       epoch, it + 1)
+            t_last = time.time()
+        elapsed = time.time() - t_epoch
+        clips_per_s = n_clips * world / max(elapsed, 1e-9)
+        metrics = {"epoch": epoch + 1, "global_step": global_step,
+                   "train/loss_epoch": loss_sum / max(loss_n, 1), "train/clips_per_s": clips_per_s,
+                   "train/data_wait_frac": t_wait / max(elapsed, 1e-9), "train/epoch_seconds": elapsed}
+        last = epoch + 1 == epochs
+        eta = (time.time() - t_run) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
+        finish(metrics, epoch + 1, final=last,
+               evaluate=last or bool(tc.eval_every_epochs and (epoch + 1) % tc.eval_every_epochs == 0),
+               line=(f"[lfb_ray] {cfg.model.fbo} epoch {epoch + 1}/{epochs}: loss {metrics['train/loss_epoch']:.4f}, "
+                     f"{loss_n / max(elapsed, 1e-9):.2f} it/s, {clips_per_s:.1f} clips/s, data wait "
+                     f"{100 * metrics['train/data_wait_frac']:.1f}%"),
+               tail=f", ETA {eta:.0f} s")
+    if not tracker.flush():
+        print("[lfb_ray] WARNING: some metrics could not be sent to MLflow", flush=True)
+

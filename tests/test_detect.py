@@ -278,3 +278,27 @@ def test_persons_csv_and_tracks():
     ids = link_tracks([1, 2, 3, 5], [np.array([[0, 0, .2, .2], [.5, .5, .9, .9]]), np.array([[.52, .5, .9, .9]]),
                                      np.array([[0, 0, .2, .2], [.55, .5, .92, .9]]), np.array([[0, 0, .2, .2]])])
     assert [i.tolist() for i in ids] == [[0, 1], [1], [2, 1], [3]]  # a gap of 1 s ends a track (max_gap=1)
+
+
+def test_mmaction2_checkpoints_without_config(env, tmp_path):
+    """mmaction2-layout files, raw and after jobs/convert_checkpoint.py: the layout is read from the
+    weights (no --config: lfb_ray's defaults for data and bank), and the scores equal those of our file."""
+    from lfb_ray.data.annotations import read_result_rows
+    from lfb_ray.models import build_detector, convert_checkpoint, load_checkpoint, to_mmaction2_state_dict
+
+    cfg = env["cfg"]
+    for name, fbo in (("nl", "nl"), ("base", "none")):
+        m = build_detector(dataclasses.replace(cfg.model, fbo=fbo))
+        load_checkpoint(m, env[name])
+        torch.save({"state_dict": to_mmaction2_state_dict(m), "meta": {"epoch": 20}}, tmp_path / f"{name}.pth")
+        convert_checkpoint(tmp_path / f"{name}.pth", tmp_path / f"{name}_conv.pt")
+    span = {"start": 905, "end": 906, "render": False, "config": None}
+    ours = read_result_rows(_run(env, tmp_path / "ours", **span).csv)
+    raw = read_result_rows(_run(env, tmp_path / "raw", checkpoint=str(tmp_path / "nl.pth"),
+                                bank_checkpoint=str(tmp_path / "base.pth"), **span).csv)
+    conv = read_result_rows(_run(env, tmp_path / "conv", checkpoint=str(tmp_path / "nl_conv.pt"),
+                                 bank_checkpoint=str(tmp_path / "base_conv.pt"), **span).csv)
+    assert len(ours) > 0
+    for other in (raw, conv):
+        np.testing.assert_array_equal(other.boxes, ours.boxes)
+        np.testing.assert_array_equal(other.scores, ours.scores)

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--top-k", type=int, default=3, help="actions per person in the JSON and the video")
     p.add_argument("--draw-thr", type=float, default=0.3, help="actions at or below this score are not drawn")
-    p.add_argument("--track-iou", type=float, default=0.3, help="IoU that links a box to the previous second's")
+    p.add_argument("--track-iou", type=float, default=0.2,
+                   help="IoU that links a box to a track's last box (or that box moved at the track's velocity)")
     p.add_argument("--detector-min-size", type=int, default=800, help="detector input short side")
     p.add_argument("--no-video", action="store_true", help="skip the annotated mp4")
     p.add_argument("--keep-work", action="store_true", help="keep DIR/_work (the decoded clips)")

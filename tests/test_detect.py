@@ -278,6 +278,10 @@ def test_persons_csv_and_tracks():
     ids = link_tracks([1, 2, 3, 5], [np.array([[0, 0, .2, .2], [.5, .5, .9, .9]]), np.array([[.52, .5, .9, .9]]),
                                      np.array([[0, 0, .2, .2], [.55, .5, .92, .9]]), np.array([[0, 0, .2, .2]])])
     assert [i.tolist() for i in ids] == [[0, 1], [1], [2, 1], [3]]  # a gap of 1 s ends a track (max_gap=1)
+    # A box that moves on: IoU 0.25 with its last position, 0.82 with where it was heading.
+    ids = link_tracks([1, 2, 3], [np.array([[0, 0, .2, 1]]), np.array([[.1, 0, .3, 1]]), np.array([[.22, 0, .42, 1]])],
+                      iou_thr=0.3)
+    assert [i.tolist() for i in ids] == [[0], [0], [0]]
 
 
 def test_mmaction2_checkpoints_without_config(env, tmp_path):

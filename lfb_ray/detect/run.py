@@ -176,7 +176,7 @@ def detect_video(video: str, checkpoint: str, out_dir: str, *, config: Config | 
                  bank_checkpoint: str | None = None, persons: str | None = None, detector_weights: str | None = None,
                  start: int | None = None, end: int | None = None, video_id: str | None = None,
                  video_start_second: int | None = None, device: str | None = None, top_k: int = 3,
-                 draw_thr: float = 0.3, track_iou: float = 0.3, detector_min_size: int = 800,
+                 draw_thr: float = 0.3, track_iou: float = 0.2, detector_min_size: int = 800,
                  render: bool = True, keep_work: bool = False, progress: bool = True, log=print) -> DetectResult:
     """Detect the actions of every person at every second of `video` (see the module docstring).
 
@@ -206,6 +206,13 @@ def detect_video(video: str, checkpoint: str, out_dir: str, *, config: Config | 
     # -- models (cheap; before any decoding)
     model_cfg = checkpoint_model_config(checkpoint, "--checkpoint", cfg.model if given else None, notes=notes)
     lfb = model_cfg.fbo != "none"
+    if not lfb and given and cfg.model.fbo != "none" and not cfg.model.exclusive_groups_in_baseline \
+            and model_cfg.exclusive_groups:
+        # A short-term model with an LFB config: the baseline, trained without the groups (the
+        # control, trained with them, is run with its own config, model.fbo=none).
+        model_cfg = dataclasses.replace(model_cfg, exclusive_groups=())
+        notes.append("a short-term model with an LFB config: scored as the baseline, without model.exclusive_groups "
+                     "(model.exclusive_groups_in_baseline=false); for the control pass model.fbo=none")
     base_cfg = None
     if lfb:
         if not bank_checkpoint:
@@ -461,7 +468,8 @@ def _write_outputs(video, video_id, out_dir, cfg_run, seconds, preds, short, tim
            "person_score_thr": cfg_run.data.val_person_score_thr,
            "short_term": ("scores of the baseline that computed the bank (--bank-checkpoint), same boxes"
                           if short_csv else None),
-           "track_linking": f"greedy IoU >= {track_iou} with the previous second's boxes",
+           "track_linking": (f"greedy IoU >= {track_iou} with each track's box of the previous second, or that box "
+                             "moved at the track's velocity"),
            "seconds_without_persons": [s for s, b in zip(secs, boxes, strict=True) if not len(b)],
            "tracks": [tracks[i] for i in sorted(tracks)]}
     js_path = os.path.join(out_dir, "tracks.json")

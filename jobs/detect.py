@@ -1,4 +1,4 @@
-"""Action detection on any video: every person's actions at every second, with the video's own bank.
+r"""Action detection on any video: every person's actions at every second, with the video's own bank.
 
     python jobs/detect.py --video MOVIE.mp4 --checkpoint MODEL.pt --bank-checkpoint BASELINE.pt --out DIR \
         [--config CFG [key=value ...]] [--persons PROPOSALS.pkl|CSV | --detector-weights FILE] [--start S --end E]

@@ -43,8 +43,13 @@ def _draw(img: Image.Image, ov: FrameOverlay | None, font, small) -> None:
         return
     draw.text((3, 2), f"t={ov.second}s  persons {len(ov.persons)}", fill=(255, 255, 255), font=small,
               stroke_width=1, stroke_fill=(0, 0, 0))
+    used: set[int] = set()
     for p in ov.persons:
-        colour = PRED_COLOURS[p.track % len(PRED_COLOURS)]
+        c = p.track % len(PRED_COLOURS)  # a track keeps its colour, unless another box of the frame has it
+        while c in used and len(used) < len(PRED_COLOURS):
+            c = (c + 1) % len(PRED_COLOURS)
+        used.add(c)
+        colour = PRED_COLOURS[c]
         x1, y1, x2, y2 = (np.asarray(p.box, np.float64) * [w, h, w, h]).tolist()
         draw.rectangle((x1, y1, x2, y2), outline=colour, width=2 if min(w, h) >= 240 else 1)
         lines = [f"#{p.track} " + (f"{_short(p.labels[0][0], 14)} {p.labels[0][1]:.2f}" if p.labels else "")]

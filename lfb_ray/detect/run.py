@@ -443,7 +443,8 @@ def _write_outputs(video, video_id, out_dir, cfg_run, seconds, preds, short, tim
             bank_secs = []
             if kp is not None and kp.attention is not None:
                 mass, pad = kp.attention[j]
-                best = [int(x) for x in np.argsort(-mass, kind="stable")[:3] if mass[x] > 0]
+                # the 3 most attended seconds, those with at least 1% of the attention
+                best = [int(x) for x in np.argsort(-mass, kind="stable")[:3] if mass[x] >= 0.01]
                 bank_secs = sorted(s - w // 2 + x for x in best)
                 entry["bank_seconds"] = [{"second": s - w // 2 + x, "attention": round(float(mass[x]), 6)}
                                          for x in best]

@@ -1,0 +1,7 @@
+"""The one error type of `jobs/detect.py`: bad inputs, each with a message that says what to do."""
+
+__all__ = ["DetectError"]
+
+
+class DetectError(ValueError):
+    """A bad input of the detect job (missing or corrupt video, wrong checkpoint, mismatched bank)."""

@@ -1,0 +1,101 @@
+"""Which model a checkpoint holds, and the `ModelConfig` to build it with, for `jobs/detect.py`.
+
+Our checkpoints (`model.pt`, `{"model": state_dict, "format": "lfb_ray/v1"}`) store weights only,
+no config; mmaction2's `.pth` files (or their `jobs/convert_checkpoint.py` conversions) neither.
+The layout (depth, width, operator, latent width, NL layers, classes) is therefore read from the
+weights' keys and shapes (`lfb_ray.models.checkpoint.infer_model_config`); what weights cannot
+tell (the exclusive label groups, avg vs max, which have the same parameters) comes from
+`--config` when given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from lfb_ray.config import ModelConfig
+from lfb_ray.detect.errors import DetectError
+
+__all__ = ["checkpoint_model_config", "read_state"]
+
+_OURS = (("backbone.", "backbone."), ("fbo.", "roi_head.shared_head.fbo."), ("fc_cls.", "roi_head.bbox_head.fc_cls."))
+
+
+def read_state(path: str, flag: str) -> dict:
+    """The flat state dict of a checkpoint file or Ray checkpoint folder, read safely.
+
+    Raises:
+        DetectError: missing, not a checkpoint, or not an action detector (naming what it is).
+    """
+    from lfb_ray.models.checkpoint import read_checkpoint_file
+    from lfb_ray.storage import checkpoint_file, is_uri
+
+    if not is_uri(path) and not os.path.exists(path):
+        raise DetectError(f"{flag} {path}: no such file")
+    path = checkpoint_file(path)
+    if not is_uri(path) and not os.path.isfile(path):
+        raise DetectError(f"{flag} {path}: no such file (a checkpoint folder must hold model.pt)")
+    try:
+        flat = read_checkpoint_file(path)
+    except Exception as e:  # noqa: BLE001 - CheckpointError, or torch's own for garbage bytes
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DetectError(f"{flag} {path} is not a model checkpoint (no state dict of tensors can be read "
+                          f"from it: {first})") from None
+    if any(k.startswith(("rpn.", "roi_heads.")) for k in flat):
+        raise DetectError(f"{flag} {path} is a torchvision object-detector state dict (rpn.*, roi_heads.*), "
+                          "not an lfb_ray/mmaction2 action detector; pass it as --detector-weights")
+    if not any(k.startswith("backbone.") for k in flat):
+        raise DetectError(f"{flag} {path} is not an action-detector checkpoint: no backbone.* weights "
+                          f"(keys like {', '.join(sorted(flat)[:3])})")
+    if not any(k.startswith(("fc_cls.", "roi_head.bbox_head.fc_cls.")) for k in flat):
+        raise DetectError(f"{flag} {path} holds a backbone only (e.g. a Kinetics initialisation), not a trained "
+                          "detector with a classifier (fc_cls)")
+    return flat
+
+
+def _to_mmaction2_names(flat: dict) -> dict:
+    out = {}
+    for k, v in flat.items():
+        for ours, theirs in _OURS:
+            if k.startswith(ours):
+                out[theirs + k[len(ours):]] = v
+                break
+        else:
+            out[k] = v
+    return out
+
+
+def checkpoint_model_config(path: str, flag: str, base: ModelConfig | None, *,
+                            notes: list[str]) -> ModelConfig:
+    """The `ModelConfig` of checkpoint `path`: layout from its weights, the rest from `base`.
+
+    `base` (the `--config`'s model section, or None) decides what weights cannot: the exclusive
+    groups, dropouts, RoI grid, and avg vs max when the weights say avg/max. A disagreement on the
+    layout goes to `notes` (the weights win).
+    """
+    from lfb_ray.models.checkpoint import CheckpointError, infer_model_config
+
+    flat = read_state(path, flag)
+    try:
+        inferred = infer_model_config(_to_mmaction2_names(flat))
+    except CheckpointError as e:
+        raise DetectError(f"{flag} {path}: {e}") from None
+    given = base is not None
+    base = base or ModelConfig()
+    fbo = inferred.fbo
+    if fbo == "avg":  # avg and max have no parameters: the same weights
+        if base.fbo in ("avg", "max"):
+            fbo = base.fbo
+        else:
+            notes.append(f"{flag} {path}: an LFB-avg or LFB-max model (their weights are the same); using avg, "
+                         "pass model.fbo=max for a max model")
+    layout = {"depth": inferred.depth, "base_channels": inferred.base_channels, "fbo": fbo,
+              "num_classes": inferred.num_classes}
+    if fbo == "nl":
+        layout.update(latent_channels=inferred.latent_channels, num_nl_layers=inferred.num_nl_layers)
+    differs = [f"{k}={getattr(base, k)} (checkpoint: {v})" for k, v in layout.items()
+               if getattr(base, k) != v and not (k == "fbo" and base.fbo == "avg" and v == "max")]
+    if differs and given:
+        notes.append(f"{flag} {path}: the config's model.{', model.'.join(differs)}; using the checkpoint's")
+    groups = base.exclusive_groups if all(c < layout["num_classes"] for g in base.exclusive_groups for c in g) else ()
+    return dataclasses.replace(base, **layout, exclusive_groups=groups)

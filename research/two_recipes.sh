@@ -31,8 +31,9 @@ for s in "${seeds[@]}"; do
     sgd)
       base=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['baseline']['result']['model'])" "$w/pipeline.json")
       $PY jobs/train.py --config configs/synthetic.yaml "${set_[@]}" tracking.experiment=${e}_sgd \
-        --operators "$ops" --init-backbone "$base" bank.checkpoint="$base" \
-        train.head_warmup_steps=0 train.finetune_epochs=-1 'model.exclusive_groups=[]' ;;
+        bank.checkpoint="$base" \
+        train.head_warmup_steps=0 train.finetune_epochs=-1 'model.exclusive_groups=[]' \
+        --operators "$ops" --init-backbone "$base" ;;
     *) echo "usage: $0 pipelines|sgd SEED... [OPS]" >&2; exit 2 ;;
   esac
 done

@@ -32,3 +32,13 @@ def test_user_documents_name_no_scratch_folders():
     hits = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in docs if p.is_file()
             for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if SCRATCH.search(line)]
     assert not hits, "\n".join(hits)
+
+
+def test_readme_submission_is_the_one_docs_cluster_tests():
+    """README's cluster command is docs/cluster.md's "Submit, watch, resume" submission (which the
+    job-submission integration test runs), option for option."""
+    from doc_commands import job_submits, user_submit
+
+    readme = job_submits((REPO / "README.md").read_text())
+    assert len(readme) == 1
+    assert readme[0] == user_submit()

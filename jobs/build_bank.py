@@ -9,21 +9,24 @@ without --checkpoint, bank.checkpoint of the config is used. Rerunning resumes a
 
 import sys
 
-from lfb_ray.cli import base_parser, init_ray, load_from_args
+from lfb_ray.cli import base_parser, init_ray, load_given, preflight_or_exit
 
 
 def main(argv=None) -> int:
     from lfb_ray.bank.build import build_bank
+    from lfb_ray.config import resolve_paths
 
     p = base_parser(__doc__)
     p.add_argument("--checkpoint", default="", help="baseline checkpoint (model.pt, Ray checkpoint dir or .pth)")
     args = p.parse_args(argv)
-    cfg = load_from_args(args)
+    given = load_given(args)
+    cfg = resolve_paths(given)
     ckpt = args.checkpoint or cfg.bank.checkpoint
     if not ckpt:
         print("error: no baseline checkpoint: pass --checkpoint or set bank.checkpoint", file=sys.stderr)
         return 2
     init_ray(cfg)
+    preflight_or_exit(cfg, "bank", checkpoint=ckpt, given=given)
     print(build_bank(cfg, ckpt).line())
     return 0
 

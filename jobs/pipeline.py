@@ -2,6 +2,7 @@
 
     python jobs/pipeline.py --config configs/synthetic.yaml
     python jobs/pipeline.py --config configs/synthetic.yaml --from bank
+    python jobs/pipeline.py --config configs/lfb_nl.yaml --baseline-config configs/baseline.yaml --check
     ray job submit --working-dir . -- python jobs/pipeline.py --config configs/lfb_nl.yaml \
         --baseline-config configs/baseline.yaml
 """
@@ -9,13 +10,13 @@
 import sys
 import traceback
 
-from lfb_ray.cli import base_parser, init_ray, load_from_args
+from lfb_ray.cli import base_parser, init_ray, load_given, preflight_or_exit
 
 
 def main(argv=None) -> int:
     """0 when every stage completed; 1 when a stage failed (its traceback and a one-line error on
     stderr; rerunning continues from what was finished); 2 for a bad command line or config."""
-    from lfb_ray.config import load_config
+    from lfb_ray.config import ConfigError, load_config, resolve_paths
     from lfb_ray.pipeline import STAGES, run_pipeline
 
     p = base_parser(__doc__)
@@ -23,13 +24,25 @@ def main(argv=None) -> int:
     p.add_argument("--operators", default="nl,avg,max")
     p.add_argument("--baseline-config", default="", help="config of the bank baseline (default: --config "
                    "with model.fbo=none)")
+    p.add_argument("--check", action="store_true", help="run only the preflight checks of every stage (checkpoints, "
+                   "data, outputs, MLflow, resources) and exit: 0 when all pass")
     args = p.parse_args(argv)
-    cfg = load_from_args(args)
-    base = load_config(args.baseline_config, args.overrides + ["model.fbo=none"]) if args.baseline_config else None
-    init_ray(cfg)
+    given = load_given(args)
+    cfg = resolve_paths(given)
     try:
-        run_pipeline(cfg, operators=tuple(o for o in args.operators.split(",") if o), start_from=args.start_from,
-                     baseline_cfg=base)
+        base = (load_config(args.baseline_config, args.overrides + ["model.fbo=none"])
+                if args.baseline_config else None)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: --baseline-config: {e}", file=sys.stderr)
+        return 2
+    operators = tuple(o.strip() for o in args.operators.split(",") if o.strip())
+    init_ray(cfg)
+    preflight_or_exit(cfg, "pipeline", operators=operators, baseline_cfg=resolve_paths(base) if base else None,
+                      given=given)
+    if args.check:
+        return 0
+    try:
+        run_pipeline(cfg, operators=operators, start_from=args.start_from, baseline_cfg=base)
     except Exception as e:  # the exit code says it; the traceback keeps everything
         traceback.print_exc()
         print(f"error: the pipeline stopped: {type(e).__name__}: {e}", file=sys.stderr)

@@ -6,14 +6,17 @@
 
 import sys
 
-from lfb_ray.cli import base_parser, init_ray, load_from_args
+from lfb_ray.cli import base_parser, init_ray, load_given, preflight_or_exit
 
 
 def main(argv=None) -> int:
+    from lfb_ray.config import resolve_paths
     from lfb_ray.data.prep import PrepareError, prepare_dataset
 
-    cfg = load_from_args(base_parser(__doc__).parse_args(argv))
+    given = load_given(base_parser(__doc__).parse_args(argv))
+    cfg = resolve_paths(given)
     init_ray(cfg)
+    preflight_or_exit(cfg, "prepare", given=given, with_cluster=False)
     try:
         summary = prepare_dataset(cfg)
     except PrepareError as e:

@@ -9,13 +9,12 @@
 Rerunning the same command resumes the same run (deterministic run name); --fresh starts anew.
 """
 
-import sys
 
-from lfb_ray.cli import base_parser, init_ray, load_from_args
-from lfb_ray.config import OPERATORS
+from lfb_ray.cli import base_parser, init_ray, load_given, preflight_or_exit
 
 
 def main(argv=None) -> int:
+    from lfb_ray.config import resolve_paths
     from lfb_ray.train import fit, fit_operators
 
     p = base_parser(__doc__)
@@ -25,14 +24,12 @@ def main(argv=None) -> int:
                    help="start the backbone from this detector checkpoint (fresh head, lr scaled by "
                         "train.finetune_lr_scale), e.g. the control that continues the baseline")
     args = p.parse_args(argv)
-    cfg = load_from_args(args)
+    given = load_given(args)
+    cfg = resolve_paths(given)
+    ops = [o.strip() for o in args.operators.split(",") if o.strip()]
     init_ray(cfg)
-    if args.operators:
-        ops = [o.strip() for o in args.operators.split(",") if o.strip()]
-        bad = [o for o in ops if o not in OPERATORS]
-        if bad:
-            print(f"error: --operators: unknown operator(s) {bad}; allowed: {', '.join(OPERATORS)}", file=sys.stderr)
-            return 2
+    preflight_or_exit(cfg, "train", operators=ops, init_checkpoint=args.init_backbone, given=given)
+    if ops:
         results = fit_operators(cfg, ops, fresh=args.fresh, init_checkpoint=args.init_backbone)
     else:
         results = {cfg.model.fbo: fit(cfg, fresh=args.fresh, init_checkpoint=args.init_backbone)}

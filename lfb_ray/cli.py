@@ -6,10 +6,12 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from lfb_ray.config import Config, ConfigError, load_config, resolve_paths
 
-__all__ = ["base_parser", "driver_runtime_env", "init_ray", "job_runtime_env", "load_from_args", "wait_for_cluster"]
+__all__ = ["base_parser", "driver_runtime_env", "init_ray", "job_runtime_env", "load_from_args", "load_given",
+           "preflight_or_exit", "wait_for_cluster"]
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -19,12 +21,35 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def load_from_args(args: argparse.Namespace) -> Config:
+def load_given(args: argparse.Namespace) -> Config:
+    """The config of `--config` and the overrides as given (paths not resolved); exit 2 if invalid."""
     try:
-        return resolve_paths(load_config(args.config, args.overrides))
+        return load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def load_from_args(args: argparse.Namespace) -> Config:
+    """`load_given` with the paths made absolute (`resolve_paths`), as the workers need them."""
+    return resolve_paths(load_given(args))
+
+
+def preflight_or_exit(cfg: Config, job: str, **kwargs) -> None:
+    """`lfb_ray.preflight.run_preflight`: print its notes; on problems print one line each to stderr
+    and exit 2, before any stage does work (and without Ray Train retrying anything)."""
+    from lfb_ray.preflight import PreflightError, run_preflight
+
+    t0 = time.monotonic()
+    try:
+        notes = run_preflight(cfg, job, **kwargs)
+    except PreflightError as e:
+        print(str(e), file=sys.stderr)
+        print(f"error: {len(e.problems)} preflight check(s) failed; nothing was run", file=sys.stderr)
+        raise SystemExit(2) from None
+    for n in notes:
+        print(n, flush=True)
+    print(f"[preflight] ok ({time.monotonic() - t0:.1f} s)", flush=True)
 
 
 # Variables a driver passes on to its Ray workers when the job's runtime env does not already hold them.

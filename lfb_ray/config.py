@@ -34,7 +34,10 @@ __all__ = [
     "config_to_dict",
     "flatten_config",
     "load_config",
+    "PATH_KEYS",
+    "path_values",
     "resolve_paths",
+    "unresolve_paths",
 ]
 
 
@@ -291,8 +294,14 @@ class ClusterConfig:
     # runs asked for at once make an autoscaler scaling from 0 GPU nodes add nodes for all of them.
     # 0: a fixed cluster, only the GPUs up now count. Ignored by CPU runs.
     max_gpus: int = 0
+    # How long a job waits for the GPUs it asks for on a cluster whose autoscaler can add them (Ray
+    # Train's worker-group start-up is retried for this long, then the run fails with a message);
+    # a cluster without an autoscaler and without the GPUs fails at once (`lfb_ray.preflight`).
+    resource_wait_s: float = 1800.0
 
     def __post_init__(self) -> None:
+        if self.resource_wait_s < 0:
+            raise ConfigError(f"cluster.resource_wait_s must be >= 0, got {self.resource_wait_s}")
         if self.num_workers < 1:
             raise ConfigError("cluster.num_workers must be >= 1")
         if self.concurrent_runs < 0:
@@ -531,6 +540,34 @@ def config_hash(cfg: Config | dict[str, Any], sections: typing.Sequence[str] | N
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
+# The keys that hold local paths or URIs: `resolve_paths` makes them absolute, `unresolve_paths`
+# gives them back as written, and a submitted job refuses relative ones (`lfb_ray.preflight`).
+PATH_KEYS: tuple[str, ...] = ("workdir", "data.root", "data.prepared_dir", "bank.path", "bank.checkpoint",
+                              "model.pretrained", "train.storage_path")
+
+
+def path_values(cfg: Config) -> dict[str, str]:
+    """`{key: value}` of the `PATH_KEYS` of `cfg` (empty values included)."""
+    out = {}
+    for key in PATH_KEYS:
+        node: Any = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        out[key] = node
+    return out
+
+
+def _map_paths(cfg: Config, fn: typing.Callable[[str], str]) -> Config:
+    return dataclasses.replace(
+        cfg,
+        workdir=fn(cfg.workdir),
+        data=dataclasses.replace(cfg.data, root=fn(cfg.data.root), prepared_dir=fn(cfg.data.prepared_dir)),
+        bank=dataclasses.replace(cfg.bank, path=fn(cfg.bank.path), checkpoint=fn(cfg.bank.checkpoint)),
+        model=dataclasses.replace(cfg.model, pretrained=fn(cfg.model.pretrained)),
+        train=dataclasses.replace(cfg.train, storage_path=fn(cfg.train.storage_path)),
+    )
+
+
 def resolve_paths(cfg: Config) -> Config:
     """The same config with local relative paths made absolute (against the current directory).
 
@@ -542,11 +579,28 @@ def resolve_paths(cfg: Config) -> Config:
     def absolute(p: str) -> str:
         return p if not p or is_uri(p) or Path(p).is_absolute() else str(Path(p).resolve())
 
-    return dataclasses.replace(
-        cfg,
-        workdir=absolute(cfg.workdir),
-        data=dataclasses.replace(cfg.data, root=absolute(cfg.data.root), prepared_dir=absolute(cfg.data.prepared_dir)),
-        bank=dataclasses.replace(cfg.bank, path=absolute(cfg.bank.path), checkpoint=absolute(cfg.bank.checkpoint)),
-        model=dataclasses.replace(cfg.model, pretrained=absolute(cfg.model.pretrained)),
-        train=dataclasses.replace(cfg.train, storage_path=absolute(cfg.train.storage_path)),
-    )
+    return _map_paths(cfg, absolute)
+
+
+def unresolve_paths(cfg: Config) -> Config:
+    """The inverse of `resolve_paths` on the driver: local paths under the current directory written
+    relative to it again, as the config file and overrides gave them.
+
+    Why: run names and the pipeline's stage keys hash the config. Hashed with absolute paths, the
+    same command run from two directories (a resubmission whose working dir lands in another of Ray's
+    package-cache folders, a RayJob retry on a fresh cluster) names two different runs and starts
+    from epoch 0 instead of resuming. Paths outside the current directory and URIs stay as they are.
+    """
+    from lfb_ray.storage import is_uri
+
+    cwd = Path.cwd().resolve()
+
+    def given(p: str) -> str:
+        if not p or is_uri(p) or not Path(p).is_absolute():
+            return p
+        try:
+            return str(Path(p).relative_to(cwd))
+        except ValueError:
+            return p
+
+    return _map_paths(cfg, given)

@@ -21,8 +21,15 @@ import math
 import os
 import time
 
-from lfb_ray.config import Config, config_from_dict, config_hash, config_to_dict, resolve_paths
-from lfb_ray.runs import CONTROL, without_resource_hints
+from lfb_ray.config import (
+    Config,
+    config_from_dict,
+    config_hash,
+    config_to_dict,
+    resolve_paths,
+    unresolve_paths,
+)
+from lfb_ray.runs import CONTROL, identity_dict, run_name_for
 from lfb_ray.storage import exists, join_uri, local_file, read_json, resolve, write_bytes_atomic
 
 __all__ = ["STAGES", "run_models", "run_pipeline"]
@@ -59,12 +66,20 @@ def run_models(workdir: str | os.PathLike) -> dict[str, str]:
     return out
 
 
-def _fit_key(cfg: Config) -> str:
-    """A training stage's key: the whole config but the resource hints, which run names ignore too
-    (`lfb_ray.runs.without_resource_hints`), so the same pipeline rerun with another
-    `cluster.concurrent_runs`, CPU share or bank actor pool skips the runs it already has instead
-    of training them again."""
-    return config_hash(without_resource_hints(config_to_dict(cfg)))
+def _fit_key(cfg: Config, init_checkpoint: str | None = None) -> tuple[str, dict[str, str]]:
+    """A training stage's key and the identities of its inputs: the run's name, which hashes the
+    config as given without the resource hints plus what the run consumes
+    (`lfb_ray.runs.run_name_for`, `lfb_ray.identity.run_inputs`). The same pipeline rerun from
+    another directory, with another `cluster.concurrent_runs`, CPU share or bank actor pool skips the
+    runs it already has; re-prepared data, a retrained baseline or a rebuilt bank trains them again.
+
+    Raises:
+        lfb_ray.identity.InputError: an input of the run is missing.
+    """
+    from lfb_ray.identity import run_inputs
+
+    inputs = run_inputs(cfg, init_checkpoint)
+    return run_name_for(cfg, init_checkpoint, inputs), inputs
 
 
 def _fit_summary(r) -> dict:
@@ -112,18 +127,23 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
     child runs' metrics), or FAILED/KILLED (`lfb_ray.tracking.close_parent_run`).
 
     Raises:
+        ValueError: an unknown operator (checked first).
         ConfigError: a multi-node cluster with a node-local tracking store (checked first).
     """
+    from lfb_ray.preflight import check_operators
     from lfb_ray.tracking import artifact_location, close_parent_run, find_or_create_run
     from lfb_ray.train.driver import check_tracking_store
 
+    bad = check_operators(operators)
+    if bad:  # before any stage: not after prepare, baseline and bank have run
+        raise ValueError(bad[0].line())
     cfg = resolve_paths(cfg)
     parent = None
     if cfg.tracking.enabled:
         check_tracking_store(cfg)
         try:
             parent = find_or_create_run(
-                cfg.tracking_uri, cfg.tracking.experiment, f"pipeline-{config_hash(cfg)}", fresh=True,
+                cfg.tracking_uri, cfg.tracking.experiment, f"pipeline-{config_hash(unresolve_paths(cfg))}", fresh=True,
                 params={"operators": ",".join(operators), "from": start_from or "",
                         "baseline_config": "given" if baseline_cfg else "derived"},
                 artifact_root=artifact_location(cfg.tracking_uri, cfg.workdir), tags={"lfb_ray.kind": "pipeline"})
@@ -151,9 +171,10 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
 def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | None, baseline_cfg: Config | None,
                 parent_run_id: str | None) -> dict:
     """`run_pipeline`'s stages; the training runs and the comparison nest under `parent_run_id`."""
-    from lfb_ray.bank.build import build_bank
+    from lfb_ray.bank.build import build_bank, build_identity, file_sha256
     from lfb_ray.compare import compare
     from lfb_ray.data.prep import build_tasks, inputs_fingerprint, prepare_dataset
+    from lfb_ray.identity import bank_id, describe_changes, prepared_id
     from lfb_ray.train import FitManyError, fit, fit_many
 
     cfg = resolve_paths(cfg)
@@ -172,21 +193,25 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
     base_cfg = baseline_cfg or _with(cfg, model__fbo="none", **(
         {} if cfg.model.exclusive_groups_in_baseline else {"model__exclusive_groups": []}))
 
-    def stage(name: str, key: str, fn):
+    def stage(name: str, key: str, fn, inputs: dict[str, str] | None = None):
+        """Run `fn` unless the state holds this stage with this key; `inputs` (content identities of
+        what the stage consumes) are recorded, so that a rerun says which of them changed."""
         t0 = time.time()
-        if state.get(name, {}).get("key") == key:
+        prev = state.get(name, {})
+        if prev.get("key") == key:
             print(f"[pipeline] {name}: up to date, skipped", flush=True)
             times[name] = 0.0
             return state[name]["result"]
-        print(f"[pipeline] {name}: running", flush=True)
+        why = describe_changes(prev.get("inputs"), inputs or {})
+        print(f"[pipeline] {name}: running" + (f" again: {why}" if why else ""), flush=True)
         result = fn()
         times[name] = time.time() - t0
-        state[name] = {"key": key, "result": result, "seconds": times[name]}
+        state[name] = {"key": key, "result": result, "seconds": times[name], "inputs": inputs or {}}
         _save_state(state_path, state)
         print(f"[pipeline] {name}: done in {times[name]:.0f} s", flush=True)
         return result
 
-    d = config_to_dict(cfg)
+    given = identity_dict(cfg)  # the config as written, without resource hints: cwd-independent keys
 
     built = build_tasks(cfg)  # read once: the stage's key and, when it runs, its tasks
 
@@ -196,25 +221,34 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
         return {"keyframes": s.keyframes, "bytes": s.bytes, "failures": len(s.failures)}
 
     # The inputs' fingerprint too: a dataset regenerated in place must be prepared again.
-    prep = stage("prepare", json.dumps([config_hash(d, ["data"]), inputs_fingerprint(*built)]), do_prepare)
+    sources = inputs_fingerprint(*built)
+    stage("prepare", json.dumps([config_hash(given, ["data"]), sources]), do_prepare, {"sources": sources})
 
     def do_fit(c: Config, init: str | None = None):
         return _fit_summary(fit(c, init_checkpoint=init, parent_run_id=parent_run_id))
 
-    base = stage("baseline", json.dumps([prep, _fit_key(base_cfg)]), lambda: do_fit(base_cfg))
+    base_name, base_inputs = _fit_key(base_cfg)
+    base = stage("baseline", base_name, lambda: do_fit(base_cfg), base_inputs)
 
     def do_bank():
         s = build_bank(cfg, base["model"])
         print(s.line(), flush=True)
         return {"features": s.features, "bytes": s.bytes, "path": s.path}
 
-    # The actor pool's size and CPUs do not change the features either.
-    bank = stage("bank", json.dumps([base, config_hash(without_resource_hints(d), ["bank"])]), do_bank)
+    # The bank's build id: the baseline checkpoint's bytes, the prepared data's identity and the
+    # settings that change features (the actor pool's size and CPUs do not); and where it goes.
+    ckpt_sha = file_sha256(base["model"])
+    _, build_hash = build_identity(cfg, ckpt_sha)
+    stage("bank", json.dumps([build_hash, config_hash(given, ["bank"])]), do_bank,
+                 {"prepared": prepared_id(cfg.prepared_dir), "checkpoint": ckpt_sha[:16]})
     op_cfgs = {op: _with(cfg, model__fbo=op) for op in operators}
     if cfg.model.init_backbone_from_baseline:
         # The LFB models get the baseline's training plus their own; the control gets the same.
         op_cfgs[CONTROL] = _with(cfg, model__fbo="none")
-    ops_key = json.dumps([bank, {op: _fit_key(c) for op, c in op_cfgs.items()}])
+    op_init = base["model"] if cfg.model.init_backbone_from_baseline else None
+    op_keys = {op: _fit_key(c, op_init) for op, c in op_cfgs.items()}
+    # The runs' names hold the bank's build id and the initial checkpoint's bytes.
+    ops_key = json.dumps({op: name for op, (name, _) in op_keys.items()})
 
     def do_operators():
         # Each finished model is recorded at once, so an interrupted stage does not train it again.
@@ -233,7 +267,7 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
         # fit_many raises, so the rerun trains only the failed ones.
         try:
             fit_many({op: c for op, c in op_cfgs.items() if op not in done}, on_done=record, parent_run_id=parent_run_id,
-                     init_checkpoint=base["model"] if cfg.model.init_backbone_from_baseline else None)
+                     init_checkpoint=op_init)
         except FitManyError as e:
             print(f"[pipeline] operators: {len(done)} of {len(op_cfgs)} models recorded ({', '.join(sorted(done))}); "
                   f"failed: {', '.join(e.failures)}; rerun to train only those", flush=True)
@@ -241,7 +275,7 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
         state.pop("operators_partial", None)
         return {op: done[op] for op in op_cfgs}
 
-    ops = stage("operators", ops_key, do_operators)
+    ops = stage("operators", ops_key, do_operators, {"bank": bank_id(cfg.bank_dir)} if op_cfgs else {})
 
     def do_evaluate():
         from lfb_ray.tracking import Tracker

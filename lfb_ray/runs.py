@@ -1,21 +1,29 @@
 """Run identity: the names under which training runs are tracked and resumed, and their rows in
 comparisons. Imports only the config, so training, the pipeline and `lfb_ray.compare` share it.
 
-A run's name hashes its config without the settings that size the work (`without_resource_hints`),
-so rerunning the same command, on a cluster of any size, resumes the same run.
+A run's name hashes its config as given (`config.unresolve_paths`: paths as written, not made
+absolute against the driver's directory) without the settings that size the work
+(`without_resource_hints`), plus the content identity of its inputs (`lfb_ray.identity.run_inputs`:
+prepared data, bank, initial checkpoint). So rerunning the same command from any directory, on a
+cluster of any size, resumes the same run, and a run over re-prepared data, a retrained baseline or
+a rebuilt bank is a new run.
 """
 
 from __future__ import annotations
 
-from lfb_ray.config import Config, config_hash, config_to_dict
+import dataclasses
+from collections.abc import Mapping
 
-__all__ = ["BANK_POOL_HINTS", "CONTROL", "RESOURCE_HINTS", "operator_tag", "run_name_for", "without_resource_hints"]
+from lfb_ray.config import Config, config_hash, config_to_dict, unresolve_paths
+
+__all__ = ["BANK_POOL_HINTS", "CONTROL", "RESOURCE_HINTS", "identity_dict", "operator_tag", "run_name_for",
+           "without_resource_hints"]
 
 # Operator tag of the baseline retrained from its own backbone with the LFB models' recipe (fine-tune
 # schedule, head warm-up, loss): the control for the extra training LFB models get from the baseline.
 CONTROL = "none-ft"
 
-RESOURCE_HINTS = ("cpus_per_worker", "data_cpus", "concurrent_runs", "max_gpus")
+RESOURCE_HINTS = ("cpus_per_worker", "data_cpus", "concurrent_runs", "max_gpus", "resource_wait_s")
 BANK_POOL_HINTS = ("cpus_per_actor", "min_actors", "max_actors")
 
 
@@ -32,21 +40,32 @@ def without_resource_hints(d: dict) -> dict:
     return d
 
 
-def run_name_for(cfg: Config, init_checkpoint: str | None = None) -> str:
+def identity_dict(cfg: Config) -> dict:
+    """The config as it identifies a run or a stage: paths as given (`unresolve_paths`), without the
+    resource hints (`without_resource_hints`) and without `tracking` (where it is logged)."""
+    keep = without_resource_hints(config_to_dict(unresolve_paths(cfg)))
+    keep.pop("tracking")
+    return keep
+
+
+def run_name_for(cfg: Config, init_checkpoint: str | None = None, inputs: Mapping[str, str] | None = None) -> str:
     """Deterministic run name: rerunning the same command resumes the same run.
 
     A backbone initialisation is part of the name (`init_checkpoint`), so a baseline continued
     from its own weights is a different run from the baseline itself.
+
+    Args:
+        inputs: content identities of what the run consumes (`lfb_ray.identity.run_inputs`); part
+            of the name, so that a run over other inputs is another run.
     """
     if cfg.train.run_name:
         return cfg.train.run_name
-    # Resource hints do not change the model: a run resumes under the same name on a cluster of
-    # another size, and `fit_many` may scale them down to run several at once.
-    keep = without_resource_hints(config_to_dict(cfg))
-    for volatile in ("tracking",):
-        keep.pop(volatile)
-    if init_checkpoint:
-        keep["init_checkpoint"] = init_checkpoint
+    keep = identity_dict(cfg)
+    if init_checkpoint and not (inputs and "init" in inputs):  # its content identity, when given, says more
+        keep["init_checkpoint"] = unresolve_paths(
+            dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, checkpoint=init_checkpoint))).bank.checkpoint
+    if inputs:
+        keep["inputs"] = dict(inputs)
     return f"{cfg.model.fbo}-{config_hash(keep)}"
 
 

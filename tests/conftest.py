@@ -65,3 +65,32 @@ def _isolated_mlflow_env():
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+# The synthetic set's files under the names the AVA configs (configs/baseline.yaml, configs/lfb_*.yaml)
+# expect: an AVA-layout miniature on which those configs run as written, with only data.root changed.
+AVA_NAMES = {
+    "train.csv": "ava_train_v2.1.csv",
+    "val.csv": "ava_val_v2.1.csv",
+    "train_excluded_timestamps.csv": "ava_train_excluded_timestamps_v2.1.csv",
+    "val_excluded_timestamps.csv": "ava_val_excluded_timestamps_v2.1.csv",
+    "label_map.pbtxt": "ava_action_list_v2.1_for_activitynet_2018.pbtxt",
+    "train_proposals.pkl": "ava_dense_proposals_train.FAIR.recall_93.9.pkl",
+    "val_proposals.pkl": "ava_dense_proposals_val.FAIR.recall_93.9.pkl",
+}
+
+
+@pytest.fixture(scope="session")
+def ava_layout(synthetic_root, tmp_path_factory) -> Path:
+    """`synthetic_root` copied into AVA's layout and file names (`data/ava` of docs/ava.md)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("ava")
+    (root / "annotations").mkdir()
+    for ours, ava in AVA_NAMES.items():
+        shutil.copy2(synthetic_root / "annotations" / ours, root / "annotations" / ava)
+    shutil.copytree(synthetic_root / "videos", root / "videos")
+    for extra in ("dataset.json",):
+        if (synthetic_root / extra).exists():
+            shutil.copy2(synthetic_root / extra, root / extra)
+    return root

@@ -47,7 +47,12 @@ cfg = load_config(config_path, ["cluster.device=gpu", "cluster.num_workers=1", "
 now = ray.cluster_resources()
 slots, scale = plan_concurrency(cfg, 2, now)
 sc = scaling_config(cfg, now)
+from lfb_ray.preflight import check_resources, has_autoscaler
+
+autoscaler = has_autoscaler()
+problems, notes = check_resources(cfg, now, autoscaler)
 print("PLAN", json.dumps({"gpus_now": now.get("GPU", 0), "slots": slots, "scale": scale, "use_gpu": sc.use_gpu,
+                          "autoscaler": autoscaler, "preflight": [p.line() for p in problems], "notes": notes,
                           "resources_per_worker": sc.resources_per_worker,
                           "head": ray.get_runtime_context().get_node_id()}), flush=True)
 
@@ -151,6 +156,9 @@ def test_gpu_runs_scale_a_cluster_up_from_zero_gpu_nodes_and_back(tmp_path):
         result = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("RESULT ")).split(" ", 1)[1])
         # At submission: no GPU anywhere, yet the plan is two GPU runs at once.
         assert plan["gpus_now"] == 0 and plan["slots"] == 2 and plan["use_gpu"]
+        # The preflight sees the autoscaler (its node types are the config's): it waits, bounded.
+        assert plan["autoscaler"] is True and plan["preflight"] == []
+        assert "waiting up to cluster.resource_wait_s=1800 s for the autoscaler" in plan["notes"][0]
         assert plan["resources_per_worker"] == {"CPU": 1.0, "GPU": 1}
         # Both ran, each on a GPU node the autoscaler added (not the head), one node each.
         nodes = [m["node"] for m in result["metrics"]]

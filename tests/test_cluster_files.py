@@ -99,8 +99,9 @@ def test_rayjob_yaml():
     cmds = _job_commands(spec["entrypoint"])
     assert len(cmds) == 1 and cmds[0][:5] == ["jobs/train.py", "--config", "configs/lfb_nl.yaml",
                                               "--operators", "nl,avg,max"]
-    assert any(a.startswith("train.storage_path=s3://") for a in cmds[0])
+    assert any(a.startswith("workdir=s3://") for a in cmds[0])  # one storage root: outputs derive from it
     _check_command(cmds[0])
+    _assert_no_relative_paths(cmds[0])
 
     cluster = spec["rayClusterSpec"]
     assert cluster["enableInTreeAutoscaling"] is True
@@ -196,6 +197,25 @@ def test_documented_job_submission_passes_the_tracking_uri_in_the_runtime_env():
     assert sub.entrypoint[0] == "python"
     _check_command(sub.entrypoint[1:])
     assert sub.entrypoint[1:6] == ["jobs/train.py", "--config", "configs/lfb_nl.yaml", "--operators", "nl,avg,max"]
+
+
+def _assert_no_relative_paths(argv: list[str]) -> None:
+    """A submitted job's config as given (the entrypoint's --config and overrides) has no relative local
+    path, which would resolve against Ray's package cache on the head node (`preflight`)."""
+    from lfb_ray.config import load_config
+    from lfb_ray.preflight import check_submitted_paths
+
+    config = argv[argv.index("--config") + 1]
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    assert check_submitted_paths(load_config(REPO / config, overrides)) == []
+
+
+def test_documented_cluster_commands_use_one_storage_root():
+    """docs/cluster.md's submission overrode only train.storage_path: `workdir: runs/ava` and `data.root:
+    data/ava` of configs/lfb_nl.yaml then resolved against Ray's package cache on the head node."""
+    from doc_commands import user_submit
+
+    _assert_no_relative_paths(user_submit().entrypoint[1:])
 
 
 def test_scripts_named_in_the_docs_exist():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -370,7 +371,8 @@ def _doc_submission(c: RayCLICluster, work: Path, prepared_cfg, tracking_uri: st
     Kept from the doc: every option (`--submission-id`, `--working-dir .`, the runtime env JSON with
     its `excludes` and `env_vars` keys), the job script and `--operators`. Changed: the env var's value
     (the local tracking server instead of the doc's), the config (tiny instead of AVA), the
-    operators (`none`: one short run), and the overrides that point at local data and storage.
+    operators (`none`: one short run), and the storage root and inputs (`workdir`, `data.root`,
+    `model.pretrained`), which point at local data and storage.
     """
     from doc_commands import user_submit
 
@@ -383,7 +385,8 @@ def _doc_submission(c: RayCLICluster, work: Path, prepared_cfg, tracking_uri: st
     assert entry[:3] == ["python", "jobs/train.py", "--config"] and "--operators" in entry
     entry[3] = "configs/tiny.yaml"
     entry[entry.index("--operators") + 1] = "none"
-    entry = [a for a in entry if not a.startswith("train.storage_path=")]
+    # The doc's storage root and inputs (S3, a mount) are replaced by local ones below.
+    entry = [a for a in entry if not a.startswith(("train.storage_path=", "workdir=", "data.root=", "model.pretrained="))]
     entry += [f"workdir={work}", f"data.root={prepared_cfg.data.root}", f"data.prepared_dir={prepared_cfg.prepared_dir}",
               "train.max_iters_per_epoch=2", "tracking.experiment=doc-submit"]
     return ["job", "submit", *opts, "--", *entry]
@@ -432,6 +435,20 @@ def test_ray_job_submit_with_token_auth(prepared, ray_cli_cluster, mlflow_server
     assert client.get_metric_history(child.info.run_id, "train/loss")  # logged by the rank-0 worker
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"summary.md", "summary.csv"}
     assert not (work / "mlflow.db").exists()  # no node-local store beside the server
+
+    # GPUs asked of this cluster (no GPU, started by hand: no autoscaler) fail in the preflight, in
+    # seconds, with one line naming the keys; Ray Train used to retry the worker group without end.
+    t0 = time.monotonic()
+    gpu_args = [a for a in args if a != sid] + ["cluster.device=gpu", "cluster.num_workers=1"]
+    gpu_args[gpu_args.index("--submission-id")] = "--no-wait"
+    res = subprocess.run(["ray", *gpu_args], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    gpu_sid = re.search(r"Job '([^']+)' submitted successfully", res.stdout + res.stderr).group(1)
+    _wait_until(lambda: c.api(f"/api/jobs/{gpu_sid}")["status"] in ("FAILED", "SUCCEEDED"), 90, "the GPU job to end")
+    assert c.api(f"/api/jobs/{gpu_sid}")["status"] == "FAILED"
+    assert time.monotonic() - t0 < 60
+    logs = c.cli("job", "logs", "--address", c.dashboard, gpu_sid).stdout
+    assert "preflight: cluster.device: gpu asks for cluster.num_workers=1 GPUs, but the cluster has 0 and no " \
+           "autoscaler" in logs, logs[-3000:]
 
 
 # --------------------------------------------------------------------------------------------

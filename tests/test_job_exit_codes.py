@@ -44,8 +44,22 @@ def test_benchmark_exit_code_follows_its_correctness_check(small_eval_case, monk
 def test_pipeline_exit_code_is_nonzero_when_a_stage_fails(tmp_path, monkeypatch, capsys):
     pipeline = job("pipeline")
     monkeypatch.setattr(pipeline, "init_ray", lambda cfg=None: None)  # the failure comes before Ray work
+    # A failure the preflight does not foresee (the one below it does: see the next test).
+    monkeypatch.setattr(pipeline, "preflight_or_exit", lambda *a, **k: None)
     rc = pipeline.main(["--config", str(REPO / "configs" / "tiny.yaml"), f"workdir={tmp_path / 'work'}",
                         f"data.root={tmp_path / 'no_data'}"])
     assert rc == 1
     err = capsys.readouterr().err
     assert "error: the pipeline stopped:" in err and "no_data" in err
+
+
+def test_pipeline_exit_code_is_2_when_the_preflight_fails(tmp_path, monkeypatch, capsys):
+    pipeline = job("pipeline")
+    monkeypatch.setattr(pipeline, "init_ray", lambda cfg=None: None)
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--config", str(REPO / "configs" / "tiny.yaml"), f"workdir={tmp_path / 'work'}",
+                       f"data.root={tmp_path / 'no_data'}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"preflight: data.videos_dir: {tmp_path / 'no_data' / 'videos'} is not a local folder" in err
+    assert "nothing was run" in err and not (tmp_path / "work" / "pipeline.json").exists()

@@ -27,6 +27,8 @@ def store(tmp_path_factory) -> str:
 def _store_uri(store, monkeypatch, request):
     monkeypatch.setenv("LFB_TEST_STORE", store)
     monkeypatch.setenv("LFB_TEST_EXPERIMENT", request.node.name)
+    # No prepared data here: the runs' input identities (tests/test_run_identity.py) are not under test.
+    monkeypatch.setattr("lfb_ray.identity.run_inputs", lambda cfg, init=None: {"prepared": "test"})
 
 
 def _cfg(tmp_path: Path, *overrides: str):

@@ -37,7 +37,7 @@ from lfb_ray.storage import (
     write_json_atomic,
 )
 
-__all__ = ["BankBuildSummary", "BankExtractor", "build_bank", "file_sha256"]
+__all__ = ["BankBuildSummary", "BankExtractor", "build_bank", "build_identity", "file_sha256"]
 
 
 @dataclass
@@ -219,6 +219,27 @@ def merge_split_parts(fs, part_paths: list[str], split_dir: str, metadata: dict)
             summary.nbytes)
 
 
+def build_identity(cfg: Config, checkpoint_sha256: str) -> tuple[dict, str]:
+    """(build key, build hash) of the bank that `cfg` and the baseline checkpoint with this SHA-256
+    build: the model, the bank's sampling and test transform settings, and the prepared data's
+    identity (`lfb_ray.identity.prepared_id`), so that re-prepared data rebuilds the bank (its
+    per-video parts are keyed by content and reused where nothing changed).
+
+    Raises:
+        lfb_ray.identity.InputError: the prepared data has no manifest.
+    """
+    from lfb_ray.identity import prepared_id
+
+    d = config_to_dict(cfg)
+    # The weights come from the checkpoint: where model.pretrained lies is not part of the bank.
+    model = {k: v for k, v in d["model"].items() if k != "pretrained"} | {"fbo": "none"}
+    build_key = {"checkpoint_sha256": checkpoint_sha256, "model": model,
+                 "person_score_thr": cfg.bank.person_score_thr, "prepared": prepared_id(resolve_paths(cfg).prepared_dir),
+                 "data": {k: v for k, v in d["data"].items()
+                          if k in ("test_short_side", "clip_frames", "frame_interval", "mean", "std", "max_proposals")}}
+    return build_key, hashlib.sha256(json.dumps(build_key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) -> BankBuildSummary:
     """Build (or resume building) the bank of `cfg` with the baseline `checkpoint`.
 
@@ -238,11 +259,7 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
     bank_dir = cfg.bank_dir
     check_writable(bank_dir)
     ckpt_hash = file_sha256(checkpoint)
-    build_key = {"checkpoint_sha256": ckpt_hash, "model": config_to_dict(cfg)["model"] | {"fbo": "none"},
-                 "person_score_thr": cfg.bank.person_score_thr, "data": {
-                     k: v for k, v in config_to_dict(cfg)["data"].items()
-                     if k in ("test_short_side", "clip_frames", "frame_interval", "mean", "std", "max_proposals")}}
-    build_hash = hashlib.sha256(json.dumps(build_key, sort_keys=True).encode()).hexdigest()[:16]
+    build_key, build_hash = build_identity(cfg, ckpt_hash)
     _, root = resolve(cfg.prepared_dir)
     manifest = read_manifest(cfg.prepared_dir)
     bank_fs, bank_root = resolve(bank_dir)

@@ -27,7 +27,8 @@ import torch
 
 from lfb_ray.storage import resolve
 
-__all__ = ["FORMAT_VERSION", "MISSING_VIDEO_MODES", "BankError", "BankSummary", "FeatureBank", "write_bank"]
+__all__ = ["FORMAT_VERSION", "MISSING_VIDEO_MODES", "BankError", "BankSummary", "FeatureBank", "bank_manifests",
+           "write_bank"]
 
 FORMAT_VERSION = 1
 FEATURES_FILE = "features.arrow"
@@ -664,3 +665,14 @@ class FeatureBank:
 def _reopen(paths: Any, filesystem: Any, expected_dim: Any, cache_dir: Any, missing_videos: str = "error") -> FeatureBank:
     return FeatureBank.open(paths, expected_dim=expected_dim, filesystem=filesystem, cache_dir=cache_dir,
                             missing_videos=missing_videos)
+
+
+def bank_manifests(path: str) -> list[dict[str, Any]]:
+    """The manifests of the bank at `path` (a bank folder, or a split folder's train/val sub-banks),
+    read without opening or downloading the features: what `lfb_ray.identity.bank_id` hashes.
+
+    Raises:
+        BankError: no complete bank there.
+    """
+    fs, root = resolve(path)
+    return [_read_manifest(fs, leaf) for leaf in _leaf_banks(fs, root)]

@@ -146,7 +146,10 @@ def build_tasks(cfg: Config) -> tuple[list[dict], list[dict]]:
             task = {"split": split, "video_id": vid, "path": path,
                     "source": {"size": st.st_size, "mtime": int(st.st_mtime)}, "keyframes": kfs,
                     "settings": settings}
-            task["hash"] = hashlib.sha256(json.dumps(task, sort_keys=True).encode()).hexdigest()[:16]
+            # Hashed with the file's name, not where the dataset lies: the same data read from another
+            # directory (a moved project, another node's mount point) is the same task.
+            task["hash"] = hashlib.sha256(json.dumps({**task, "path": Path(path).name},
+                                                     sort_keys=True).encode()).hexdigest()[:16]
             tasks.append(task)
     return tasks, failures
 

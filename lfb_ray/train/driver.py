@@ -24,10 +24,10 @@ from lfb_ray.config import (
     flatten_config,
     resolve_paths,
 )
-from lfb_ray.runs import operator_tag, run_name_for, without_resource_hints
+from lfb_ray.runs import identity_dict, operator_tag, run_name_for
 from lfb_ray.storage import is_uri, join_uri, resolve
 from lfb_ray.train.recipe import train_loop_per_worker
-from lfb_ray.train.resources import device_note, plan_concurrency, scaled, scaling_config
+from lfb_ray.train.resources import device_note, failure_config, plan_concurrency, scaled, scaling_config
 
 __all__ = ["FitManyError", "FitResult", "check_tracking_store", "fit", "fit_many", "fit_operators"]
 
@@ -98,7 +98,9 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
     if init_checkpoint and not is_uri(init_checkpoint):
         # The workers run in other directories: a relative path would not be found there.
         init_checkpoint = os.path.abspath(init_checkpoint)
-    name = run_name_for(cfg, init_checkpoint)
+    from lfb_ray.identity import run_inputs
+
+    name = run_name_for(cfg, init_checkpoint, run_inputs(cfg, init_checkpoint))
     if fresh:
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = None
@@ -147,7 +149,7 @@ def check_tracking_store(cfg: Config) -> None:
 
 def _fit_run(cfg: Config, *, name: str, run_id: str | None, init_checkpoint: str | None, t0: float) -> FitResult:
     """The `TorchTrainer` run of `fit`, which owns the MLflow run `run_id` (ended FINISHED here)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from lfb_ray.data.dataset import count_rows
@@ -169,7 +171,7 @@ def _fit_run(cfg: Config, *, name: str, run_id: str | None, init_checkpoint: str
                            "iters_per_epoch": iters, "init_checkpoint": init_checkpoint},
         scaling_config=_scaling(cfg),
         run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             failure_config=failure_config(cfg),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
@@ -339,7 +341,7 @@ def fit_operators(cfg: Config, operators: list[str], *, fresh: bool = False,
         check_tracking_store(cfg)
         try:
             parent = find_or_create_run(cfg.tracking_uri, cfg.tracking.experiment,
-                                        f"operators-{'-'.join(operators)}-{config_hash(without_resource_hints(config_to_dict(cfg)))}",
+                                        f"operators-{'-'.join(operators)}-{config_hash(identity_dict(cfg))}",
                                         params={"operators": ",".join(operators)}, fresh=fresh,
                                         artifact_root=artifact_location(cfg.tracking_uri, cfg.workdir),
                                         tags={"lfb_ray.kind": "operators"})

@@ -18,8 +18,12 @@ from collections.abc import Mapping
 
 from lfb_ray.config import Config, ConfigError
 
-__all__ = ["check_gpu_capacity", "device_note", "gpu_capacity", "plan_concurrency", "scaled", "scaling_config",
-           "uses_gpu"]
+__all__ = ["check_gpu_capacity", "device_note", "failure_config", "gpu_capacity", "plan_concurrency", "scaled",
+           "scaling_config", "start_timeout_s", "uses_gpu"]
+
+# Ray Train's own variable and default for one attempt to start a run's worker group.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+DEFAULT_START_TIMEOUT_S = 60.0
 
 
 def uses_gpu(cfg: Config, cluster_resources: Mapping[str, float]) -> bool:
@@ -133,3 +137,31 @@ def scaled(cfg: Config, scale: float) -> Config:
     cl = dataclasses.replace(cfg.cluster, cpus_per_worker=cfg.cluster.cpus_per_worker * scale,
                              data_cpus=cfg.cluster.data_cpus * scale)
     return dataclasses.replace(cfg, cluster=cl)
+
+
+def start_timeout_s() -> float:
+    """Seconds Ray Train gives one attempt to start a worker group (`RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`)."""
+    import os
+
+    try:
+        return float(os.environ.get(START_TIMEOUT_ENV) or DEFAULT_START_TIMEOUT_S)
+    except ValueError:
+        return DEFAULT_START_TIMEOUT_S
+
+
+def failure_config(cfg: Config):
+    """The run's `FailureConfig`: `train.max_failures` worker restarts, and controller retries bounded
+    by `cluster.resource_wait_s`.
+
+    Why: a worker group that cannot be placed (GPUs asked of a cluster that has none now) fails its
+    start-up after `start_timeout_s()` as a *controller* error, which Ray Train retries without end
+    by default (`controller_failure_limit=-1`: "Error count: 1 (max allowed: inf)", still waiting
+    after hours). Bounded, a cluster whose autoscaler cannot deliver the GPUs fails the run after
+    about `resource_wait_s` seconds.
+    """
+    import math
+
+    from ray.train import FailureConfig
+
+    retries = max(1, math.ceil(cfg.cluster.resource_wait_s / start_timeout_s()))
+    return FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=retries)

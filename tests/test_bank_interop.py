@@ -113,3 +113,40 @@ def test_import_bad_structure_and_missing(tmp_path):
     torch.save({"v": {902: "not features"}}, tmp_path / "lfb_train.pkl")
     with pytest.raises(BankError, match="expected a list of"):
         import_mmaction2(tmp_path, tmp_path / "bank")
+
+
+def test_import_bank_job_script(tmp_path):
+    """jobs/import_bank.py (the command of docs/ava.md) turns mmaction2 pickles into a bank that opens,
+    merged as the reference merges them, and refuses a bank of another width than the config's model."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    train, val = mmaction2_lfb(0, ["t1", "shared"]), mmaction2_lfb(1, ["v1", "shared"])
+    src = tmp_path / "lfb_half"
+    src.mkdir()
+    torch.save(train, src / "lfb_train.pkl")
+    torch.save(val, src / "lfb_val.pkl")
+
+    def job(*args):
+        return subprocess.run([sys.executable, str(repo / "jobs" / "import_bank.py"), *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+
+    # configs/tiny.yaml's backbone (depth 18, width 8) computes 64-wide features, not DIM: refused.
+    cfg = repo / "configs" / "tiny.yaml"
+    res = job("--config", str(cfg), "--out", str(tmp_path / "bank"), "--lfb", str(src / "lfb_train.pkl"),
+              str(src / "lfb_val.pkl"))
+    assert res.returncode == 1 and "expects" in res.stderr, res.stdout + res.stderr  # width != the model's
+    # Width 1 of depth 18: DIM (= 8) wide features. Overrides go before --lfb (which takes every file after it).
+    res = job("--config", str(cfg), "--out", str(tmp_path / "bank8"), "model.base_channels=1",
+              "--lfb", str(src / "lfb_train.pkl"), str(src / "lfb_val.pkl"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    bank = FeatureBank.open(tmp_path / "bank8", expected_dim=DIM)
+    assert bank.videos == ("shared", "t1", "v1")
+    got = torch.from_numpy(bank.features_at("shared", 902).copy())
+    assert torch.equal(got.view(torch.int16), torch.stack(val["shared"][902]).view(torch.int16))  # val wins
+    assert f"bank.path={tmp_path / 'bank8'}" in res.stdout
+
+    res = job("--config", str(cfg), "--lfb", str(src / "train.pkl"))
+    assert res.returncode == 2 and "lfb_<split>.pkl" in res.stderr

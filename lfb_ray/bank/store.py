@@ -13,6 +13,7 @@ import os
 import shutil
 import threading
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import torch
 
+from lfb_ray import cache
 from lfb_ray.storage import resolve
 
 __all__ = ["FORMAT_VERSION", "MISSING_VIDEO_MODES", "BankError", "BankSummary", "FeatureBank", "bank_manifests",
@@ -246,10 +248,6 @@ def child_path(path: str | os.PathLike, name: str) -> str:
     return f"{base.rstrip('/')}/{name}{sep}{query}"
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("LFB_RAY_CACHE") or Path.home() / ".cache" / "lfb_ray" / "banks")
-
-
 def _read_manifest(fs: pafs.FileSystem, root: str) -> dict[str, Any] | None:
     try:
         with fs.open_input_stream(f"{root}/{MANIFEST_FILE}") as f:
@@ -274,33 +272,35 @@ def _leaf_banks(fs: pafs.FileSystem, root: str) -> list[str]:
     return subs
 
 
-def _download(fs: pafs.FileSystem, root: str, manifest: dict[str, Any], cache_root: Path) -> Path:
-    """Copy a remote bank into the local cache (once per bank_id) and return the local folder."""
+def _download(fs: pafs.FileSystem, root: str, manifest: dict[str, Any], cache_root: Path,
+              label: str) -> tuple[Path, _Source]:
+    """A remote bank mapped from its node-local copy (`cache_root/banks/<key>`, one per bank_id), and
+    that folder, pinned (this process will not evict it) until the bank is closed.
+
+    The copy is made in a temporary folder, manifest.json last, and renamed when complete: no process
+    of the node ever maps a partial bank, and a killed download leaves no folder that looks complete.
+    It counts against the node cache budget (`lfb_ray.cache`, `LFB_RAY_CACHE_MAX_GB`).
+    """
     key = hashlib.sha256(f"{fs.type_name}:{root}:{manifest.get('bank_id')}".encode()).hexdigest()[:24]
-    dest = cache_root / key
-    if _read_manifest(pafs.LocalFileSystem(), str(dest)) == manifest:
-        return dest
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = cache_root / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    text = json.dumps(manifest, indent=1)
+    size = sum(int(n) for n in manifest["files"].values()) + len(text.encode())
+
+    def download(tmp: Path) -> None:
         for name in manifest["files"]:
             with fs.open_input_stream(f"{root}/{name}") as src, open(tmp / name, "wb") as dst:
                 while chunk := src.read(64 << 20):
                     dst.write(chunk)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-        if _read_manifest(pafs.LocalFileSystem(), str(dest)) == manifest:
-            shutil.rmtree(tmp)  # another process finished the same download first
-            return dest
-        shutil.rmtree(dest, ignore_errors=True)  # a partial or corrupt copy under this key
-        try:
-            os.replace(tmp, dest)
-        except OSError:  # another process renamed its copy in between: use that one
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+        (tmp / MANIFEST_FILE).write_text(text)
+
+    return cache.fetch(
+        cache_root, "banks", key, size, download,
+        complete=lambda p: p.is_dir() and _read_manifest(pafs.LocalFileSystem(), str(p)) == manifest,
+        open_entry=lambda p: _map_source(label, p, manifest), label=f"bank {label}", folder=True)
+
+
+def _unpin(folders: tuple[Path, ...]) -> None:
+    for f in folders:
+        cache.unpin(f)
 
 
 @dataclass
@@ -408,11 +408,12 @@ class FeatureBank:
 
         Args:
             path: bank folder, split folder, or list of them (later wins per video); local paths or
-                URIs. Remote banks are downloaded once to `cache_dir` (default `$LFB_RAY_CACHE` or
-                `~/.cache/lfb_ray/banks`) and mapped from there.
+                URIs. Remote banks are downloaded once per node to `<cache root>/banks` and mapped from
+                there (`lfb_ray.cache`: LRU eviction within `LFB_RAY_CACHE_MAX_GB`).
             expected_dim: feature dim C the model expects; checked here so a mismatch fails early.
             filesystem: pyarrow filesystem the path(s) live on, instead of inferring it from URIs.
-            cache_dir: local cache for remote banks.
+            cache_dir: the node cache root for remote banks (default `$LFB_RAY_CACHE`, else
+                `~/.cache/lfb_ray`); they go under its `banks/`.
             missing_videos: "error" (default): `sample` and `require_videos` raise `BankError` for a
                 video the bank does not hold; "zeros": `sample` gives such a video an all-zero window
                 and `require_videos` only warns (`bank.missing_videos`).
@@ -424,19 +425,27 @@ class FeatureBank:
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
         if not paths:
             raise BankError("FeatureBank.open needs at least one path")
-        cache = Path(cache_dir) if cache_dir is not None else _cache_root()
-        sources = []
-        for p in paths:
-            fs, root, local = _split_location(p, filesystem)
-            for leaf in _leaf_banks(fs, root):
-                manifest = _read_manifest(fs, leaf)
-                label = leaf if local else f"{fs.type_name}://{leaf}"
-                local_dir = Path(leaf) if local else _download(fs, leaf, manifest, cache)
-                sources.append(_map_source(label, local_dir, manifest))
-        bank = cls(sources, (paths, filesystem, expected_dim, cache_dir), missing_videos)
-        if expected_dim is not None and bank.feature_dim != expected_dim:
-            raise BankError(f"bank {os.fspath(paths[0]) if len(paths) == 1 else paths} has feature dim "
-                            f"{bank.feature_dim}, model expects {expected_dim}")
+        cache_root = Path(cache_dir) if cache_dir is not None else cache.cache_root()
+        sources, pinned = [], []
+        try:
+            for p in paths:
+                fs, root, local = _split_location(p, filesystem)
+                for leaf in _leaf_banks(fs, root):
+                    manifest = _read_manifest(fs, leaf)
+                    if local:
+                        sources.append(_map_source(leaf, Path(leaf), manifest))
+                        continue
+                    folder, source = _download(fs, leaf, manifest, cache_root, f"{fs.type_name}://{leaf}")
+                    pinned.append(folder)
+                    sources.append(source)
+            bank = cls(sources, (paths, filesystem, expected_dim, cache_dir), missing_videos)
+            if expected_dim is not None and bank.feature_dim != expected_dim:
+                raise BankError(f"bank {os.fspath(paths[0]) if len(paths) == 1 else paths} has feature dim "
+                                f"{bank.feature_dim}, model expects {expected_dim}")
+        except BaseException:
+            _unpin(tuple(pinned))
+            raise
+        weakref.finalize(bank, _unpin, tuple(pinned))  # its node-cache copies may be evicted once it is gone
         return bank
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -4,7 +4,8 @@ A store is an uncompressed Arrow IPC file (`frames.arrow`, schema `FRAME_SCHEMA`
 batch per frame, in frame order. Readers memory-map it, as the feature bank does: `get_batch(i)`
 points into the page cache, so a training clip reads the pages of its 4 JPEGs and nothing else, and
 every process on a node shares the same cached pages. A store on object storage (`s3://...`) is
-copied once per node into the local cache (`$LFB_RAY_CACHE`, default `~/.cache/lfb_ray`) and
+copied once per node into the node cache (`lfb_ray.cache`: `$LFB_RAY_CACHE/frames`, default
+`~/.cache/lfb_ray/frames`, least recently used stores evicted beyond `LFB_RAY_CACHE_MAX_GB`) and
 mapped from there.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -21,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from lfb_ray import cache
 from lfb_ray.data.schema import FRAME_SCHEMA
 from lfb_ray.storage import join, resolve
 
@@ -82,6 +85,8 @@ class FrameStore:
 
     def __init__(self, local_path: str, label: str | None = None):
         self.label = label or local_path
+        self.cache_path: str | None = None  # the node-cache entry it maps, pinned while in `_open`
+        self.touched = time.monotonic()  # when that entry's use time was last refreshed
         try:
             self._reader = pa.ipc.open_file(pa.memory_map(local_path, "r"))
         except (OSError, pa.ArrowInvalid) as e:
@@ -115,50 +120,76 @@ def _value_span(col: pa.BinaryArray) -> tuple[int, int]:
 
 _open: OrderedDict[tuple[str, str], FrameStore] = OrderedDict()
 _lock = threading.Lock()
+_TOUCH_S = 60.0  # an open cached store's use time (eviction order) is refreshed at most this often
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LFB_RAY_CACHE") or Path.home() / ".cache" / "lfb_ray") / "frames"
-
-
-def _local_copy(fs: pafs.FileSystem, path: str, label: str) -> str:
-    """A node-local copy of a remote store, downloaded once (keyed by path and size) and atomically."""
+def _local_copy(fs: pafs.FileSystem, path: str, label: str) -> FrameStore:
+    """A remote store opened from its node-local copy, downloaded once per node (keyed by path, size
+    and mtime) into the node cache (`lfb_ray.cache`, `$LFB_RAY_CACHE/frames`, LRU within
+    `LFB_RAY_CACHE_MAX_GB`). The copy is written to a temporary name and renamed when complete, so no
+    process of the node ever maps a partial store, and a killed download leaves no entry behind that
+    looks complete. The returned store is pinned (this process will not evict it) until it leaves the
+    per-process LRU of open stores.
+    """
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise FrameStoreError(f"frame store {label} does not exist; rerun jobs/prepare_data.py")
     key = hashlib.sha256(f"{fs.type_name}:{path}:{info.size}:{info.mtime_ns}".encode()).hexdigest()[:24]
-    dest = _cache_dir() / f"{key}.arrow"
-    if dest.exists() and dest.stat().st_size == info.size:
-        return str(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{key}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+
+    def download(tmp: Path) -> None:
         with fs.open_input_stream(path) as src, open(tmp, "wb") as dst:
             while chunk := src.read(64 << 20):
                 dst.write(chunk)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return str(dest)
+
+    local, store = cache.fetch(
+        cache.cache_root(), "frames", f"{key}.arrow", int(info.size), download,
+        complete=lambda p: p.is_file() and p.stat().st_size == info.size,
+        open_entry=lambda p: FrameStore(str(p), label), label=f"frame store {label}", release=_release_oldest)
+    store.cache_path = str(local)
+    return store
+
+
+def _release_oldest() -> bool:
+    """Close the least recently used open store that came from the node cache, so that the cache
+    may evict its file; False if no such store is open (`lfb_ray.cache.fetch`'s `release`)."""
+    with _lock:
+        key = next((k for k, s in _open.items() if s.cache_path is not None), None)
+        store = _open.pop(key) if key is not None else None
+    if store is None:
+        return False
+    cache.unpin(store.cache_path)
+    return True
 
 
 def open_frame_store(prepared_uri: str, rel_path: str) -> FrameStore:
     """The store `rel_path` (a keyframe row's `frames_file`) of the prepared set at `prepared_uri`,
-    opened once per process (kept in a small LRU)."""
+    opened once per process (kept in a small LRU; a store copied into the node cache stays pinned
+    there while it is in this LRU)."""
     key = (prepared_uri, rel_path)
     with _lock:
-        if key in _open:
+        store = _open.get(key)
+        if store is not None:
             _open.move_to_end(key)
-            return _open[key]
+            now = time.monotonic()
+            if store.cache_path is not None and now - store.touched > _TOUCH_S:
+                store.touched = now
+                cache.touch(store.cache_path)  # a hit: keep the node cache's LRU order true
+            return store
     fs, root = resolve(prepared_uri)
     path = join(root, rel_path)
     label = join(prepared_uri.partition("?")[0], rel_path)
-    local = path if isinstance(fs, pafs.LocalFileSystem) else _local_copy(fs, path, label)
-    if isinstance(fs, pafs.LocalFileSystem) and not os.path.exists(local):
-        raise FrameStoreError(f"frame store {label} does not exist; rerun jobs/prepare_data.py")
-    store = FrameStore(local, label)
+    if isinstance(fs, pafs.LocalFileSystem):
+        if not os.path.exists(path):
+            raise FrameStoreError(f"frame store {label} does not exist; rerun jobs/prepare_data.py")
+        store = FrameStore(path, label)
+    else:
+        store = _local_copy(fs, path, label)
     with _lock:
+        dropped = [s for s in [_open.pop(key, None)] if s is not None]  # another thread opened it too
         _open[key] = store
         while len(_open) > _OPEN_LIMIT:
-            _open.popitem(last=False)
+            dropped.append(_open.popitem(last=False)[1])
+    for s in dropped:
+        if s.cache_path is not None:
+            cache.unpin(s.cache_path)
     return store

@@ -235,3 +235,24 @@ def test_scripts_are_plain_scripts_over_the_installed_package():
     scripts = [p for d in ("jobs", "tools", "research") for p in (REPO / d).glob("*.py")]
     assert scripts
     assert [str(p.relative_to(REPO)) for p in scripts if "sys.path" in p.read_text()] == []
+
+
+def test_gpu_nodes_have_a_cache_volume_with_a_budget_and_a_driver():
+    """Frame stores on S3 were copied whole to every node's cache and never evicted (AVA: ~0.30 TB per
+    node); the RayJob GPU pods had no volume for it; cluster.yaml set no ImageId for the GPU nodes."""
+    launcher = yaml.safe_load((REPO / "configs" / "cluster" / "cluster.yaml").read_text())
+    gpu = launcher["available_node_types"]["gpu_worker"]
+    assert gpu["node_config"]["ImageId"]
+    (budget,) = [o for o in gpu["docker"]["worker_run_options"] if "LFB_RAY_CACHE_MAX_GB=" in o]
+    disk_gb = gpu["node_config"]["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"]
+    assert 300 < float(budget.split("=")[1]) < disk_gb  # AVA's frame stores fit, under the disk
+
+    j = yaml.safe_load(RAYJOB.read_text())
+    for g in j["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        (c,) = g["template"]["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in c.get("env", [])}
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert env["LFB_RAY_CACHE"] in mounts and float(env["LFB_RAY_CACHE_MAX_GB"]) > 300
+        (vol,) = [v for v in g["template"]["spec"]["volumes"] if v["name"] == mounts[env["LFB_RAY_CACHE"]]]
+        size = vol["ephemeral"]["volumeClaimTemplate"]["spec"]["resources"]["requests"]["storage"]
+        assert float(size.rstrip("Gi")) > float(env["LFB_RAY_CACHE_MAX_GB"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 import uuid
@@ -118,7 +119,22 @@ def read_json(fs: pafs.FileSystem, path: str) -> Any:
         return json.loads(f.read().decode())
 
 
-def remove_dir(fs: pafs.FileSystem, path: str) -> None:
+def remove_dir(fs: pafs.FileSystem, path: str, *, inside: str | None = None) -> None:
+    """Delete the folder `path` if it exists.
+
+    Args:
+        inside: the output root `path` must lie strictly inside (after normalising `..`); a path
+            that escapes it, or is the root itself, raises instead of deleting (an id such as `..`
+            joined into an output path once deleted a whole prepared folder).
+
+    Raises:
+        StorageError: `path` is not strictly inside `inside`.
+    """
+    if inside is not None:
+        root = posixpath.normpath(inside.replace(os.sep, "/"))
+        target = posixpath.normpath(path.replace(os.sep, "/"))
+        if not target.startswith(root.rstrip("/") + "/"):
+            raise StorageError(f"refusing to delete {path}: it is not inside the output folder {inside}")
     if exists(fs, path):
         fs.delete_dir(path)
 

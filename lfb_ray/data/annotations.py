@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lfb_ray.data.ids import unsafe_video_id
+
 __all__ = [
     "AVA_NUM_ACTIONS",
     "AnnotationError",
@@ -299,6 +301,11 @@ def _read_columns(path: str | os.PathLike,
     empty = np.char.str_len(cols["video_id"]) == 0 if len(lines) else np.zeros(0, bool)
     if empty.any():
         raise _error(path, int(lines[int(np.argmax(empty))]), "empty video_id")
+    ids, first = np.unique(cols["video_id"], return_index=True) if len(lines) else ((), ())
+    for vid, row in zip(ids, first):
+        why = unsafe_video_id(str(vid))
+        if why:
+            raise _error(path, int(lines[row]), why)
     return cols, lines
 
 
@@ -504,6 +511,9 @@ def load_proposals(path: str | os.PathLike) -> dict[tuple[str, int], np.ndarray]
         m = _PROPOSAL_KEY.fullmatch(key) if isinstance(key, str) else None
         if m is None:
             raise _error(path, None, f"key {key!r} is not '<video_id>,<timestamp>'")
+        why = unsafe_video_id(m.group(1))
+        if why:
+            raise _error(path, None, f"key {key!r}: {why}")
         try:
             arr = np.asarray(value, dtype=np.float64)
         except (ValueError, TypeError):

@@ -40,6 +40,7 @@ from lfb_ray.config import Config, resolve_paths
 from lfb_ray.data import annotations as ann
 from lfb_ray.data.clips import encode_jpeg
 from lfb_ray.data.frames import FrameStoreWriter
+from lfb_ray.data.ids import unsafe_video_id
 from lfb_ray.data.schema import FRAMES_FILE, KEYFRAMES_FILE, SCHEMA, SCHEMA_VERSION
 from lfb_ray.data.timing import FrameTimes, TimingError, detect_video_start, stored_ref_offsets
 from lfb_ray.storage import (
@@ -96,6 +97,10 @@ def _find_videos(videos_dir: str) -> dict[str, str]:
         raise PrepareError(f"videos folder {videos_dir} does not exist")
     for f in sorted(p.iterdir()):
         if f.suffix.lower() in VIDEO_EXTENSIONS:
+            why = unsafe_video_id(f.stem)
+            if why:  # no annotation row can name it (the readers refuse such ids): say so, skip it
+                print(f"[prepare] WARNING: {f} skipped: {why}", flush=True)
+                continue
             out.setdefault(f.stem, str(f))
     return out
 
@@ -184,9 +189,13 @@ def prepare_video(task: dict, out_uri: str) -> dict:
         the `_DONE.json` marker, so a resumed run reports them again).
     """
     fs, root = resolve(out_uri)
+    base = {"video_id": task["video_id"], "split": task["split"], "path": task["path"]}
+    why = unsafe_video_id(task["video_id"]) or unsafe_video_id(task["split"])
+    if why:  # the readers refuse such ids; this is the last line before a path is built from one
+        return {**base, "status": "failed", "error": f"PrepareError: {why}", "rows": 0, "bytes": 0, "files": [],
+                "keyframe_failures": []}
     vdir = _video_dir(root, task["split"], task["video_id"])
     done_path = join(vdir, "_DONE.json")
-    base = {"video_id": task["video_id"], "split": task["split"], "path": task["path"]}
     if exists(fs, done_path):
         try:
             done = read_json(fs, done_path)
@@ -194,12 +203,12 @@ def prepare_video(task: dict, out_uri: str) -> dict:
                 return {**base, "keyframe_failures": [], **done, "status": "skipped"}
         except Exception:  # unreadable marker: redo the video
             pass
-    remove_dir(fs, vdir)  # partial or stale output: redo from scratch
+    remove_dir(fs, vdir, inside=root)  # partial or stale output: redo from scratch
     try:
         rows_written, nbytes, files, kf_failures = _decode_and_write(task, fs, vdir,
                                                                      f"{task['split']}/{task['video_id']}")
     except Exception as e:
-        remove_dir(fs, vdir)
+        remove_dir(fs, vdir, inside=root)
         return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "rows": 0, "bytes": 0,
                 "files": [], "keyframe_failures": []}
     done = {"hash": task["hash"], "rows": rows_written, "bytes": nbytes, "files": files,

@@ -199,8 +199,16 @@ def detect_video(video: str, checkpoint: str, out_dir: str, *, config: Config | 
     notes: list[str] = []
     given = config is not None
     cfg = config or Config()
+    from lfb_ray.data.ids import unsafe_video_id
+
+    why = unsafe_video_id(video_id) if video_id is not None else None
+    if why:  # it names output files and folders: checked before any work
+        raise DetectError(f"--video-id: {why}")
     vr, times, _shift = _probe(video)
     video_id = video_id or Path(video).stem
+    why = unsafe_video_id(video_id)
+    if why:
+        raise DetectError(f"--video {video}: {why}; pass a --video-id")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # -- models (cheap; before any decoding)

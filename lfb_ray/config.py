@@ -329,10 +329,12 @@ class Config:
     # Derived paths: one place decides where each stage writes.
     def data_path(self, rel: str) -> str:
         """Resolve a data-relative path (absolute paths and URIs pass through)."""
-        from lfb_ray.storage import is_uri  # lazily: pyarrow is not needed to read a config
+        from lfb_ray.storage import is_uri, join_uri  # lazily: pyarrow is not needed to read a config
 
         if not rel or is_uri(rel) or Path(rel).is_absolute():
             return rel
+        if is_uri(self.data.root):  # s3://bucket/ava?endpoint_override=...: the options stay last
+            return join_uri(self.data.root, rel)
         return str(Path(self.data.root) / rel)
 
     def _in_workdir(self, name: str, *, absolute: bool = False) -> str:

@@ -121,8 +121,8 @@ def check_checkpoint(path: str, cfg: Config, where: str, *, backbone_only: bool 
 
 def check_data_inputs(cfg: Config) -> list[Problem]:
     """The annotation files and the videos folder the prepare stage reads."""
-    from lfb_ray.data.prep import VIDEO_EXTENSIONS
-    from lfb_ray.storage import exists, is_uri, resolve
+    from lfb_ray.data.prep import VIDEO_EXTENSIONS, PrepareError, find_videos
+    from lfb_ray.storage import exists, resolve
 
     d = cfg.data
     out = []
@@ -140,11 +140,14 @@ def check_data_inputs(cfg: Config) -> list[Problem]:
         if not ok:
             out.append(Problem(f"data.{key}", f"{path} does not exist (data.root={d.root}; docs/ava.md, section 1)"))
     videos = cfg.data_path(d.videos_dir)
-    if is_uri(videos) or not os.path.isdir(videos):
-        out.append(Problem("data.videos_dir", f"{videos} is not a local folder (the prepare job decodes the "
-                                              f"videos from a local or mounted path)"))
-    elif not any(os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS for f in os.listdir(videos)):
-        out.append(Problem("data.videos_dir", f"{videos} holds no {'/'.join(sorted(VIDEO_EXTENSIONS))} files"))
+    try:
+        found = find_videos(videos)
+    except (PrepareError, OSError) as e:
+        out.append(Problem("data.videos_dir", f"{videos.partition('?')[0]}: {e}"))
+    else:
+        if not found:
+            out.append(Problem("data.videos_dir", f"{videos.partition('?')[0]} holds no "
+                                                  f"{'/'.join(sorted(VIDEO_EXTENSIONS))} files"))
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 __all__ = ["StorageError", "check_writable", "checkpoint_file", "exists", "is_uri", "join", "join_uri", "local_file",
-           "read_json", "remove_dir", "resolve", "upload_file", "write_bytes_atomic", "write_json_atomic"]
+           "read_bytes", "file_exists", "read_json", "remove_dir", "resolve", "upload_file", "write_bytes_atomic", "write_json_atomic"]
 
 
 class StorageError(OSError):
@@ -108,6 +108,31 @@ def local_file(path: str) -> Iterator[str]:
         with fs.open_input_stream(inner) as src, open(local, "wb") as dst:
             shutil.copyfileobj(src, dst)
         yield local
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The whole file `path`, a local path or a URI (`s3://bucket/data/ava/annotations/x.csv?...`).
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    path = os.fspath(path)
+    if not is_uri(path):
+        return Path(path).read_bytes()
+    fs, inner = resolve(path)
+    if fs.get_file_info(inner).type != pafs.FileType.File:
+        raise FileNotFoundError(f"{path.partition('?')[0]}: no such file")
+    with fs.open_input_stream(inner) as f:
+        return f.read()
+
+
+def file_exists(path: str | os.PathLike) -> bool:
+    """Whether the file `path` (a local path or a URI) exists."""
+    path = os.fspath(path)
+    if not is_uri(path):
+        return os.path.isfile(path)
+    fs, inner = resolve(path)
+    return fs.get_file_info(inner).type == pafs.FileType.File
 
 
 def write_json_atomic(fs: pafs.FileSystem, path: str, obj: Any) -> None:

@@ -555,8 +555,9 @@ def _local_files(root: Path, skip: Path | None = None) -> dict[str, int]:
 
 def test_s3_pipeline_from_an_empty_working_directory(synthetic_root, ray_local, s3, mlflow_server_s3, tmp_path,
                                                       monkeypatch, capsys):
-    """`run_pipeline` with the workdir (pipeline state, result CSVs, comparison, and the derived
-    Ray Train storage and bank), the prepared data and the MLflow artifacts all on moto's S3 server,
+    """`run_pipeline` with the dataset (`data.root`: videos, annotations, proposals), the workdir
+    (pipeline state, result CSVs, comparison, and the derived Ray Train storage and bank), the
+    prepared data and the MLflow artifacts all on moto's S3 server,
     and a tracking server: nothing is written to the driver's working directory (an empty temporary
     one, as Ray's package cache under `ray job submit`), to the data root or anywhere else locally
     (but the MLflow server's own store), every artifact is an object under the server's artifact
@@ -566,10 +567,13 @@ def test_s3_pipeline_from_an_empty_working_directory(synthetic_root, ray_local, 
     from lfb_ray.pipeline import STAGES, run_models, run_pipeline
 
     uri, keys = s3.uri, s3.keys
+    # The dataset itself (videos, annotations, proposals) is on S3 too: data.root is a URI.
+    for f in sorted(p for p in synthetic_root.rglob("*") if p.is_file()):
+        s3.client.upload_file(str(f), s3.bucket, f"data/{f.relative_to(synthetic_root).as_posix()}")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    cfg = tiny_config(uri("work"), synthetic_root, f"data.prepared_dir={uri('prepared')}",
+    cfg = tiny_config(uri("work"), uri("data"), f"data.prepared_dir={uri('prepared')}",
                       "train.max_iters_per_epoch=2", "cluster.num_workers=1",
                       f"tracking.tracking_uri={mlflow_server_s3}", "tracking.experiment=s3-pipeline")
     assert cfg.bank_dir == uri("work/bank") and cfg.storage_path == uri("work/ray_results")  # derived: URIs too

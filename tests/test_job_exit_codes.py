@@ -61,5 +61,5 @@ def test_pipeline_exit_code_is_2_when_the_preflight_fails(tmp_path, monkeypatch,
                        f"data.root={tmp_path / 'no_data'}"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert f"preflight: data.videos_dir: {tmp_path / 'no_data' / 'videos'} is not a local folder" in err
+    assert f"preflight: data.videos_dir: {tmp_path / 'no_data' / 'videos'}: videos folder" in err
     assert "nothing was run" in err and not (tmp_path / "work" / "pipeline.json").exists()

@@ -103,11 +103,11 @@ def test_remove_dir_refuses_a_path_outside_the_root(tmp_path):
 
 
 def test_a_video_file_with_an_unsafe_name_is_skipped_and_named(tmp_path, capsys):
-    from lfb_ray.data.prep import _find_videos
+    from lfb_ray.data.prep import find_videos
 
     (tmp_path / "ok.mp4").write_bytes(b"x")
     (tmp_path / "...mp4").write_bytes(b"x")
-    assert list(_find_videos(str(tmp_path))) == ["ok"]
+    assert list(find_videos(str(tmp_path))) == ["ok"]
     assert "...mp4 skipped: video id '..'" in capsys.readouterr().out
 
 

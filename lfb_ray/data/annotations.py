@@ -8,14 +8,15 @@ about a second); the exact Python parser takes over for blank lines or to locate
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from lfb_ray.data.ids import unsafe_video_id
+from lfb_ray.storage import is_uri, read_bytes
 
 __all__ = [
     "AVA_NUM_ACTIONS",
@@ -87,7 +88,7 @@ def read_label_map(path: str | os.PathLike) -> dict[int, str]:
     Raises:
         AnnotationError: syntax error, item without id, non-integer id, duplicate id, no items.
     """
-    tokens = _tokenize(Path(path).read_text(encoding="utf-8"), path)
+    tokens = _tokenize(read_bytes(path).decode("utf-8"), path)
     out: dict[int, str] = {}
     first_line: dict[int, int] = {}
     i = 0
@@ -280,7 +281,7 @@ def _read_columns(path: str | os.PathLike,
     Returns:
         ({name: [N] array}, [N] 1-based line numbers).
     """
-    data = Path(path).read_bytes()
+    data = read_bytes(path)
     cols = None
     for names in layouts:
         cols = _parse_fast(data, names)
@@ -499,7 +500,7 @@ def load_proposals(path: str | os.PathLike) -> dict[tuple[str, int], np.ndarray]
     from lfb_ray.safe_pickle import UnsafePickleError, safe_load
 
     try:
-        obj = safe_load(path, what="proposals")
+        obj = safe_load(io.BytesIO(read_bytes(path)) if is_uri(path) else path, what="proposals")
     except UnsafePickleError as e:
         raise AnnotationError(str(e)) from None
     if not isinstance(obj, dict):

@@ -45,7 +45,10 @@ from lfb_ray.data.schema import FRAMES_FILE, KEYFRAMES_FILE, SCHEMA, SCHEMA_VERS
 from lfb_ray.data.timing import FrameTimes, TimingError, detect_video_start, stored_ref_offsets
 from lfb_ray.storage import (
     exists,
+    is_uri,
     join,
+    join_uri,
+    local_file,
     read_json,
     remove_dir,
     resolve,
@@ -53,7 +56,7 @@ from lfb_ray.storage import (
     write_json_atomic,
 )
 
-__all__ = ["PrepareError", "PrepareSummary", "build_tasks", "prepare_dataset", "prepare_video",
+__all__ = ["PrepareError", "PrepareSummary", "build_tasks", "find_videos", "prepare_dataset", "prepare_video",
            "prepared_files"]
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm")
@@ -90,18 +93,29 @@ def _prep_settings(cfg: Config) -> dict:
             "num_classes": d.num_classes}
 
 
-def _find_videos(videos_dir: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    p = Path(videos_dir)
-    if not p.is_dir():
+def find_videos(videos_dir: str) -> dict[str, tuple[str, int, int]]:
+    """{video id: (path or URI, size in bytes, mtime in s)} of the video files in `videos_dir`, a
+    local folder or a URI (`s3://bucket/ava/videos?...`: the files are then downloaded, one at a time,
+    by the task that decodes them)."""
+    import pyarrow.fs as pafs
+
+    fs, inner = resolve(videos_dir)
+    if fs.get_file_info(inner).type != pafs.FileType.Directory:
         raise PrepareError(f"videos folder {videos_dir} does not exist")
-    for f in sorted(p.iterdir()):
-        if f.suffix.lower() in VIDEO_EXTENSIONS:
-            why = unsafe_video_id(f.stem)
-            if why:  # no annotation row can name it (the readers refuse such ids): say so, skip it
-                print(f"[prepare] WARNING: {f} skipped: {why}", flush=True)
-                continue
-            out.setdefault(f.stem, str(f))
+    out: dict[str, tuple[str, int, int]] = {}
+    infos = sorted(fs.get_file_info(pafs.FileSelector(inner)), key=lambda i: i.base_name)
+    for info in infos:
+        name = Path(info.base_name)  # (not os.path.splitext, for which '...mp4' has no extension)
+        stem, ext = name.stem, name.suffix
+        if info.type != pafs.FileType.File or ext.lower() not in VIDEO_EXTENSIONS:
+            continue
+        path = join_uri(videos_dir, info.base_name) if is_uri(videos_dir) else os.path.join(videos_dir, info.base_name)
+        why = unsafe_video_id(stem)
+        if why:  # no annotation row can name it (the readers refuse such ids): say so, skip it
+            print(f"[prepare] WARNING: {path.partition('?')[0]} skipped: {why}", flush=True)
+            continue
+        mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+        out.setdefault(stem, (path, int(info.size or 0), int(mtime)))
     return out
 
 
@@ -113,7 +127,7 @@ def build_tasks(cfg: Config) -> tuple[list[dict], list[dict]]:
         fingerprint, keyframes with GT and proposals, and the task hash.
     """
     d = cfg.data
-    videos = _find_videos(cfg.data_path(d.videos_dir))
+    videos = find_videos(cfg.data_path(d.videos_dir))
     settings = _prep_settings(cfg)
     tasks, failures = [], []
     for split, csv_path, excl_path, prop_path in (
@@ -134,8 +148,7 @@ def build_tasks(cfg: Config) -> tuple[list[dict], list[dict]]:
                                  "error": f"missing video: no {vid}.mp4/.mkv/.webm in {d.videos_dir} "
                                           f"for {len(items)} annotated keyframes"})
                 continue
-            path = videos[vid]
-            st = os.stat(path)
+            path, size, mtime = videos[vid]
             kfs = []
             for ts, kf in sorted(items, key=lambda x: x[0]):
                 props = proposals.get((vid, ts))
@@ -149,7 +162,7 @@ def build_tasks(cfg: Config) -> tuple[list[dict], list[dict]]:
                     "proposals_missing": props is None,
                 })
             task = {"split": split, "video_id": vid, "path": path,
-                    "source": {"size": st.st_size, "mtime": int(st.st_mtime)}, "keyframes": kfs,
+                    "source": {"size": size, "mtime": mtime}, "keyframes": kfs,
                     "settings": settings}
             # Hashed with the file's name, not where the dataset lies: the same data read from another
             # directory (a moved project, another node's mount point) is the same task.
@@ -205,8 +218,9 @@ def prepare_video(task: dict, out_uri: str) -> dict:
             pass
     remove_dir(fs, vdir, inside=root)  # partial or stale output: redo from scratch
     try:
-        rows_written, nbytes, files, kf_failures = _decode_and_write(task, fs, vdir,
-                                                                     f"{task['split']}/{task['video_id']}")
+        with local_file(task["path"]) as local:  # a video on object storage: downloaded for this task only
+            rows_written, nbytes, files, kf_failures = _decode_and_write({**task, "path": local}, fs, vdir,
+                                                                         f"{task['split']}/{task['video_id']}")
     except Exception as e:
         remove_dir(fs, vdir, inside=root)
         return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "rows": 0, "bytes": 0,

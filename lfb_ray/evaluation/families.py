@@ -17,10 +17,11 @@ __all__ = ["family_means", "label_families"]
 
 def label_families(dataset_json: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """`label_families` of a dataset.json, or {} when the file or the key is absent."""
-    if not os.path.exists(dataset_json):
+    from lfb_ray.storage import file_exists, read_bytes  # lazily: this module needs no pyarrow otherwise
+
+    if not file_exists(dataset_json):
         return {}
-    with open(dataset_json) as f:
-        info = json.load(f)
+    info = json.loads(read_bytes(dataset_json))
     return {str(k): tuple(int(i) for i in v) for k, v in (info.get("label_families") or {}).items()}
 
 

@@ -167,3 +167,30 @@ def test_a_cluster_started_here_has_no_autoscaler(ray_local):
     from lfb_ray.preflight import has_autoscaler
 
     assert has_autoscaler() is False
+
+
+def test_an_avg_checkpoint_is_refused_for_a_max_model(tmp_path):
+    """Avg and Max have the same weights (keys and shapes): an avg model.pt loaded silently into a
+    max model. The model config saved with the weights tells them apart."""
+    from lfb_ray.config import config_to_dict
+    from lfb_ray.models.checkpoint import CheckpointError, save_checkpoint
+    from lfb_ray.models.detector import build_detector
+    from lfb_ray.models.device import load_model
+    from lfb_ray.preflight import check_checkpoint
+
+    avg = load_config(REPO / "configs" / "tiny.yaml", ["model.fbo=avg"])
+    mx = load_config(REPO / "configs" / "tiny.yaml", ["model.fbo=max"])
+    path = tmp_path / "avg.pt"
+    save_checkpoint(build_detector(avg.model).state_dict(), path, model_config=config_to_dict(avg)["model"])
+    (p,) = check_checkpoint(str(path), mx, "--checkpoint")
+    assert "holds a model.fbo=avg model" in p.message and "asks for model.fbo=max" in p.message
+    with pytest.raises(CheckpointError, match="model.fbo=avg model"):
+        load_model(mx, str(path))
+    assert check_checkpoint(str(path), avg, "--checkpoint") == []
+    load_model(avg, str(path))
+    # Its backbone goes anywhere (an LFB model starts from the baseline's backbone).
+    assert check_checkpoint(str(path), mx, "--init-backbone", backbone_only=True) == []
+    # Files without a saved config (older lfb_ray files, converted mmaction2 ones) load as before.
+    old = tmp_path / "old.pt"
+    save_checkpoint(build_detector(avg.model).state_dict(), old)
+    load_model(mx, str(old))

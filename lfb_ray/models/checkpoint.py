@@ -256,18 +256,29 @@ def load_mmaction2_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
     _load_strict(model, ours, "backbone." if backbone_only else "", what)
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, *, backbone_only: bool = False) -> str:
+def load_checkpoint(model: nn.Module, path: str | Path, *, backbone_only: bool = False,
+                    expect_fbo: str | None = None) -> str:
     """Load weights from a file in our format or mmaction2's, strictly (see the loaders above).
 
     Our format holding only `backbone.*` keys (a converted Kinetics checkpoint) loads the
     backbone only. `backbone_only=True` takes just the backbone of a whole detector (e.g. the
     baseline's backbone into an LFB model, whose head differs); the backbone must still match exactly.
 
+    Args:
+        expect_fbo: the operator the model is built with: a file that saved its model config (our
+            `model.pt` since it holds one) and names another operator is refused, naming both.
+
     Returns:
         what was loaded: "lfb_ray/v1", "lfb_ray/v1 backbone", "mmaction2" or "mmaction2 backbone".
     """
     obj = _load_object(path)
     flat = _unwrap(obj, str(path))
+    saved = obj.get("model_config") if isinstance(obj, Mapping) else None
+    if expect_fbo and not backbone_only and isinstance(saved, Mapping) and saved.get("fbo") != expect_fbo:
+        # Avg and Max have the same weights: only the saved config tells them apart.
+        raise CheckpointError(f"{path} holds a model.fbo={saved.get('fbo')} model (its saved config), but the "
+                              f"config asks for model.fbo={expect_fbo}: use that operator's checkpoint, or the "
+                              f"config of model.fbo={saved.get('fbo')}")
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         if backbone_only:
             flat = {k: v for k, v in flat.items() if k.startswith("backbone.")}
@@ -283,12 +294,17 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, backbone_only: bool =
 # Conversion
 
 
-def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | Path, source: str = "") -> None:
-    """Write `{"model": state_dict, "source", "format"}` atomically (temp file + os.replace)."""
+def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | Path, source: str = "",
+                    model_config: Mapping[str, Any] | None = None) -> None:
+    """Write `{"model": state_dict, "source", "format"[, "model_config"]}` atomically (temp file +
+    os.replace). `model_config` (plain data: `config_to_dict(cfg)["model"]`) lets a loader refuse a
+    checkpoint of another operator (Avg and Max weights have the same keys and shapes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": {k: v.detach().cpu() for k, v in state_dict.items()}, "source": source,
                "format": FORMAT}
+    if model_config is not None:
+        payload["model_config"] = dict(model_config)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -252,7 +252,8 @@ def train_loop_per_worker(config: dict) -> None:
                     use_best = tc.save_best and best.state is not None
                     save_checkpoint(best.state if use_best else core.state_dict(), os.path.join(tmp, "model.pt"),
                                     source=f"lfb_ray {cfg.model.fbo} epoch {best.epoch if use_best else epoch}"
-                                           + (" (best val mAP)" if use_best else ""))
+                                           + (" (best val mAP)" if use_best else ""),
+                                    model_config=config_to_dict(cfg)["model"])
                 ckpt_obj = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({k: v for k, v in metrics.items() if not k.startswith("_")}, checkpoint=ckpt_obj)
         tracker.flush()

@@ -1,6 +1,7 @@
 """Stage 1: AVA videos + annotations → per-video frame stores and keyframe tables (Ray Data, decord).
 
     python jobs/prepare_data.py --config configs/synthetic.yaml
+    python jobs/prepare_data.py --config configs/synthetic.yaml --verify   # checksums; redo damaged videos
     ray job submit --working-dir . -- python jobs/prepare_data.py --config configs/lfb_nl.yaml
 """
 
@@ -13,12 +14,16 @@ def main(argv=None) -> int:
     from lfb_ray.config import resolve_paths
     from lfb_ray.data.prep import PrepareError, prepare_dataset
 
-    given = load_given(base_parser(__doc__).parse_args(argv))
+    p = base_parser(__doc__)
+    p.add_argument("--verify", action="store_true", help="recompute the SHA-256 of every prepared video's files "
+                   "(sizes are always checked) and prepare the damaged ones again")
+    args = p.parse_args(argv)
+    given = load_given(args)
     cfg = resolve_paths(given)
     init_ray(cfg)
     preflight_or_exit(cfg, "prepare", given=given, with_cluster=False)
     try:
-        summary = prepare_dataset(cfg)
+        summary = prepare_dataset(cfg, verify=args.verify)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -173,7 +173,7 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
     """`run_pipeline`'s stages; the training runs and the comparison nest under `parent_run_id`."""
     from lfb_ray.bank.build import build_bank, build_identity, file_sha256
     from lfb_ray.compare import compare
-    from lfb_ray.data.prep import build_tasks, inputs_fingerprint, prepare_dataset
+    from lfb_ray.data.prep import build_tasks, damaged_videos, inputs_fingerprint, prepare_dataset
     from lfb_ray.identity import bank_id, describe_changes, prepared_id
     from lfb_ray.train import FitManyError, fit, fit_many
 
@@ -222,7 +222,14 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
 
     # The inputs' fingerprint too: a dataset regenerated in place must be prepared again.
     sources = inputs_fingerprint(*built)
-    stage("prepare", json.dumps([config_hash(given, ["data"]), sources]), do_prepare, {"sources": sources})
+    prep_key = json.dumps([config_hash(given, ["data"]), sources])
+    if state.get("prepare", {}).get("key") == prep_key:
+        damaged = damaged_videos(cfg.prepared_dir)  # sizes against the markers: one metadata call a file
+        if damaged:
+            print(f"[pipeline] prepare: {len(damaged)} prepared video(s) damaged ({'; '.join(damaged[:3])}"
+                  f"{' ...' if len(damaged) > 3 else ''}): preparing them again", flush=True)
+            state.pop("prepare")
+    stage("prepare", prep_key, do_prepare, {"sources": sources})
 
     def do_fit(c: Config, init: str | None = None):
         return _fit_summary(fit(c, init_checkpoint=init, parent_run_id=parent_run_id))

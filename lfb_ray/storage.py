@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 __all__ = ["StorageError", "check_writable", "checkpoint_file", "exists", "is_uri", "join", "join_uri", "local_file",
-           "read_bytes", "file_exists", "read_json", "remove_dir", "resolve", "upload_file", "write_bytes_atomic", "write_json_atomic"]
+           "read_bytes", "file_exists", "fsync_local", "read_json", "remove_dir", "resolve", "upload_file", "write_bytes_atomic", "write_json_atomic"]
 
 
 class StorageError(OSError):
@@ -69,15 +69,33 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def fsync_local(fs: pafs.FileSystem, path: str, *, directory: bool = False) -> None:
+    """fsync a local file (or, with `directory`, a folder's entries); object stores need none.
+
+    Why: a marker written after its data must not reach the disk before that data does; a crash
+    in between would leave a marker naming bytes that were never stored.
+    """
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write `data` to `path` via a temporary name and a move (atomic on local filesystems)."""
+    """Write `data` to `path` via a temporary name and a move (atomic on local filesystems; the file
+    and then its folder are fsynced, so what a later marker names is on disk first)."""
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with fs.open_output_stream(tmp) as f:
             f.write(data)
+        fsync_local(fs, tmp)
         fs.move(tmp, path)
+        fsync_local(fs, parent, directory=True)
     except Exception:
         try:
             fs.delete_file(tmp)

@@ -94,3 +94,28 @@ def test_rerun_skips_every_stage_and_from_reruns_the_rest(first_run, capsys):
     for name in ("baseline", "control", "nl", "avg", "max"):
         assert f"  {name:9s} mAP" in printed
     assert "control (baseline, LFB head recipe)" in printed  # the compare stage's table
+
+
+def test_a_damaged_frame_store_is_prepared_again_and_the_rest_is_kept(first_run, capsys):
+    """A frames.arrow cut in half after the run: the rerun finds it from the manifest's sizes,
+    prepares that video again (byte-identical) and keeps every later stage, whose inputs did not change."""
+    import glob
+
+    from lfb_ray.data.frames import FrameStore
+    from lfb_ray.pipeline import run_pipeline
+
+    cfg, _ = first_run
+    store = sorted(glob.glob(f"{cfg.workdir}/prepared/train/*/frames.arrow"))[0]
+    with open(store, "rb") as f:
+        whole = f.read()
+    with open(store, "wb") as f:
+        f.write(whole[: len(whole) // 2])
+    capsys.readouterr()
+    again = run_pipeline(cfg)
+    printed = capsys.readouterr().out
+    assert "[pipeline] prepare: 1 prepared video(s) damaged" in printed and "frames.arrow has" in printed
+    assert again["stage_seconds"]["prepare"] > 0
+    assert all(again["stage_seconds"][s] == 0.0 for s in STAGES[1:])
+    with open(store, "rb") as f:
+        assert f.read() == whole
+    FrameStore(store)

@@ -116,3 +116,4 @@ def test_detect_refuses_an_unsafe_video_id(tmp_path):
 
     with pytest.raises(DetectError, match=r"--video-id: video id 'a/\.\./x' contains '/'"):
         detect_video(str(tmp_path / "v.mp4"), str(tmp_path / "m.pt"), str(tmp_path / "out"), video_id="a/../x")
+

@@ -24,12 +24,19 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from lfb_ray import cache
+from lfb_ray.data.integrity import HashingSink
 from lfb_ray.data.schema import FRAME_SCHEMA
-from lfb_ray.storage import join, resolve
+from lfb_ray.storage import fsync_local, join, resolve
 
 __all__ = ["FrameStore", "FrameStoreError", "FrameStoreWriter", "open_frame_store"]
 
 _OPEN_LIMIT = 256  # stores kept open per process (an mmap each; cheap)
+
+
+# What repairs a damaged or missing frame store: the prepare job compares every committed video's
+# files with its marker (sizes always, SHA-256s with --verify) and prepares the damaged ones again.
+REPAIR = ("its video's prepared files are damaged: repair them with `python jobs/prepare_data.py --config "
+          "<the config> --verify` (or rerun the pipeline), which prepares the damaged videos again")
 
 
 class FrameStoreError(ValueError):
@@ -46,8 +53,9 @@ class FrameStoreWriter:
         self.fs, self.path = fs, path
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         self._tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        self._sink = fs.open_output_stream(self._tmp)
-        self._writer = pa.ipc.new_file(self._sink, FRAME_SCHEMA)
+        self._sink = HashingSink(fs.open_output_stream(self._tmp))  # size and SHA-256 for the marker
+        self._writer = pa.ipc.new_file(pa.PythonFile(self._sink, mode="w"), FRAME_SCHEMA)
+        self.check: dict | None = None  # {size, sha256} once closed
         self._count = 0  # frames written so far: the next frame's row
         self._last = -1  # the last frame index added (O(1) order check: a movie has ~10^5 frames)
 
@@ -62,11 +70,14 @@ class FrameStoreWriter:
         return self._count - 1
 
     def close(self) -> int:
-        """Finish the file and move it into place; returns its size in bytes."""
+        """Finish the file, fsync it (local), move it into place; returns its size in bytes (its
+        size and SHA-256 are in `check`)."""
         self._writer.close()
         self._sink.close()
+        fsync_local(self.fs, self._tmp)
         self.fs.move(self._tmp, self.path)
-        return int(self.fs.get_file_info(self.path).size)
+        self.check = self._sink.check()
+        return int(self.check["size"])
 
     def abort(self) -> None:
         try:
@@ -91,7 +102,7 @@ class FrameStore:
             self._reader = pa.ipc.open_file(pa.memory_map(local_path, "r"))
         except (OSError, pa.ArrowInvalid) as e:
             raise FrameStoreError(f"frame store {self.label} cannot be read (missing, truncated or not an "
-                                  f"Arrow IPC file): {e}; rerun jobs/prepare_data.py") from e
+                                  f"Arrow IPC file): {e}; {REPAIR}") from e
         if not self._reader.schema.equals(FRAME_SCHEMA):
             raise FrameStoreError(f"frame store {self.label} has schema {self._reader.schema}, expected {FRAME_SCHEMA}")
         self.num_frames = self._reader.num_record_batches
@@ -133,7 +144,7 @@ def _local_copy(fs: pafs.FileSystem, path: str, label: str) -> FrameStore:
     """
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
-        raise FrameStoreError(f"frame store {label} does not exist; rerun jobs/prepare_data.py")
+        raise FrameStoreError(f"frame store {label} does not exist; {REPAIR}")
     key = hashlib.sha256(f"{fs.type_name}:{path}:{info.size}:{info.mtime_ns}".encode()).hexdigest()[:24]
 
     def download(tmp: Path) -> None:
@@ -180,7 +191,7 @@ def open_frame_store(prepared_uri: str, rel_path: str) -> FrameStore:
     label = join(prepared_uri.partition("?")[0], rel_path)
     if isinstance(fs, pafs.LocalFileSystem):
         if not os.path.exists(path):
-            raise FrameStoreError(f"frame store {label} does not exist; rerun jobs/prepare_data.py")
+            raise FrameStoreError(f"frame store {label} does not exist; {REPAIR}")
         store = FrameStore(path, label)
     else:
         store = _local_copy(fs, path, label)

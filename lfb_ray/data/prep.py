@@ -41,6 +41,7 @@ from lfb_ray.data import annotations as ann
 from lfb_ray.data.clips import encode_jpeg
 from lfb_ray.data.frames import FrameStoreWriter
 from lfb_ray.data.ids import unsafe_video_id
+from lfb_ray.data.integrity import check_files, file_check
 from lfb_ray.data.schema import FRAMES_FILE, KEYFRAMES_FILE, SCHEMA, SCHEMA_VERSION
 from lfb_ray.data.timing import FrameTimes, TimingError, detect_video_start, stored_ref_offsets
 from lfb_ray.storage import (
@@ -56,7 +57,7 @@ from lfb_ray.storage import (
     write_json_atomic,
 )
 
-__all__ = ["PrepareError", "PrepareSummary", "build_tasks", "find_videos", "prepare_dataset", "prepare_video",
+__all__ = ["PrepareError", "PrepareSummary", "build_tasks", "damaged_videos", "find_videos", "prepare_dataset", "prepare_video",
            "prepared_files"]
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm")
@@ -192,14 +193,18 @@ def _video_dir(root: str, split: str, vid: str) -> str:
     return join(root, split, vid)
 
 
-def prepare_video(task: dict, out_uri: str) -> dict:
+def prepare_video(task: dict, out_uri: str, *, verify: bool = False) -> dict:
     """Decode one video and write its keyframe rows; never raises for bad input.
+
+    A video whose marker matches the task is skipped only if its files still match the marker's
+    sizes (and, with `verify`, SHA-256s: `lfb_ray.data.integrity`); otherwise it is redone, and
+    the summary's `redone` says why.
 
     Returns:
         summary dict: video_id, split, status ("done" | "skipped" | "failed"), rows, bytes, files,
-        error (for failures), keyframe_failures (keyframes of a done or skipped video left without
-        a row because frames of their window cannot be decoded: timestamp and error each; kept in
-        the `_DONE.json` marker, so a resumed run reports them again).
+        checks, error (for failures), keyframe_failures (keyframes of a done or skipped video left
+        without a row because frames of their window cannot be decoded: timestamp and error each;
+        kept in the `_DONE.json` marker, so a resumed run reports them again).
     """
     fs, root = resolve(out_uri)
     base = {"video_id": task["video_id"], "split": task["split"], "path": task["path"]}
@@ -209,26 +214,35 @@ def prepare_video(task: dict, out_uri: str) -> dict:
                 "keyframe_failures": []}
     vdir = _video_dir(root, task["split"], task["video_id"])
     done_path = join(vdir, "_DONE.json")
+    redone = None
     if exists(fs, done_path):
         try:
             done = read_json(fs, done_path)
-            if done.get("hash") == task["hash"]:
-                return {**base, "keyframe_failures": [], **done, "status": "skipped"}
         except Exception:  # unreadable marker: redo the video
-            pass
-    remove_dir(fs, vdir, inside=root)  # partial or stale output: redo from scratch
+            done, redone = {}, "its _DONE.json marker cannot be read"
+        if done.get("hash") == task["hash"]:
+            checks = done.get("checks")
+            if not checks:  # a marker written before checks were recorded: trusted unless verifying
+                redone = "its marker has no checksums (--verify)" if verify else None
+            else:
+                redone = check_files(fs, vdir, checks, checksums=verify)
+            if redone is None:
+                return {**base, "keyframe_failures": [], **done, "status": "skipped"}
+            print(f"[prepare] {task['split']}/{task['video_id']}: prepared files damaged ({redone}): "
+                  "preparing the video again", flush=True)
+    remove_dir(fs, vdir, inside=root)  # partial, stale or damaged output: redo from scratch
     try:
         with local_file(task["path"]) as local:  # a video on object storage: downloaded for this task only
-            rows_written, nbytes, files, kf_failures = _decode_and_write({**task, "path": local}, fs, vdir,
-                                                                         f"{task['split']}/{task['video_id']}")
+            rows_written, nbytes, checks, kf_failures = _decode_and_write({**task, "path": local}, fs, vdir,
+                                                                          f"{task['split']}/{task['video_id']}")
     except Exception as e:
         remove_dir(fs, vdir, inside=root)
         return {**base, "status": "failed", "error": f"{type(e).__name__}: {e}", "rows": 0, "bytes": 0,
                 "files": [], "keyframe_failures": []}
-    done = {"hash": task["hash"], "rows": rows_written, "bytes": nbytes, "files": files,
-            "source": {"path": task["path"], **task["source"]}, "keyframe_failures": kf_failures}
-    write_json_atomic(fs, done_path, done)
-    return {**base, **done, "status": "done"}
+    done = {"hash": task["hash"], "rows": rows_written, "bytes": nbytes, "files": [KEYFRAMES_FILE, FRAMES_FILE],
+            "checks": checks, "source": {"path": task["path"], **task["source"]}, "keyframe_failures": kf_failures}
+    write_json_atomic(fs, done_path, done)  # after its files, which write_bytes_atomic/close fsynced
+    return {**base, **done, "status": "done", **({"redone": redone} if redone else {})}
 
 
 def stored_size(orig_h: int, orig_w: int, short_side: int) -> tuple[int, int]:
@@ -359,9 +373,9 @@ def _decode_frames(open_reader, frames: np.ndarray, path: str, fallback):
         yield from run(frames[c0:c0 + FRAMES_PER_DECODE])
 
 
-def _compact_store(fs, path: str, keep: np.ndarray) -> int:
+def _compact_store(fs, path: str, keep: np.ndarray) -> dict:
     """Rewrite the frame store at `path` with only the frames in `keep` (sorted frame indices), after
-    keyframes were dropped; returns the new size. Copies JPEG bytes, decodes nothing."""
+    keyframes were dropped; returns its new {size, sha256}. Copies JPEG bytes, decodes nothing."""
     import pyarrow.ipc as ipc
 
     with fs.open_input_file(path) as fh:
@@ -372,19 +386,21 @@ def _compact_store(fs, path: str, keep: np.ndarray) -> int:
         jpegs = table.column("jpeg")
         for row in np.flatnonzero(np.isin(index, keep)):
             writer.add(int(index[row]), jpegs[int(row)].as_py())
-        return writer.close()
+        writer.close()
+        return writer.check
     except BaseException:
         writer.abort()
         raise
 
 
-def _decode_and_write(task: dict, fs, vdir: str, rel_dir: str) -> tuple[int, int, list[str], list[dict]]:
+def _decode_and_write(task: dict, fs, vdir: str, rel_dir: str) -> tuple[int, int, dict[str, dict], list[dict]]:
     """Decode every frame the video's keyframes can touch once, in order, into the frame store, and
     write the keyframe table that refers to it.
 
     A frame that cannot be decoded costs the keyframes whose windows hold it, not the video: they get
-    no row and are returned as keyframe failures. Returns (rows, bytes written, file names, keyframe
-    failures: dicts with timestamp and error).
+    no row and are returned as keyframe failures. Returns (rows, bytes written, {file name: {size,
+    sha256}} of the files written (`lfb_ray.data.integrity`), keyframe failures: dicts with
+    timestamp and error).
     """
     import decord
 
@@ -415,13 +431,25 @@ def _decode_and_write(task: dict, fs, vdir: str, rel_dir: str) -> tuple[int, int
                                  tuple(s["jitter"]) if s["jitter"] else None)
     frame_idx = times.indices(timestamps, offsets, video_start_second=start,
                               reference_fps=s["reference_fps"])  # [K, O]
-    # The last keyframe's own frame must exist; clipping is only for the clip's edge frames.
+    # Each keyframe's own time must lie in the video; clipping is only for the clip's edge frames. A
+    # keyframe before the start (second 1 of a clip that starts at 900) or past the end would
+    # otherwise become a clip of the first or last frame repeated: it gets no row and is reported.
     centre = times.indices(timestamps, np.zeros(1, np.int64), video_start_second=start,
                            reference_fps=s["reference_fps"], clip=False)[:, 0]
-    if centre.max() >= num_frames:
-        raise TimingError(f"{path}: video has {num_frames} frames but keyframe {int(timestamps.max())} "
-                          f"needs frame {int(centre.max())}")
-    needed = np.unique(frame_idx)  # each frame once, however many keyframe windows share it
+    file_time = timestamps - start
+    before, after = file_time < 0, centre >= num_frames
+    kept = ~(before | after)
+    kf_failures: list[dict] = [
+        {"timestamp": int(t), "error": (
+            f"keyframe second {int(t)} is {'before the start' if b else 'past the end'} of {path}: file time "
+            f"{int(ft)} s with the video starting at movie second {start} (data.video_start_second="
+            f"{s['video_start_second']}), and the video is {times.duration:.1f} s long; the keyframe has no row")}
+        for t, ft, b, a in zip(timestamps, file_time, before, after) if b or a]
+    if not kept.any():
+        raise TimingError(f"{path}: every annotated keyframe lies outside the video (seconds "
+                          f"{int(timestamps.min())}-{int(timestamps.max())}, video start {start}, "
+                          f"{times.duration:.1f} s long)")
+    needed = np.unique(frame_idx[kept])  # each frame once, however many keyframe windows share it
     store_path = join(vdir, FRAMES_FILE)
     writer = FrameStoreWriter(fs, store_path)
     bad: dict[int, str] = {}
@@ -434,15 +462,14 @@ def _decode_and_write(task: dict, fs, vdir: str, rel_dir: str) -> tuple[int, int
                 bad[i] = err
             else:
                 writer.add(i, encode_jpeg(frame, s["jpeg_quality"]))
-        frames_bytes = writer.close()
+        writer.close()
+        frames_check = writer.check
     except BaseException:
         writer.abort()
         raise
-    kept = np.ones(len(timestamps), bool)
-    kf_failures: list[dict] = []
     if bad:
         bad_idx = np.array(sorted(bad), dtype=np.int64)
-        for k in range(len(timestamps)):
+        for k in np.flatnonzero(kept):
             hit = np.intersect1d(frame_idx[k], bad_idx)
             if len(hit):
                 kept[k] = False
@@ -455,7 +482,7 @@ def _decode_and_write(task: dict, fs, vdir: str, rel_dir: str) -> tuple[int, int
         stored = np.setdiff1d(needed, bad_idx)
         keep = np.unique(frame_idx[kept])
         if len(keep) < len(stored):  # frames only the dropped keyframes used: not kept
-            frames_bytes = _compact_store(fs, store_path, keep)
+            frames_check = _compact_store(fs, store_path, keep)
         needed = keep
     rows_of = np.searchsorted(needed, frame_idx).astype(np.int32)  # [K, O] rows in the store
     n_classes = s["num_classes"]
@@ -479,8 +506,10 @@ def _decode_and_write(task: dict, fs, vdir: str, rel_dir: str) -> tuple[int, int
         })
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), buf)
-    write_bytes_atomic(fs, join(vdir, KEYFRAMES_FILE), buf.getvalue())
-    return len(rows), frames_bytes + buf.tell(), [KEYFRAMES_FILE, FRAMES_FILE], kf_failures
+    table = buf.getvalue()
+    write_bytes_atomic(fs, join(vdir, KEYFRAMES_FILE), table)
+    checks = {KEYFRAMES_FILE: file_check(table), FRAMES_FILE: frames_check}
+    return len(rows), frames_check["size"] + len(table), checks, kf_failures
 
 
 def _ranges(idx: np.ndarray) -> str:
@@ -502,17 +531,20 @@ def _ranges_s(idx: np.ndarray, times: FrameTimes) -> str:
     return f"{t.min():.3f} s" if len(t) == 1 else f"{t.min():.3f}-{t.max():.3f} s"
 
 
-def _prepare_batch(batch: dict, out_uri: str) -> dict:
+def _prepare_batch(batch: dict, out_uri: str, verify: bool = False) -> dict:
     """Ray Data UDF: one task JSON per row in, one summary JSON per row out."""
-    return {"summary": np.array([json.dumps(prepare_video(json.loads(t), out_uri)) for t in batch["task"]],
-                                dtype=object)}
+    return {"summary": np.array([json.dumps(prepare_video(json.loads(t), out_uri, verify=verify))
+                                 for t in batch["task"]], dtype=object)}
 
 
-def prepare_dataset(cfg: Config, built: tuple[list[dict], list[dict]] | None = None) -> PrepareSummary:
+def prepare_dataset(cfg: Config, built: tuple[list[dict], list[dict]] | None = None, *,
+                    verify: bool = False) -> PrepareSummary:
     """Run the prepare stage with Ray Data (call `ray.init` first, or Ray starts a local cluster).
 
     `built`: `build_tasks(cfg)`'s output when the caller already has it (the pipeline, which keys
     its stage on `inputs_fingerprint` of it), so annotations and proposals are read once.
+    `verify`: recompute the SHA-256 of every committed video's files (sizes are always checked)
+    and prepare again the videos whose files do not match (`jobs/prepare_data.py --verify`).
 
     Raises:
         PrepareError: more videos failed than `data.failure_budget` allows (everything else is
@@ -531,7 +563,8 @@ def prepare_dataset(cfg: Config, built: tuple[list[dict], list[dict]] | None = N
     summaries: list[dict] = []
     if tasks:
         ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
-        ds = ds.map_batches(_prepare_batch, batch_size=1, fn_kwargs={"out_uri": out_uri}, num_cpus=1)
+        ds = ds.map_batches(_prepare_batch, batch_size=1, fn_kwargs={"out_uri": out_uri, "verify": verify},
+                            num_cpus=1)
         summaries = [json.loads(r["summary"]) for r in ds.take_all()]
     return _finish(cfg, out_uri, summaries, failures, t0)
 
@@ -557,7 +590,7 @@ def _finish(cfg: Config, out_uri: str, summaries: list[dict], failures: list[dic
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "videos": [{"split": r["split"], "video_id": r["video_id"], "rows": r["rows"], "bytes": r["bytes"],
                     "files": [join(r["split"], r["video_id"], f) for f in r["files"]], "hash": r["hash"],
-                    "source": r.get("source")}
+                    "source": r.get("source"), "checks": r.get("checks")}
                    for r in ok],
     }
     write_json_atomic(fs, join(root, "manifest.json"), manifest)
@@ -577,6 +610,25 @@ def _finish(cfg: Config, out_uri: str, summaries: list[dict], failures: list[dic
                            f"{cfg.data.failure_budget} (details in {join(out_uri, 'failures.json')}); "
                            f"the other {len(ok) - partly} videos were written:\n{lines}")
     return summary
+
+
+def damaged_videos(prepared_uri: str, *, checksums: bool = False) -> list[str]:
+    """`split/video_id: why` of each video of the manifest whose files do not match their recorded
+    sizes (and SHA-256s with `checksums`); [] when all match or the set has no manifest. Cheap
+    without checksums (one metadata call per file): the pipeline runs it before trusting a prepare
+    stage it would skip."""
+    try:
+        manifest = read_manifest(prepared_uri)
+    except PrepareError:
+        return []
+    fs, root = resolve(prepared_uri)
+    out = []
+    for v in manifest["videos"]:
+        if v.get("checks"):
+            why = check_files(fs, join(root, v["split"], v["video_id"]), v["checks"], checksums=checksums)
+            if why:
+                out.append(f"{v['split']}/{v['video_id']}: {why}")
+    return out
 
 
 def read_manifest(prepared_uri: str) -> dict:

@@ -13,12 +13,13 @@ from lfb_ray.cli import base_parser, init_ray, load_given, preflight_or_exit
 
 
 def main(argv=None) -> int:
-    from lfb_ray.bank.build import build_bank
     from lfb_ray.config import resolve_paths
 
     p = base_parser(__doc__)
     p.add_argument("--checkpoint", default="", help="baseline checkpoint (model.pt, Ray checkpoint dir or .pth)")
     args = p.parse_args(argv)
+    from lfb_ray.bank.build import build_bank  # torch and Ray: after parsing, so --help is instant
+
     given = load_given(args)
     cfg = resolve_paths(given)
     ckpt = args.checkpoint or cfg.bank.checkpoint

@@ -12,12 +12,13 @@ from lfb_ray.cli import base_parser, init_ray, load_given, preflight_or_exit
 
 def main(argv=None) -> int:
     from lfb_ray.config import resolve_paths
-    from lfb_ray.data.prep import PrepareError, prepare_dataset
 
     p = base_parser(__doc__)
     p.add_argument("--verify", action="store_true", help="recompute the SHA-256 of every prepared video's files "
                    "(sizes are always checked) and prepare the damaged ones again")
     args = p.parse_args(argv)
+    from lfb_ray.data.prep import PrepareError, prepare_dataset  # after parsing, so --help is instant
+
     given = load_given(args)
     cfg = resolve_paths(given)
     init_ray(cfg)

@@ -15,7 +15,6 @@ from lfb_ray.cli import base_parser, init_ray, load_given, preflight_or_exit
 
 def main(argv=None) -> int:
     from lfb_ray.config import resolve_paths
-    from lfb_ray.train import fit, fit_operators
 
     p = base_parser(__doc__)
     p.add_argument("--operators", default="", help="comma list of operators, e.g. nl,avg,max (one run each)")
@@ -24,6 +23,8 @@ def main(argv=None) -> int:
                    help="start the backbone from this detector checkpoint (fresh head, lr scaled by "
                         "train.finetune_lr_scale), e.g. the control that continues the baseline")
     args = p.parse_args(argv)
+    from lfb_ray.train import fit, fit_operators  # torch and Ray: after parsing, so --help is instant
+
     given = load_given(args)
     cfg = resolve_paths(given)
     ops = [o.strip() for o in args.operators.split(",") if o.strip()]

@@ -15,7 +15,9 @@ __all__ = ["base_parser", "driver_runtime_env", "init_ray", "job_runtime_env", "
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    """`--config PATH` and dotted overrides; the description (a job's docstring, its usage examples
+    one per line) is printed as written, not reflowed into one paragraph."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 model.fbo=avg")
     return p

@@ -83,8 +83,17 @@ class DataConfig:
     max_rois_per_keyframe: int = 32
     pos_iou_thr: float = 0.9  # proposals with IoU >= this to a GT box become training RoIs
     num_classes: int = 81  # AVA: 80 actions + unused index 0
+    # Keep only the first N keyframes (by video id, then second) of each split's annotations, 0 = all:
+    # the smoke overrides (`lfb_ray.preflight.SMOKE_OVERRIDES`) use it to try a config end to end
+    # (prepare, train, bank, val) before paying for the full set. It caps everything downstream:
+    # prepare prepares only those keyframes, so training, the bank and val inference read only
+    # them, and val mAP is computed against the GT of those keyframes only (the capped val). It is
+    # part of the run's identity (run names, stage keys): a capped run is another run.
+    max_keyframes_per_split: int = 0
 
     def __post_init__(self) -> None:
+        if self.max_keyframes_per_split < 0:
+            raise ConfigError(f"data.max_keyframes_per_split must be >= 0 (0 = all), got {self.max_keyframes_per_split}")
         if self.jitter_min > self.jitter_max:
             raise ConfigError(f"data.jitter_min ({self.jitter_min}) > data.jitter_max ({self.jitter_max})")
         lo, hi = self.train_scale_range

@@ -98,6 +98,7 @@ def write_and_evaluate(cfg: Config, pred: dict, csv_path: str) -> dict:
         "mmaction2": float}} (NaN possible per class); "mAP" is `eval.protocol`'s.
     """
     from lfb_ray.data.annotations import (
+        cap_annotation_rows,
         read_annotation_rows,
         read_exclusions,
         read_label_map,
@@ -110,7 +111,8 @@ def write_and_evaluate(cfg: Config, pred: dict, csv_path: str) -> dict:
     write_results_csv(csv_path, pred["video_ids"], pred["seconds"], pred["boxes"], pred["scores"],
                       action_thr=cfg.eval.action_thr)
     label_map = read_label_map(cfg.data_path(cfg.data.label_map))
-    gt = read_annotation_rows(cfg.data_path(cfg.data.val_csv))
+    # The GT of the keyframes that were prepared (all, unless data.max_keyframes_per_split caps them).
+    gt = cap_annotation_rows(read_annotation_rows(cfg.data_path(cfg.data.val_csv)), cfg.data.max_keyframes_per_split)
     det = read_result_rows(csv_path)
     excl = read_exclusions(cfg.data_path(cfg.data.val_exclusions)) if cfg.data.val_exclusions else set()
     res = evaluate_frame_map(gt, det, label_map, excl, protocol=cfg.eval.protocol)

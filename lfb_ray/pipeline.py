@@ -97,6 +97,7 @@ def _save_state(path: str, state: dict) -> None:
 def _family_means(cfg: Config, csv_path: str) -> dict[str, float]:
     """mAP per label family (e.g. short_term / long_term of the synthetic set) from dataset.json."""
     from lfb_ray.data.annotations import (
+        cap_annotation_rows,
         read_annotation_rows,
         read_exclusions,
         read_label_map,
@@ -112,7 +113,8 @@ def _family_means(cfg: Config, csv_path: str) -> dict[str, float]:
     excl = read_exclusions(cfg.data_path(cfg.data.val_exclusions)) if cfg.data.val_exclusions else set()
     with local_file(csv_path) as local:  # the CSV may be on S3 (a URI workdir)
         det = read_result_rows(local)
-    res = evaluate_frame_map(read_annotation_rows(cfg.data_path(cfg.data.val_csv)), det,
+    gt = cap_annotation_rows(read_annotation_rows(cfg.data_path(cfg.data.val_csv)), cfg.data.max_keyframes_per_split)
+    res = evaluate_frame_map(gt, det,
                              label_map, excl, protocol=cfg.eval.protocol)
     return family_means(res.per_class, families)
 

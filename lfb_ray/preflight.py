@@ -30,11 +30,13 @@ __all__ = ["SMOKE_OVERRIDES", "PreflightError", "Problem", "check_checkpoint", "
 
 # The documented way to try a cluster config on a laptop or a CPU-only cluster before paying for GPUs
 # (docs/ava.md, docs/cluster.md): one CPU worker, no GPU, a few iterations of one epoch, no waiting
-# for an autoscaler. Everything else (the model, the data, the paths) stays as the config says.
+# for an autoscaler, and a few keyframes of each split (`data.max_keyframes_per_split`: prepare, the
+# bank and val inference see only those, and val mAP is scored on them: the capped val). Everything
+# else (the model, the data, the paths) stays as the config says.
 SMOKE_OVERRIDES: tuple[str, ...] = (
     "cluster.device=cpu", "cluster.num_workers=1", "cluster.cpus_per_worker=1", "cluster.data_cpus=1",
     "cluster.max_gpus=0", "train.epochs=1", "train.max_iters_per_epoch=2", "train.batch_size_per_worker=2",
-    "bank.cpus_per_actor=1", "bank.max_actors=1",
+    "bank.cpus_per_actor=1", "bank.max_actors=1", "data.max_keyframes_per_split=4",
 )
 
 Job = Literal["pipeline", "prepare", "train", "bank"]

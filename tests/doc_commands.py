@@ -90,3 +90,46 @@ def job_parser(script: str, argv: list[str]):
         except _Parsed as p:
             return p.parser, p.args
     raise AssertionError(f"{script}: main() did not parse its command line with argparse")
+
+
+# docs/cluster.md, "One storage root, and the checks before any work": the pipeline command with the
+# storage root overrides, and the same command with the smoke overrides.
+STORAGE_SECTION = "### One storage root, and the checks before any work"
+
+
+@dataclass
+class PipelineCommands:
+    argv: list[str]  # `python` argv of the pipeline command, without `--check` and overrides
+    storage_overrides: list[str]  # workdir=..., data.root=..., model.pretrained=...
+    smoke_overrides: list[str]  # the smoke command's overrides, less the storage root ones
+    smoke_flags: list[str]  # flags the smoke command adds to the pipeline command (e.g. `--operators nl`)
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(flags and their values, `key=value` overrides) of a job's argv."""
+    flags, overrides = [], []
+    for a in argv:
+        (overrides if "=" in a and not a.startswith("-") else flags).append(a)
+    return flags, overrides
+
+
+def pipeline_commands(text: str | None = None) -> PipelineCommands:
+    """The section's two `jobs/pipeline.py --check` commands: the first with the storage root's
+    overrides, the second (trying a config before paying for GPUs) with the smoke overrides."""
+    text = DOCS.read_text() if text is None else text
+    section = text.split(STORAGE_SECTION, 1)[1].split("\n### ", 1)[0]
+    cmds = [c for c in python_job_commands(section) if c[0] == "jobs/pipeline.py"]
+    assert len(cmds) == 2, f"expected two `python jobs/pipeline.py` commands in {STORAGE_SECTION!r}, found {len(cmds)}"
+    (flags, storage), (smoke_flags, smoke) = (_split_overrides(c) for c in cmds)
+    assert "--check" in flags and smoke_flags[:len(flags)] == flags, (flags, smoke_flags)
+    keys = {o.split("=", 1)[0] for o in storage}
+    return PipelineCommands(argv=["python", *[a for a in flags if a != "--check"]], storage_overrides=storage,
+                            smoke_overrides=[o for o in smoke if o.split("=", 1)[0] not in keys],
+                            smoke_flags=smoke_flags[len(flags):])
+
+
+def storage_table(text: str | None = None) -> list[str]:
+    """The overrides of the section's table (`| \\`key=value\\` | what |` rows)."""
+    text = DOCS.read_text() if text is None else text
+    section = text.split(STORAGE_SECTION, 1)[1].split("\n### ", 1)[0]
+    return re.findall(r"^\| `([a-z_.]+=[^`]+)` \|", section, flags=re.M)

@@ -28,7 +28,7 @@ def split_videos(cfg: Config, split: str) -> list[str]:
     """
     import numpy as np
 
-    from lfb_ray.data.annotations import read_annotation_rows
+    from lfb_ray.data.annotations import cap_annotation_rows, read_annotation_rows
     from lfb_ray.storage import exists, join, read_json, resolve
 
     if split not in ("train", "val"):
@@ -36,7 +36,9 @@ def split_videos(cfg: Config, split: str) -> list[str]:
     csv = cfg.data.train_csv if split == "train" else cfg.data.val_csv
     if not csv:
         return []
-    videos = set(np.unique(read_annotation_rows(cfg.data_path(csv), check_boxes=False).video_ids).tolist())
+    rows = cap_annotation_rows(read_annotation_rows(cfg.data_path(csv), check_boxes=False),
+                               cfg.data.max_keyframes_per_split)  # only those keyframes are prepared
+    videos = set(np.unique(rows.video_ids).tolist())
     fs, root = resolve(cfg.prepared_dir)
     failures_json = join(root, "failures.json")
     if exists(fs, failures_json):

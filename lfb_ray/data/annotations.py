@@ -31,6 +31,8 @@ __all__ = [
     "read_exclusions",
     "read_label_map",
     "read_result_rows",
+    "first_keyframes",
+    "cap_annotation_rows",
     "select_proposals",
 ]
 
@@ -467,6 +469,26 @@ def group_keyframes(rows: AnnotationRows, num_classes: int = 81) -> dict[tuple[s
         out[key] = KeyframeBoxes(video_id=key[0], timestamp=key[1], boxes=boxes[s:e].copy(),
                                  labels=labels[s:e].copy(), person_ids=pids[s:e].copy())
     return out
+
+
+def first_keyframes(keys, n: int) -> set[tuple[str, int]]:
+    """The first `n` of the (video_id, second) keyframes `keys`, by video id then second; all of them
+    when `n` is 0. `data.max_keyframes_per_split` (trying a config on a few keyframes before paying
+    for the whole set): prepare, the bank's coverage and val mAP all keep the same keyframes."""
+    keys = {(str(v), int(t)) for v, t in keys}
+    return keys if n <= 0 else set(sorted(keys)[:n])
+
+
+def cap_annotation_rows(rows: AnnotationRows, n: int) -> AnnotationRows:
+    """`rows` of the first `n` keyframes only (`first_keyframes`); `rows` itself when n is 0."""
+    if n <= 0:
+        return rows
+    keep = first_keyframes(zip(rows.video_ids.tolist(), rows.timestamps.tolist()), n)
+    mask = np.array([(str(v), int(t)) in keep for v, t in zip(rows.video_ids.tolist(), rows.timestamps.tolist())],
+                    dtype=bool).reshape(-1)
+    return AnnotationRows(video_ids=rows.video_ids[mask], timestamps=rows.timestamps[mask], boxes=rows.boxes[mask],
+                          action_ids=rows.action_ids[mask], person_ids=rows.person_ids[mask],
+                          line_numbers=rows.line_numbers[mask], path=rows.path)
 
 
 def read_annotations(path: str | os.PathLike, num_classes: int = 81,

@@ -138,6 +138,9 @@ def build_tasks(cfg: Config) -> tuple[list[dict], list[dict]]:
         if not csv_path:
             continue
         keyframes = ann.read_annotations(cfg.data_path(csv_path), num_classes=d.num_classes)
+        if d.max_keyframes_per_split:  # the smoke overrides: a few keyframes of each split
+            keep = ann.first_keyframes(keyframes, d.max_keyframes_per_split)
+            keyframes = {k: v for k, v in keyframes.items() if k in keep}
         excluded = ann.read_exclusions(cfg.data_path(excl_path)) if excl_path else set()
         proposals = ann.load_proposals(cfg.data_path(prop_path)) if prop_path else {}
         by_video: dict[str, list] = {}

@@ -10,6 +10,7 @@ without --checkpoint, bank.checkpoint of the config is used. Rerunning resumes a
 import sys
 
 from lfb_ray.cli import base_parser, init_ray, load_given, preflight_or_exit
+from lfb_ray.redaction import redact_text
 
 
 def main(argv=None) -> int:
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
         return 2
     init_ray(cfg)
     preflight_or_exit(cfg, "bank", checkpoint=ckpt, given=given)
-    print(build_bank(cfg, ckpt).line())
+    print(redact_text(build_bank(cfg, ckpt).line()))
     return 0
 
 

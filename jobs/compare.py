@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from lfb_ray.redaction import redact_text
+
 
 def main(argv=None) -> int:
     from lfb_ray.compare import compare, format_seed_table
@@ -64,14 +66,14 @@ def main(argv=None) -> int:
                 fams = label_families(cfg.data_path("dataset.json"))
                 table, rows = compare(cfg.tracking_uri, cfg.tracking.experiment,
                                       join_uri(cfg.workdir, "comparison"), families=fams, protocols=args.protocols)
-                print(f"== {cfg.tracking.experiment} ({cfg.workdir})\n{table}\n")
+                print(f"== {cfg.tracking.experiment} ({redact_text(cfg.workdir)})\n{table}\n")
                 per_seed[f"{cfg.tracking.experiment}@{cfg.workdir}"] = rows
             seeds = format_seed_table(per_seed, markdown=False)
             print(f"== mean (min-max) over {len(per_seed)} dataset seeds, val frame-mAP@0.5 (%)\n{seeds}")
             if args.out:
                 Path(args.out).mkdir(parents=True, exist_ok=True)
                 (Path(args.out) / "seeds.md").write_text(format_seed_table(per_seed) + "\n")
-                print(f"wrote {args.out}/seeds.md")
+                print(redact_text(f"wrote {args.out}/seeds.md"))
             return 0
         cfg = resolve_paths(load_config(groups[0][0] if groups else None, groups[0][1] if groups else ()))
         uri = args.tracking_uri or cfg.tracking_uri
@@ -80,10 +82,10 @@ def main(argv=None) -> int:
         table, _ = compare(uri, exp, out, run_ids=[r for r in args.run_ids.split(",") if r] or None,
                            families=label_families(cfg.data_path("dataset.json")), protocols=args.protocols)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(e)}", file=sys.stderr)
         return 1
     print(table)
-    print(f"wrote {out}/comparison.png, comparison.md, comparison.csv (also logged to MLflow)")
+    print(f"wrote {redact_text(out)}/comparison.png, comparison.md, comparison.csv (also logged to MLflow)")
     return 0
 
 

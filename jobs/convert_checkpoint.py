@@ -11,6 +11,7 @@ import argparse
 
 from lfb_ray.config import load_config
 from lfb_ray.models.checkpoint import convert_checkpoint
+from lfb_ray.redaction import redact_text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model_cfg = load_config(args.config).model if args.config else None
     kind = convert_checkpoint(args.in_path, args.out_path, model_cfg)
-    print(f"converted {kind} checkpoint {args.in_path} -> {args.out_path}")
+    print(redact_text(f"converted {kind} checkpoint {args.in_path} -> {args.out_path}"))
 
 
 if __name__ == "__main__":

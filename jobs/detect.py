@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lfb_ray.redaction import redact_text
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = load_config(args.config or None, args.overrides)
         except (ConfigError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {redact_text(e)}", file=sys.stderr)
             return 2
     try:
         res = detect_video(args.video, args.checkpoint, args.out, config=cfg, bank_checkpoint=args.bank_checkpoint or None,
@@ -69,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
                            detector_min_size=args.detector_min_size, render=not args.no_video,
                            keep_work=args.keep_work, progress=not args.quiet)
     except DetectError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(e)}", file=sys.stderr)
         return 2
-    print(res.line())
+    print(redact_text(res.line()))
     for path in (res.csv, res.short_term_csv, res.tracks_json, res.mp4):
         if path:
-            print(f"  {path}")
+            print(f"  {redact_text(path)}")
     return 0
 
 

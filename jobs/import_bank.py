@@ -15,6 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from lfb_ray.redaction import redact_text
+
 
 def main(argv: list[str] | None = None) -> int:
     import torch
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for f, split in zip(files, splits, strict=True):
             (s,) = import_mmaction2(f.parent, out, splits=[split]).values()
-            print(f"{f} -> {s.path}: {s.num_videos} videos, {s.num_seconds} seconds, {s.num_features} features "
+            print(f"{redact_text(f)} -> {redact_text(s.path)}: {s.num_videos} videos, {s.num_seconds} seconds, {s.num_features} features "
                   f"of dim {s.feature_dim}")
             if s.feature_dim != dim:
                 raise BankError(f"{f} holds {s.feature_dim}-wide features, but the model of {args.config} expects "
@@ -56,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{cfg.model.base_channels}); {s.path} was written: delete it")
         bank = FeatureBank.open(out, expected_dim=dim)
     except BankError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(e)}", file=sys.stderr)
         return 1
-    print(f"bank {out}: {len(bank.videos)} videos, dim {bank.feature_dim}; train with bank.path={out}")
+    print(redact_text(f"bank {out}: {len(bank.videos)} videos, dim {bank.feature_dim}; train with bank.path={out}"))
     return 0
 
 

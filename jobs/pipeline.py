@@ -11,6 +11,7 @@ import sys
 import traceback
 
 from lfb_ray.cli import base_parser, init_ray, load_given, preflight_or_exit
+from lfb_ray.redaction import redact_text
 
 
 def main(argv=None) -> int:
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
         base = (load_config(args.baseline_config, args.overrides + ["model.fbo=none"])
                 if args.baseline_config else None)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"error: --baseline-config: {e}", file=sys.stderr)
+        print(f"error: --baseline-config: {redact_text(e)}", file=sys.stderr)
         return 2
     operators = tuple(o.strip() for o in args.operators.split(",") if o.strip())
     init_ray(cfg)
@@ -43,9 +44,9 @@ def main(argv=None) -> int:
         return 0
     try:
         run_pipeline(cfg, operators=operators, start_from=args.start_from, baseline_cfg=base)
-    except Exception as e:  # the exit code says it; the traceback keeps everything
-        traceback.print_exc()
-        print(f"error: the pipeline stopped: {type(e).__name__}: {e}", file=sys.stderr)
+    except Exception as e:  # the exit code says it; the traceback keeps everything but credentials
+        print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
+        print(f"error: the pipeline stopped: {type(e).__name__}: {redact_text(e)}", file=sys.stderr)
         return 1
     return 0
 

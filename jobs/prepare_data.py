@@ -8,6 +8,7 @@
 import sys
 
 from lfb_ray.cli import base_parser, init_ray, load_given, preflight_or_exit
+from lfb_ray.redaction import redact_text
 
 
 def main(argv=None) -> int:
@@ -26,10 +27,10 @@ def main(argv=None) -> int:
     try:
         summary = prepare_dataset(cfg, verify=args.verify)
     except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(e)}", file=sys.stderr)
         return 1
-    print(summary.line())
-    print(f"prepared set (frame stores + keyframe tables): {cfg.prepared_dir}")
+    print(redact_text(summary.line()))
+    print(f"prepared set (frame stores + keyframe tables): {redact_text(cfg.prepared_dir)}")
     return 0
 
 

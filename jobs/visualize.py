@@ -10,6 +10,7 @@ this process from the prepared shards; no Ray cluster needed. LFB models also re
 import sys
 
 from lfb_ray.cli import base_parser, load_from_args
+from lfb_ray.redaction import redact_text
 
 
 def main(argv=None) -> int:
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
         vis = visualize_video(cfg, args.checkpoint, args.video, split=args.split, out_dir=args.out,
                               max_keyframes=args.max_keyframes, top_k=args.top_k, score_thr=args.score_thr)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(e)}", file=sys.stderr)
         return 1
     print(f"{len(vis.timestamps)} keyframes of {args.video}: {vis.png}  {vis.mp4}")
     return 0

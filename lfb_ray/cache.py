@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from lfb_ray.redaction import RedactedMessage
+
 __all__ = ["CACHE_ENV", "MAX_GB_ENV", "CacheError", "cache_root", "fetch", "max_bytes", "pin", "touch", "unpin"]
 
 CACHE_ENV = "LFB_RAY_CACHE"
@@ -51,7 +53,7 @@ _POLL_S = 0.2
 T = TypeVar("T")
 
 
-class CacheError(ValueError):
+class CacheError(RedactedMessage, ValueError):
     """A bad cache setting, or an entry the cache budget cannot hold."""
 
 

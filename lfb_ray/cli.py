@@ -9,14 +9,25 @@ import sys
 import time
 
 from lfb_ray.config import Config, ConfigError, load_config, resolve_paths
+from lfb_ray.redaction import redact_text
 
 __all__ = ["base_parser", "driver_runtime_env", "init_ray", "job_runtime_env", "load_from_args", "load_given",
            "preflight_or_exit", "wait_for_cluster"]
 
 
+def _redacting_excepthook(exc_type, exc, tb) -> None:
+    """`sys.excepthook` of the jobs: the traceback of an uncaught error, credentials redacted
+    (`lfb_ray.redaction.redact_text`; an exception's text may hold an `s3://KEY:SECRET@` URI)."""
+    import traceback
+
+    sys.stderr.write(redact_text("".join(traceback.format_exception(exc_type, exc, tb))))
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     """`--config PATH` and dotted overrides; the description (a job's docstring, its usage examples
-    one per line) is printed as written, not reflowed into one paragraph."""
+    one per line) is printed as written, not reflowed into one paragraph. Also installs
+    `_redacting_excepthook` (every job calls this first)."""
+    sys.excepthook = _redacting_excepthook
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 model.fbo=avg")
@@ -28,7 +39,7 @@ def load_given(args: argparse.Namespace) -> Config:
     try:
         return load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(e)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -46,11 +57,11 @@ def preflight_or_exit(cfg: Config, job: str, **kwargs) -> None:
     try:
         notes = run_preflight(cfg, job, **kwargs)
     except PreflightError as e:
-        print(str(e), file=sys.stderr)
+        print(redact_text(e), file=sys.stderr)
         print(f"error: {len(e.problems)} preflight check(s) failed; nothing was run", file=sys.stderr)
         raise SystemExit(2) from None
     for n in notes:
-        print(n, flush=True)
+        print(redact_text(n), flush=True)
     print(f"[preflight] ok ({time.monotonic() - t0:.1f} s)", flush=True)
 
 

@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from lfb_ray.redaction import redact_text
 from lfb_ray.runs import CONTROL
 
 __all__ = ["CONTROL", "ComparisonRow", "collect_runs", "compare", "format_seed_table", "format_table"]
@@ -51,7 +52,7 @@ def collect_runs(tracking_uri: str, experiment: str, run_ids: list[str] | None =
     else:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
-            raise ValueError(f"no MLflow experiment {experiment!r} at {tracking_uri}")
+            raise ValueError(f"no MLflow experiment {experiment!r} at {redact_text(tracking_uri)}")
         df = mlflow.search_runs([exp.experiment_id], filter_string="tags.`lfb_ray.operator` != ''",
                                 order_by=["attributes.start_time DESC"])
         runs = [client.get_run(r) for r in df["run_id"]] if len(df) else []

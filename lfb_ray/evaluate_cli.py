@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lfb_ray.data.annotations import AnnotationError, read_annotation_rows, read_exclusions, read_label_map
 from lfb_ray.evaluation import MapResult, evaluate_frame_map, read_results_csv
+from lfb_ray.redaction import redact_text
 
 __all__ = ["PROTOCOLS", "build_parser", "format_side_by_side", "format_table", "main", "result_to_json"]
 
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         _evaluate_and_print(gt, det, label_map, exclusions, args.protocol, args.json)
     except (AnnotationError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(e)}", file=sys.stderr)
         return 1
     t2 = time.perf_counter()
     print(f"\n{len(gt)} GT rows, {len(det)} detection rows, {len(label_map)} classes, "
@@ -190,7 +191,7 @@ def _run_model(args: argparse.Namespace) -> int:
     try:
         cfg = resolve_paths(load_config(args.config, overrides))
     except (ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(e)}", file=sys.stderr)
         return 1
     from lfb_ray.storage import StorageError, exists, is_uri, join_uri, resolve, upload_file
 
@@ -199,7 +200,7 @@ def _run_model(args: argparse.Namespace) -> int:
     except (StorageError, OSError):
         found = False
     if not found:
-        print(f"error: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
+        print(f"error: checkpoint {redact_text(args.checkpoint)} does not exist", file=sys.stderr)
         return 1
     # The result CSV: `--csv` or <workdir>/results/infer_<fbo>.csv, either a local path or a URI
     # (written locally, scored, then uploaded).
@@ -219,13 +220,13 @@ def _run_model(args: argparse.Namespace) -> int:
         _evaluate_and_print(gt, det, label_map, exclusions, "both" if args.protocol == "both" else cfg.eval.protocol,
                             args.json)
     except (AnnotationError, PrepareError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(e)}", file=sys.stderr)
         return 1
     finally:
         if tmp:
             tmp.cleanup()
     t2 = time.perf_counter()
-    print(f"\n{inferred.num_boxes} boxes of the val split scored by {args.checkpoint} (fbo={cfg.model.fbo}) "
+    print(f"\n{inferred.num_boxes} boxes of the val split scored by {redact_text(args.checkpoint)} (fbo={cfg.model.fbo}) "
           f"in {inferred.seconds:.1f} s; {len(det)} detection rows in {target}; {len(gt)} GT rows, "
           f"{len(label_map)} classes, {len(exclusions)} excluded keyframes; evaluated {t2 - t1:.1f} s")
     if args.json:

@@ -25,11 +25,12 @@ import json
 from collections.abc import Mapping
 
 from lfb_ray.config import Config
+from lfb_ray.redaction import RedactedMessage
 
 __all__ = ["InputError", "bank_id", "checkpoint_id", "describe_changes", "prepared_id", "run_inputs"]
 
 
-class InputError(FileNotFoundError):
+class InputError(RedactedMessage, FileNotFoundError):
     """An input a run consumes is missing or unreadable; the message names it and the job that makes it."""
 
 

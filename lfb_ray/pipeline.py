@@ -22,6 +22,7 @@ import os
 import time
 
 from lfb_ray.config import (
+    PATH_KEYS,
     Config,
     config_from_dict,
     config_hash,
@@ -29,6 +30,7 @@ from lfb_ray.config import (
     resolve_paths,
     unresolve_paths,
 )
+from lfb_ray.redaction import redact_obj, redact_text, restore_credentials, strip_credentials
 from lfb_ray.runs import CONTROL, identity_dict, run_name_for
 from lfb_ray.storage import exists, join_uri, local_file, read_json, resolve, write_bytes_atomic
 
@@ -82,16 +84,56 @@ def _fit_key(cfg: Config, init_checkpoint: str | None = None) -> tuple[str, dict
     return run_name_for(cfg, init_checkpoint, inputs), inputs
 
 
+def _ref(uri: str | None) -> str | None:
+    """What the state keeps of a URI: `lfb_ray.redaction.strip_credentials` (no secret in
+    `pipeline.json`, which anyone who can list the workdir reads)."""
+    return strip_credentials(uri) if uri else uri
+
+
+def _credential_sources(*cfgs: Config | None) -> list[str]:
+    """The configs' path keys (`PATH_KEYS`, `train.storage_path` among them): the URIs that hold the
+    credentials as the user gave them, which `_usable` puts back on a stored reference."""
+    out = []
+    for c in cfgs:
+        if c is None:
+            continue
+        d = config_to_dict(c)
+        for dotted in PATH_KEYS:
+            sec, _, key = dotted.rpartition(".")
+            v = d[sec][key] if sec else d[key]
+            if isinstance(v, str) and v:
+                out.append(v)
+        out.append(c.storage_path)
+    return out
+
+
+def _usable(ref: str | None, sources: list[str]) -> str | None:
+    """The URI to open for the stored reference `ref` (a model, a result CSV): its credentials
+    restored from the config (`lfb_ray.redaction.restore_credentials`)."""
+    return restore_credentials(ref, sources) if ref else ref
+
+
 def _fit_summary(r) -> dict:
-    """What the pipeline state keeps of a `FitResult`."""
-    return {"run_name": r.run_name, "run_id": r.mlflow_run_id, "model": r.model_path,
-            "mAP": r.metrics.get("val/mAP"), "csv": r.metrics.get("val/csv")}
+    """What the pipeline state keeps of a `FitResult`.
+
+    The model's and the CSV's URIs are kept without credentials (`_ref`): a checkpoint under
+    `train.storage_path=s3://KEY:SECRET@bucket/...` would otherwise put the secret into
+    `pipeline.json`. The stored location cannot be recomputed from the config alone (it holds Ray
+    Train's checkpoint folder), so the reference is the URI with the credentials removed, and the
+    stages that open it re-add them from the config's path keys that hold them (`_usable`): a
+    rotated key in the config is then used too.
+    """
+    return {"run_name": r.run_name, "run_id": r.mlflow_run_id, "model": _ref(r.model_path),
+            "mAP": r.metrics.get("val/mAP"), "csv": _ref(r.metrics.get("val/csv"))}
 
 
 def _save_state(path: str, state: dict) -> None:
-    """Write the state to `path` (a local path or URI) under a temporary name, then move it into place."""
+    """Write the state to `path` (a local path or URI) under a temporary name, then move it into place.
+
+    Every string in it goes through `lfb_ray.redaction.redact_obj` on the way, a last guard: the
+    URIs the stages read back are stored credential-free already (`_fit_summary`)."""
     fs, inner = resolve(path)
-    write_bytes_atomic(fs, inner, json.dumps(state, indent=1).encode())
+    write_bytes_atomic(fs, inner, json.dumps(redact_obj(state), indent=1).encode())
 
 
 def _family_means(cfg: Config, csv_path: str) -> dict[str, float]:
@@ -151,8 +193,8 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
                 artifact_root=artifact_location(cfg.tracking_uri, cfg.workdir), tags={"lfb_ray.kind": "pipeline"})
             print(f"[pipeline] MLflow parent run {parent}", flush=True)
         except Exception as e:
-            print(f"[pipeline] WARNING: MLflow unavailable at {cfg.tracking_uri} ({type(e).__name__}: {e}); "
-                  "no parent run", flush=True)
+            print(f"[pipeline] WARNING: MLflow unavailable at {redact_text(cfg.tracking_uri)} "
+                  f"({type(e).__name__}: {redact_text(e)}); no parent run", flush=True)
     try:
         out = _run_stages(cfg, operators=operators, start_from=start_from, baseline_cfg=baseline_cfg,
                           parent_run_id=parent)
@@ -219,7 +261,7 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
 
     def do_prepare():
         s = prepare_dataset(cfg, built=built)
-        print(s.line(), flush=True)
+        print(redact_text(s.line()), flush=True)
         return {"keyframes": s.keyframes, "bytes": s.bytes, "failures": len(s.failures)}
 
     # The inputs' fingerprint too: a dataset regenerated in place must be prepared again.
@@ -233,20 +275,23 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
             state.pop("prepare")
     stage("prepare", prep_key, do_prepare, {"sources": sources})
 
+    cred_sources = _credential_sources(cfg, baseline_cfg)
+
     def do_fit(c: Config, init: str | None = None):
         return _fit_summary(fit(c, init_checkpoint=init, parent_run_id=parent_run_id))
 
     base_name, base_inputs = _fit_key(base_cfg)
     base = stage("baseline", base_name, lambda: do_fit(base_cfg), base_inputs)
+    base_model = _usable(base["model"], cred_sources)  # with its credentials again: it is opened
 
     def do_bank():
-        s = build_bank(cfg, base["model"])
-        print(s.line(), flush=True)
-        return {"features": s.features, "bytes": s.bytes, "path": s.path}
+        s = build_bank(cfg, base_model)
+        print(redact_text(s.line()), flush=True)
+        return {"features": s.features, "bytes": s.bytes, "path": _ref(s.path)}
 
     # The bank's build id: the baseline checkpoint's bytes, the prepared data's identity and the
     # settings that change features (the actor pool's size and CPUs do not); and where it goes.
-    ckpt_sha = file_sha256(base["model"])
+    ckpt_sha = file_sha256(base_model)
     _, build_hash = build_identity(cfg, ckpt_sha)
     stage("bank", json.dumps([build_hash, config_hash(given, ["bank"])]), do_bank,
                  {"prepared": prepared_id(cfg.prepared_dir), "checkpoint": ckpt_sha[:16]})
@@ -254,7 +299,7 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
     if cfg.model.init_backbone_from_baseline:
         # The LFB models get the baseline's training plus their own; the control gets the same.
         op_cfgs[CONTROL] = _with(cfg, model__fbo="none")
-    op_init = base["model"] if cfg.model.init_backbone_from_baseline else None
+    op_init = base_model if cfg.model.init_backbone_from_baseline else None
     op_keys = {op: _fit_key(c, op_init) for op, c in op_cfgs.items()}
     # The runs' names hold the bank's build id and the initial checkpoint's bytes.
     ops_key = json.dumps({op: name for op, (name, _) in op_keys.items()})
@@ -291,7 +336,7 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
 
         out = {}
         for op, r in [("none", base), *ops.items()]:
-            fam = _family_means(cfg, r["csv"]) if r.get("csv") else {}
+            fam = _family_means(cfg, _usable(r["csv"], cred_sources)) if r.get("csv") else {}
             if r.get("run_id") and fam and cfg.tracking.enabled:
                 tr = Tracker(cfg.tracking_uri, r["run_id"])
                 tr.log_metrics({k: v for k, v in fam.items() if not math.isnan(v)}, step=cfg.train.epochs)

@@ -20,12 +20,19 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from lfb_ray.redaction import RedactedMessage
+
 __all__ = ["StorageError", "check_writable", "checkpoint_file", "exists", "is_uri", "join", "join_uri", "local_file",
            "read_bytes", "file_exists", "fsync_local", "read_json", "remove_dir", "resolve", "upload_file", "write_bytes_atomic", "write_json_atomic"]
 
 
-class StorageError(OSError):
-    """An output location cannot be used (unwritable, full, bad URI)."""
+class StorageError(RedactedMessage, OSError):
+    """An output location cannot be used (unwritable, full, bad URI).
+
+    Its message is credential-free whoever raises it: the URIs it names may carry
+    `s3://KEY:SECRET@...` or `?secret_key=...` (`lfb_ray.redaction.RedactedMessage`), since an
+    error's text ends up in logs, job output and MLflow tags.
+    """
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -34,7 +41,9 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         try:
             return pafs.FileSystem.from_uri(uri)
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError variants
-            raise StorageError(f"cannot open {uri}: {e}") from e
+            # Not chained: pyarrow's own text may echo the URI, credentials included, and a
+            # chained cause is printed whole in every traceback. Its type and (redacted) text stay.
+            raise StorageError(f"cannot open {uri}: {type(e).__name__}: {e}") from None
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
@@ -195,8 +204,8 @@ def check_writable(uri: str, *, min_free_bytes: int = 0) -> None:
         with fs.open_output_stream(probe) as f:
             f.write(b"ok")
         fs.delete_file(probe)
-    except Exception as e:
-        raise StorageError(f"output location {uri} is not writable: {e}") from e
+    except Exception as e:  # not chained, like `resolve`'s: the cause's text may hold credentials
+        raise StorageError(f"output location {uri} is not writable: {type(e).__name__}: {e}") from None
     if isinstance(fs, pafs.LocalFileSystem) and min_free_bytes:
         st = os.statvfs(path)
         free = st.f_bavail * st.f_frsize

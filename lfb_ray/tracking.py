@@ -11,11 +11,11 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import re
 import subprocess
 import sys
 from typing import Any
 
+from lfb_ray.redaction import redact_obj, redact_text
 from lfb_ray.storage import is_uri
 
 __all__ = ["NullTracker", "Tracker", "artifact_location", "check_artifact_store", "check_store_reaches_all_nodes", "close_parent_run",
@@ -24,18 +24,10 @@ __all__ = ["NullTracker", "Tracker", "artifact_location", "check_artifact_store"
 
 log = logging.getLogger("lfb_ray.tracking")
 
-_SECRET = re.compile(r"(secret|token|password|passwd|access_key|api_key|credential)", re.I)
-_URI_CREDS = re.compile(r"(://)([^/@:]+):([^/@]+)@")
-
-
 def redact(key: str, value: Any) -> Any:
-    """Hide credentials: secret-looking keys, `user:pass@` in URIs, key=... query parameters."""
-    if _SECRET.search(key):
-        return "***"
-    if isinstance(value, str):
-        value = _URI_CREDS.sub(r"\1***:***@", value)
-        value = re.sub(r"((?:secret|access)_key|token|password)=([^&]+)", r"\1=***", value, flags=re.I)
-    return value
+    """`value` with credentials hidden (`lfb_ray.redaction`): all of it when `key` names a secret,
+    else `user:pass@` in URIs and secret query parameters, in strings and inside lists/dicts."""
+    return redact_obj(value, key)
 
 
 def setup_mlflow_env(tracking_uri: str) -> None:
@@ -128,7 +120,7 @@ def end_run(tracking_uri: str, run_id: str, status: str) -> None:
         MlflowClient(tracking_uri).set_terminated(run_id, status)
     except Exception as e:
         print(f"[lfb_ray] WARNING: could not mark MLflow run {run_id} {status}: {type(e).__name__}: "
-              f"{str(e)[:200]}", flush=True)
+              f"{redact_text(e)[:200]}", flush=True)
 
 
 class run_status:  # noqa: N801  (a context manager, used as `with run_status(...)`)
@@ -192,11 +184,11 @@ def close_parent_run(tracking_uri: str, parent_id: str, exc: BaseException | Non
             client.log_artifact(parent_id, os.path.join(d, "summary.csv"))
             client.log_artifact(parent_id, os.path.join(d, "summary.md"))
         if exc is not None:
-            client.set_tag(parent_id, "lfb_ray.error", f"{type(exc).__name__}: {str(exc)[:400]}")
+            client.set_tag(parent_id, "lfb_ray.error", f"{type(exc).__name__}: {redact_text(exc)[:400]}")
         client.set_terminated(parent_id, status)
     except Exception as e:
         print(f"[lfb_ray] WARNING: could not close MLflow parent run {parent_id} ({status}): "
-              f"{type(e).__name__}: {str(e)[:200]}", flush=True)
+              f"{type(e).__name__}: {redact_text(e)[:200]}", flush=True)
         end_run(tracking_uri, parent_id, status)
 
 
@@ -242,7 +234,7 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, *, par
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
-    safe = {k: str(redact(k, v))[:500] for k, v in params.items()}
+    safe = {k: redact_text(str(redact(k, v)))[:500] for k, v in params.items()}
     safe.update({"version.ray": ray.__version__, "version.torch": torch.__version__,
                  "version.python": sys.version.split()[0], "git_commit": _git_commit()})
     items = sorted(safe.items())
@@ -304,7 +296,7 @@ class Tracker(NullTracker):
     def _warn(self, what: str, e: Exception) -> None:
         if not self._warned:
             print(f"[lfb_ray] WARNING: MLflow tracking unavailable ({what}: {type(e).__name__}: "
-                  f"{str(e)[:200]}); training continues, metrics are kept and retried", flush=True)
+                  f"{redact_text(e)[:200]}); training continues, metrics are kept and retried", flush=True)
             self._warned = True
 
     def flush(self) -> bool:

@@ -115,3 +115,99 @@ def test_bytes_constructor_cannot_allocate():
     with pytest.raises(UnsafePickleError, match="refused bytes"):
         safe_load(io.BytesIO(data), what="test")
     assert safe_load(io.BytesIO(pickle.dumps([b"", bytearray(b"ab")], protocol=2)), what="test") == [b"", bytearray(b"ab")]
+
+
+# --- array limits: a header may declare any size; it is refused before numpy allocates it
+
+def _reconstruct_fn():
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+class _HugeReconstruct:
+    """`_reconstruct(ndarray, shape, dtype)`: numpy allocates the declared shape at once."""
+
+    def __init__(self, shape, dtype=b"b"):
+        self.shape, self.dtype = shape, dtype
+
+    def __reduce__(self):
+        return (_reconstruct_fn(), (np.ndarray, self.shape, self.dtype))
+
+
+class _HugeObjectState:
+    """An empty array whose BUILD state declares an object array of `n` elements and holds none:
+    `ndarray.__setstate__` allocates (and fills) all of them."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __reduce__(self):
+        return (_reconstruct_fn(), (np.ndarray, (0,), b"b"), (1, (self.n,), np.dtype(object), False, []))
+
+
+class _HugeNew:
+    """`ndarray(shape, dtype)` through REDUCE."""
+
+    def __reduce__(self):
+        return (np.ndarray, ((1 << 20, 1 << 20), np.dtype(np.float64)))
+
+
+def _refused_quickly(path, **limits):
+    import resource
+    import time
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    t0 = time.perf_counter()
+    with pytest.raises(UnsafePickleError) as e:
+        safe_load(path, what="proposals", **limits)
+    assert time.perf_counter() - t0 < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 100 * 1024  # < 100 MiB more
+    return str(e.value)
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_huge_declared_array_is_refused_before_allocating(tmp_path, protocol):
+    cases = {"reconstruct": _HugeReconstruct((1 << 20, 1 << 20)), "object_state": _HugeObjectState(1 << 30),
+             "new": _HugeNew()}
+    for name, obj in cases.items():
+        path = tmp_path / f"{name}.pkl"
+        path.write_bytes(pickle.dumps({"v,0902": obj}, protocol=protocol))
+        assert path.stat().st_size < 1000  # a tiny file...
+        msg = _refused_quickly(path)  # ...that declares terabytes / 8 GiB
+        assert str(path) in msg and "proposals" in msg, msg
+        assert "declared shape" in msg and "per array" in msg and "4.00 GiB" in msg, msg
+
+
+def test_array_limit_message_names_shape_dtype_and_limit(tmp_path):
+    path = tmp_path / "obj.pkl"
+    path.write_bytes(pickle.dumps(_HugeObjectState(1 << 30), protocol=2))
+    msg = _refused_quickly(path)
+    assert "declared shape (1073741824,) and dtype object" in msg and "4.00 GiB per array" in msg, msg
+
+
+def test_limits_per_array_and_per_load_are_the_callers(tmp_path):
+    path = tmp_path / "two.pkl"
+    path.write_bytes(pickle.dumps({"a": np.zeros(1000, np.float32), "b": np.zeros(1000, np.float32)}))
+    out = safe_load(path, what="bank", max_array_bytes=4000, max_bytes=8000)  # exactly fits
+    assert type(out["a"]) is np.ndarray and out["b"].shape == (1000,)
+    with pytest.raises(UnsafePickleError, match=r"declared shape \(1000,\) and dtype float32 \(4000 bytes\): over the limit of 3999 bytes per array"):
+        safe_load(path, what="bank", max_array_bytes=3999)
+    with pytest.raises(UnsafePickleError, match="per load"):
+        safe_load(path, what="bank", max_bytes=7999)
+
+
+def test_loaded_arrays_are_plain_ndarrays(tmp_path):
+    a = np.arange(6.0).reshape(2, 3)
+    shared = [a]
+    obj = {"x": (a, shared), "y": shared, "z": [np.float32(1.5)]}
+    path = tmp_path / "plain.pkl"
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        path.write_bytes(pickle.dumps(obj, protocol=protocol))
+        out = safe_load(path, what="test")
+        assert type(out["x"][0]) is np.ndarray and type(out["y"][0]) is np.ndarray
+        assert out["x"][1] is out["y"]  # shared containers stay shared
+        np.testing.assert_array_equal(out["x"][0], a)
+        assert (out["x"][0] * 2).__class__ is np.ndarray

@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 import torch
 
 from lfb_ray import cache
+from lfb_ray.redaction import RedactedMessage
 from lfb_ray.storage import resolve
 
 __all__ = ["FORMAT_VERSION", "MISSING_VIDEO_MODES", "BankError", "BankSummary", "FeatureBank", "bank_manifests",
@@ -45,7 +46,7 @@ MISSING_VIDEO_MODES = ("error", "zeros")
 _NAMED = 5  # missing videos named in an error message; the rest are counted
 
 
-class BankError(ValueError):
+class BankError(RedactedMessage, ValueError):
     """A bank is missing, incomplete, inconsistent, lacks videos, or does not fit the model."""
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from lfb_ray.config import ModelConfig
 from lfb_ray.models.detector import build_detector
+from lfb_ray.redaction import RedactedMessage
 
 __all__ = [
     "FORMAT",
@@ -55,7 +56,7 @@ _DROPPED_PREFIXES = ("cls_head.", "data_preprocessor.")
 _METADATA_PACKAGES = frozenset({"mmengine", "mmcv", "mmaction", "mmdet", "numpy", "_codecs"})
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RedactedMessage, ValueError):
     """A checkpoint cannot be read or does not fit the model; the message lists the keys.
 
     Attributes:

@@ -24,6 +24,7 @@ from lfb_ray.config import (
     flatten_config,
     resolve_paths,
 )
+from lfb_ray.redaction import redact_text
 from lfb_ray.runs import identity_dict, operator_tag, run_name_for
 from lfb_ray.storage import is_uri, join_uri, resolve
 from lfb_ray.train.recipe import train_loop_per_worker
@@ -64,7 +65,7 @@ def _checkpoint_uri(checkpoint, storage_path: str) -> str:
         return checkpoint.path
     _, base_inner = resolve(storage_path)
     if not checkpoint.path.startswith(base_inner.rstrip("/") + "/"):
-        raise ValueError(f"checkpoint {checkpoint.path} is not under train.storage_path {storage_path}")
+        raise ValueError(f"checkpoint {checkpoint.path} is not under train.storage_path {redact_text(storage_path)}")
     return join_uri(storage_path, checkpoint.path[len(base_inner.rstrip("/")) + 1:])
 
 
@@ -113,8 +114,8 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
                 fresh=fresh, tags={"lfb_ray.operator": operator_tag(cfg, init_checkpoint)},
                 config_yaml=_redacted_yaml(cfg))
         except Exception as e:
-            print(f"[lfb_ray] WARNING: MLflow unavailable at {cfg.tracking_uri} ({type(e).__name__}: {e}); "
-                  "training without tracking", flush=True)
+            print(f"[lfb_ray] WARNING: MLflow unavailable at {redact_text(cfg.tracking_uri)} "
+                  f"({type(e).__name__}: {redact_text(e)}); training without tracking", flush=True)
     try:
         return _fit_run(cfg, name=name, run_id=run_id, init_checkpoint=init_checkpoint, t0=t0)
     except BaseException as e:
@@ -234,7 +235,7 @@ def _error_text(e: BaseException) -> str:
     """'Type: message' of a run's error; for an exception raised inside a Ray task, the original one."""
     cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps the task's exception
     err = cause if isinstance(cause, BaseException) else e
-    return f"{type(err).__name__}: {err}"
+    return f"{type(err).__name__}: {redact_text(err)}"  # printed, raised (FitManyError), stored
 
 
 def fit_many(cfgs: dict[str, Config], *, fresh: bool = False, parent_run_id: str | None = None,
@@ -346,7 +347,7 @@ def fit_operators(cfg: Config, operators: list[str], *, fresh: bool = False,
                                         artifact_root=artifact_location(cfg.tracking_uri, cfg.workdir),
                                         tags={"lfb_ray.kind": "operators"})
         except Exception as e:
-            print(f"[lfb_ray] WARNING: MLflow unavailable ({e}); no parent run", flush=True)
+            print(f"[lfb_ray] WARNING: MLflow unavailable ({redact_text(e)}); no parent run", flush=True)
     try:
         results = fit_many({op: _with_operator(cfg, op) for op in operators}, fresh=fresh, parent_run_id=parent,
                            init_checkpoint=init_checkpoint)

@@ -21,6 +21,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from lfb_ray.config import Config, config_from_dict, config_to_dict
 from lfb_ray.data.dataset import epoch_order, train_samples
+from lfb_ray.redaction import redact_text
 from lfb_ray.train.best import BestEpoch
 from lfb_ray.train.schedule import build_optimizer, lr_at
 
@@ -168,6 +169,42 @@ def _warm_up(core, cfg: Config, checkpoint: str) -> None:
         f"{res.loss_last:.4f}, {res.seconds:.0f} s on {torch.get_num_threads()} CPU thread(s)")
 
 
+class EpochLoss:
+    """The running mean of an epoch's training loss, which survives a resume.
+
+    A checkpoint inside an epoch (`train.checkpoint_every_iters`) records the sum and count of the
+    losses so far (`state()`, into state.pt), and the resumed worker starts from them
+    (`restore`), so `train/loss_epoch` is the mean over all of the epoch's iterations and not only
+    the ones run since the resume; a resume at the epoch's last iteration, which runs none, logged
+    0.0 before. It is rank 0's loss (rank 0 writes state.pt and logs), as without a resume.
+    """
+
+    def __init__(self) -> None:
+        self.sum, self.count = 0.0, 0
+
+    def add(self, loss: float) -> None:
+        self.sum += float(loss)
+        self.count += 1
+
+    @property
+    def mean(self) -> float:
+        """The mean loss; NaN when the epoch has no iteration at all (never 0.0, a real loss)."""
+        return self.sum / self.count if self.count else float("nan")
+
+    def state(self, epoch: int) -> dict:
+        """What state.pt keeps: the sums of `epoch`, the epoch a checkpoint written now resumes."""
+        return {"epoch": int(epoch), "sum": float(self.sum), "count": int(self.count)}
+
+    @classmethod
+    def restore(cls, saved: dict | None, epoch: int) -> EpochLoss:
+        """The running loss of `epoch` when resuming: `saved` (state.pt's `epoch_loss`) if it is
+        this epoch's, else empty (a checkpoint at an epoch's end, or of an older version)."""
+        out = cls()
+        if saved and int(saved.get("epoch", -1)) == epoch:
+            out.sum, out.count = float(saved["sum"]), int(saved["count"])
+        return out
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker entry point. `config` = {"cfg": nested config dict, "mlflow_run_id": ...}."""
     import ray.train
@@ -218,7 +255,7 @@ def train_loop_per_worker(config: dict) -> None:
     elif config.get("init_checkpoint"):  # a new LFB run starting from the baseline's backbone
         what = load_checkpoint(core, config["init_checkpoint"], backbone_only=True)
         if rank == 0:
-            print(f"[lfb_ray] initialised the backbone from {config['init_checkpoint']} ({what})", flush=True)
+            print(f"[lfb_ray] initialised the backbone from {redact_text(config['init_checkpoint'])} ({what})", flush=True)
             if tc.head_warmup_steps > 0:
                 _warm_up(core, cfg, config["init_checkpoint"])
     # DDP broadcasts rank 0's parameters and buffers when it wraps the model, so the head that rank 0
@@ -238,14 +275,18 @@ def train_loop_per_worker(config: dict) -> None:
     rng = np.random.default_rng([tc.seed, rank, global_step])
     iters_per_epoch = config["iters_per_epoch"]
 
+    epoch_loss = EpochLoss.restore(state.get("epoch_loss") if state else None, start_epoch)
+
     def report(metrics: dict, epoch: int, iter_in_epoch: int, final: bool = False) -> None:
         """Checkpoint (rank 0 writes, all ranks call report), then flush MLflow."""
         with tempfile.TemporaryDirectory() as tmp:
             ckpt_obj = None
             if rank == 0:
+                # At an epoch's end (iter_in_epoch 0 of the next), the next epoch's loss starts empty.
+                running = epoch_loss.state(epoch) if iter_in_epoch else EpochLoss().state(epoch)
                 torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                             "iter_in_epoch": iter_in_epoch, "global_step": global_step, "best_map": best_map,
-                            "rng": _rng_state()}, os.path.join(tmp, "state.pt"))
+                            "rng": _rng_state(), "epoch_loss": running}, os.path.join(tmp, "state.pt"))
                 if tc.save_best:
                     best.save(tmp)
                 if final:
@@ -318,7 +359,10 @@ def train_loop_per_worker(config: dict) -> None:
         # has a loss curve (compare's plot reads it).
         last_it = first + -(-len(mine) // tc.batch_size_per_worker) - 1
         t_last = time.time()
-        loss_sum, loss_n = 0.0, 0
+        # The epoch's loss so far: restored for the epoch a checkpoint resumes (`EpochLoss`).
+        if epoch != start_epoch:
+            epoch_loss = EpochLoss()
+        iters_here = 0  # run in this process (the it/s figure)
         samples = train_samples(cfg, train_table, mine, epoch)
         for it, batch in enumerate(samples.iter_torch_batches(batch_size=tc.batch_size_per_worker,
                                                               collate_fn=TrainCollate(cfg.data.mean, cfg.data.std),
@@ -345,8 +389,8 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.step()
             global_step += 1
             n_clips += batch["num_clips"]
-            loss_sum += float(loss.detach())
-            loss_n += 1
+            epoch_loss.add(float(loss.detach()))
+            iters_here += 1
             if global_step % tc.log_every_iters == 0 or it == last_it:
                 tracker.log_metrics({"train/loss": float(loss.detach()), "train/lr": lr}, step=global_step)
             if tc.checkpoint_every_iters and global_step % tc.checkpoint_every_iters == 0:
@@ -356,14 +400,14 @@ def train_loop_per_worker(config: dict) -> None:
         elapsed = time.time() - t_epoch
         clips_per_s = n_clips * world / max(elapsed, 1e-9)
         metrics = {"epoch": epoch + 1, "global_step": global_step,
-                   "train/loss_epoch": loss_sum / max(loss_n, 1), "train/clips_per_s": clips_per_s,
+                   "train/loss_epoch": epoch_loss.mean, "train/clips_per_s": clips_per_s,
                    "train/data_wait_frac": t_wait / max(elapsed, 1e-9), "train/epoch_seconds": elapsed}
         last = epoch + 1 == epochs
         eta = (time.time() - t_run) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
         finish(metrics, epoch + 1, final=last,
                evaluate=last or bool(tc.eval_every_epochs and (epoch + 1) % tc.eval_every_epochs == 0),
                line=(f"[lfb_ray] {cfg.model.fbo} epoch {epoch + 1}/{epochs}: loss {metrics['train/loss_epoch']:.4f}, "
-                     f"{loss_n / max(elapsed, 1e-9):.2f} it/s, {clips_per_s:.1f} clips/s, data wait "
+                     f"{iters_here / max(elapsed, 1e-9):.2f} it/s, {clips_per_s:.1f} clips/s, data wait "
                      f"{100 * metrics['train/data_wait_frac']:.1f}%"),
                tail=f", ETA {eta:.0f} s")
     if not tracker.flush():

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from lfb_ray.redaction import RedactedMessage
+
 __all__ = [
     "BankConfig",
     "ClusterConfig",
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(RedactedMessage, ValueError):
     """A config file or override is invalid; the message names the key."""
 
 

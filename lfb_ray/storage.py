@@ -148,7 +148,9 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         return Path(path).read_bytes()
     fs, inner = resolve(path)
     if fs.get_file_info(inner).type != pafs.FileType.File:
-        raise FileNotFoundError(f"{path.partition('?')[0]}: no such file")
+        from lfb_ray.redaction import redact_text
+
+        raise FileNotFoundError(f"{redact_text(path.partition('?')[0])}: no such file")
     with fs.open_input_stream(inner) as f:
         return f.read()
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lfb_ray.data.ids import unsafe_video_id
+from lfb_ray.redaction import RedactedMessage
 from lfb_ray.storage import is_uri, read_bytes
 
 __all__ = [
@@ -39,7 +40,7 @@ __all__ = [
 AVA_NUM_ACTIONS = 80  # action ids are 1..80; index 0 of a multi-hot vector stays unused
 
 
-class AnnotationError(ValueError):
+class AnnotationError(RedactedMessage, ValueError):
     """Malformed AVA input; the message reads `<file>:<line>: <problem>` (line 1-based)."""
 
 

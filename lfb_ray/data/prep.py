@@ -44,6 +44,7 @@ from lfb_ray.data.ids import unsafe_video_id
 from lfb_ray.data.integrity import check_files, file_check
 from lfb_ray.data.schema import FRAMES_FILE, KEYFRAMES_FILE, SCHEMA, SCHEMA_VERSION
 from lfb_ray.data.timing import FrameTimes, TimingError, detect_video_start, stored_ref_offsets
+from lfb_ray.redaction import RedactedMessage, redact_text
 from lfb_ray.storage import (
     exists,
     is_uri,
@@ -64,7 +65,7 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm")
 FRAMES_PER_DECODE = 128  # frames decoded together: bounds memory, still one in-order pass
 
 
-class PrepareError(RuntimeError):
+class PrepareError(RedactedMessage, RuntimeError):
     """The prepare job failed (too many bad videos, unusable output location)."""
 
 
@@ -113,7 +114,7 @@ def find_videos(videos_dir: str) -> dict[str, tuple[str, int, int]]:
         path = join_uri(videos_dir, info.base_name) if is_uri(videos_dir) else os.path.join(videos_dir, info.base_name)
         why = unsafe_video_id(stem)
         if why:  # no annotation row can name it (the readers refuse such ids): say so, skip it
-            print(f"[prepare] WARNING: {path.partition('?')[0]} skipped: {why}", flush=True)
+            print(f"[prepare] WARNING: {redact_text(path.partition('?')[0])} skipped: {why}", flush=True)
             continue
         mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
         out.setdefault(stem, (path, int(info.size or 0), int(mtime)))

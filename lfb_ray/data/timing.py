@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lfb_ray.redaction import RedactedMessage
+
 __all__ = [
     "FrameTimes",
     "TimingError",
@@ -34,7 +36,7 @@ __all__ = [
 AVA_TRIMMED_START = 900  # the trimmed 15-minute clips start at movie second 900
 
 
-class TimingError(ValueError):
+class TimingError(RedactedMessage, ValueError):
     """A video cannot serve its annotated keyframes (too short, ambiguous offset)."""
 
 

@@ -116,3 +116,47 @@ def test_a_keyframe_before_the_video_start_is_a_reported_failure_not_a_clip_of_f
     assert "file time -899 s" in failure["error"]
     rows = pq.read_table(tmp_path / "prepared" / "train" / vid / "keyframes.parquet").to_pydict()
     assert 1 not in rows["timestamp"] and len(rows["timestamp"]) == len(task["keyframes"]) - 1
+
+
+@pytest.mark.ray
+def test_a_full_disk_stops_prepare_without_a_false_marker_and_the_rerun_is_byte_identical(prepared, synthetic_root,
+                                                                                           tmp_path):
+    """A real ENOSPC: the prepared folder on a tmpfs of half the set's size. The job fails naming "No
+    space left"; every marker left names complete files; after space is freed the rerun completes the
+    set, byte-identical to a run that had space (the session's `prepared` fixture)."""
+    import hashlib
+    import subprocess
+    from pathlib import Path
+
+    from lfb_ray.data.prep import prepare_dataset
+
+    ref_cfg, _ = prepared
+    ref = Path(ref_cfg.prepared_dir)
+    files = sorted(p.relative_to(ref) for p in ref.glob("*/*/*") if p.name in ("frames.arrow", "keyframes.parquet"))
+    total = sum((ref / f).stat().st_size for f in files)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    size_kb = max(64, total // 2 // 1024)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
+    try:
+        cfg = tiny_config(tmp_path / "work", synthetic_root, f"data.prepared_dir={mnt}/prepared")
+        with pytest.raises(Exception) as e:
+            prepare_dataset(cfg)
+        failures = mnt / "prepared" / "failures.json"
+        said = str(e.value) + (failures.read_text() if failures.exists() else "")
+        assert "No space left" in said, said
+        for marker in (mnt / "prepared").glob("*/*/_DONE.json"):
+            checks = json.loads(marker.read_text())["checks"]
+            for name, want in checks.items():
+                blob = (marker.parent / name).read_bytes()
+                assert len(blob) == want["size"] and hashlib.sha256(blob).hexdigest() == want["sha256"]
+        assert not list((mnt / "prepared").rglob("*.tmp-*"))
+
+        subprocess.run(["mount", "-o", f"remount,size={4 * total // 1024 + 1024}k", str(mnt)], check=True)
+        summary = prepare_dataset(cfg)
+        assert not summary.failures
+        assert {f: (mnt / "prepared" / f).read_bytes() for f in files} == {f: (ref / f).read_bytes() for f in files}
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -543,6 +543,38 @@ def test_training_spans_two_nodes(prepared, ray_cli_cluster, tmp_path):
     assert list((work / "ray_results").glob("none-*/checkpoint_*/model.pt"))
 
 
+def test_a_lost_worker_node_ends_the_run_in_a_stated_time(prepared, ray_cli_cluster, tmp_path):
+    """A two-node run (a worker per node) whose second node stops after the first checkpoint: the
+    workers cannot be placed again on the head alone, and the run fails after about
+    `cluster.resource_wait_s`, with a message naming it and the resumable checkpoints, instead of
+    Ray Train retrying the worker group without end."""
+    cfg0, _ = prepared
+    c = ray_cli_cluster
+    c.start_head(num_cpus=3, resources={"node_head": 1}, loopback_only=False)
+    c.add_node(num_cpus=3, resources={"node_second": 1})
+    work = tmp_path / "work"
+    entry = _train_entrypoint(work, cfg0, "cluster.num_workers=2", "cluster.cpus_per_worker=2", "cluster.data_cpus=0.5",
+                              "tracking.enabled=false", "train.epochs=200", "train.eval_every_epochs=0",
+                              "cluster.resource_wait_s=20", "train.max_failures=1")
+    runtime_env = {"excludes": UPLOAD_EXCLUDES, "env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}}
+    res = c.cli("job", "submit", "--address", c.dashboard, "--no-wait", "--working-dir", str(REPO),
+                "--runtime-env-json", json.dumps(runtime_env), "--", *entry, timeout_s=120)
+    sid = re.search(r"Job '([^']+)' submitted successfully", res.stdout + res.stderr).group(1)
+    _wait_until(lambda: list((work / "ray_results").glob("none-*/checkpoint_*")), 300, "the first checkpoint")
+    proc, temp_dir, _ = c.nodes[1]
+    _stop_tree(proc, marker=temp_dir)
+    t0 = time.monotonic()
+    _wait_until(lambda: c.api(f"/api/jobs/{sid}")["status"] in ("FAILED", "SUCCEEDED", "STOPPED"), 300, "the job to end")
+    took = time.monotonic() - t0
+    logs = c.cli("job", "logs", "--address", c.dashboard, sid).stdout
+    (tmp_path / "job.log").write_text(logs)
+    assert c.api(f"/api/jobs/{sid}")["status"] == "FAILED", logs[-3000:]
+    assert "could not be placed for about cluster.resource_wait_s=20 s" in logs, logs[-3000:]
+    assert "rerun the same command to resume" in logs
+    print(f"\n[node lost] the run failed {took:.0f} s after its second node stopped")
+    assert took < 240
+
+
 # --------------------------------------------------------------------------------------------
 # 5. the whole pipeline with every location on S3 (moto), as a `ray job submit` driver runs it
 

@@ -124,6 +124,38 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
         raise
 
 
+class ResourcesUnavailableError(RuntimeError):
+    """A run's workers could not be placed for `cluster.resource_wait_s`; its checkpoints are kept."""
+
+
+def _placement_error(cfg: Config, name: str, e: BaseException) -> ResourcesUnavailableError | None:
+    """The error to raise when Ray Train gave up starting the run's worker group (its bounded
+    controller retries, `lfb_ray.train.resources.failure_config`), else None.
+
+    Why: Ray Train's own message ("Training failed due to controller error: ... worker group startup
+    timed out") names neither the resources asked for, the setting that bounds the wait, nor what to
+    do; a cluster that lost a node mid-run, or cannot add the GPUs asked for, ends here.
+    """
+    from ray.train.v2._internal.exceptions import (
+        WorkerGroupStartupFailedError,
+        WorkerGroupStartupTimeoutError,
+    )
+
+    cause = getattr(e, "controller_failure", None)
+    if not isinstance(cause, (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError)):
+        return None
+    from lfb_ray.train.resources import start_timeout_s, uses_gpu
+
+    cl = cfg.cluster
+    ask = {"CPU": cl.cpus_per_worker, **({"GPU": 1} if uses_gpu(cfg, {}) else {})}
+    return ResourcesUnavailableError(
+        f"run {name}: its {cl.num_workers} workers of {ask} could not be placed for about "
+        f"cluster.resource_wait_s={cl.resource_wait_s:g} s ({start_timeout_s():g} s per attempt): the cluster lost "
+        f"nodes or cannot provide them. Its checkpoints are kept: rerun the same command to resume once the "
+        f"resources are back, or lower cluster.num_workers / cluster.cpus_per_worker. Ray Train: "
+        f"{type(cause).__name__}: {str(cause).splitlines()[0][:300]}")
+
+
 def check_tracking_store(cfg: Config) -> None:
     """With tracking on, a cluster of more than one alive node, or a workdir that is a URI, needs a
     tracking server.
@@ -175,7 +207,13 @@ def _fit_run(cfg: Config, *, name: str, run_id: str | None, init_checkpoint: str
                              failure_config=failure_config(cfg),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        placement = _placement_error(cfg, name, e)
+        if placement is None:
+            raise
+        raise placement from e
     ckpt_path = _checkpoint_uri(result.checkpoint, storage) if result.checkpoint else None
     model_path = join_uri(ckpt_path, "model.pt") if ckpt_path else None
     metrics = dict(result.metrics or {})

@@ -294,8 +294,10 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
             BankExtractor, batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=cfg.bank.min_actors, max_size=cfg.bank.max_actors),
             num_gpus=1 if use_gpu else 0, num_cpus=cfg.bank.cpus_per_actor,
-            fn_constructor_kwargs={"cfg_dict": model_cfg, "checkpoint": checkpoint, "parts_dir": parts_dir},
-            max_restarts=-1, max_task_retries=3)
+            # A killed actor is restarted and its part retried: Ray Data's own defaults for actor pools
+            # (max_restarts=-1, max_task_retries=-1); passing them as ray_remote_args is deprecated
+            # (removed in Ray 2.64) and printed a RayDeprecationWarning in every bank build.
+            fn_constructor_kwargs={"cfg_dict": model_cfg, "checkpoint": checkpoint, "parts_dir": parts_dir})
         ds.take_all()
     if max_parts is not None:
         return BankBuildSummary(0, 0, 0, time.time() - t0, skipped, bank_dir)

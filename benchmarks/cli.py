@@ -9,6 +9,7 @@
     python jobs/benchmark.py gpu [--quick] [--prepared DIR]  # R50 training clips/s, bank keyframes/s (CUDA)
     python jobs/benchmark.py bank-read [--quick]    # FeatureBank.sample vs the mmaction2 loop; shared mmap memory
     python jobs/benchmark.py model [--quick] [--device cuda]  # detector forward+backward, fp32 vs bf16
+    python jobs/benchmark.py bank-step [--quick]    # the bank's cost in one LFB iteration: before vs after (+CUDA)
 
 Synthetic videos are generated once under --workdir and reused. Prints tables; asserts no timings.
 Exit code 0 when every benchmark ran (and its correctness checks held), 1 when one failed (`all`
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             model.main(argv[1:], prog="benchmark.py model")
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=[*COMMANDS, "all", "gpu", "ava-scale", *OWN_FLAGS])
+    parser.add_argument("command", choices=[*COMMANDS, "all", "gpu", "ava-scale", "bank-step", *OWN_FLAGS])
     parser.add_argument("--quick", action="store_true", help="small sizes (< 1 min each on 2 CPUs)")
     parser.add_argument("--workdir", default="runs/bench", help="synthetic data and scratch outputs")
     parser.add_argument("--prepared", default=None,
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
         ava_scale.run(quick=args.quick, workdir=args.workdir)
         return 0
+    if args.command == "bank-step":  # not part of `all`: CPU rows here, CUDA rows where there is a GPU
+        from benchmarks import bank_step
+
+        return 0 if _attempt("bank-step", lambda: bank_step.run(quick=args.quick, workdir=args.workdir)) else 1
 
     import ray
 

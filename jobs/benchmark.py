@@ -1,7 +1,7 @@
 """Benchmarks of the pipeline stages against same-run baselines; the code is in `benchmarks/`.
 
     python jobs/benchmark.py --help    # the subcommands: prepare, ava-scale, bank-build, train, eval,
-                                       # all, gpu, bank-read, model
+                                       # all, gpu, bank-read, model, bank-step
 """
 
 from benchmarks.cli import main

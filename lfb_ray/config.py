@@ -198,6 +198,11 @@ class BankConfig:
     # bank is opened, naming the videos; mmaction2's `lfb[video_id]` raises KeyError) or "zeros"
     # (all-zero long-term windows for it, with a warning naming the videos: an explicit opt-out).
     missing_videos: Literal["error", "zeros"] = "error"
+    # Where training gathers each batch's LFB window: "auto" = on the GPU (the bank held there in fp16)
+    # when training runs on one and the bank fits in a quarter of its free memory, else from the
+    # memory-mapped bank on the host; "cuda" = on the GPU or an error; "cpu" = always the host.
+    # Same windows either way (lfb_ray.bank.window), so not part of a run's name.
+    device: Literal["auto", "cuda", "cpu"] = "auto"
 
     def __post_init__(self) -> None:
         if self.window_seconds < 1 or self.max_feats_per_second < 1:

@@ -24,14 +24,15 @@ __all__ = ["BANK_POOL_HINTS", "CONTROL", "RESOURCE_HINTS", "identity_dict", "ope
 CONTROL = "none-ft"
 
 RESOURCE_HINTS = ("cpus_per_worker", "data_cpus", "concurrent_runs", "max_gpus", "resource_wait_s")
-BANK_POOL_HINTS = ("cpus_per_actor", "min_actors", "max_actors")
+# `device` too: where windows are gathered changes the speed, not the windows (lfb_ray.bank.window).
+BANK_POOL_HINTS = ("cpus_per_actor", "min_actors", "max_actors", "device")
 
 
 def without_resource_hints(d: dict) -> dict:
     """A config dict without the settings that size the work, not the model: the training runs'
-    CPU shares and concurrency (`RESOURCE_HINTS` of `cluster`) and the bank actor pool's
-    (`BANK_POOL_HINTS` of `bank`). Run names and the pipeline's stage keys hash what is left, so the
-    same runs resume on a cluster of another size."""
+    CPU shares and concurrency (`RESOURCE_HINTS` of `cluster`), and the bank actor pool's and where
+    training gathers LFB windows (`BANK_POOL_HINTS` of `bank`). Run names and the pipeline's stage
+    keys hash what is left, so the same runs resume on a cluster of another size."""
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
     for hint in RESOURCE_HINTS:
         d["cluster"].pop(hint, None)

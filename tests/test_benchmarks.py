@@ -25,6 +25,18 @@ def test_benchmark_subcommands_quick(ray_local, tmp_path, capsys):
     assert "[gpu-train]" in out and "[gpu-bank-build]" in out and "keyframes / forward" in out, out[-3000:]
 
 
+def test_bank_step_quick(tmp_path, capsys):
+    """`bank-step --quick` (no Ray): the before/after rows, checked to give the same window on every path."""
+    from benchmarks.cli import main
+
+    assert main(["bank-step", "--quick", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "[bank-step]" in out and "------" in out and "load average" in out, out[-3000:]
+    assert "before: sample() + copy" in out and "after, host path" in out and "of H100 step" in out
+    assert "after, device path" in out or "no CUDA here" in out
+    assert list(tmp_path.iterdir()) == []  # the synthetic bank's temp folder is removed
+
+
 def test_library_holds_no_benchmark_code():
     """`lfb_ray` neither contains nor imports the benchmarks (they import it, not the reverse)."""
     assert not (REPO / "lfb_ray" / "bench").exists()
@@ -40,7 +52,8 @@ def test_help_names_every_subcommand(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for command in ("prepare", "ava-scale", "bank-build", "train", "eval", "all", "gpu", "bank-read", "model"):
+    for command in ("prepare", "ava-scale", "bank-build", "train", "eval", "all", "gpu", "bank-read", "model",
+                    "bank-step"):
         assert f"jobs/benchmark.py {command} " in out
     for command, flag in (("bank-read", "--max-feats-per-second"), ("model", "--device")):
         with pytest.raises(SystemExit):

@@ -2,7 +2,9 @@
 
 `write_bank` writes a bank folder (features.arrow, index.arrow, manifest.json last); `FeatureBank.open`
 maps one or several banks and `FeatureBank.sample` draws the LFB window of each RoI (W seconds
-around its keyframe, at most K features per second), vectorised.
+around its keyframe, at most K features per second), vectorised. `sample` is two steps that can run
+apart: `window_rows` (which bank rows fill each slot: int32, host-side, all the randomness) and
+`gather` (fetching them from the memory map); `lfb_ray.bank.window` gathers on the GPU instead.
 """
 
 from __future__ import annotations
@@ -588,6 +590,121 @@ class FeatureBank:
             buf = self._local.window = np.empty((rows, self._dim), np.float16)
         return buf[:rows]
 
+    def window_rows(
+        self,
+        video_ids: Sequence[str],
+        seconds: Sequence[int] | np.ndarray,
+        rng: np.random.Generator,
+        *,
+        window_seconds: int = 60,
+        max_feats_per_second: int = 5,
+    ) -> np.ndarray:
+        """Which bank entries fill each RoI's LFB window: `sample` without fetching any feature.
+
+        Why: the window's *rows* are a few hundred KB of int32 that the host computes from the index
+        alone; the features they name ([R, W*K, C], ~147 MB fp32 at the AVA shape) can then be
+        gathered where the features live (`gather` on the host, `lfb_ray.bank.window.DeviceFeatures`
+        on a GPU), off the host's critical path.
+
+        Same semantics and RNG contract as `sample` (see there): the same `rng` draws in the same
+        order, so `gather(window_rows(...))` equals `sample(...)` bitwise.
+
+        Args:
+            video_ids: [R] video id of each RoI.
+            seconds: [R] keyframe second t of each RoI.
+            rng: the only source of randomness.
+            window_seconds: W.
+            max_feats_per_second: K.
+
+        Returns:
+            int32 [R, W*K]: the global bank row of each window slot (slot j*K + i: the i-th draw of
+            second t - W//2 + j), -1 where the window is empty (zeros).
+
+        Raises:
+            BankError: a video the bank does not hold (in "error" mode), naming it and the bank path.
+        """
+        W, K = window_seconds, max_feats_per_second
+        if W < 1 or K < 1:
+            raise ValueError(f"window_seconds and max_feats_per_second must be >= 1, got {W}, {K}")
+        R = len(video_ids)
+        t = np.asarray(seconds, dtype=np.int64).reshape(-1)
+        if len(t) != R:
+            raise ValueError(f"{R} video ids but {len(t)} seconds")
+        codes = np.fromiter((self._video_code.get(v, -1) for v in video_ids), dtype=np.int64, count=R)
+        if self._missing_videos == "error" and (codes < 0).any():
+            missing = sorted({str(v) for v, c in zip(video_ids, codes, strict=True) if c < 0})
+            raise BankError(f"the feature bank at {self.path} has no features for video(s) {_name_some(missing)} "
+                            f"({int((codes < 0).sum())} of {R} RoIs); set bank.missing_videos=zeros to sample "
+                            "all-zero windows for them instead")
+        out = np.full((R, W * K), -1, np.int32)
+        if R == 0 or len(self._keys) == 0:
+            return out
+        if self.num_rows >= 2**31:
+            raise BankError(f"the feature bank at {self.path} has {self.num_rows} rows, more than int32 rows address")
+        secs = t[:, None] + (np.arange(W) - W // 2)  # [R, W] second of each window slot
+        valid = (codes[:, None] >= 0) & (secs >= -_SECOND_BIAS) & (secs < _SECOND_BIAS)
+        query = ((codes[:, None] << 32) | (secs + _SECOND_BIAS)).ravel()
+        pos = np.minimum(np.searchsorted(self._keys, query), len(self._keys) - 1)
+        pair = np.flatnonzero(valid.ravel() & (self._keys[pos] == query))  # [P] flat r*W + j
+        if len(pair) == 0:
+            return out
+        entry = pos[pair]
+        n = self._counts[entry]
+        # A random permutation of each second's n features: argsort of uniform keys, padding last.
+        width = int(n.max())
+        keys = rng.random((len(pair), width))
+        keys[np.arange(width) >= n[:, None]] = 2.0
+        take = min(K, width)
+        perm = np.argsort(keys, axis=1)[:, :take]  # [P, take]
+        used = np.arange(take) < np.minimum(n, K)[:, None]  # [P, take]
+        rows = (self._row_starts[entry][:, None] + perm)[used]
+        dst = (pair[:, None] * K + np.arange(take))[used]  # slot in the flat [R*W*K] window
+        out.reshape(-1)[dst] = rows
+        return out
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the global row space that `window_rows` indexes: every mapped row of every source
+        bank, shadowed videos included (`num_features` counts only the reachable ones)."""
+        return int(sum(len(c) for c in self._chunks))
+
+    def gather(self, rows: np.ndarray, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The features of `window_rows`' rows, read from the memory-mapped bank on the host.
+
+        The window is assembled in a reused per-thread fp16 buffer (half the bytes to zero and
+        scatter, and no fresh pages to fault in), then converted to fp32 in one vectorised torch
+        copy into `out`; numpy's own fp16 casts are several times slower than torch's.
+
+        Args:
+            rows: int [R, S] global bank rows (S = W*K), -1 for an empty slot.
+            out: optional contiguous CPU float32 [R, S, C] tensor to fill, e.g. a reused or pinned
+                buffer; reusing one roughly halves the cost, which is otherwise dominated by the
+                kernel zero-filling fresh pages for the new output.
+
+        Returns:
+            [R, S, C] float32 on the CPU (`out` when given): zeros where `rows` is -1.
+        """
+        rows = np.asarray(rows)
+        if rows.ndim != 2:
+            raise ValueError(f"rows must be [R, S], got shape {rows.shape}")
+        R, S = rows.shape
+        C = self._dim
+        if out is None:
+            out = torch.empty((R, S, C), dtype=torch.float32)
+        elif out.shape != (R, S, C) or out.dtype != torch.float32 or out.device.type != "cpu" \
+                or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous CPU float32 tensor of shape {(R, S, C)}, "
+                             f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+        flat = rows.reshape(-1)
+        dst = np.flatnonzero(flat >= 0)
+        if len(dst) == 0:
+            return out.zero_()
+        window = self._scratch(R * S)
+        window.fill(0)
+        window[dst] = self._gather(flat[dst].astype(np.int64))
+        out.copy_(torch.from_numpy(window).view(R, S, C))
+        return out
+
     def sample(
         self,
         video_ids: Sequence[str],
@@ -598,7 +715,7 @@ class FeatureBank:
         max_feats_per_second: int = 5,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sample the long-term features of each RoI, all RoIs at once.
+        """Sample the long-term features of each RoI, all RoIs at once: `gather(window_rows(...))`.
 
         Slot j of the window holds second `t - W//2 + j` (the current second at slot W//2). For each
         such second present in the bank with n features, a uniformly random subset of min(n, K) of
@@ -625,51 +742,13 @@ class FeatureBank:
             BankError: a video the bank does not hold (in "error" mode), naming it and the bank path.
         """
         W, K, C = window_seconds, max_feats_per_second, self._dim
-        if W < 1 or K < 1:
-            raise ValueError(f"window_seconds and max_feats_per_second must be >= 1, got {W}, {K}")
         R = len(video_ids)
-        t = np.asarray(seconds, dtype=np.int64).reshape(-1)
-        if len(t) != R:
-            raise ValueError(f"{R} video ids but {len(t)} seconds")
-        if out is None:
-            out = torch.empty((R, W * K, C), dtype=torch.float32)
-        elif out.shape != (R, W * K, C) or out.dtype != torch.float32 or out.device.type != "cpu" \
-                or not out.is_contiguous():
+        if out is not None and (out.shape != (R, W * K, C) or out.dtype != torch.float32
+                                or out.device.type != "cpu" or not out.is_contiguous()):
             raise ValueError(f"out must be a contiguous CPU float32 tensor of shape {(R, W * K, C)}, "
                              f"got {tuple(out.shape)} {out.dtype} on {out.device}")
-        codes = np.fromiter((self._video_code.get(v, -1) for v in video_ids), dtype=np.int64, count=R)
-        if self._missing_videos == "error" and (codes < 0).any():
-            missing = sorted({str(v) for v, c in zip(video_ids, codes, strict=True) if c < 0})
-            raise BankError(f"the feature bank at {self.path} has no features for video(s) {_name_some(missing)} "
-                            f"({int((codes < 0).sum())} of {R} RoIs); set bank.missing_videos=zeros to sample "
-                            "all-zero windows for them instead")
-        if R == 0 or len(self._keys) == 0:
-            return out.zero_()
-        secs = t[:, None] + (np.arange(W) - W // 2)  # [R, W] second of each window slot
-        valid = (codes[:, None] >= 0) & (secs >= -_SECOND_BIAS) & (secs < _SECOND_BIAS)
-        query = ((codes[:, None] << 32) | (secs + _SECOND_BIAS)).ravel()
-        pos = np.minimum(np.searchsorted(self._keys, query), len(self._keys) - 1)
-        pair = np.flatnonzero(valid.ravel() & (self._keys[pos] == query))  # [P] flat r*W + j
-        if len(pair) == 0:
-            return out.zero_()
-        entry = pos[pair]
-        n = self._counts[entry]
-        # A random permutation of each second's n features: argsort of uniform keys, padding last.
-        width = int(n.max())
-        keys = rng.random((len(pair), width))
-        keys[np.arange(width) >= n[:, None]] = 2.0
-        take = min(K, width)
-        perm = np.argsort(keys, axis=1)[:, :take]  # [P, take]
-        used = np.arange(take) < np.minimum(n, K)[:, None]  # [P, take]
-        rows = (self._row_starts[entry][:, None] + perm)[used]
-        dst = (pair[:, None] * K + np.arange(take))[used]  # row in the [R*W*K, C] output
-        # Assemble the window in fp16 (half the bytes to zero and scatter), then one contiguous,
-        # vectorised fp16 -> fp32 copy; numpy's own fp16 casts are several times slower than torch's.
-        window = self._scratch(R * W * K)
-        window.fill(0)
-        window[dst] = self._gather(rows)
-        out.copy_(torch.from_numpy(window).view(R, W * K, C))
-        return out
+        rows = self.window_rows(video_ids, seconds, rng, window_seconds=W, max_feats_per_second=K)
+        return self.gather(rows, out=out)
 
 
 def _reopen(paths: Any, filesystem: Any, expected_dim: Any, cache_dir: Any, missing_videos: str = "error") -> FeatureBank:

@@ -4,6 +4,8 @@ its loss, and `build_detector(model_cfg)`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,26 +48,35 @@ def roi_features(feature_map: torch.Tensor, rois: torch.Tensor, output_size: int
 
 
 def detector_loss(logits: torch.Tensor, labels: torch.Tensor, groups: tuple[tuple[int, ...], ...] = (),
-                  sigmoid_cols: torch.Tensor | None = None, group_weight: float = 1.0) -> torch.Tensor:
-    """The detector's loss; see `LFBDetector.loss`. `sigmoid_cols` [K'] = columns 1.. outside `groups`."""
+                  sigmoid_cols: torch.Tensor | None = None, group_weight: float = 1.0,
+                  group_cols: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """The detector's loss; see `LFBDetector.loss`. `sigmoid_cols` [K'] = columns 1.. outside `groups`;
+    `group_cols` = each group's columns as a long tensor on the logits' device (built here if None).
+
+    Means over the positive RoIs are masked sums divided by on-device counts (clamped to >= 1), not
+    boolean indexing behind a `bool(mask.any())`: the value is the same up to float rounding, and the
+    training step never waits for the GPU to learn how many RoIs are positive (issue 33).
+    """
     logits = logits.float()
     targets = labels.to(device=logits.device, dtype=torch.float32)
-    positive = targets[:, 1:].ne(0).any(dim=1)  # [R]
-    if not bool(positive.any()):
-        return logits.sum() * 0.0
+    positive = targets[:, 1:].ne(0).any(dim=1).to(torch.float32)  # [R] 1.0 for a positive RoI
     if not groups:
-        return F.binary_cross_entropy_with_logits(logits[positive, 1:], targets[positive, 1:])
-    if sigmoid_cols is None:
-        grouped = {c for g in groups for c in g}
-        sigmoid_cols = torch.tensor([c for c in range(1, logits.shape[1]) if c not in grouped])
-    cols = sigmoid_cols.to(logits.device)
-    loss = F.binary_cross_entropy_with_logits(logits[positive][:, cols], targets[positive][:, cols])
-    for g in groups:
-        g_idx = torch.tensor(g, device=logits.device)
+        cols_logits, cols_targets = logits[:, 1:], targets[:, 1:]
+    else:
+        if sigmoid_cols is None:
+            grouped = {c for g in groups for c in g}
+            sigmoid_cols = torch.tensor([c for c in range(1, logits.shape[1]) if c not in grouped])
+        cols = sigmoid_cols.to(logits.device, non_blocking=True)
+        cols_logits, cols_targets = logits[:, cols], targets[:, cols]
+    bce = F.binary_cross_entropy_with_logits(cols_logits, cols_targets, reduction="none")  # [R, K']
+    # No positive RoI: 0 / 1, a zero that is still connected to `logits`.
+    loss = (bce * positive[:, None]).sum() / (positive.sum() * bce.shape[1]).clamp(min=1)
+    for i, g in enumerate(groups):
+        g_idx = group_cols[i] if group_cols is not None else torch.tensor(g, device=logits.device)
         g_t = targets[:, g_idx]  # [R, |g|]
-        one = g_t.sum(dim=1).eq(1)  # RoIs with exactly one label of the group
-        if bool(one.any()):
-            loss = loss + group_weight * F.cross_entropy(logits[one][:, g_idx], g_t[one].argmax(dim=1))
+        one = g_t.sum(dim=1).eq(1).to(torch.float32)  # [R] RoIs with exactly one label of the group
+        ce = F.cross_entropy(logits[:, g_idx], g_t.argmax(dim=1), reduction="none")  # [R]
+        loss = loss + group_weight * (ce * one).sum() / one.sum().clamp(min=1)
     return loss
 
 
@@ -115,6 +126,8 @@ class LFBDetector(nn.Module):
         # Columns 1.. outside every group: these keep the per-class sigmoid BCE.
         self.register_buffer("_sigmoid_cols", torch.tensor(
             [c for c in range(1, num_classes) if c not in grouped], dtype=torch.long), persistent=False)
+        for i, g in enumerate(self.exclusive_groups):  # on the model's device: no copy per loss
+            self.register_buffer(f"_group_cols_{i}", torch.tensor(g, dtype=torch.long), persistent=False)
         in_features = backbone.out_channels + (fbo.out_channels if fbo is not None else 0)
         self.dropout = nn.Dropout(head_dropout)
         self.fc_cls = nn.Linear(in_features, num_classes)
@@ -196,7 +209,9 @@ class LFBDetector(nn.Module):
         Returns:
             scalar loss; with no positive RoI, a zero that is still connected to `logits`.
         """
-        return detector_loss(logits, labels, self.exclusive_groups, self._sigmoid_cols, self.exclusive_group_weight)
+        group_cols = [getattr(self, f"_group_cols_{i}") for i in range(len(self.exclusive_groups))]
+        return detector_loss(logits, labels, self.exclusive_groups, self._sigmoid_cols, self.exclusive_group_weight,
+                             group_cols)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """[R, K] logits -> [R, K] fp32 scores: sigmoid, softmax within each exclusive group."""

@@ -25,19 +25,68 @@ from lfb_ray.redaction import redact_text
 from lfb_ray.train.best import BestEpoch
 from lfb_ray.train.schedule import build_optimizer, lr_at
 
-__all__ = ["TrainCollate", "flush_denormals", "train_loop_per_worker"]
+__all__ = ["TrainCollate", "flush_denormals", "train_loop_per_worker", "train_step"]
+
+_PINNED = ("clip", "rois", "labels")  # the tensors of a train batch that go to the device
 
 
 class TrainCollate(NumpyBatchCollateFn):
-    """`iter_torch_batches` collate: numpy train batch → normalised tensors + per-RoI bank keys."""
+    """`iter_torch_batches` collate: numpy train batch → normalised tensors + per-RoI bank keys.
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+    With `pin_memory` (a CUDA run) the clip, RoIs and labels are pinned here, in Ray Data's collate
+    threads off the loop's critical path, so the loop's `non_blocking` copies really overlap. (Ray's
+    own `iter_torch_batches(pin_memory=True)` pins only all-tensor batches; ours carries lists too.)
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], pin_memory: bool = False):
         self.mean, self.std = tuple(mean), tuple(std)
+        self.pin_memory = pin_memory
 
     def __call__(self, batch: dict) -> dict:
         from lfb_ray.data.dataset import collate_train
 
-        return collate_train(batch, self.mean, self.std)
+        out = collate_train(batch, self.mean, self.std)
+        if self.pin_memory:
+            for k in _PINNED:
+                out[k] = out[k].pin_memory()
+        return out
+
+
+def train_step(model, core, optimizer, batch: dict, device: torch.device, *, amp: str, grad_clip: float,
+               windows=None, rng: np.random.Generator | None = None) -> torch.Tensor:
+    """One SGD step on one train batch; returns its loss, detached and still on the device.
+
+    Nothing here waits for the device: the batch's (pinned) tensors go up without blocking, the LFB
+    window is gathered where the bank lives (`lfb_ray.bank.window.WindowSampler`: only the int32
+    rows are computed on the host), and the loss is not read (no `.item()` / `float()`), so the
+    host runs ahead and queues the next step while this one computes. Callers read losses at
+    logging points only.
+
+    Args:
+        model: the (DDP-wrapped) detector; `core` the unwrapped one (its `loss`).
+        batch: `TrainCollate`'s output: clip [B, 3, T, H, W], rois [R, 5], labels [R, num_classes],
+            roi_video_ids [R], roi_seconds [R].
+        windows: the `WindowSampler` of an LFB model ([R, W*K, C] float32 on `device`), else None.
+        rng: the bank sampling generator (with `windows`).
+
+    Returns:
+        the loss, a 0-d float32 tensor on `device`.
+    """
+    from lfb_ray.models.device import autocast_for, to_model_layout
+
+    clip = to_model_layout(batch["clip"].to(device, non_blocking=True))
+    rois = batch["rois"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    lt = windows(batch["roi_video_ids"], batch["roi_seconds"], rng) if windows is not None else None
+    with autocast_for(device, amp):
+        logits = model(clip, rois, lt)
+    loss = core.loss(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
 
 
 def _rng_state() -> dict:
@@ -180,11 +229,31 @@ class EpochLoss:
     """
 
     def __init__(self) -> None:
-        self.sum, self.count = 0.0, 0
+        self._sum, self.count = 0.0, 0
+        self._pending: torch.Tensor | None = None  # the float64 running sum, on the device, not read yet
 
-    def add(self, loss: float) -> None:
-        self.sum += float(loss)
+    def add(self, loss: float | torch.Tensor) -> None:
+        """Count one iteration's loss. A tensor is summed where it is, in float64, without reading
+        it (no host sync per iteration); `sum` reads it when a checkpoint or the epoch's end needs
+        it. The running sum starts from the host's (a Python scalar operand: no copy, no sync) and
+        adds the same float32 losses in the same order as `float()`s did: the same float64 value."""
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().to(torch.float64)
+            self._pending = (loss + self._sum) if self._pending is None else self._pending + loss
+        else:
+            self.sum = self.sum + float(loss)
         self.count += 1
+
+    @property
+    def sum(self) -> float:
+        """The sum of the losses so far (reads the device-side running sum: a host sync)."""
+        if self._pending is not None:
+            self._sum, self._pending = float(self._pending), None
+        return self._sum
+
+    @sum.setter
+    def sum(self, value: float) -> None:
+        self._sum, self._pending = float(value), None
 
     @property
     def mean(self) -> float:
@@ -211,7 +280,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     from lfb_ray.models import build_detector, load_checkpoint, save_checkpoint
-    from lfb_ray.models.device import autocast_for, to_model_layout
+    from lfb_ray.models.device import to_model_layout
     from lfb_ray.tracking import NullTracker, Tracker
 
     cfg = config_from_dict(config["cfg"])
@@ -276,6 +345,16 @@ def train_loop_per_worker(config: dict) -> None:
     iters_per_epoch = config["iters_per_epoch"]
 
     epoch_loss = EpochLoss.restore(state.get("epoch_loss") if state else None, start_epoch)
+    windows = None  # the LFB window of each batch, gathered where the bank lives (bank.device)
+    if bank is not None:
+        from lfb_ray.bank.window import WindowSampler
+
+        windows = WindowSampler(bank, device, window_seconds=cfg.bank.window_seconds,
+                                max_feats_per_second=cfg.bank.max_feats_per_second, mode=cfg.bank.device,
+                                log=lambda m: print(m, flush=True) if rank == 0 else None)
+        if rank == 0:
+            print(f"[lfb_ray] LFB windows are gathered on the {windows.where} (bank.device={cfg.bank.device})",
+                  flush=True)
 
     def report(metrics: dict, epoch: int, iter_in_epoch: int, final: bool = False) -> None:
         """Checkpoint (rank 0 writes, all ranks call report), then flush MLflow."""
@@ -364,32 +443,19 @@ def train_loop_per_worker(config: dict) -> None:
             epoch_loss = EpochLoss()
         iters_here = 0  # run in this process (the it/s figure)
         samples = train_samples(cfg, train_table, mine, epoch)
+        collate = TrainCollate(cfg.data.mean, cfg.data.std, pin_memory=device.type == "cuda")
         for it, batch in enumerate(samples.iter_torch_batches(batch_size=tc.batch_size_per_worker,
-                                                              collate_fn=TrainCollate(cfg.data.mean, cfg.data.std),
-                                                              prefetch_batches=2), start=first):
+                                                              collate_fn=collate, prefetch_batches=2), start=first):
             t_wait += time.time() - t_last
             lr = lr_at(epoch + it / iters_per_epoch, tc, base_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            clip = to_model_layout(batch["clip"].to(device, non_blocking=True))
-            rois = batch["rois"].to(device)
-            labels = batch["labels"].to(device)
-            lt = None
-            if bank is not None:
-                lt = bank.sample(batch["roi_video_ids"], batch["roi_seconds"], rng,
-                                 window_seconds=cfg.bank.window_seconds,
-                                 max_feats_per_second=cfg.bank.max_feats_per_second).to(device)
-            with autocast_for(device, tc.amp):
-                logits = model(clip, rois, lt)
-            loss = core.loss(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
+            # No host sync in the step: the loss stays on the device until a logging point reads it.
+            loss = train_step(model, core, optimizer, batch, device, amp=tc.amp, grad_clip=tc.grad_clip,
+                              windows=windows, rng=rng)
             global_step += 1
             n_clips += batch["num_clips"]
-            epoch_loss.add(float(loss.detach()))
+            epoch_loss.add(loss)
             iters_here += 1
             if global_step % tc.log_every_iters == 0 or it == last_it:
                 tracker.log_metrics({"train/loss": float(loss.detach()), "train/lr": lr}, step=global_step)

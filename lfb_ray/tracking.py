@@ -1,28 +1,42 @@
 """MLflow tracking: a buffered rank-0 tracker that never crashes training, and run lookup helpers.
 
-Metrics are buffered and flushed right after each checkpoint is committed, so a worker restart
-(which replays the iterations since the last checkpoint) neither duplicates nor loses MLflow steps.
-If the tracking server is unreachable the tracker warns once, keeps the buffer and retries at the
-next flush; training goes on.
+Metrics are buffered and flushed at checkpoints (`Tracker`). What a flush could not send is written
+into the checkpoint itself (`write_pending`, before `ray.train.report` commits it) and replayed by
+the worker that resumes from it (`read_pending`, `Tracker.replay`): a worker killed while the
+tracking server is down or hung loses no step, and the replay, deduplicated by (metric, step)
+against what the server already holds, logs none twice. If the tracking server is unreachable or
+hangs, the tracker warns once, keeps the buffer and retries at the next flush; training goes on,
+and each flush costs at most `FLUSH_DEADLINE_S`.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 from typing import Any
 
 from lfb_ray.redaction import redact_obj, redact_text
 from lfb_ray.storage import is_uri
 
-__all__ = ["NullTracker", "Tracker", "artifact_location", "check_artifact_store", "check_store_reaches_all_nodes", "close_parent_run",
+__all__ = ["FLUSH_DEADLINE_S", "PENDING_FILE", "NullTracker", "Tracker", "artifact_location", "check_artifact_store", "check_store_reaches_all_nodes", "close_parent_run",
            "end_run", "find_or_create_run", "is_node_local", "redact", "run_status", "setup_mlflow_env",
-           "status_for"]
+           "read_pending", "read_pending_of", "status_for", "write_pending"]
 
 log = logging.getLogger("lfb_ray.tracking")
+
+#: The most one `Tracker.flush` (and each `log_artifact` / `set_tag` / `set_terminated`) blocks
+#: training, in seconds, however the tracking server fails (down, hung, answering slowly). The
+#: requests run on a thread that is left behind after this time (`Tracker.flush`).
+FLUSH_DEADLINE_S = 30.0
+#: The metric rows a checkpoint carries that MLflow had not confirmed when it was written.
+PENDING_FILE = "pending_metrics.json"
+
 
 def redact(key: str, value: Any) -> Any:
     """`value` with credentials hidden (`lfb_ray.redaction`): all of it when `key` names a secret,
@@ -31,11 +45,19 @@ def redact(key: str, value: Any) -> Any:
 
 
 def setup_mlflow_env(tracking_uri: str) -> None:
-    """Point mlflow at `tracking_uri` (inside Ray workers too) with quiet, short retries."""
+    """Point mlflow at `tracking_uri` (inside Ray workers too) with quiet, short retries.
+
+    MLflow 3's defaults (MLFLOW_HTTP_REQUEST_TIMEOUT 120 s, MLFLOW_HTTP_REQUEST_MAX_RETRIES 7,
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR 2) let one request to a hung server take ~20 minutes. Here,
+    unless the environment sets them: 10 s per attempt, 2 retries, backoff factor 2 (sleeps of 0 s
+    and 4 s, each plus up to MLFLOW_HTTP_REQUEST_BACKOFF_JITTER's 1 s), so one request gives up
+    after ~36 s at most; the tracker's calls are in addition cut off after `FLUSH_DEADLINE_S`.
+    """
     import mlflow
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")
     if tracking_uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(tracking_uri[len("sqlite:///"):]) or ".", exist_ok=True)
     # mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into os.environ, which would make
@@ -253,6 +275,55 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, *, par
     return run.info.run_id
 
 
+def write_pending(tracker: NullTracker, folder: str) -> None:
+    """Write the metric rows `tracker` has not had confirmed by MLflow into `folder` (a checkpoint
+    being written) as `PENDING_FILE`, before the checkpoint is committed.
+
+    Why: the checkpoint is what a restarted worker resumes from, and it re-runs (and logs again)
+    only the steps after it. Rows of earlier steps still in the buffer (the server was down or
+    hung at the flush) would die with the worker; in the checkpoint they survive and are replayed
+    (`read_pending`, `Tracker.replay`). Nothing is written when there is nothing pending.
+    """
+    rows = tracker.pending()
+    if rows:
+        with open(os.path.join(folder, PENDING_FILE), "w") as f:
+            json.dump({"version": 1, "rows": rows}, f)
+
+
+def read_pending(folder: str) -> list[list]:
+    """The pending metric rows of the checkpoint in `folder` (`write_pending`); [] when it has none.
+    An unreadable file costs its rows, with a warning, never the resume."""
+    path = os.path.join(folder, PENDING_FILE)
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            return _valid_rows(json.load(f)["rows"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"[lfb_ray] WARNING: could not read the pending MLflow metrics of the checkpoint ({type(e).__name__}: "
+              f"{redact_text(e)[:200]}); their steps may be missing from MLflow", flush=True)
+        return []
+
+
+def read_pending_of(checkpoint) -> list[list]:
+    """`read_pending` of a `ray.train.Checkpoint` (local or on S3), reading only that one file."""
+    path = checkpoint.path.rstrip("/") + "/" + PENDING_FILE
+    try:
+        with checkpoint.filesystem.open_input_stream(path) as f:
+            return _valid_rows(json.loads(f.read())["rows"])
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"[lfb_ray] WARNING: could not read the pending MLflow metrics of the final checkpoint "
+              f"({type(e).__name__}: {redact_text(e)[:200]})", flush=True)
+        return []
+
+
+def _valid_rows(rows) -> list[list]:
+    """Rows as [key, value, step, timestamp_ms] (raises TypeError/ValueError on anything else)."""
+    return [[str(k), float(v), int(s), int(t)] for k, v, s, t in rows]
+
+
 class NullTracker:
     """Tracker of non-zero ranks and of runs with tracking disabled: does nothing."""
 
@@ -261,8 +332,14 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def flush(self) -> bool:
+    def flush(self, wait: bool = False) -> bool:
         return True
+
+    def pending(self) -> list[list]:
+        return []
+
+    def replay(self, rows: list[list]) -> None:
+        pass
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         pass
@@ -275,74 +352,155 @@ class NullTracker:
 
 
 class Tracker(NullTracker):
-    """Rank-0 MLflow tracker with a metric buffer flushed at checkpoint boundaries."""
+    """Rank-0 MLflow tracker with a metric buffer flushed at checkpoint boundaries.
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    Exactly once per (metric, step), whatever fails and whenever:
+
+    - Each row is `(key, value, step, timestamp)`, its timestamp taken when it is logged, so every
+      resend of a row (a retry, a replay after a resume) is byte-identical: MLflow's SQL store
+      treats an identical metric as already logged (its primary key), which makes a request that
+      timed out on our side but reached a hung server later harmless.
+    - Before sending, a flush asks the server which steps of each metric it has
+      (`get_metric_history`, cached until a request fails) and sends only the others: the steps a
+      resume runs again after a checkpoint that was written but never registered, and replayed
+      rows the server already got, are not logged a second time.
+    - What is not confirmed stays in the buffer, which goes into every checkpoint
+      (`write_pending`) and is replayed by the worker that resumes from it (`replay`).
+
+    Why persist-and-replay rather than "flush, and refuse to checkpoint while the buffer is not
+    empty": that would stop checkpointing (and so put the training at risk) whenever MLflow is
+    down; here training and its checkpoints go on, with a warning, and the metrics follow.
+
+    A hung server costs at most `deadline_s` (`FLUSH_DEADLINE_S`) per call: the requests run on a
+    daemon thread that the call waits for that long. A flush that finds the previous one still
+    running (the server has not answered it) does not start another and returns False at once,
+    unless `wait`. The thread itself gives up after MLflow's own timeouts (`setup_mlflow_env`).
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, deadline_s: float = FLUSH_DEADLINE_S):
         from mlflow.tracking import MlflowClient
 
         setup_mlflow_env(tracking_uri)
         self.run_id = run_id
+        self.deadline_s = deadline_s
         self._client = MlflowClient(tracking_uri)
-        self._buffer: list[tuple[str, float, int]] = []
+        self._buffer: list[tuple[str, float, int, int]] = []
+        self._lock = threading.Lock()  # the buffer: the sender thread removes what it sent
+        self._sender: threading.Thread | None = None
+        self._error: BaseException | None = None
         self._warned = False
-        self._logged_upto: dict[str, int] = {}  # metric -> highest step already in MLflow
+        self._have: dict[str, set[int]] = {}  # metric -> steps MLflow holds (as of the last query)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._buffer += [(k, float(v), int(step)) for k, v in metrics.items()]
+        ts = int(time.time() * 1000)
+        with self._lock:
+            self._buffer += [(k, float(v), int(step), ts) for k, v in metrics.items()]
+
+    def pending(self) -> list[list]:
+        """The rows not yet confirmed by MLflow, as JSON-able [key, value, step, timestamp_ms]."""
+        with self._lock:
+            return [list(r) for r in self._buffer]
+
+    def replay(self, rows: list[list]) -> None:
+        """Queue `rows` (`pending()` of a checkpoint, `read_pending`) to be sent at the next flush,
+        ahead of what this tracker logs; steps the server already holds are skipped then."""
+        rows = [tuple(r) for r in _valid_rows(rows)]
+        with self._lock:
+            self._buffer[:0] = rows
 
     def drop_buffer(self) -> None:
-        self._buffer.clear()
+        with self._lock:
+            self._buffer.clear()
 
-    def _warn(self, what: str, e: Exception) -> None:
+    def _warn(self, what: str, e: BaseException) -> None:
         if not self._warned:
             print(f"[lfb_ray] WARNING: MLflow tracking unavailable ({what}: {type(e).__name__}: "
                   f"{redact_text(e)[:200]}); training continues, metrics are kept and retried", flush=True)
             self._warned = True
 
-    def flush(self) -> bool:
-        """Send buffered metrics; on failure keep them for the next flush. Returns success."""
-        if not self._buffer:
-            return True
-        import time
-
+    def _send(self, rows: list[tuple[str, float, int, int]]) -> None:
+        """The sender thread: log the rows whose (metric, step) MLflow lacks, then drop `rows`
+        from the buffer. On failure the cache of the server's steps is forgotten: a request that
+        timed out may still reach the server, so the next flush asks again."""
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
         try:
-            # Idempotent per (metric, step): after a restart that replays steps whose metrics were
-            # already sent (e.g. a fault between flush and checkpoint registration), skip them.
-            for key in {k for k, _, _ in self._buffer} - set(self._logged_upto):
-                hist = self._client.get_metric_history(self.run_id, key)
-                self._logged_upto[key] = max((m.step for m in hist), default=-1)
-            todo = [(k, v, s) for k, v, s in self._buffer if s > self._logged_upto[k]]
+            for key in sorted({k for k, _, _, _ in rows} - set(self._have)):
+                self._have[key] = {m.step for m in self._client.get_metric_history(self.run_id, key)}
+            todo, seen = [], set()
+            for k, v, s, t in rows:
+                if s not in self._have[k] and (k, s) not in seen:
+                    seen.add((k, s))
+                    todo.append((k, v, s, t))
             for i in range(0, len(todo), 500):
                 chunk = todo[i:i + 500]
-                self._client.log_batch(self.run_id, metrics=[Metric(k, v, ts, s) for k, v, s in chunk])
-                for k, _, s in chunk:
-                    self._logged_upto[k] = max(self._logged_upto[k], s)
-        except Exception as e:
-            self._warn("log_batch", e)
+                self._client.log_batch(self.run_id, metrics=[Metric(k, v, t, s) for k, v, s, t in chunk])
+                for k, _, s, _ in chunk:
+                    self._have[k].add(s)
+        except BaseException as e:  # noqa: BLE001  (a thread's error is reported by `flush`)
+            self._have.clear()
+            self._error = e
+            return
+        sent = set(rows)
+        with self._lock:
+            self._buffer = [r for r in self._buffer if r not in sent]
+
+    def flush(self, wait: bool = False) -> bool:
+        """Send the buffered metrics; keep what fails for the next flush. Returns success.
+
+        Returns within `deadline_s` seconds whatever the server does (down, hung, slow). A flush
+        while the previous one's requests are still unanswered returns False at once, or with
+        `wait` (the end of a run) waits for it first, within the same deadline.
+        """
+        end = time.monotonic() + self.deadline_s
+        if self._sender is not None and self._sender.is_alive():
+            if wait:
+                self._sender.join(max(0.0, end - time.monotonic()))
+            if self._sender.is_alive():
+                self._warn("flush", TimeoutError(f"the previous flush is still unanswered after {self.deadline_s:g} s"))
+                return False
+        with self._lock:
+            rows = list(self._buffer)
+        if not rows:
+            return True
+        self._error = None
+        self._sender = threading.Thread(target=self._send, args=(rows,), daemon=True, name="lfb_ray-mlflow-flush")
+        self._sender.start()
+        self._sender.join(max(0.0, end - time.monotonic()))
+        if self._sender.is_alive():
+            self._warn("log_batch", TimeoutError(f"no answer within {self.deadline_s:g} s"))
             return False
-        self._buffer.clear()
+        if self._error is not None:
+            self._warn("log_batch", self._error)
+            return False
         if self._warned:
             print("[lfb_ray] MLflow tracking is reachable again; buffered metrics were logged", flush=True)
             self._warned = False
         return True
 
+    def _bounded(self, what: str, fn, *args) -> None:
+        """`fn(*args)` on a daemon thread, waited for `deadline_s`; a failure or timeout warns."""
+        err: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001
+                err.append(e)
+
+        t = threading.Thread(target=call, daemon=True, name=f"lfb_ray-mlflow-{what}")
+        t.start()
+        t.join(self.deadline_s)
+        if t.is_alive():
+            self._warn(what, TimeoutError(f"no answer within {self.deadline_s:g} s"))
+        elif err:
+            self._warn(what, err[0])
+
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        try:
-            self._client.log_artifact(self.run_id, path, artifact_path)
-        except Exception as e:
-            self._warn("log_artifact", e)
+        self._bounded("log_artifact", self._client.log_artifact, self.run_id, path, artifact_path)
 
     def set_tag(self, key: str, value: str) -> None:
-        try:
-            self._client.set_tag(self.run_id, key, value)
-        except Exception as e:
-            self._warn("set_tag", e)
+        self._bounded("set_tag", self._client.set_tag, self.run_id, key, value)
 
     def set_terminated(self, status: str = "FINISHED") -> None:
-        try:
-            self._client.set_terminated(self.run_id, status)
-        except Exception as e:
-            self._warn("set_terminated", e)
+        self._bounded("set_terminated", self._client.set_terminated, self.run_id, status)

@@ -221,11 +221,13 @@ def _fit_run(cfg: Config, *, name: str, run_id: str | None, init_checkpoint: str
         from lfb_ray.tracking import Tracker
 
         tr = Tracker(cfg.tracking_uri, run_id)
-        from lfb_ray.tracking import redact
+        from lfb_ray.tracking import read_pending_of, redact
 
         tr.set_tag("lfb_ray.checkpoint", redact("checkpoint", str(ckpt_path)))  # URIs may carry user:secret@
+        if result.checkpoint:  # what rank 0 could not send at the end (the server was down): once more
+            tr.replay(read_pending_of(result.checkpoint))
         tr.log_metrics({"wall_seconds": time.time() - t0}, step=int(metrics.get("epoch", 0)))
-        tr.flush()
+        tr.flush(wait=True)
         tr.set_terminated("FINISHED")
     return FitResult(run_name=name, mlflow_run_id=run_id, metrics=metrics, checkpoint_path=ckpt_path,
                      model_path=model_path, seconds=time.time() - t0)

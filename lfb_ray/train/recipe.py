@@ -281,7 +281,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from lfb_ray.models import build_detector, load_checkpoint, save_checkpoint
     from lfb_ray.models.device import to_model_layout
-    from lfb_ray.tracking import NullTracker, Tracker
+    from lfb_ray.tracking import NullTracker, Tracker, read_pending, write_pending
 
     cfg = config_from_dict(config["cfg"])
     tc = cfg.train
@@ -307,6 +307,7 @@ def train_loop_per_worker(config: dict) -> None:
         load_checkpoint(core, cfg.model.pretrained)  # Kinetics backbone or a whole detector
     start_epoch, skip_iters, global_step, best_map = 0, 0, 0, float("nan")
     state = None
+    pending_metrics: list = []  # MLflow rows the checkpoint carries unsent (lfb_ray.tracking.write_pending)
     best = BestEpoch()  # train.save_best: rank 0's copy of the best evaluated weights
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -314,6 +315,8 @@ def train_loop_per_worker(config: dict) -> None:
             state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
             if tc.save_best and rank == 0:
                 best = BestEpoch.load(d)
+            if rank == 0:
+                pending_metrics = read_pending(d)
         core.load_state_dict(state["model"])
         start_epoch, skip_iters, global_step = state["epoch"], state["iter_in_epoch"], state["global_step"]
         best_map = state.get("best_map", float("nan"))
@@ -340,6 +343,7 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
     tracker = (Tracker(cfg.tracking_uri, config["mlflow_run_id"])
                if rank == 0 and config.get("mlflow_run_id") else NullTracker())
+    tracker.replay(pending_metrics)  # sent at the next flush, minus the steps MLflow already has
     results_dir = config["results_dir"]
     rng = np.random.default_rng([tc.seed, rank, global_step])
     iters_per_epoch = config["iters_per_epoch"]
@@ -357,10 +361,19 @@ def train_loop_per_worker(config: dict) -> None:
                   flush=True)
 
     def report(metrics: dict, epoch: int, iter_in_epoch: int, final: bool = False) -> None:
-        """Checkpoint (rank 0 writes, all ranks call report), then flush MLflow."""
+        """Flush MLflow, then checkpoint (rank 0 writes, all ranks call report).
+
+        The flush comes first and what it could not send (the server is down or hung; the flush
+        returns within lfb_ray.tracking.FLUSH_DEADLINE_S either way) goes into the checkpoint
+        (`write_pending`) before `ray.train.report` commits it: a worker killed after the commit
+        loses no step, since the resumed one replays those rows. Flushing after the commit, as
+        before, lost them when the worker died between the two or the server was down.
+        """
         with tempfile.TemporaryDirectory() as tmp:
             ckpt_obj = None
             if rank == 0:
+                tracker.flush()
+                write_pending(tracker, tmp)
                 # At an epoch's end (iter_in_epoch 0 of the next), the next epoch's loss starts empty.
                 running = epoch_loss.state(epoch) if iter_in_epoch else EpochLoss().state(epoch)
                 torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
@@ -376,7 +389,6 @@ def train_loop_per_worker(config: dict) -> None:
                                     model_config=config_to_dict(cfg)["model"])
                 ckpt_obj = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({k: v for k, v in metrics.items() if not k.startswith("_")}, checkpoint=ckpt_obj)
-        tracker.flush()
 
     def finish(metrics: dict, done: int, *, evaluate: bool, final: bool, line: str, tail: str = "") -> None:
         """End of an epoch (`done` epochs completed; 0 = the starting model of `finetune_epochs=0`):
@@ -476,6 +488,7 @@ def train_loop_per_worker(config: dict) -> None:
                      f"{iters_here / max(elapsed, 1e-9):.2f} it/s, {clips_per_s:.1f} clips/s, data wait "
                      f"{100 * metrics['train/data_wait_frac']:.1f}%"),
                tail=f", ETA {eta:.0f} s")
-    if not tracker.flush():
-        print("[lfb_ray] WARNING: some metrics could not be sent to MLflow", flush=True)
+    if not tracker.flush(wait=True):
+        print("[lfb_ray] WARNING: some metrics could not be sent to MLflow; the final checkpoint keeps them "
+              "(pending_metrics.json) and the driver tries them again", flush=True)
 

@@ -169,6 +169,10 @@ def test_gpu_runs_scale_a_cluster_up_from_zero_gpu_nodes_and_back(tmp_path):
         # The idle GPU nodes go away again.
         _wait_until(lambda: len(c.alive_nodes()) == 1, 120, "the idle GPU nodes to be removed", proc, log)
         down_s = time.time() - t0 - up_s
+        # The monitor writes its removal line around the time the node leaves: seen in CI, the node
+        # count had dropped before the line was in monitor.log. Wait for it (a bounded poll).
+        _wait_until(lambda: any(re.search(r"Removing \d+ node|Terminating", x) for x in _autoscaler_lines(temp_dir)),
+                    60, "the autoscaler's removal line in monitor.log", proc, log)
         lines = _autoscaler_lines(temp_dir)
         print(f"\n[autoscaling] 2 runs on 2 added GPU nodes in {up_s:.0f} s (driver {result['seconds']:.0f} s); "
               f"nodes removed {down_s:.0f} s later. Autoscaler log:")

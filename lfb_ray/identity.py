@@ -54,31 +54,22 @@ def prepared_id(prepared_uri: str) -> str:
     return _short({"schema": m.get("schema_version"), "settings": m.get("settings"), "videos": videos})
 
 
-_CKPT_MEMO: dict[tuple[str, int, int], str] = {}
-
-
 def checkpoint_id(path: str) -> str:
-    """SHA-256 (first 16 hex digits) of a checkpoint file, or of `model.pt` in a checkpoint folder.
+    """SHA-256 (first 16 hex digits) of a checkpoint file, or of `model.pt` in a checkpoint folder
+    (`lfb_ray.bank.build.file_sha256`, memoised).
 
     Raises:
         InputError: the file does not exist.
     """
     from pyarrow import fs as pafs
 
+    from lfb_ray.bank.build import file_sha256
     from lfb_ray.storage import checkpoint_file, resolve
 
     fs, inner = resolve(checkpoint_file(path))
-    info = fs.get_file_info(inner)
-    if info.type != pafs.FileType.File:
+    if fs.get_file_info(inner).type != pafs.FileType.File:
         raise InputError(f"checkpoint {path} does not exist")
-    key = (f"{fs.type_name}:{inner}", int(info.size or 0), int(info.mtime_ns or 0))
-    if key not in _CKPT_MEMO:
-        h = hashlib.sha256()
-        with fs.open_input_stream(inner) as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        _CKPT_MEMO[key] = h.hexdigest()[:16]
-    return _CKPT_MEMO[key]
+    return file_sha256(path)[:16]
 
 
 def bank_id(bank_dir: str) -> str:

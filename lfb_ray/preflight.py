@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lfb_ray.config import OPERATORS, Config, ConfigError, path_values
+from lfb_ray.redaction import RedactedMessage
 
 __all__ = ["SMOKE_OVERRIDES", "PreflightError", "Problem", "check_checkpoint", "check_data_inputs",
            "check_operators", "check_outputs", "check_resources", "check_submitted_paths", "check_tracking",
@@ -53,8 +54,8 @@ class Problem:
         return f"preflight: {self.where}: {self.message}"
 
 
-class PreflightError(RuntimeError):
-    """Some checks failed; the message is one line per `Problem`."""
+class PreflightError(RedactedMessage, RuntimeError):
+    """Some checks failed; the message is one line per `Problem` (credentials in a URI redacted)."""
 
     def __init__(self, problems: Sequence[Problem]):
         self.problems = tuple(problems)
@@ -125,7 +126,7 @@ def check_checkpoint(path: str, cfg: Config, where: str, *, backbone_only: bool 
 def check_data_inputs(cfg: Config) -> list[Problem]:
     """The annotation files and the videos folder the prepare stage reads."""
     from lfb_ray.data.prep import VIDEO_EXTENSIONS, PrepareError, find_videos
-    from lfb_ray.storage import exists, resolve
+    from lfb_ray.storage import file_exists
 
     d = cfg.data
     out = []
@@ -136,8 +137,7 @@ def check_data_inputs(cfg: Config) -> list[Problem]:
             continue
         path = cfg.data_path(rel)
         try:
-            fs, inner = resolve(path)
-            ok = exists(fs, inner)
+            ok = file_exists(path)
         except OSError:
             ok = False
         if not ok:
@@ -332,11 +332,9 @@ def run_preflight(cfg: Config, job: Job, *, operators: Sequence[str] = (), basel
         problems += check_data_inputs(cfg)
         base = baseline_cfg or _operator_cfg(cfg, "none")
         train_cfgs.append((base, None))
-        if not problems or all(p.where != "--operators" for p in problems):
-            train_cfgs += [(_operator_cfg(cfg, op), "baseline") for op in operators
-                           if cfg.model.init_backbone_from_baseline]
-            train_cfgs += [(_operator_cfg(cfg, op), None) for op in operators
-                           if not cfg.model.init_backbone_from_baseline]
+        if not check_operators(operators):
+            start = "baseline" if cfg.model.init_backbone_from_baseline else None
+            train_cfgs += [(_operator_cfg(cfg, op), start) for op in operators]
         outputs = {"workdir": cfg.workdir, "data.prepared_dir": cfg.prepared_dir, "bank.path": cfg.bank_dir,
                    "train.storage_path": cfg.storage_path}
     elif job == "prepare":
@@ -357,16 +355,15 @@ def run_preflight(cfg: Config, job: Job, *, operators: Sequence[str] = (), basel
     else:
         raise ValueError(f"unknown job {job!r}")
 
-    checked: set[tuple[str, str, bool]] = set()
+    checked: set[str] = set()  # each checkpoint once: only its backbone is loaded, whatever the operator
     for c, start in train_cfgs:
         if start == "baseline":
             continue  # the pipeline's own baseline: made by its baseline stage
-        path, where, backbone = ((start, "--init-backbone/bank.checkpoint", True) if start
-                                 else (c.model.pretrained, "model.pretrained", True))
-        if not path or (path, c.model.fbo if not backbone else "backbone", backbone) in checked:
+        path, where = (start, "--init-backbone/bank.checkpoint") if start else (c.model.pretrained, "model.pretrained")
+        if not path or path in checked:
             continue
-        checked.add((path, c.model.fbo if not backbone else "backbone", backbone))
-        problems += check_checkpoint(path, c, where, backbone_only=backbone)
+        checked.add(path)
+        problems += check_checkpoint(path, c, where, backbone_only=True)
     problems += check_outputs(outputs)
 
     notes: list[str] = []

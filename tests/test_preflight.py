@@ -194,3 +194,12 @@ def test_an_avg_checkpoint_is_refused_for_a_max_model(tmp_path):
     old = tmp_path / "old.pt"
     save_checkpoint(build_detector(avg.model).state_dict(), old)
     load_model(mx, str(old))
+
+
+def test_the_preflight_message_hides_credentials():
+    """Problems name paths as given, and a data root or workdir may be `s3://KEY:SECRET@...`."""
+    from lfb_ray.preflight import PreflightError, Problem
+
+    e = PreflightError([Problem("data.train_csv", "s3://AKIAEXAMPLE:SECRETEXAMPLE@bucket/ava/a.csv does not exist")])
+    assert "SECRETEXAMPLE" not in str(e) and "AKIAEXAMPLE" not in str(e)
+    assert "preflight: data.train_csv: s3://" in str(e) and "bucket/ava/a.csv does not exist" in str(e)

@@ -254,18 +254,11 @@ def test_interrupted_prepare_resumes_identical(synthetic_root, tmp_path):
 
 def test_tracking_server_down_does_not_stop_training(prepared, tmp_path):
     """The MLflow server dies after the run was created: training completes and warns, no crash."""
-    import socket
 
     from lfb_ray.train import fit
 
     cfg0, _ = prepared
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                               "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server, port = _start_mlflow_server(tmp_path)
     try:
         import urllib.request
 
@@ -286,6 +279,23 @@ def test_tracking_server_down_does_not_stop_training(prepared, tmp_path):
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+
+
+def _start_mlflow_server(tmp_path: Path, log: Path | None = None) -> tuple[subprocess.Popen, int]:
+    """A real `mlflow server` (SQLite store, local artifacts) on a free loopback port, in its own
+    process group (so a test can SIGKILL/SIGSTOP it with its workers); (process, port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                               "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
+                              stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+                              start_new_session=True)
+    return server, port
 
 
 def _health(url: str, urllib_request) -> bool:

@@ -12,8 +12,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -156,19 +154,12 @@ def test_hung_tracking_server_and_a_killed_rank0_worker(prepared, tmp_path):
     import urllib.request
 
     from mlflow.tracking import MlflowClient
-    from test_faults import _health, _pids_with, _wait_for
+    from test_faults import _health, _pids_with, _start_mlflow_server, _wait_for
 
     from lfb_ray.train import fit
 
     cfg0, _ = prepared
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                               "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
-                              stdout=open(tmp_path / "mlflow_server.log", "wb"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    server, port = _start_mlflow_server(tmp_path, tmp_path / "mlflow_server.log")
     events: list[str] = []
     try:
         _wait_for(lambda: _health(f"http://127.0.0.1:{port}/health", urllib.request), 120, "mlflow server")

@@ -1,7 +1,10 @@
 r"""Action detection on any video: every person's actions at every second, with the video's own bank.
 
-    python jobs/detect.py --video MOVIE.mp4 --checkpoint MODEL.pt --bank-checkpoint BASELINE.pt --out DIR \
-        [--config CFG [key=value ...]] [--persons PROPOSALS.pkl|CSV | --detector-weights FILE] [--start S --end E]
+    python jobs/detect.py --video MOVIE.mp4 --checkpoint MODEL.pt --out DIR \
+        [--persons PROPOSALS.pkl|CSV | --detector-weights FILE] [--start S --end E] [key=value ...]
+
+A model.pt trained by lfb_ray carries its config and the baseline that computes its bank; for
+mmaction2 .pth files (or older weight-only model.pt files) pass --config and --bank-checkpoint.
 
 Writes DIR/detections.csv (AVA result format), DIR/detections_short_term.csv (LFB models: the
 baseline's scores for the same boxes), DIR/tracks.json (per-person tracks with their top actions),
@@ -22,12 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", required=True, help="video file (anything decord/ffmpeg reads)")
     p.add_argument("--checkpoint", required=True, help="LFB (or baseline) model: model.pt, Ray checkpoint dir, "
                                                        "mmaction2 .pth or its jobs/convert_checkpoint.py output")
-    p.add_argument("--bank-checkpoint", default="", help="the short-term baseline that computes the bank "
-                                                         "(needed for LFB models)")
+    p.add_argument("--bank-checkpoint", default="", help="the short-term baseline that computes the bank (LFB "
+                                                         "models; default: the one --checkpoint was trained from)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", default="", help="the model's config (data/bank settings, exclusive label groups); "
-                                                "default: lfb_ray's defaults and the layout read from the checkpoint")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.fbo=max bank.window_seconds=60")
+                                                "default: the config saved in --checkpoint, else lfb_ray's "
+                                                "defaults and the layout read from the weights")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides (of --config, else of the checkpoint's "
+                                                "saved config), e.g. bank.window_seconds=60")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--persons", default="", help="person boxes: FAIR/mmaction2 proposals .pkl or AVA-style .csv")
     src.add_argument("--detector-weights", default="",
@@ -51,17 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lfb_ray.config import ConfigError, load_config
+    from lfb_ray.config import Config, ConfigError, load_config, with_overrides
     from lfb_ray.detect import DetectError, detect_video
+    from lfb_ray.detect.models import read_state, saved_meta
 
     args = build_parser().parse_args(argv)
     cfg = None
-    if args.config or args.overrides:
-        try:
-            cfg = load_config(args.config or None, args.overrides)
-        except (ConfigError, FileNotFoundError) as e:
-            print(f"error: {redact_text(e)}", file=sys.stderr)
-            return 2
+    try:
+        if args.config:
+            cfg = load_config(args.config, args.overrides)
+        elif args.overrides:
+            read_state(args.checkpoint, "--checkpoint")
+            meta = saved_meta(args.checkpoint, "--checkpoint")
+            cfg = with_overrides(meta.to_config() if meta else Config(), args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {redact_text(e)}", file=sys.stderr)
+        return 2
+    except DetectError as e:
+        print(f"error: {redact_text(e)}", file=sys.stderr)
+        return 2
     try:
         res = detect_video(args.video, args.checkpoint, args.out, config=cfg, bank_checkpoint=args.bank_checkpoint or None,
                            persons=args.persons or None, detector_weights=args.detector_weights or None,

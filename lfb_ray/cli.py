@@ -11,7 +11,8 @@ import time
 from lfb_ray.config import Config, ConfigError, load_config, resolve_paths
 from lfb_ray.redaction import redact_text
 
-__all__ = ["base_parser", "driver_runtime_env", "init_ray", "job_runtime_env", "load_from_args", "load_given",
+__all__ = ["base_parser", "config_of_checkpoint", "driver_runtime_env", "init_ray", "job_runtime_env",
+           "load_for_checkpoint", "load_from_args", "load_given",
            "preflight_or_exit", "wait_for_cluster"]
 
 
@@ -23,13 +24,20 @@ def _redacting_excepthook(exc_type, exc, tb) -> None:
     sys.stderr.write(redact_text("".join(traceback.format_exception(exc_type, exc, tb))))
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, *, config_in_checkpoint: bool = False) -> argparse.ArgumentParser:
     """`--config PATH` and dotted overrides; the description (a job's docstring, its usage examples
     one per line) is printed as written, not reflowed into one paragraph. Also installs
-    `_redacting_excepthook` (every job calls this first)."""
+    `_redacting_excepthook` (every job calls this first).
+
+    With `config_in_checkpoint` (jobs that score a `--checkpoint`) `--config` is optional: the
+    default is the config the checkpoint saved (`load_for_checkpoint`)."""
     sys.excepthook = _redacting_excepthook
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    if config_in_checkpoint:
+        p.add_argument("--config", default="", help="YAML config (configs/*.yaml); default: the config saved in "
+                                                    "--checkpoint (a model.pt trained by lfb_ray)")
+    else:
+        p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 model.fbo=avg")
     return p
 
@@ -46,6 +54,39 @@ def load_given(args: argparse.Namespace) -> Config:
 def load_from_args(args: argparse.Namespace) -> Config:
     """`load_given` with the paths made absolute (`resolve_paths`), as the workers need them."""
     return resolve_paths(load_given(args))
+
+
+def config_of_checkpoint(checkpoint: str, overrides=()) -> Config:
+    """The config a trained `model.pt` (or a Ray checkpoint folder holding one) saved in its meta,
+    with dotted overrides applied; paths as the run resolved them.
+
+    Raises:
+        ConfigError: the file holds no config (an mmaction2 or converted file, or one of ours saved
+            before lfb_ray stored it): pass --config.
+    """
+    from lfb_ray.config import with_overrides
+    from lfb_ray.models.checkpoint import read_meta
+    from lfb_ray.storage import checkpoint_file
+
+    meta = read_meta(checkpoint_file(checkpoint))
+    if meta is None:
+        raise ConfigError(f"{checkpoint} holds no config (an mmaction2 or converted file, or an lfb_ray model.pt "
+                          "saved before checkpoints carried one): pass --config")
+    return with_overrides(meta.to_config(), overrides)
+
+
+def load_for_checkpoint(args: argparse.Namespace) -> Config:
+    """`load_from_args` when `--config` is given, else `config_of_checkpoint(args.checkpoint)`
+    with the overrides; exit 2 when neither gives a config."""
+    if args.config:
+        return load_from_args(args)
+    from lfb_ray.models.checkpoint import CheckpointError
+
+    try:
+        return resolve_paths(config_of_checkpoint(args.checkpoint, args.overrides))
+    except (ConfigError, CheckpointError, FileNotFoundError, OSError) as e:
+        print(f"error: {redact_text(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def preflight_or_exit(cfg: Config, job: str, **kwargs) -> None:

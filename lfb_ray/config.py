@@ -40,6 +40,7 @@ __all__ = [
     "path_values",
     "resolve_paths",
     "unresolve_paths",
+    "with_overrides",
 ]
 
 
@@ -508,6 +509,15 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {key}: {p} is not a section")
     node[parts[-1]] = value
+
+
+def with_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """`cfg` with dotted overrides applied, as `load_config` applies them to a file's values
+    (e.g. to the config a checkpoint saved: `lfb_ray.models.card.CheckpointMeta`)."""
+    data = config_to_dict(cfg)
+    for item in overrides:
+        _apply_override(data, item)
+    return config_from_dict(data)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:

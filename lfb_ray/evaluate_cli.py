@@ -1,9 +1,10 @@
 """Command line of `jobs/evaluate.py`: score a result CSV against AVA GT and print/write frame-mAP.
 
 Mode 1: `--gt GT.csv --pred PRED.csv --label-map MAP.pbtxt [--exclusions EXCL.csv]
-[--protocol official|mmaction2|both] [--json OUT.json]`. Mode 2: `--config CFG --checkpoint CKPT
+[--protocol official|mmaction2|both] [--json OUT.json]`. Mode 2: `--checkpoint CKPT [--config CFG]
 [key=value ...] [--csv OUT.csv] [--json OUT.json]` scores the val split with the model (Ray Data
-actor pool, `lfb_ray.inference.infer_split`), writes the result CSV and evaluates it the same way.
+actor pool, `lfb_ray.inference.infer_split`), writes the result CSV and evaluates it the same way;
+the config defaults to the one the checkpoint saved (`lfb_ray.cli.config_of_checkpoint`).
 
 `--protocol both` prints the official ActivityNet evaluator and mmaction2's side by side: the seed
 table's numbers (24.11 / 22.15 / 20.17) come from mmaction2's own evaluator, which keeps every
@@ -33,7 +34,7 @@ PROTOCOLS = ("official", "mmaction2")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; the CSV-mode inputs are required only without `--config`."""
+    """The argument parser; the CSV-mode inputs are required only without `--checkpoint`."""
     p = argparse.ArgumentParser(
         prog="jobs/evaluate.py",
         description="AVA frame-mAP@0.5 of a result CSV: the official ActivityNet evaluator, "
@@ -44,15 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--label-map", help="label map .pbtxt; only its ids are evaluated")
     files.add_argument("--exclusions", default="", help="excluded-timestamps CSV (optional)")
     p.add_argument("--protocol", choices=(*PROTOCOLS, "both"), default=None,
-                   help="official ActivityNet evaluator (default; with --config: eval.protocol), "
+                   help="official ActivityNet evaluator (default; with --checkpoint: eval.protocol), "
                         "mmaction2's variant (no 50-per-keyframe cap: the protocol of mmaction2's published "
                         "LFB numbers), or both side by side")
     p.add_argument("--json", default="", help="also write the metrics as JSON here")
     model = p.add_argument_group("run a model first (Ray Data inference on the val split)")
-    model.add_argument("--config", default="", help="config YAML of a trained model")
-    model.add_argument("--checkpoint", default="", help="checkpoint to run with --config")
+    model.add_argument("--checkpoint", default="", help="the model: model.pt, Ray checkpoint folder or mmaction2 .pth")
+    model.add_argument("--config", default="", help="config YAML of the model (default: the config saved in "
+                                                    "--checkpoint; needed for mmaction2/converted files)")
     model.add_argument("--csv", default="", help="result CSV to write (default <workdir>/results/infer_<fbo>.csv)")
-    model.add_argument("overrides", nargs="*", help="dotted config overrides with --config, e.g. eval.batch_size=16")
+    model.add_argument("overrides", nargs="*", help="dotted config overrides with --checkpoint, e.g. eval.batch_size=16")
     return p
 
 
@@ -144,18 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the evaluation; returns the exit code (0 ok, 1 bad input; argparse errors exit 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.config:
+    if args.config or args.checkpoint:
         if not args.checkpoint:
             parser.error("--config needs --checkpoint")
         given = [f"--{n.replace('_', '-')}" for n in ("gt", "pred", "label_map", "exclusions") if getattr(args, n)]
         if given:
-            parser.error(f"{', '.join(given)} cannot be combined with --config (the config names the GT)")
+            parser.error(f"{', '.join(given)} cannot be combined with --checkpoint (the config names the GT)")
         return _run_model(args)
     if args.overrides or args.csv:
-        parser.error("config overrides and --csv need --config")
+        parser.error("config overrides and --csv need --checkpoint")
     missing = [f"--{n.replace('_', '-')}" for n in ("gt", "pred", "label_map") if not getattr(args, n)]
     if missing:
-        parser.error(f"the following arguments are required without --config: {', '.join(missing)}")
+        parser.error(f"the following arguments are required without --checkpoint: {', '.join(missing)}")
     args.protocol = args.protocol or "official"
     t0 = time.perf_counter()
     try:
@@ -182,17 +184,11 @@ def _run_model(args: argparse.Namespace) -> int:
     `infer_split` writes the CSV and returns only the mAP summary, so the CSV it wrote is scored
     again here for the full per-class table (a pure-numpy pass over the same rows).
     """
-    from lfb_ray.cli import init_ray
+    from lfb_ray.cli import config_of_checkpoint, init_ray
     from lfb_ray.config import ConfigError, load_config, resolve_paths
     from lfb_ray.data.prep import PrepareError
     from lfb_ray.inference import infer_split
-
-    overrides = list(args.overrides) + ([f"eval.protocol={args.protocol}"] if args.protocol in PROTOCOLS else [])
-    try:
-        cfg = resolve_paths(load_config(args.config, overrides))
-    except (ConfigError, OSError) as e:
-        print(f"error: {redact_text(e)}", file=sys.stderr)
-        return 1
+    from lfb_ray.models.checkpoint import CheckpointError
     from lfb_ray.storage import StorageError, exists, is_uri, join_uri, resolve, upload_file
 
     try:  # a local path or a URI (s3://... of a cluster's checkpoints)
@@ -201,6 +197,13 @@ def _run_model(args: argparse.Namespace) -> int:
         found = False
     if not found:
         print(f"error: checkpoint {redact_text(args.checkpoint)} does not exist", file=sys.stderr)
+        return 1
+    overrides = list(args.overrides) + ([f"eval.protocol={args.protocol}"] if args.protocol in PROTOCOLS else [])
+    try:
+        cfg = resolve_paths(load_config(args.config, overrides) if args.config
+                            else config_of_checkpoint(args.checkpoint, overrides))
+    except (ConfigError, CheckpointError, OSError) as e:
+        print(f"error: {redact_text(e)}", file=sys.stderr)
         return 1
     # The result CSV: `--csv` or <workdir>/results/infer_<fbo>.csv, either a local path or a URI
     # (written locally, scored, then uploaded).

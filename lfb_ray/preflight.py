@@ -115,7 +115,7 @@ def check_checkpoint(path: str, cfg: Config, where: str, *, backbone_only: bool 
 
     try:
         load_checkpoint(build_detector(cfg.model), checkpoint_file(path), backbone_only=backbone_only,
-                        expect_fbo=cfg.model.fbo)
+                        expect=cfg.model)
     except Exception as e:  # CheckpointError (keys/shapes), an unreadable or refused file
         what = "its backbone" if backbone_only else f"a model.fbo={cfg.model.fbo} detector"
         return [Problem(where, f"{path} does not load into {what} of depth {cfg.model.depth}: "

@@ -256,3 +256,81 @@ def test_baseline_backbone_into_an_lfb_model(tmp_path: Path, fmt: str) -> None:
             assert torch.equal(v, base.state_dict()[k]), k
         else:
             assert torch.equal(v, fbo_before[k]), k
+
+
+def _meta(cfg, **kw):
+    from lfb_ray.config import config_to_dict
+    from lfb_ray.models.card import CheckpointMeta
+
+    args = dict(operator=cfg.model.fbo, epoch=3, global_step=12, selected_on="best val mAP", val_map=0.25,
+                config=config_to_dict(cfg), inputs={"prepared": "p1", "bank": "b1", "init": "c1"},
+                init_checkpoint="/runs/base/model.pt", run_name="nl-abc", mlflow_run_id="r1",
+                code={"lfb_ray": "0.1.0", "git": "deadbeef"})
+    args.update(kw)
+    return CheckpointMeta(**args)
+
+
+def test_a_checkpoint_says_what_it_is_and_refuses_another_model(tmp_path):
+    """model.pt carries a CheckpointMeta (plain data, read with weights_only=True): its config,
+    operator, epoch, the mAP it was selected on, the ids of its inputs and the code version. A model
+    of another operator (avg vs max: same weights) or shape is refused, naming both."""
+    import dataclasses
+
+    from lfb_ray.config import load_config
+    from lfb_ray.models import build_detector
+    from lfb_ray.models.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+
+    avg = load_config(REPO / "configs" / "tiny.yaml", ["model.fbo=avg"])
+    path = tmp_path / "avg.pt"
+    save_checkpoint(build_detector(avg.model).state_dict(), path, source="lfb_ray avg epoch 3", meta=_meta(avg))
+    meta = read_meta(path)
+    assert meta == _meta(avg) and meta.to_config() == avg
+    assert "LFB-avg, epoch 3 (best val mAP, val mAP 0.2500), run nl-abc" in meta.describe()
+    assert load_checkpoint(build_detector(avg.model), path, expect=avg.model) == "lfb_ray/v1"
+    mx = dataclasses.replace(avg.model, fbo="max")
+    with pytest.raises(CheckpointError, match=r"holds a model.fbo=avg .* asks for model.fbo=max"):
+        load_checkpoint(build_detector(mx), path, expect=mx)
+    deep = dataclasses.replace(avg.model, depth=34)
+    with pytest.raises(CheckpointError, match=r"model.depth=18 .* asks for .*model.depth=34"):
+        load_checkpoint(build_detector(deep), path, expect=deep)
+    # The backbone alone goes into any operator's model (an LFB run starts from the baseline's).
+    load_checkpoint(build_detector(mx), path, backbone_only=True, expect=mx)
+
+
+def test_old_weight_only_files_load_with_a_warning_and_foreign_meta_is_ignored(tmp_path):
+    from lfb_ray.config import load_config
+    from lfb_ray.models import build_detector, to_mmaction2_state_dict
+    from lfb_ray.models.checkpoint import load_checkpoint, read_meta, save_checkpoint
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.fbo=none"])
+    model = build_detector(cfg.model)
+    old = tmp_path / "old.pt"
+    save_checkpoint(model.state_dict(), old, source="lfb_ray none epoch 2")  # as lfb_ray wrote it before
+    assert read_meta(old) is None
+    with pytest.warns(UserWarning, match="holds weights only"):
+        load_checkpoint(build_detector(cfg.model), old, expect=cfg.model)
+    mm = tmp_path / "mm.pth"  # mmaction2's own `meta` (mmengine) is not ours
+    torch.save({"state_dict": to_mmaction2_state_dict(model), "meta": {"epoch": 20}}, mm)
+    assert read_meta(mm) is None
+
+
+def test_jobs_take_the_config_from_the_checkpoint(tmp_path, capsys):
+    """evaluate/visualize need only --checkpoint when it carries its config; one without says to pass --config."""
+    from lfb_ray.cli import config_of_checkpoint
+    from lfb_ray.config import ConfigError, load_config
+    from lfb_ray.evaluate_cli import main
+    from lfb_ray.models import build_detector
+    from lfb_ray.models.checkpoint import save_checkpoint
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.fbo=none"])
+    path = tmp_path / "model.pt"
+    save_checkpoint(build_detector(cfg.model).state_dict(), path, meta=_meta(cfg))
+    assert config_of_checkpoint(str(path)) == cfg
+    assert config_of_checkpoint(str(tmp_path), ["eval.batch_size=3"]).eval.batch_size == 3  # a checkpoint folder
+    old = tmp_path / "old" / "m.pt"
+    save_checkpoint(build_detector(cfg.model).state_dict(), old)
+    with pytest.raises(ConfigError, match="holds no config"):
+        config_of_checkpoint(str(old))
+    assert main(["--checkpoint", str(old)]) == 1
+    err = capsys.readouterr().err
+    assert "holds no config" in err and "pass --config" in err

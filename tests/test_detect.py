@@ -306,3 +306,25 @@ def test_mmaction2_checkpoints_without_config(env, tmp_path):
     for other in (raw, conv):
         np.testing.assert_array_equal(other.boxes, ours.boxes)
         np.testing.assert_array_equal(other.scores, ours.scores)
+
+
+def test_a_self_describing_checkpoint_needs_no_config_and_no_bank_checkpoint(env, tmp_path):
+    """A model.pt that carries its meta (config + the baseline it was trained from) runs with
+    `--checkpoint` alone and scores what the explicit `--config --bank-checkpoint` run scores."""
+    from lfb_ray.config import config_to_dict
+    from lfb_ray.data.annotations import read_result_rows
+    from lfb_ray.models.card import CheckpointMeta
+    from lfb_ray.models.checkpoint import read_checkpoint_file, save_checkpoint
+
+    cfg = env["cfg"]
+    meta = CheckpointMeta(operator="nl", epoch=1, global_step=2, selected_on="last epoch", val_map=None,
+                          config=config_to_dict(cfg), init_checkpoint=env["base"])
+    path = tmp_path / "nl_meta.pt"
+    save_checkpoint(read_checkpoint_file(env["nl"]), path, source="lfb_ray nl epoch 1", meta=meta)
+    span = {"start": 905, "end": 906, "render": False}
+    want = read_result_rows(_run(env, tmp_path / "explicit", **span).csv)
+    got = read_result_rows(_run(env, tmp_path / "alone", checkpoint=str(path), config=None, bank_checkpoint=None,
+                                **span).csv)
+    assert len(want) > 0
+    np.testing.assert_array_equal(got.boxes, want.boxes)
+    np.testing.assert_array_equal(got.scores, want.scores)

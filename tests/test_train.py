@@ -199,5 +199,17 @@ def test_save_best_makes_the_best_evaluated_epoch_the_result(prepared, tmp_path)
     assert r.metrics["best/epoch"] == want and r.metrics["epoch"] == 2
     assert r.metrics["val/mAP"] == pytest.approx(hist[want]) and r.metrics["last/val/mAP"] == pytest.approx(hist[2])
     assert torch.load(r.model_path, weights_only=True)["source"] == f"lfb_ray none epoch {want} (best val mAP)"
+    # The model says what it is and where it came from (lfb_ray.models.card.CheckpointMeta).
+    from lfb_ray.config import resolve_paths
+    from lfb_ray.identity import run_inputs
+    from lfb_ray.models.card import code_version
+    from lfb_ray.models.checkpoint import read_meta
+
+    meta = read_meta(r.model_path)
+    assert (meta.operator, meta.epoch, meta.selected_on) == ("none", want, "best val mAP")
+    assert meta.val_map == pytest.approx(r.metrics["val/mAP"]) and meta.global_step == 4
+    assert (meta.run_name, meta.mlflow_run_id) == (r.run_name, r.mlflow_run_id)
+    assert meta.inputs == run_inputs(resolve_paths(cfg)) and meta.to_config() == resolve_paths(cfg)
+    assert meta.code == code_version() and meta.code["git"] != "unknown"
     res = infer_split(cfg, r.checkpoint_path, str(tmp_path / "best.csv"))
     assert res.metrics["mAP"] == pytest.approx(r.metrics["val/mAP"], abs=1e-9)

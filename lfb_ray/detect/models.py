@@ -1,10 +1,11 @@
 """Which model a checkpoint holds, and the `ModelConfig` to build it with, for `jobs/detect.py`.
 
-Our checkpoints (`model.pt`, `{"model": state_dict, "format": "lfb_ray/v1"}`) store weights only,
-no config; mmaction2's `.pth` files (or their `jobs/convert_checkpoint.py` conversions) neither.
-The layout (depth, width, operator, latent width, NL layers, classes) is therefore read from the
-weights' keys and shapes (`lfb_ray.models.checkpoint.infer_model_config`); what weights cannot
-tell (the exclusive label groups, avg vs max, which have the same parameters) comes from
+A `model.pt` trained by lfb_ray carries its config and the baseline it started from
+(`lfb_ray.models.card.CheckpointMeta`, `saved_meta`): detect then needs nothing else. mmaction2's
+`.pth` files, their `jobs/convert_checkpoint.py` conversions and older weight-only `model.pt`
+files do not: the layout (depth, width, operator, latent width, NL layers, classes) is read from
+the weights' keys and shapes (`lfb_ray.models.checkpoint.infer_model_config`), and what weights
+cannot tell (the exclusive label groups, avg vs max, which have the same parameters) comes from
 `--config` when given.
 """
 
@@ -16,7 +17,7 @@ import os
 from lfb_ray.config import ModelConfig
 from lfb_ray.detect.errors import DetectError
 
-__all__ = ["checkpoint_model_config", "read_state"]
+__all__ = ["checkpoint_model_config", "read_state", "saved_meta"]
 
 _OURS = (("backbone.", "backbone."), ("fbo.", "roi_head.shared_head.fbo."), ("fc_cls.", "roi_head.bbox_head.fc_cls."))
 
@@ -51,6 +52,21 @@ def read_state(path: str, flag: str) -> dict:
         raise DetectError(f"{flag} {path} holds a backbone only (e.g. a Kinetics initialisation), not a trained "
                           "detector with a classifier (fc_cls)")
     return flat
+
+
+def saved_meta(path: str, flag: str):
+    """The `CheckpointMeta` a trained `model.pt` saved (None for files without one).
+
+    Raises:
+        DetectError: a meta that cannot be read, naming the file.
+    """
+    from lfb_ray.models.checkpoint import CheckpointError, read_meta
+    from lfb_ray.storage import checkpoint_file
+
+    try:
+        return read_meta(checkpoint_file(path))
+    except CheckpointError as e:
+        raise DetectError(f"{flag} {path}: {e}") from None
 
 
 def _to_mmaction2_names(flat: dict) -> dict:

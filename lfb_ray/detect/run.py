@@ -192,7 +192,7 @@ def detect_video(video: str, checkpoint: str, out_dir: str, *, config: Config | 
     """
     import torch
 
-    from lfb_ray.detect.models import checkpoint_model_config
+    from lfb_ray.detect.models import checkpoint_model_config, read_state, saved_meta
 
     t0 = time.time()
     stages: dict[str, float] = {}
@@ -212,6 +212,15 @@ def detect_video(video: str, checkpoint: str, out_dir: str, *, config: Config | 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # -- models (cheap; before any decoding)
+    read_state(checkpoint, "--checkpoint")  # a named error for a missing or foreign file first
+    meta = saved_meta(checkpoint, "--checkpoint")
+    if meta is not None:
+        log(f"detect: --checkpoint is {meta.describe()}")
+        if not given:  # the model's own config: its operator, label groups, bank and data settings
+            cfg, given = meta.to_config(), True
+        if not bank_checkpoint and meta.operator != "none" and meta.init_checkpoint:
+            bank_checkpoint = meta.init_checkpoint
+            notes.append(f"--bank-checkpoint: the baseline --checkpoint was trained from ({bank_checkpoint})")
     model_cfg = checkpoint_model_config(checkpoint, "--checkpoint", cfg.model if given else None, notes=notes)
     lfb = model_cfg.fbo != "none"
     if not lfb and given and cfg.model.fbo != "none" and not cfg.model.exclusive_groups_in_baseline \

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from lfb_ray.config import ModelConfig
+from lfb_ray.models.card import CheckpointMeta
 from lfb_ray.models.detector import build_detector
 from lfb_ray.redaction import RedactedMessage
 
@@ -38,6 +40,7 @@ __all__ = [
     "load_checkpoint",
     "load_mmaction2_state_dict",
     "read_checkpoint_file",
+    "read_meta",
     "save_checkpoint",
     "to_mmaction2_state_dict",
 ]
@@ -257,8 +260,53 @@ def load_mmaction2_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
     _load_strict(model, ours, "backbone." if backbone_only else "", what)
 
 
+_LAYOUT_KEYS = ("fbo", "depth", "base_channels", "num_classes", "latent_channels", "num_nl_layers")
+
+
+def _layout(model_config: Mapping[str, Any]) -> str:
+    """`model.fbo=nl model.depth=50 ...`: the fields that decide a model's weights (NL ones for NL)."""
+    keys = _LAYOUT_KEYS if model_config.get("fbo") == "nl" else _LAYOUT_KEYS[:4]
+    return " ".join(f"model.{k}={model_config.get(k)}" for k in keys)
+
+
+def _check_saved_layout(path: str | Path, saved: Mapping[str, Any], expect: ModelConfig) -> None:
+    """Refuse a file whose saved model config is another operator or shape than `expect`, naming both."""
+    want = {k: getattr(expect, k) for k in _LAYOUT_KEYS}
+    differs = [k for k in _LAYOUT_KEYS if k in saved and saved[k] != want[k]
+               and (k in _LAYOUT_KEYS[:4] or "nl" in (saved.get("fbo"), expect.fbo))]
+    if differs:
+        # Avg and Max have the same weights: only the saved config tells them apart.
+        raise CheckpointError(f"{path} holds a {_layout(saved)} model (its saved config), but the config asks for "
+                              f"{_layout(want)}: use that model's checkpoint, or the checkpoint's config "
+                              f"({' '.join(f'model.{k}={saved[k]}' for k in differs)})")
+
+
+def read_meta(path: str | Path) -> CheckpointMeta | None:
+    """The `CheckpointMeta` of one of our trained `model.pt` files; None for files without one
+    (mmaction2 files, converted files, and ours from before lfb_ray stored it).
+
+    Raises:
+        CheckpointError: unreadable or untrusted file, or a meta that does not parse.
+    """
+    obj = _load_object(path)
+    return _meta_of(obj, path)
+
+
+def _meta_of(obj: Any, path: str | Path) -> CheckpointMeta | None:
+    # mmaction2 files have a "meta" of their own (mmengine's): only our format's is a CheckpointMeta.
+    raw = obj.get("meta") if isinstance(obj, Mapping) and obj.get("format") == FORMAT else None
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{path}: its meta is not a mapping")
+    try:
+        return CheckpointMeta.from_dict(raw, str(path))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, *, backbone_only: bool = False,
-                    expect_fbo: str | None = None) -> str:
+                    expect: ModelConfig | None = None) -> str:
     """Load weights from a file in our format or mmaction2's, strictly (see the loaders above).
 
     Our format holding only `backbone.*` keys (a converted Kinetics checkpoint) loads the
@@ -266,8 +314,9 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, backbone_only: bool =
     baseline's backbone into an LFB model, whose head differs); the backbone must still match exactly.
 
     Args:
-        expect_fbo: the operator the model is built with: a file that saved its model config (our
-            `model.pt` since it holds one) and names another operator is refused, naming both.
+        expect: the model config the model is built with: a file that saved its model config
+            (our trained `model.pt`) and names another operator or shape is refused, naming both.
+            A trained file of ours without one (saved before lfb_ray stored it) loads with a warning.
 
     Returns:
         what was loaded: "lfb_ray/v1", "lfb_ray/v1 backbone", "mmaction2" or "mmaction2 backbone".
@@ -275,12 +324,16 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, backbone_only: bool =
     obj = _load_object(path)
     flat = _unwrap(obj, str(path))
     saved = obj.get("model_config") if isinstance(obj, Mapping) else None
-    if expect_fbo and not backbone_only and isinstance(saved, Mapping) and saved.get("fbo") != expect_fbo:
-        # Avg and Max have the same weights: only the saved config tells them apart.
-        raise CheckpointError(f"{path} holds a model.fbo={saved.get('fbo')} model (its saved config), but the "
-                              f"config asks for model.fbo={expect_fbo}: use that operator's checkpoint, or the "
-                              f"config of model.fbo={saved.get('fbo')}")
+    meta = _meta_of(obj, path)
+    if meta is not None and not isinstance(saved, Mapping):
+        saved = meta.config.get("model")
+    if expect is not None and not backbone_only and isinstance(saved, Mapping):
+        _check_saved_layout(path, saved, expect)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        if meta is None and str(obj.get("source", "")).startswith("lfb_ray ") and not backbone_only:
+            warnings.warn(f"{path} holds weights only (saved before lfb_ray stored a checkpoint's meta): its "
+                          "operator, data and bank cannot be checked; they are taken from the config",
+                          UserWarning, stacklevel=2)
         if backbone_only:
             flat = {k: v for k, v in flat.items() if k.startswith("backbone.")}
         backbone_only = all(k.startswith("backbone.") for k in flat)
@@ -296,16 +349,19 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, backbone_only: bool =
 
 
 def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | Path, source: str = "",
-                    model_config: Mapping[str, Any] | None = None) -> None:
-    """Write `{"model": state_dict, "source", "format"[, "model_config"]}` atomically (temp file +
-    os.replace). `model_config` (plain data: `config_to_dict(cfg)["model"]`) lets a loader refuse a
-    checkpoint of another operator (Avg and Max weights have the same keys and shapes)."""
+                    model_config: Mapping[str, Any] | None = None, meta: CheckpointMeta | None = None) -> None:
+    """Write `{"model": state_dict, "source", "format"[, "model_config", "meta"]}` atomically (temp
+    file + os.replace). `model_config` (plain data: `config_to_dict(cfg)["model"]`) lets a loader
+    refuse a checkpoint of another operator (Avg and Max weights have the same keys and shapes);
+    `meta` (`lfb_ray.models.card.CheckpointMeta`) says where the weights came from."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": {k: v.detach().cpu() for k, v in state_dict.items()}, "source": source,
                "format": FORMAT}
     if model_config is not None:
         payload["model_config"] = dict(model_config)
+    if meta is not None:
+        payload["meta"] = meta.to_dict()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

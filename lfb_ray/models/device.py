@@ -46,5 +46,5 @@ def load_model(cfg: Config, checkpoint: str, device: torch.device | str = "cpu")
     arbitrary objects (see `lfb_ray.models.checkpoint`).
     """
     model = build_detector(cfg.model)
-    load_checkpoint(model, checkpoint_file(checkpoint), expect_fbo=cfg.model.fbo)
+    load_checkpoint(model, checkpoint_file(checkpoint), expect=cfg.model)
     return to_model_layout(model.to(device)).eval()

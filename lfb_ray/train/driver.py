@@ -101,7 +101,8 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
         init_checkpoint = os.path.abspath(init_checkpoint)
     from lfb_ray.identity import run_inputs
 
-    name = run_name_for(cfg, init_checkpoint, run_inputs(cfg, init_checkpoint))
+    inputs = run_inputs(cfg, init_checkpoint)
+    name = run_name_for(cfg, init_checkpoint, inputs)
     if fresh:
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_id = None
@@ -117,7 +118,7 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
             print(f"[lfb_ray] WARNING: MLflow unavailable at {redact_text(cfg.tracking_uri)} "
                   f"({type(e).__name__}: {redact_text(e)}); training without tracking", flush=True)
     try:
-        return _fit_run(cfg, name=name, run_id=run_id, init_checkpoint=init_checkpoint, t0=t0)
+        return _fit_run(cfg, name=name, run_id=run_id, init_checkpoint=init_checkpoint, inputs=inputs, t0=t0)
     except BaseException as e:
         if run_id:
             end_run(cfg.tracking_uri, run_id, status_for(e))
@@ -180,8 +181,10 @@ def check_tracking_store(cfg: Config) -> None:
         raise ConfigError(str(e)) from None
 
 
-def _fit_run(cfg: Config, *, name: str, run_id: str | None, init_checkpoint: str | None, t0: float) -> FitResult:
-    """The `TorchTrainer` run of `fit`, which owns the MLflow run `run_id` (ended FINISHED here)."""
+def _fit_run(cfg: Config, *, name: str, run_id: str | None, init_checkpoint: str | None, inputs: dict[str, str],
+             t0: float) -> FitResult:
+    """The `TorchTrainer` run of `fit`, which owns the MLflow run `run_id` (ended FINISHED here).
+    `inputs` (`lfb_ray.identity.run_inputs`) go into the saved model's meta (`CheckpointMeta`)."""
     from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -201,7 +204,8 @@ def _fit_run(cfg: Config, *, name: str, run_id: str | None, init_checkpoint: str
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": config_to_dict(cfg), "mlflow_run_id": run_id, "results_dir": results_dir,
-                           "iters_per_epoch": iters, "init_checkpoint": init_checkpoint},
+                           "iters_per_epoch": iters, "init_checkpoint": init_checkpoint,
+                           "provenance": {"run_name": name, "mlflow_run_id": run_id or "", "inputs": inputs}},
         scaling_config=_scaling(cfg),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=failure_config(cfg),

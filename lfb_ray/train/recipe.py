@@ -21,6 +21,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from lfb_ray.config import Config, config_from_dict, config_to_dict
 from lfb_ray.data.dataset import epoch_order, train_samples
+from lfb_ray.models.card import CheckpointMeta
 from lfb_ray.redaction import redact_text
 from lfb_ray.train.best import BestEpoch
 from lfb_ray.train.schedule import build_optimizer, lr_at
@@ -274,6 +275,23 @@ class EpochLoss:
         return out
 
 
+def model_meta(cfg: Config, config: dict, *, epoch: int, global_step: int, val_map: float | None,
+               best: bool) -> CheckpointMeta:
+    """The `CheckpointMeta` of the run's `model.pt`: what it is and what it came from
+    (`config["provenance"]`, set by `lfb_ray.train.driver`); credentials in URIs are not stored."""
+    from lfb_ray.models.card import code_version
+    from lfb_ray.redaction import redact_obj
+
+    prov = config.get("provenance") or {}
+    return CheckpointMeta(
+        operator=cfg.model.fbo, epoch=int(epoch), global_step=int(global_step),
+        selected_on="best val mAP" if best else "last epoch",
+        val_map=None if val_map is None or math.isnan(float(val_map)) else float(val_map),
+        config=redact_obj(config_to_dict(cfg)), inputs=dict(prov.get("inputs") or {}),
+        init_checkpoint=redact_text(config.get("init_checkpoint") or ""), run_name=prov.get("run_name", ""),
+        mlflow_run_id=prov.get("mlflow_run_id", ""), code=code_version())
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker entry point. `config` = {"cfg": nested config dict, "mlflow_run_id": ...}."""
     import ray.train
@@ -383,10 +401,12 @@ def train_loop_per_worker(config: dict) -> None:
                     best.save(tmp)
                 if final:
                     use_best = tc.save_best and best.state is not None
+                    meta = model_meta(cfg, config, epoch=best.epoch if use_best else epoch, global_step=global_step,
+                                      val_map=best.mAP if use_best else metrics.get("val/mAP"), best=use_best)
                     save_checkpoint(best.state if use_best else core.state_dict(), os.path.join(tmp, "model.pt"),
-                                    source=f"lfb_ray {cfg.model.fbo} epoch {best.epoch if use_best else epoch}"
+                                    source=f"lfb_ray {cfg.model.fbo} epoch {meta.epoch}"
                                            + (" (best val mAP)" if use_best else ""),
-                                    model_config=config_to_dict(cfg)["model"])
+                                    model_config=config_to_dict(cfg)["model"], meta=meta)
                 ckpt_obj = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({k: v for k, v in metrics.items() if not k.startswith("_")}, checkpoint=ckpt_obj)
 

@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from lfb_ray.bank import BankError, FeatureBank, write_bank
-from lfb_ray.bank import store as store_module
+from lfb_ray.bank import writer as writer_module
 from lfb_ray.bank.build import merge_split_parts
 
 FS = pafs.LocalFileSystem()
@@ -73,7 +73,7 @@ def test_streamed_merge_is_byte_identical_to_write_bank(tmp_path, monkeypatch, d
     """Random parts (videos spread over parts, rows in any order, an empty part), feature dims whose
     rows are not a multiple of 8 bytes (the IPC writer pads a batch with the next rows' bytes), one
     or many record batches: the same bytes as `write_bank` of all rows."""
-    monkeypatch.setattr(store_module, "_ROWS_PER_BATCH", rows_per_batch)
+    monkeypatch.setattr(writer_module, "_ROWS_PER_BATCH", rows_per_batch)
     rng = np.random.default_rng(dim * 1000 + rows_per_batch)
     parts = random_parts(rng, n_parts=6, rows=40, dim=dim, videos=5)
     paths = save_parts(tmp_path / "parts", parts)
@@ -134,10 +134,10 @@ def test_merge_peak_memory_is_about_one_part(tmp_path):
 KILL_MIDWAY = textwrap.dedent("""
     import os, signal, sys
     import pyarrow.fs as pafs
-    from lfb_ray.bank import parts, store
+    from lfb_ray.bank import parts, writer
     from lfb_ray.bank.build import merge_split_parts
 
-    store._ROWS_PER_BATCH = 16  # several record batches, so the kill lands mid-file
+    writer._ROWS_PER_BATCH = 16  # several record batches, so the kill lands mid-file
 
     read = parts.NpzPart.features
     calls = []
@@ -157,7 +157,7 @@ KILL_MIDWAY = textwrap.dedent("""
 def test_merge_killed_midway_leaves_the_old_bank_and_a_rerun_redoes_it(tmp_path, monkeypatch):
     """SIGKILL of the merging process after some parts: no half-written bank is visible (the bank
     there before is intact and opens), and the rerun writes the complete bank."""
-    monkeypatch.setattr(store_module, "_ROWS_PER_BATCH", 16)
+    monkeypatch.setattr(writer_module, "_ROWS_PER_BATCH", 16)
     rng = np.random.default_rng(2)
     old_parts, new_parts = (random_parts(rng, n_parts=5, rows=30, dim=6, videos=4) for _ in range(2))
     dest = tmp_path / "bank" / "train"

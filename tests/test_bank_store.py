@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lfb_ray.bank import BankError, FeatureBank, write_bank
-from lfb_ray.bank import store as store_module
+from lfb_ray.bank import writer as writer_module
 
 C = 4  # feature = [second, person, video number, 1]: every slot says what it holds; zero = empty
 
@@ -167,7 +167,7 @@ def test_sample_into_out_tensor(bank):
 
 
 def test_multiple_record_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "_ROWS_PER_BATCH", 5)  # seconds straddle record batches
+    monkeypatch.setattr(writer_module, "_ROWS_PER_BATCH", 5)  # seconds straddle record batches
     encoded_bank(tmp_path / "b", PERSONS)
     bank = FeatureBank.open(tmp_path / "b")
     assert len(bank._chunks) > 5

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.fs as pafs
 
-from lfb_ray.bank.store import BankError
+from lfb_ray.bank.format import BankError
 from lfb_ray.storage import write_bytes_atomic
 
 __all__ = ["COLUMNS", "NpzPart", "write_part"]
@@ -34,7 +34,7 @@ def write_part(fs: pafs.FileSystem, path: str, arrays: Mapping[str, np.ndarray])
 
 @dataclass(frozen=True)
 class NpzPart:
-    """A part file on `fs`, read member by member (a `lfb_ray.bank.store.BankPart`)."""
+    """A part file on `fs`, read member by member (a `lfb_ray.bank.writer.BankPart`)."""
 
     fs: pafs.FileSystem
     path: str

@@ -19,8 +19,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from lfb_ray.bank import FeatureBank, write_bank
+from lfb_ray.bank.format import FEATURES_FILE
 from lfb_ray.bank.interop import _to_mmaction2
-from lfb_ray.bank.store import FEATURES_FILE, FeatureBank, write_bank
 
 __all__ = ["build_synthetic_bank", "main", "reference_sample"]
 

@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.bank import FIRST_SECOND, build_synthetic_bank
 from benchmarks.table import format_table, machine_line, ratio
-from lfb_ray.bank.store import FeatureBank
+from lfb_ray.bank import FeatureBank
 from lfb_ray.bank.window import DeviceFeatures, WindowSampler
 
 __all__ = ["H100_STEP_MS", "run"]

@@ -78,7 +78,7 @@ def bank_id(bank_dir: str) -> str:
     Raises:
         InputError: no complete bank there.
     """
-    from lfb_ray.bank.store import BankError, bank_manifests
+    from lfb_ray.bank.format import BankError, bank_manifests
     from lfb_ray.storage import exists, join, read_json, resolve
 
     fs, root = resolve(bank_dir)

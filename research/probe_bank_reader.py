@@ -70,7 +70,7 @@ def main() -> int:
     import torch
     from torch import nn
 
-    from lfb_ray.bank.store import FeatureBank
+    from lfb_ray.bank import FeatureBank
     from lfb_ray.models.fbo import build_fbo
 
     torch.manual_seed(args.seed)

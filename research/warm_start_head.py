@@ -105,7 +105,7 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from lfb_ray.bank.store import FeatureBank
+    from lfb_ray.bank import FeatureBank
     from lfb_ray.config import load_config, resolve_paths
     from lfb_ray.evaluation.synthetic_report import read_bank_split
     from lfb_ray.models.checkpoint import load_checkpoint, save_checkpoint

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lfb_ray.bank import BankError, FeatureBank, write_bank
-from lfb_ray.bank import store as store_module
+from lfb_ray.bank import writer as writer_module
 
 C = 4  # feature = [second, person, video number, 1]: every slot says what it holds; zero = empty
 
@@ -167,7 +167,7 @@ def test_sample_into_out_tensor(bank):
 
 
 def test_multiple_record_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "_ROWS_PER_BATCH", 5)  # seconds straddle record batches
+    monkeypatch.setattr(writer_module, "_ROWS_PER_BATCH", 5)  # seconds straddle record batches
     encoded_bank(tmp_path / "b", PERSONS)
     bank = FeatureBank.open(tmp_path / "b")
     assert len(bank._chunks) > 5
@@ -329,7 +329,7 @@ def s3_filesystem(monkeypatch):
 
 
 @pytest.mark.slow
-def test_s3_round_trip(s3_filesystem, tmp_path):
+def test_s3_round_trip(s3_filesystem, tmp_path, monkeypatch):
     fs, endpoint = s3_filesystem
     socket.inet_aton(endpoint.split(":")[0])  # loopback only
     encoded_bank("bucket/lfb/train", {"a": {1: 2}, "s": {3: 1}}, filesystem=fs)
@@ -345,6 +345,21 @@ def test_s3_round_trip(s3_filesystem, tmp_path):
     fs.delete_file("bucket/lfb/val/manifest.json")
     with pytest.raises(BankError, match="incomplete"):
         FeatureBank.open("bucket/lfb", filesystem=fs, cache_dir=cache)
+    # The build's streamed merge writes the same bytes to S3 as write_bank does locally.
+    from test_bank_merge import random_parts, save_parts, write_bank_of
+
+    from lfb_ray.bank import write_bank_parts
+    from lfb_ray.bank.parts import NpzPart
+
+    monkeypatch.setenv("LFB_RAY_CACHE", str(cache))  # the streamed write's scratch folder
+    parts = random_parts(np.random.default_rng(5), n_parts=3, rows=20, dim=3, videos=3)
+    local = [NpzPart(pafs.LocalFileSystem(), p) for p in save_parts(tmp_path / "parts", parts)]
+    write_bank_parts("bucket/lfb/merged", local, filesystem=fs)
+    write_bank_of(tmp_path / "ref", parts)
+    for name in ("features.arrow", "index.arrow"):
+        with fs.open_input_stream(f"bucket/lfb/merged/{name}") as f:
+            assert f.read() == (tmp_path / "ref" / name).read_bytes(), name
+    assert not list((cache).glob("bank-write-*"))  # the scratch folder is gone
 
 
 def test_bank_read_benchmark_creates_a_missing_workdir(tmp_path, capsys):

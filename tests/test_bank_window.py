@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lfb_ray.bank import BankError, FeatureBank, write_bank
-from lfb_ray.bank import store as store_module
-from lfb_ray.bank.store import _SECOND_BIAS, _name_some
+from lfb_ray.bank import writer as writer_module
+from lfb_ray.bank.reader import _SECOND_BIAS, _name_some
 from lfb_ray.bank.window import DeviceFeatures, WindowSampler, place_features
 
 
@@ -133,7 +133,7 @@ def test_empty_cases(tmp_path):
 
 
 def test_merged_banks_and_several_record_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "_ROWS_PER_BATCH", 37)
+    monkeypatch.setattr(writer_module, "_ROWS_PER_BATCH", 37)
     first = random_bank(tmp_path / "a", 5)
     random_bank(tmp_path / "b", 6, videos=3)  # vid0..vid2 shadow bank a's
     bank = FeatureBank.open([tmp_path / "a", tmp_path / "b"])

@@ -2,7 +2,7 @@
 a budget (LFB_RAY_CACHE_MAX_GB) kept by least-recently-used eviction, safe across processes.
 
 A `SubTreeFileSystem` over a local folder plays the object store: it is not a `LocalFileSystem`, so
-frames.py and bank/store.py take their copy-to-cache path, as for s3://.
+frames.py and bank/sources.py take their copy-to-cache path, as for s3://.
 """
 
 from __future__ import annotations

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lfb_ray.bank import FeatureBank
-from lfb_ray.bank.store import write_bank
+from lfb_ray.bank import FeatureBank, write_bank
 from lfb_ray.models.fbo import FBONonLocal
 from lfb_ray.visualize import (
     GT_COLOUR,

@@ -9,14 +9,14 @@ are skipped, so an interrupted build resumes, and a crashed actor's item is retr
 Keyframes of a part go through the network `bank.batch_size` at a time (channels-last-3d and bf16
 autocast on CUDA); the model is in eval mode, so a keyframe's features do not depend on its batch
 neighbours or on the pool size (up to float rounding). Finally
-the parts of each split are merged into `train/` and `val/` sub-banks (`write_bank`), which
+the parts of each split are merged into `train/` and `val/` sub-banks (`write_bank_parts`, one part
+in memory at a time), which
 `FeatureBank.open(bank_dir)` merges with val winning, as the reference.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
@@ -33,7 +33,6 @@ from lfb_ray.storage import (
     join_uri,
     read_json,
     resolve,
-    write_bytes_atomic,
     write_json_atomic,
 )
 
@@ -192,16 +191,15 @@ class BankExtractor:
                 "keyframes": np.array(len(rows))}
 
     def __call__(self, batch: dict) -> dict:
+        from lfb_ray.bank.parts import write_part
+
         summaries = []
         for item in batch["item"]:
             item = json.loads(item)
             fs, root = resolve(self.parts_dir)
             dst = join(root, item["split"], item["part_id"] + ".npz")
             if not exists(fs, dst):
-                arrays = self._extract(item["uri"])
-                buf = io.BytesIO()
-                np.savez(buf, **arrays)
-                write_bytes_atomic(fs, dst, buf.getvalue())  # a part is visible only when complete
+                write_part(fs, dst, self._extract(item["uri"]))
                 status = "done"
             else:
                 status = "skipped"
@@ -209,29 +207,21 @@ class BankExtractor:
         return {"summary": np.array(summaries, dtype=object)}
 
 
-def _load_part(fs, path: str) -> dict:
-    with fs.open_input_stream(path) as f:
-        data = f.read()
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
 def merge_split_parts(fs, part_paths: list[str], split_dir: str, metadata: dict) -> tuple[int, int, int]:
-    """Merge the bank parts at `part_paths` (on `fs`) into the sub-bank `split_dir` (`write_bank`).
+    """Merge the bank parts at `part_paths` (on `fs`) into the sub-bank `split_dir`.
+
+    Streamed (`write_bank_parts`): one part's features in memory at a time, not the split's; the
+    sub-bank is the one `write_bank` writes for all parts together, and appears only when complete.
 
     Returns:
         (keyframes, features, bytes of the sub-bank's files).
     """
-    from lfb_ray.bank import write_bank
+    from lfb_ray.bank import write_bank_parts
+    from lfb_ray.bank.parts import NpzPart
 
-    parts = [_load_part(fs, path) for path in part_paths]
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in ("video_id", "second", "person_index", "box",
-                                                               "score", "feature")}
-    summary = write_bank(split_dir, video_ids=cat["video_id"], seconds=cat["second"],
-                         person_index=cat["person_index"], boxes=cat["box"], scores=cat["score"],
-                         features=cat["feature"], metadata=metadata)
-    return (int(sum(int(p["keyframes"]) for p in parts)), len(cat["feature"]),
-            summary.nbytes)
+    parts = [NpzPart(fs, path) for path in part_paths]
+    summary = write_bank_parts(split_dir, parts, metadata=metadata)
+    return sum(p.keyframes() for p in parts), summary.num_features, summary.nbytes
 
 
 def build_identity(cfg: Config, checkpoint_sha256: str) -> tuple[dict, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lfb_ray.bank.store import FeatureBank
+from lfb_ray.bank.reader import FeatureBank
 from lfb_ray.config import Config
 
 __all__ = ["open_checked", "split_videos"]

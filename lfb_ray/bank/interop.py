@@ -17,16 +17,9 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 
-from lfb_ray.bank.store import (
-    SPLITS,
-    BankError,
-    BankSummary,
-    FeatureBank,
-    _leaf_banks,
-    _split_location,
-    child_path,
-    write_bank,
-)
+from lfb_ray.bank.format import SPLITS, BankError, child_path, leaf_banks, split_location
+from lfb_ray.bank.reader import FeatureBank
+from lfb_ray.bank.writer import BankSummary, write_bank
 
 __all__ = ["export_mmaction2", "import_mmaction2"]
 
@@ -153,8 +146,8 @@ def export_mmaction2(
     Returns:
         The written files.
     """
-    fs, root, _ = _split_location(bank_path, filesystem)
-    leaves = _leaf_banks(fs, root)
+    fs, root, _ = split_location(bank_path, filesystem)
+    leaves = leaf_banks(fs, root)
     if leaves == [root]:
         targets = {name or root.rsplit("/", 1)[-1]: root}
     else:

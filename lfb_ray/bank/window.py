@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from lfb_ray.bank.store import BankError, FeatureBank
+from lfb_ray.bank.format import BankError
+from lfb_ray.bank.reader import FeatureBank
 
 __all__ = ["BANK_DEVICES", "DEVICE_FRACTION", "DeviceFeatures", "WindowSampler", "place_features"]
 

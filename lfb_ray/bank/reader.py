@@ -1,6 +1,6 @@
 """Long-term feature bank on disk: an uncompressed Arrow IPC file, memory-mapped and shared by processes.
 
-`write_bank` writes a bank folder (features.arrow, index.arrow, manifest.json last); `FeatureBank.open`
+Reading a feature bank (`lfb_ray.bank.writer` writes it): `FeatureBank.open`
 maps one or several banks and `FeatureBank.sample` draws the LFB window of each RoI (W seconds
 around its keyframe, at most K features per second), vectorised. `sample` is two steps that can run
 apart: `window_rows` (which bank rows fill each slot: int32, host-side, all the randomness) and
@@ -9,38 +9,23 @@ apart: `window_rows` (which bank rows fill each slot: int32, host-side, all the 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import threading
-import uuid
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import torch
 
 from lfb_ray import cache
-from lfb_ray.redaction import RedactedMessage
-from lfb_ray.storage import resolve
+from lfb_ray.bank.format import BankError, leaf_banks, read_manifest, split_location
+from lfb_ray.bank.sources import Source, download, map_source, unpin
 
-__all__ = ["FORMAT_VERSION", "MISSING_VIDEO_MODES", "BankError", "BankSummary", "FeatureBank", "bank_manifests",
-           "write_bank"]
+__all__ = ["MISSING_VIDEO_MODES", "FeatureBank"]
 
-FORMAT_VERSION = 1
-FEATURES_FILE = "features.arrow"
-INDEX_FILE = "index.arrow"
-MANIFEST_FILE = "manifest.json"
-SPLITS = ("train", "val")  # sub-bank merge order of a split folder: val wins, as the reference
-_ROWS_PER_BATCH = 1 << 18  # rows per Arrow record batch (1 GiB at C=2048 fp16); readers handle any
 _SECOND_BIAS = 2**31  # key = video_code << 32 | (second + 2**31), sortable int64
 # What `FeatureBank.sample` does for a video the bank does not hold: "error" (BankError naming it,
 # as mmaction2's `lfb[video_id]` raises KeyError) or "zeros" (an all-zero window: an explicit opt-out).
@@ -48,302 +33,10 @@ MISSING_VIDEO_MODES = ("error", "zeros")
 _NAMED = 5  # missing videos named in an error message; the rest are counted
 
 
-class BankError(RedactedMessage, ValueError):
-    """A bank is missing, incomplete, inconsistent, lacks videos, or does not fit the model."""
-
-
 def _name_some(videos: Sequence[str]) -> str:
     """'a', 'b', 'c' (+N more): the first few of a sorted list of video ids, and how many others."""
     shown = ", ".join(repr(v) for v in videos[:_NAMED])
     return shown + (f" (+{len(videos) - _NAMED} more)" if len(videos) > _NAMED else "")
-
-
-@dataclass(frozen=True)
-class BankSummary:
-    """What `write_bank` wrote; `manifest` is the full manifest.json content."""
-
-    path: str
-    feature_dim: int
-    num_videos: int
-    num_seconds: int
-    num_features: int
-    nbytes: int  # bytes of all files of the bank
-    manifest: dict[str, Any] = field(repr=False)
-
-
-def _features_schema(dim: int) -> pa.Schema:
-    return pa.schema([
-        ("video_id", pa.string()),
-        ("second", pa.int32()),
-        ("person_index", pa.int32()),
-        ("box", pa.list_(pa.float32(), 4)),
-        ("score", pa.float32()),
-        ("feature", pa.list_(pa.float16(), dim)),
-    ])
-
-
-def _split_location(path: str | os.PathLike, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str, bool]:
-    """(filesystem, path inside it, is_local) for a local path, a URI, or a path on `filesystem`."""
-    if filesystem is not None:
-        fs, p = filesystem, str(path)
-    else:
-        fs, p = resolve(os.fspath(path))
-    local = isinstance(fs, pafs.LocalFileSystem)
-    return fs, (str(Path(p).resolve()) if local else p.rstrip("/")), local
-
-
-def _write_ipc(stream: pa.NativeFile, table: pa.Table) -> None:
-    # Uncompressed IPC *file* format: buffers can be memory-mapped in place by readers.
-    with pa.ipc.new_file(stream, table.schema) as writer:
-        writer.write_table(table, max_chunksize=_ROWS_PER_BATCH)
-
-
-def write_bank(
-    path: str | os.PathLike,
-    *,
-    video_ids: Sequence[str] | np.ndarray,
-    seconds: np.ndarray,
-    person_index: np.ndarray,
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    features: np.ndarray,
-    metadata: dict[str, Any] | None = None,
-    filesystem: pafs.FileSystem | None = None,
-) -> BankSummary:
-    """Write a feature bank folder; one row per stored person feature, in any order.
-
-    Locally the bank is written into a temporary sibling folder and renamed into place, so an existing
-    bank at `path` is replaced only once the new one is complete. On object stores (`s3://...`) files
-    are written in place: the old manifest is deleted first and the new one written last, so a reader
-    never sees a half-written bank as complete.
-
-    Args:
-        path: destination folder, local or a pyarrow filesystem URI (`s3://bucket/prefix`, `file://`).
-        video_ids: [N] video id of each row.
-        seconds: [N] integer keyframe second (AVA timestamp).
-        person_index: [N] order of the person within its keyframe; unique per (video, second).
-        boxes: [N, 4] normalised x1, y1, x2, y2 (NaN when unknown).
-        scores: [N] detection scores (NaN when unknown).
-        features: [N, C] features, stored as float16 (cast if given in another dtype).
-        metadata: JSON-serialisable extras recorded in the manifest (checkpoint hash, config, ...).
-        filesystem: pyarrow filesystem `path` lives on, instead of inferring it from a URI.
-
-    Returns:
-        BankSummary of the written bank.
-
-    Raises:
-        BankError: inconsistent lengths or duplicate (video, second, person_index) rows, or `path`
-            is a non-empty folder that is not a bank.
-    """
-    video_ids = np.asarray(video_ids, dtype=str)
-    n = len(video_ids)
-    seconds = np.asarray(seconds).astype(np.int32, casting="same_kind").reshape(-1)
-    person_index = np.asarray(person_index).astype(np.int32, casting="same_kind").reshape(-1)
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    scores = np.asarray(scores, dtype=np.float32).reshape(-1)
-    features = np.asarray(features)
-    if features.ndim != 2 or features.shape[1] < 1:
-        raise BankError(f"features must be [N, C] with C >= 1, got shape {features.shape}")
-    features = features.astype(np.float16, copy=False)
-    if not len(seconds) == len(person_index) == len(boxes) == len(scores) == len(features) == n:
-        raise BankError(f"row counts differ: video_ids {n}, seconds {len(seconds)}, person_index "
-                        f"{len(person_index)}, boxes {len(boxes)}, scores {len(scores)}, features {len(features)}")
-    dim = features.shape[1]
-
-    uniq, codes = np.unique(video_ids, return_inverse=True)  # code-point order == UTF-8 byte order
-    order = np.lexsort((person_index, seconds, codes))
-    codes, seconds, person_index = codes[order], seconds[order], person_index[order]
-    same_second = (codes[1:] == codes[:-1]) & (seconds[1:] == seconds[:-1])
-    dup = same_second & (person_index[1:] == person_index[:-1])
-    if dup.any():
-        i = int(np.flatnonzero(dup)[0])
-        raise BankError(f"duplicate row (video {uniq[codes[i]]!r}, second {seconds[i]}, "
-                        f"person_index {person_index[i]})")
-    starts = np.flatnonzero(np.concatenate([[True], ~same_second])) if n else np.zeros(0, np.int64)
-    counts = np.diff(np.append(starts, n)).astype(np.int32)
-
-    flat = pa.array(features[order].reshape(-1))
-    table = pa.table([
-        pa.array(uniq[codes].tolist() if n else [], pa.string()),
-        pa.array(seconds),
-        pa.array(person_index),
-        pa.FixedSizeListArray.from_arrays(pa.array(boxes[order].reshape(-1)), 4),
-        pa.array(scores[order]),
-        pa.FixedSizeListArray.from_arrays(flat, dim),
-    ], schema=_features_schema(dim))
-    index = pa.table({
-        "video_id": pa.array(uniq[codes[starts]].tolist() if n else [], pa.string()),
-        "second": pa.array(seconds[starts], pa.int32()),
-        "row_start": pa.array(starts.astype(np.int64)),
-        "count": pa.array(counts),
-    })
-    manifest = {
-        "format": "lfb_ray.bank",
-        "format_version": FORMAT_VERSION,
-        "bank_id": uuid.uuid4().hex,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "feature_dim": dim,
-        "feature_dtype": "float16",
-        "num_videos": len(uniq),
-        "num_seconds": len(starts),
-        "num_features": n,
-        "files": {},
-        "metadata": metadata or {},
-    }
-    fs, root, local = _split_location(path, filesystem)
-    if local:
-        _write_local(Path(root), table, index, manifest)
-    else:
-        _write_remote(fs, root, table, index, manifest)
-    return BankSummary(path=os.fspath(path), feature_dim=dim, num_videos=len(uniq), num_seconds=len(starts),
-                       num_features=n, nbytes=sum(manifest["files"].values()), manifest=manifest)
-
-
-def _write_local(dest: Path, table: pa.Table, index: pa.Table, manifest: dict[str, Any]) -> None:
-    if dest.exists() and not (dest / MANIFEST_FILE).exists() and any(dest.iterdir()):
-        # An incomplete bank of ours may be replaced; anything else is not ours to delete.
-        if set(os.listdir(dest)) - {FEATURES_FILE, INDEX_FILE}:
-            raise BankError(f"refusing to overwrite {dest}: a non-empty folder that is not a bank")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        for name, t in ((FEATURES_FILE, table), (INDEX_FILE, index)):
-            with pa.OSFile(str(tmp / name), "wb") as f:
-                _write_ipc(f, t)
-            with open(tmp / name, "rb+") as f:
-                os.fsync(f.fileno())  # data durable before the manifest that vouches for it
-            manifest["files"][name] = (tmp / name).stat().st_size
-        data = json.dumps(manifest, indent=1).encode()
-        with open(tmp / MANIFEST_FILE, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if dest.exists():
-            # Readers that already mapped the old files keep them (unlinked inodes stay valid).
-            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_remote(fs: pafs.FileSystem, root: str, table: pa.Table, index: pa.Table,
-                  manifest: dict[str, Any]) -> None:
-    fs.create_dir(root, recursive=True)
-    if fs.get_file_info(f"{root}/{MANIFEST_FILE}").type == pafs.FileType.File:
-        fs.delete_file(f"{root}/{MANIFEST_FILE}")  # the bank is incomplete from here on
-    for name, t in ((FEATURES_FILE, table), (INDEX_FILE, index)):
-        with fs.open_output_stream(f"{root}/{name}") as f:
-            _write_ipc(f, t)
-        manifest["files"][name] = fs.get_file_info(f"{root}/{name}").size
-    with fs.open_output_stream(f"{root}/{MANIFEST_FILE}") as f:
-        f.write(json.dumps(manifest, indent=1).encode())
-
-
-def child_path(path: str | os.PathLike, name: str) -> str:
-    """`path/name` for a local path or a URI, keeping a URI's `?query` (e.g. endpoint_override) last."""
-    base, sep, query = os.fspath(path).partition("?")
-    return f"{base.rstrip('/')}/{name}{sep}{query}"
-
-
-def _read_manifest(fs: pafs.FileSystem, root: str) -> dict[str, Any] | None:
-    try:
-        with fs.open_input_stream(f"{root}/{MANIFEST_FILE}") as f:
-            return json.loads(f.read().decode())
-    except FileNotFoundError:
-        return None
-
-
-def _leaf_banks(fs: pafs.FileSystem, root: str) -> list[str]:
-    """A bank folder, or the train/val sub-banks of a split folder (val last, so it wins)."""
-    if _read_manifest(fs, root) is not None:
-        return [root]
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        raise BankError(f"no feature bank at {root}")
-    subs = [f"{root}/{s}" for s in SPLITS if fs.get_file_info(f"{root}/{s}").type == pafs.FileType.Directory]
-    if not subs:
-        raise BankError(f"{root} is not a complete bank: no {MANIFEST_FILE} (an incomplete or "
-                        f"interrupted write) and no {'/'.join(SPLITS)} sub-banks")
-    for s in subs:
-        if _read_manifest(fs, s) is None:
-            raise BankError(f"sub-bank {s} is incomplete: no {MANIFEST_FILE}")
-    return subs
-
-
-def _download(fs: pafs.FileSystem, root: str, manifest: dict[str, Any], cache_root: Path,
-              label: str) -> tuple[Path, _Source]:
-    """A remote bank mapped from its node-local copy (`cache_root/banks/<key>`, one per bank_id), and
-    that folder, pinned (this process will not evict it) until the bank is closed.
-
-    The copy is made in a temporary folder, manifest.json last, and renamed when complete: no process
-    of the node ever maps a partial bank, and a killed download leaves no folder that looks complete.
-    It counts against the node cache budget (`lfb_ray.cache`, `LFB_RAY_CACHE_MAX_GB`).
-    """
-    key = hashlib.sha256(f"{fs.type_name}:{root}:{manifest.get('bank_id')}".encode()).hexdigest()[:24]
-    text = json.dumps(manifest, indent=1)
-    size = sum(int(n) for n in manifest["files"].values()) + len(text.encode())
-
-    def download(tmp: Path) -> None:
-        for name in manifest["files"]:
-            with fs.open_input_stream(f"{root}/{name}") as src, open(tmp / name, "wb") as dst:
-                while chunk := src.read(64 << 20):
-                    dst.write(chunk)
-        (tmp / MANIFEST_FILE).write_text(text)
-
-    return cache.fetch(
-        cache_root, "banks", key, size, download,
-        complete=lambda p: p.is_dir() and _read_manifest(pafs.LocalFileSystem(), str(p)) == manifest,
-        open_entry=lambda p: _map_source(label, p, manifest), label=f"bank {label}", folder=True)
-
-
-def _unpin(folders: tuple[Path, ...]) -> None:
-    for f in folders:
-        cache.unpin(f)
-
-
-@dataclass
-class _Source:
-    """One mapped bank: its table and the zero-copy [rows, C] float16 views of its record batches."""
-
-    path: str
-    manifest: dict[str, Any]
-    table: pa.Table
-    index: pa.Table
-    chunks: list[np.ndarray]
-    chunk_starts: np.ndarray  # [num_chunks] first row of each chunk
-
-
-def _map_source(label: str, local_dir: Path, manifest: dict[str, Any]) -> _Source:
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BankError(f"bank {label} has format version {manifest.get('format_version')}, "
-                        f"this code reads {FORMAT_VERSION}")
-    for name, size in manifest["files"].items():
-        actual = (local_dir / name).stat().st_size if (local_dir / name).exists() else None
-        if actual != size:
-            raise BankError(f"bank {label}: {name} has {actual} bytes, manifest says {size} (corrupt or partial)")
-    # memory_map + IPC file reader: buffers point into the page cache, shared by every process.
-    table = pa.ipc.open_file(pa.memory_map(str(local_dir / FEATURES_FILE), "r")).read_all()
-    index = pa.ipc.open_file(pa.memory_map(str(local_dir / INDEX_FILE), "r")).read_all()
-    if int(pc.sum(index.column("count")).as_py() or 0) != table.num_rows:
-        raise BankError(f"bank {label}: index counts do not add up to the {table.num_rows} rows")
-    dim = manifest["feature_dim"]
-    if table.schema.field("feature").type != pa.list_(pa.float16(), dim):
-        raise BankError(f"bank {label}: feature column is {table.schema.field('feature').type}, "
-                        f"manifest says fixed_size_list<float16, {dim}>")
-    chunks, starts, row = [], [], 0
-    for chunk in table.column("feature").chunks:
-        if chunk.null_count:
-            raise BankError(f"bank {label}: null features")
-        # flatten() honours the chunk offset; to_numpy(zero_copy_only) guarantees no copy.
-        chunks.append(chunk.flatten().to_numpy(zero_copy_only=True).reshape(len(chunk), dim))
-        starts.append(row)
-        row += len(chunk)
-    return _Source(label, manifest, table, index, chunks, np.asarray(starts, dtype=np.int64))
 
 
 class FeatureBank:
@@ -353,7 +46,7 @@ class FeatureBank:
     so a bank handed to another process maps the same files instead of copying the features.
     """
 
-    def __init__(self, sources: list[_Source], spec: tuple[Any, ...], missing_videos: str = "error") -> None:
+    def __init__(self, sources: list[Source], spec: tuple[Any, ...], missing_videos: str = "error") -> None:
         if missing_videos not in MISSING_VIDEO_MODES:
             raise BankError(f"missing_videos must be one of {', '.join(MISSING_VIDEO_MODES)}, got {missing_videos!r}")
         self._sources = sources
@@ -432,13 +125,13 @@ class FeatureBank:
         sources, pinned = [], []
         try:
             for p in paths:
-                fs, root, local = _split_location(p, filesystem)
-                for leaf in _leaf_banks(fs, root):
-                    manifest = _read_manifest(fs, leaf)
+                fs, root, local = split_location(p, filesystem)
+                for leaf in leaf_banks(fs, root):
+                    manifest = read_manifest(fs, leaf)
                     if local:
-                        sources.append(_map_source(leaf, Path(leaf), manifest))
+                        sources.append(map_source(leaf, Path(leaf), manifest))
                         continue
-                    folder, source = _download(fs, leaf, manifest, cache_root, f"{fs.type_name}://{leaf}")
+                    folder, source = download(fs, leaf, manifest, cache_root, f"{fs.type_name}://{leaf}")
                     pinned.append(folder)
                     sources.append(source)
             bank = cls(sources, (paths, filesystem, expected_dim, cache_dir), missing_videos)
@@ -446,9 +139,9 @@ class FeatureBank:
                 raise BankError(f"bank {os.fspath(paths[0]) if len(paths) == 1 else paths} has feature dim "
                                 f"{bank.feature_dim}, model expects {expected_dim}")
         except BaseException:
-            _unpin(tuple(pinned))
+            unpin(tuple(pinned))
             raise
-        weakref.finalize(bank, _unpin, tuple(pinned))  # its node-cache copies may be evicted once it is gone
+        weakref.finalize(bank, unpin, tuple(pinned))  # its node-cache copies may be evicted once it is gone
         return bank
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -754,14 +447,3 @@ class FeatureBank:
 def _reopen(paths: Any, filesystem: Any, expected_dim: Any, cache_dir: Any, missing_videos: str = "error") -> FeatureBank:
     return FeatureBank.open(paths, expected_dim=expected_dim, filesystem=filesystem, cache_dir=cache_dir,
                             missing_videos=missing_videos)
-
-
-def bank_manifests(path: str) -> list[dict[str, Any]]:
-    """The manifests of the bank at `path` (a bank folder, or a split folder's train/val sub-banks),
-    read without opening or downloading the features: what `lfb_ray.identity.bank_id` hashes.
-
-    Raises:
-        BankError: no complete bank there.
-    """
-    fs, root = resolve(path)
-    return [_read_manifest(fs, leaf) for leaf in _leaf_banks(fs, root)]

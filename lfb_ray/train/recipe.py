@@ -26,7 +26,7 @@ from lfb_ray.redaction import redact_text
 from lfb_ray.train.best import BestEpoch
 from lfb_ray.train.schedule import build_optimizer, lr_at
 
-__all__ = ["TrainCollate", "flush_denormals", "train_loop_per_worker", "train_step"]
+__all__ = ["TrainCollate", "eval_generator", "flush_denormals", "seed_step", "train_loop_per_worker", "train_step"]
 
 _PINNED = ("clip", "rois", "labels")  # the tensors of a train batch that go to the device
 
@@ -90,9 +90,27 @@ def train_step(model, core, optimizer, batch: dict, device: torch.device, *, amp
     return loss.detach()
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-            "python": random.getstate()[1]}
+_STEP_STREAM, _EVAL_STREAM = 0x57E9, 0xE7A1  # keep the training steps' and the evaluations' draws apart
+
+
+def seed_step(seed: int, rank: int, epoch: int, iteration: int) -> np.random.Generator:
+    """Seed one training step's randomness from (`seed`, `rank`, `epoch`, `iteration`) alone.
+
+    Seeds torch's default generators (dropout, CPU and CUDA) and returns the step's bank-sampling
+    generator. Stateless, rather than one generator saved and restored with the checkpoint: a
+    resumed step draws exactly what the uninterrupted run's did, with no state to carry, whatever
+    ran before it in this process (a restart, an evaluation, a rank that state.pt does not hold).
+    The data path is stateless the same way (`epoch_order`, `decode_train_rows`).
+    """
+    bank_seq, torch_seq = np.random.SeedSequence([seed, rank, epoch, iteration, _STEP_STREAM]).spawn(2)
+    torch.manual_seed(int(torch_seq.generate_state(1, np.uint64)[0]))
+    return np.random.default_rng(bank_seq)
+
+
+def eval_generator(seed: int, rank: int, epoch: int) -> np.random.Generator:
+    """The bank-sampling generator of the evaluation after `epoch` (1-based) on `rank`: its own
+    stream, so val windows depend neither on the training steps run in this process nor on a resume."""
+    return np.random.default_rng([seed, rank, epoch, 0, _EVAL_STREAM])
 
 
 def _param_agreement(model, world: int) -> dict:
@@ -338,7 +356,6 @@ def train_loop_per_worker(config: dict) -> None:
         core.load_state_dict(state["model"])
         start_epoch, skip_iters, global_step = state["epoch"], state["iter_in_epoch"], state["global_step"]
         best_map = state.get("best_map", float("nan"))
-        torch.set_rng_state(state["rng"]["torch"])
         if rank == 0:
             print(f"[lfb_ray] resumed from checkpoint at epoch {start_epoch + 1}, iteration {skip_iters}, "
                   f"global step {global_step}", flush=True)
@@ -363,7 +380,6 @@ def train_loop_per_worker(config: dict) -> None:
                if rank == 0 and config.get("mlflow_run_id") else NullTracker())
     tracker.replay(pending_metrics)  # sent at the next flush, minus the steps MLflow already has
     results_dir = config["results_dir"]
-    rng = np.random.default_rng([tc.seed, rank, global_step])
     iters_per_epoch = config["iters_per_epoch"]
 
     epoch_loss = EpochLoss.restore(state.get("epoch_loss") if state else None, start_epoch)
@@ -396,7 +412,7 @@ def train_loop_per_worker(config: dict) -> None:
                 running = epoch_loss.state(epoch) if iter_in_epoch else EpochLoss().state(epoch)
                 torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                             "iter_in_epoch": iter_in_epoch, "global_step": global_step, "best_map": best_map,
-                            "rng": _rng_state(), "epoch_loss": running}, os.path.join(tmp, "state.pt"))
+                            "epoch_loss": running}, os.path.join(tmp, "state.pt"))
                 if tc.save_best:
                     best.save(tmp)
                 if final:
@@ -415,7 +431,7 @@ def train_loop_per_worker(config: dict) -> None:
         evaluate when due, print, log to MLflow, checkpoint and report, attach the val CSV."""
         nonlocal best_map
         if evaluate:
-            ev = _evaluate(core, cfg, bank, ctx, device, done - 1, results_dir, rng)
+            ev = _evaluate(core, cfg, bank, ctx, device, done - 1, results_dir, eval_generator(tc.seed, rank, done))
             metrics.update(ev)
             if rank == 0 and not math.isnan(ev.get("val/mAP", float("nan"))):
                 best_map = ev["val/mAP"] if math.isnan(best_map) else max(best_map, ev["val/mAP"])
@@ -484,7 +500,7 @@ def train_loop_per_worker(config: dict) -> None:
                 g["lr"] = lr
             # No host sync in the step: the loss stays on the device until a logging point reads it.
             loss = train_step(model, core, optimizer, batch, device, amp=tc.amp, grad_clip=tc.grad_clip,
-                              windows=windows, rng=rng)
+                              windows=windows, rng=seed_step(tc.seed, rank, epoch, it))
             global_step += 1
             n_clips += batch["num_clips"]
             epoch_loss.add(loss)

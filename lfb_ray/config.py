@@ -290,6 +290,9 @@ class TrackingConfig:
     enabled: bool = True
     tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI or sqlite:///<workdir>/mlflow.db
     experiment: str = "lfb_ray"
+    # Each finished run's model.pt as the run's MLflow model (torch.export pt2: lfb_ray.mlflow_model).
+    log_model: bool = True
+    registered_model: str = ""  # also a new version of this registered model ("" = not registered)
 
 
 @dataclass(frozen=True)

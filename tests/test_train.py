@@ -18,7 +18,8 @@ def baseline(prepared, tmp_path_factory):
 
     cfg0, _ = prepared
     cfg = tiny_config(cfg0.workdir, cfg0.data.root, "model.fbo=none", "train.epochs=2", "train.run_name=base",
-                      "train.base_lr=0.3", "train.log_every_iters=1")
+                      "train.base_lr=0.3", "train.log_every_iters=1", "tracking.log_model=true",
+                      "tracking.registered_model=lfb-tiny-baseline")
     return cfg, fit(cfg)
 
 
@@ -31,6 +32,38 @@ def test_ddp_ranks_agree_and_val_map_is_reported(baseline):
     assert os.path.exists(r.metrics["val/csv"])
     # The synthetic set declares label families (dataset.json): their mAPs come with every evaluation.
     assert {"val/mAP_family_short_term", "val/mAP_family_long_term", "val/mAP_family_appearance"} <= set(r.metrics)
+
+
+def test_the_run_logs_its_model_to_mlflow_once(baseline):
+    """The finished run's model.pt is the run's MLflow model (torch.export pt2, registered):
+    `mlflow.pytorch.load_model` gives the scores of model.pt, and its params hold the run's mAP.
+    A rerun of the finished run logs no second model."""
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.config import resolve_paths
+    from lfb_ray.mlflow_model import ScoringModel, example_inputs, logged_model_of
+    from lfb_ray.models.device import load_model
+    from lfb_ray.train import fit
+
+    cfg, r = baseline
+    uri = logged_model_of(cfg.tracking_uri, r.mlflow_run_id)
+    assert uri, "no MLflow model logged for the run"
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    logged = mlflow.pytorch.load_model(uri)
+    ours = ScoringModel(load_model(resolve_paths(cfg), r.model_path))
+    inputs = [torch.from_numpy(x) for x in example_inputs(cfg, ours.detector.feature_channels)]
+    with torch.no_grad():
+        torch.testing.assert_close(logged(*inputs), ours(*inputs), rtol=0, atol=1e-6)
+    model = mlflow.get_logged_model(uri.rsplit("/", 1)[-1])
+    assert float(model.params["val/mAP"]) == pytest.approx(r.metrics["val/mAP"], abs=1e-5)
+    assert model.source_run_id == r.mlflow_run_id
+    (version,) = MlflowClient(cfg.tracking_uri).search_model_versions("name='lfb-tiny-baseline'")
+    assert version.run_id == r.mlflow_run_id
+    fit(cfg)
+    assert len(mlflow.search_logged_models(experiment_ids=[model.experiment_id], output_format="list",
+                                           filter_string=f"source_run_id = '{r.mlflow_run_id}'")) == 1
 
 
 def test_loss_decreases_and_mlflow_has_every_step_once(baseline):

@@ -230,11 +230,36 @@ def _fit_run(cfg: Config, *, name: str, run_id: str | None, init_checkpoint: str
         tr.set_tag("lfb_ray.checkpoint", redact("checkpoint", str(ckpt_path)))  # URIs may carry user:secret@
         if result.checkpoint:  # what rank 0 could not send at the end (the server was down): once more
             tr.replay(read_pending_of(result.checkpoint))
+        if model_path and cfg.tracking.log_model:
+            _log_model(cfg, run_id, model_path, metrics)
         tr.log_metrics({"wall_seconds": time.time() - t0}, step=int(metrics.get("epoch", 0)))
         tr.flush(wait=True)
         tr.set_terminated("FINISHED")
     return FitResult(run_name=name, mlflow_run_id=run_id, metrics=metrics, checkpoint_path=ckpt_path,
                      model_path=model_path, seconds=time.time() - t0)
+
+
+def _log_model(cfg: Config, run_id: str, model_path: str, metrics: dict) -> None:
+    """The run's model.pt as its MLflow model (`lfb_ray.mlflow_model`), once: a rerun of a finished
+    run finds it logged. A failure is a warning (the run and its model.pt stand) and a tag on the run."""
+    import mlflow
+
+    from lfb_ray.mlflow_model import log_run_model, logged_model_of
+
+    try:
+        if logged_model_of(cfg.tracking_uri, run_id):
+            return
+        uri = log_run_model(cfg, run_id, model_path, metrics, registered_model=cfg.tracking.registered_model)
+        print(f"[lfb_ray] MLflow model of run {run_id}: {uri}"
+              + (f" (registered as {cfg.tracking.registered_model})" if cfg.tracking.registered_model else ""),
+              flush=True)
+    except Exception as e:  # an export or server failure must not lose the trained run
+        print(f"[lfb_ray] WARNING: could not log the MLflow model of run {run_id}: {type(e).__name__}: "
+              f"{redact_text(e)[:300]}", flush=True)
+        try:
+            mlflow.MlflowClient(cfg.tracking_uri).set_tag(run_id, "lfb_ray.model_error", redact_text(e)[:250])
+        except Exception:  # the server is what failed: the warning above stands alone
+            pass
 
 
 def _redacted_yaml(cfg: Config) -> str:

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from lfb_ray.redaction import redact_obj, redact_text
+from lfb_ray.runs import display_name
 from lfb_ray.storage import is_uri
 
 __all__ = ["FLUSH_DEADLINE_S", "PENDING_FILE", "RUNS_TAG", "NullTracker", "TrackedRun", "Tracker", "artifact_location",
@@ -302,7 +303,8 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, *, par
     parent that created it (a run of none is nested under `parent_run_id`, the parent that runs it
     now; that parent lists a run it resumes, `TrackedRun.add_runs`). `fresh=True` always creates a new run.
     `artifact_root` is the artifact location of the experiment if this creates it
-    (`artifact_location`).
+    (`artifact_location`). A training run (tag `lfb_ray.operator`) is shown in the MLflow UI under
+    its role (`lfb_ray.runs.display_name`, e.g. `LFB-NL-378ea6131b`); it is found by `run_name`.
     """
     import ray
     import torch
@@ -325,7 +327,8 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, *, par
     all_tags = {"lfb_ray.run_name": run_name, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    op = all_tags.get("lfb_ray.operator")
+    run = client.create_run(exp_id, run_name=display_name(run_name, op) if op else run_name, tags=all_tags)
     safe = {k: redact_text(str(redact(k, v)))[:500] for k, v in params.items()}
     safe.update({"version.ray": ray.__version__, "version.torch": torch.__version__,
                  "version.python": sys.version.split()[0], "git_commit": _git_commit()})

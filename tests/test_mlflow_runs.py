@@ -237,3 +237,27 @@ def test_tracked_run_without_mlflow_warns_and_yields_no_run(tmp_path, monkeypatc
     with tracking.tracked_run(_cfg(tmp_path, "tracking.enabled=false"), "x", kind="pipeline", params={}) as run:
         assert run.run_id is None
     assert capsys.readouterr().out == ""
+
+
+def test_runs_are_named_by_role_and_runs_named_by_hash_still_resume(tmp_path, elsewhere):
+    """The MLflow UI shows the role before the hash (`LFB-NL-<hash>`, `control-<hash>`); a run is
+    found for resumption by its identity name (tag `lfb_ray.run_name`, unchanged), so a run made
+    when runs were named by hash alone (`nl-<hash>`) is resumed, not duplicated."""
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.tracking import find_or_create_run
+
+    cfg = _cfg(tmp_path)
+    uri, exp = cfg.tracking_uri, cfg.tracking.experiment
+    client = MlflowClient(uri)
+    for op, name, shown in [("nl", "nl-378ea6131b", "LFB-NL-378ea6131b"), ("none", "none-2120aa", "baseline-2120aa"),
+                            ("none-ft", "none-17fae95809", "control-17fae95809"), ("max", "mine", "LFB-Max-mine")]:
+        rid = find_or_create_run(uri, exp, name, params={}, tags={"lfb_ray.operator": op})
+        run = client.get_run(rid)
+        assert (run.info.run_name, run.data.tags["lfb_ray.run_name"]) == (shown, name)
+        assert find_or_create_run(uri, exp, name, params={}, tags={"lfb_ray.operator": op}) == rid
+    old = client.create_run(client.get_experiment_by_name(exp).experiment_id, run_name="avg-0ld",
+                            tags={"lfb_ray.run_name": "avg-0ld", "lfb_ray.operator": "avg"}).info.run_id
+    client.set_terminated(old, "KILLED")
+    assert find_or_create_run(uri, exp, "avg-0ld", params={}, tags={"lfb_ray.operator": "avg"}) == old
+    assert client.get_run(old).info.status == "RUNNING"

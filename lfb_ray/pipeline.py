@@ -183,13 +183,13 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
                 parent: TrackedRun) -> dict:
     """`run_pipeline`'s stages; the training runs and the comparison nest under `parent`, which
     lists every training run of this invocation, trained now or found up to date (`add_runs`)."""
-    parent_run_id = parent.run_id
     from lfb_ray.bank.build import build_bank, build_identity, file_sha256
     from lfb_ray.compare import compare
     from lfb_ray.data.prep import build_tasks, damaged_videos, inputs_fingerprint, prepare_dataset
     from lfb_ray.identity import bank_id, describe_changes, prepared_id
     from lfb_ray.train import FitManyError, fit, fit_many
 
+    parent_run_id = parent.run_id
     cfg = resolve_paths(cfg)
     baseline_cfg = resolve_paths(baseline_cfg) if baseline_cfg else None
     fs, inner = resolve(cfg.workdir)

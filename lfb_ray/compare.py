@@ -1,25 +1,33 @@
 """Compare trained operators side by side from MLflow: a seed-style table, a PNG, logged back.
 
-Reads runs with `mlflow.search_runs` (local store or a tracking server), keeps the latest finished
-run per operator, prints operator → mAP (+ group and label-family means, epochs, wall time,
-clips/s, run id), and writes a PNG (per-operator mAP with the per-class AP spread, and the
-training-loss curves) plus the table as CSV and Markdown, all logged to a `comparison` run.
+Which runs (`select_runs`): those of one pipeline (its MLflow parent run; by default the latest one
+with finished runs), a named set of runs, or the runs of an experiment that match an MLflow filter;
+never the latest run per operator across an experiment, which mixes pipelines that share it. Prints
+operator → mAP (+ group and label-family means, epochs, wall time, clips/s, run id), writes a PNG
+(per-operator mAP with the per-class AP spread, and the training-loss curves) plus the table as
+Markdown and every number of it as CSV, all logged to a `comparison` run nested under the parent compared.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lfb_ray.redaction import redact_text
 from lfb_ray.runs import CONTROL
 
-__all__ = ["CONTROL", "ComparisonRow", "collect_runs", "compare", "format_seed_table", "format_table"]
+__all__ = ["CONTROL", "PARENT_KINDS", "ComparisonRow", "RunSet", "collect_runs", "compare", "format_csv",
+           "format_seed_table", "format_table", "select_runs"]
 
 ORDER = {"none": 0, CONTROL: 1, "avg": 2, "max": 3, "nl": 4}
 NAMES = {"none": "baseline", CONTROL: "control (baseline, LFB head recipe)", "avg": "LFB-Avg", "max": "LFB-Max",
          "nl": "LFB-NL"}
+#: `lfb_ray.kind` of the parent runs whose runs form one comparison: a pipeline invocation, an
+#: `--operators` submission.
+PARENT_KINDS = ("pipeline", "operators")
 
 
 @dataclass
@@ -32,50 +40,135 @@ class ComparisonRow:
     loss_curve: list
 
 
-def collect_runs(tracking_uri: str, experiment: str, run_ids: list[str] | None = None,
-                 latest_per_operator: bool = True,
-                 families: dict[str, tuple[int, ...]] | None = None) -> list[ComparisonRow]:
-    """Runs of `experiment` (or exactly `run_ids`) that carry an operator tag, best first by order.
+@dataclass(frozen=True)
+class RunSet:
+    """The runs of one comparison and what they are (printed by the job: which pipeline, which set).
 
-    `families` (label family -> class ids, see `lfb_ray.evaluation.families`) fills in family mAPs a
-    run did not log, from its logged per-class APs (`val_ap/<id>`).
+    `parent_run_id`: the parent whose runs these are, under which the comparison run is logged.
+    `left_out`: the runs, or newer parents, passed over, each with why."""
+
+    run_ids: tuple[str, ...]
+    label: str
+    parent_run_id: str | None = None
+    left_out: tuple[str, ...] = field(default=())
+
+
+def _comparable(run) -> bool:
+    return bool(run.data.tags.get("lfb_ray.operator")) and "val/mAP" in run.data.metrics
+
+
+def _latest_per_operator(runs: list) -> tuple[list, list[str]]:
+    """The newest comparable run of each operator, oldest first; and a note per run passed over."""
+    keep: dict[str, object] = {}
+    notes = []
+    for r in sorted(runs, key=lambda r: r.info.start_time, reverse=True):
+        op = r.data.tags.get("lfb_ray.operator")
+        if op in keep:
+            notes.append(f"run {r.info.run_id} ({op}): an older run of the same operator")
+        else:
+            keep[op] = r
+    return sorted(keep.values(), key=lambda r: r.info.start_time), notes
+
+
+def select_runs(tracking_uri: str, experiment: str, *, parent_run_id: str | None = None,
+                run_ids: list[str] | None = None, filter_string: str | None = None) -> RunSet:
+    """The runs to compare: at most one of
+
+    - `run_ids`: exactly those (in that order; one without a `val/mAP` is left out, with a note);
+    - `parent_run_id`: the runs of that parent run (`lfb_ray.tracking.parent_runs`: its children and
+      the runs it lists), the newest per operator;
+    - `filter_string`: the runs of `experiment` that match this MLflow search filter (e.g.
+      `"attributes.status = 'FINISHED'"`), the newest per operator;
+    - none: the runs of the newest parent run (`PARENT_KINDS`) of `experiment` that has any.
+
+    Raises:
+        ValueError: two selections at once; no such experiment, parent run or run; a bad filter; nothing to compare.
     """
-    import mlflow
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from lfb_ray.tracking import setup_mlflow_env
+    from lfb_ray.tracking import parent_runs, setup_mlflow_env
 
+    if sum(bool(x) for x in (parent_run_id, run_ids, filter_string)) > 1:
+        raise ValueError("name one set of runs: a parent run, run ids, or a filter")
     setup_mlflow_env(tracking_uri)  # sets mlflow's URI without leaking it into os.environ
     client = MlflowClient(tracking_uri)
-    if run_ids:
-        runs = [client.get_run(r) for r in run_ids]
-    else:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise ValueError(f"no MLflow experiment {experiment!r} at {redact_text(tracking_uri)}")
-        df = mlflow.search_runs([exp.experiment_id], filter_string="tags.`lfb_ray.operator` != ''",
-                                order_by=["attributes.start_time DESC"])
-        runs = [client.get_run(r) for r in df["run_id"]] if len(df) else []
-    rows: list[ComparisonRow] = []
-    seen: set[str] = set()
-    for run in runs:
-        op = run.data.tags.get("lfb_ray.operator")
-        if not op or (latest_per_operator and not run_ids and op in seen):
-            continue
-        if "val/mAP" not in run.data.metrics:
-            continue
-        seen.add(op)
-        per_class = {k.split("/", 1)[1]: v for k, v in run.data.metrics.items() if k.startswith("val_ap/")}
-        metrics = dict(run.data.metrics)
-        if families and per_class:
-            from lfb_ray.evaluation.families import family_means
+    where = redact_text(tracking_uri)
 
-            for k, v in family_means(per_class, families).items():
-                metrics.setdefault(k, v)
+    def get(run_id: str):
+        try:
+            return client.get_run(run_id)
+        except MlflowException as e:
+            raise ValueError(f"no MLflow run {run_id} at {where}: {redact_text(e)[:200]}") from e
+
+    def described(run) -> str:
+        return f"{run.data.tags.get('lfb_ray.kind', 'parent')} run {run.info.run_name} ({run.info.run_id})"
+
+    if run_ids:
+        runs = [get(r) for r in run_ids]
+        notes = tuple(f"run {r.info.run_id}: no val/mAP ({r.info.status})" for r in runs if not _comparable(r))
+        keep = tuple(r.info.run_id for r in runs if _comparable(r))
+        return RunSet(keep, f"{len(keep)} named run(s)", None, notes)
+    if parent_run_id:
+        parent = get(parent_run_id)
+        runs, notes = _latest_per_operator([r for r in parent_runs(client, parent_run_id) if _comparable(r)])
+        if not runs:
+            raise ValueError(f"{described(parent)} has no run with a val/mAP to compare")
+        return RunSet(tuple(r.info.run_id for r in runs), f"the runs of {described(parent)}", parent_run_id,
+                      tuple(notes))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"no MLflow experiment {experiment!r} at {where}")
+    if filter_string:
+        try:
+            found = client.search_runs([exp.experiment_id], filter_string, max_results=5000)
+        except MlflowException as e:
+            raise ValueError(f"--filter {filter_string!r}: {redact_text(e)[:300]}") from e
+        runs, notes = _latest_per_operator([r for r in found if _comparable(r)])
+        if not runs:
+            raise ValueError(f"no run of experiment {experiment!r} with a val/mAP matches {filter_string!r}")
+        return RunSet(tuple(r.info.run_id for r in runs), f"the runs of experiment {experiment!r} matching "
+                      f"{filter_string!r}", None, tuple(notes))
+    parents = [p for p in client.search_runs([exp.experiment_id], "tags.`lfb_ray.kind` != ''",
+                                             order_by=["attributes.start_time DESC"], max_results=1000)
+               if p.data.tags.get("lfb_ray.kind") in PARENT_KINDS]
+    skipped = []
+    for parent in parents:
+        runs, notes = _latest_per_operator([r for r in parent_runs(client, parent.info.run_id) if _comparable(r)])
+        if runs:
+            return RunSet(tuple(r.info.run_id for r in runs), f"the runs of {described(parent)}, the newest "
+                          "with runs to compare", parent.info.run_id, tuple(skipped + notes))
+        skipped.append(f"{described(parent)}: newer, but no run with a val/mAP yet")
+    raise ValueError(f"no pipeline parent run in experiment {experiment!r} has runs with a val/mAP: name the "
+                     "runs with --runs, --parent or --filter (e.g. --filter \"attributes.status = 'FINISHED'\")")
+
+
+def collect_runs(tracking_uri: str, experiment: str, run_ids: list[str] | None = None,
+                 families: dict[str, tuple[int, ...]] | None = None) -> list[ComparisonRow]:
+    """The rows of runs `run_ids` (default: `select_runs`'s default set of `experiment`), by operator order.
+
+    `families` (label family -> class ids, see `lfb_ray.evaluation.families`) fills in family mAPs a
+    run did not log, from its logged per-class APs (`val_ap/<id>`; `family_maps`).
+    """
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.evaluation.families import family_maps
+    from lfb_ray.tracking import setup_mlflow_env
+
+    if not run_ids:
+        run_ids = list(select_runs(tracking_uri, experiment).run_ids)
+    setup_mlflow_env(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    rows: list[ComparisonRow] = []
+    for run in (client.get_run(r) for r in run_ids):
+        if not _comparable(run):
+            continue
+        per_class = {k.split("/", 1)[1]: v for k, v in run.data.metrics.items() if k.startswith("val_ap/")}
+        metrics = {**run.data.metrics, **family_maps(run.data.metrics, per_class, families)}
         hist = client.get_metric_history(run.info.run_id, "train/loss")
         curve = sorted((m.step, m.value) for m in hist)
-        rows.append(ComparisonRow(op, run.info.run_id, run.data.tags.get("lfb_ray.run_name", ""),
-                                  metrics, per_class, curve))
+        rows.append(ComparisonRow(run.data.tags["lfb_ray.operator"], run.info.run_id,
+                                  run.data.tags.get("lfb_ray.run_name", ""), metrics, per_class, curve))
     rows.sort(key=lambda r: ORDER.get(r.operator, 9))
     return rows
 
@@ -101,28 +194,70 @@ AVA_GROUP_KEYS = {"val/mAP_person_movement": "movement", "val/mAP_object_manipul
                   "val/mAP_person_interaction": "interaction"}
 
 
+@dataclass(frozen=True)
+class Column:
+    """A number of the table: its header in the table and in the CSV, its metric key, its kind
+    ("mAP": a fraction shown in percent; "epochs"; "seconds"; "rate")."""
+
+    head: str
+    csv_name: str
+    key: str
+    kind: str = "mAP"
+
+    def cell(self, metrics: dict) -> str:
+        v = metrics.get(self.key)
+        if self.kind == "mAP":
+            return _fmt(v)
+        if self.kind == "epochs":
+            return str(int(v or 0))
+        nan = float("nan") if v is None else v
+        return f"{nan:.0f}" if self.kind == "seconds" else f"{nan:.1f}"
+
+    def value(self, metrics: dict) -> str:
+        """The CSV's value: unrounded, empty when the run did not log it."""
+        v = metrics.get(self.key)
+        if self.kind == "epochs":
+            return str(int(v or 0))
+        return "" if v is None else repr(float(v))
+
+
+def columns(rows: list[ComparisonRow], protocols: bool = False) -> list[Column]:
+    """The table's numbers: mAP, each evaluator's (`protocols`), the label families (a dataset
+    that declares them) or else AVA's category groups, epochs, wall time, clips/s."""
+    fam_keys = sorted({k for r in rows for k in r.metrics if k.startswith("val/mAP_family_")})
+    # AVA's category groups are defined by AVA's class ids; a dataset that declares its own label
+    # families (the synthetic set) gets those columns instead.
+    groups = [] if fam_keys else [Column(h, k.replace("val/", ""), k) for k, h in AVA_GROUP_KEYS.items()]
+    return ([Column("mAP", "mAP", "val/mAP")]
+            + [Column(k.replace("val/", ""), k.replace("val/", ""), k) for k in (PROTOCOL_KEYS if protocols else ())]
+            + [Column(k.replace("val/mAP_family_", "mAP "), k.replace("val/", ""), k) for k in fam_keys] + groups
+            + [Column("epochs", "epochs", "epoch", "epochs"), Column("wall s", "wall_seconds", "wall_seconds", "seconds"),
+               Column("clips/s", "clips_per_s", "train/clips_per_s", "rate")])
+
+
 def format_table(rows: list[ComparisonRow], markdown: bool = True, protocols: bool = False) -> str:
     """Seed-style table: mAP in percent, as the LFB paper and mmaction2 report it.
 
     `protocols`: also the mAP under each evaluator (official ActivityNet, mmaction2's: the protocol of
     mmaction2's published LFB numbers), as every run's evaluation logs both ("-" for runs that
     predate it)."""
-    fam_keys = sorted({k for r in rows for k in r.metrics if k.startswith("val/mAP_family_")})
-    # AVA's category groups are defined by AVA's class ids; a dataset that declares its own label
-    # families (the synthetic set) gets those columns instead.
-    grp_keys = [] if fam_keys else list(AVA_GROUP_KEYS)
-    proto_keys = list(PROTOCOL_KEYS) if protocols else []
-    head = (["model", "mAP"] + [k.replace("val/", "") for k in proto_keys]
-            + [k.replace("val/mAP_family_", "mAP ") for k in fam_keys]
-            + [AVA_GROUP_KEYS[k] for k in grp_keys] + ["epochs", "wall s", "clips/s", "run id"])
-    lines = []
-    for r in rows:
-        m = r.metrics
-        lines.append([NAMES.get(r.operator, r.operator), _fmt(m.get("val/mAP"))]
-                     + [_fmt(m.get(k)) for k in proto_keys] + [_fmt(m.get(k)) for k in fam_keys] + [_fmt(m.get(k)) for k in grp_keys]
-                     + [str(int(m.get("epoch", 0))), f"{m.get('wall_seconds', float('nan')):.0f}",
-                        f"{m.get('train/clips_per_s', float('nan')):.1f}", r.run_id[:12]])
+    cols = columns(rows, protocols)
+    head = ["model"] + [c.head for c in cols] + ["run id"]
+    lines = [[NAMES.get(r.operator, r.operator)] + [c.cell(r.metrics) for c in cols] + [r.run_id[:12]] for r in rows]
     return _render(head, lines, markdown)
+
+
+def format_csv(rows: list[ComparisonRow]) -> str:
+    """Every number of the table (with both evaluators' mAP) per run, unrounded (mAPs as
+    fractions), with the operator and the run's id and name: `comparison.csv`."""
+    cols = columns(rows, protocols=True)
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["model", "operator", "run_id", "run_name"] + [c.csv_name for c in cols])
+    for r in rows:
+        w.writerow([NAMES.get(r.operator, r.operator), r.operator, r.run_id, r.run_name]
+                   + [c.value(r.metrics) for c in cols])
+    return out.getvalue()
 
 
 def format_seed_table(per_seed: dict[str, list[ComparisonRow]], markdown: bool = True) -> str:
@@ -205,30 +340,31 @@ def plot(rows: list[ComparisonRow], path: str) -> None:
 def compare(tracking_uri: str, experiment: str, out_dir: str, run_ids: list[str] | None = None,
             log_to_mlflow: bool = True,
             families: dict[str, tuple[int, ...]] | None = None,
-            parent_run_id: str | None = None, protocols: bool = False) -> tuple[str, list[ComparisonRow]]:
-    """Build the comparison, write table/PNG into `out_dir` (a local folder or a URI such as
-    `s3://bucket/prefix`), log them to MLflow (a `comparison` run, nested under `parent_run_id` if
-    given); return the table."""
-    rows = collect_runs(tracking_uri, experiment, run_ids, families=families)
+            nest_under: str | None = None, protocols: bool = False,
+            selection: RunSet | None = None) -> tuple[str, list[ComparisonRow]]:
+    """Build the comparison of `selection` (default: `run_ids`, else `select_runs`'s default set),
+    write table/CSV/PNG into `out_dir` (a local folder or a URI such as `s3://bucket/prefix`), log
+    them to MLflow (a `comparison` run, nested under `nest_under`, else under the parent compared);
+    return the plain table and the rows."""
+    if selection is None:
+        selection = (RunSet(tuple(run_ids), f"{len(run_ids)} named run(s)") if run_ids
+                     else select_runs(tracking_uri, experiment))
+    rows = collect_runs(tracking_uri, experiment, list(selection.run_ids), families=families)
     if not rows:
-        raise ValueError(f"no finished lfb_ray runs with a val/mAP in experiment {experiment!r}")
+        raise ValueError(f"no finished lfb_ray runs with a val/mAP among {selection.label}")
+    nest_under = nest_under or selection.parent_run_id
     import tempfile
 
-    from lfb_ray.storage import is_uri, join_uri, upload_file
+    from lfb_ray.storage import is_uri, join_uri, resolve, upload_file, write_bytes_atomic
 
     names = ("comparison.md", "comparison.csv", "comparison.png")
     with tempfile.TemporaryDirectory(prefix="lfb_ray_compare_") as tmp:
         # A URI `out_dir` (s3://...): the files are written locally (matplotlib and MLflow's
         # log_artifact need local files) and then copied there.
-        local = tmp if is_uri(out_dir) else out_dir
-        os.makedirs(local, exist_ok=True)
-        md = format_table(rows, markdown=True, protocols=protocols)
-        with open(os.path.join(local, "comparison.md"), "w") as f:
-            f.write(md + "\n")
-        with open(os.path.join(local, "comparison.csv"), "w") as f:
-            f.write("operator,run_id,mAP\n")
-            for r in rows:
-                f.write(f"{r.operator},{r.run_id},{r.metrics.get('val/mAP', float('nan')):.6f}\n")
+        local = tmp if is_uri(out_dir) else os.path.abspath(out_dir)
+        for name, text in (("comparison.md", format_table(rows, markdown=True, protocols=protocols) + "\n"),
+                           ("comparison.csv", format_csv(rows))):
+            write_bytes_atomic(*resolve(os.path.join(local, name)), text.encode())
         plot(rows, os.path.join(local, "comparison.png"))
         if log_to_mlflow:
             import mlflow
@@ -237,12 +373,12 @@ def compare(tracking_uri: str, experiment: str, out_dir: str, run_ids: list[str]
 
             setup_mlflow_env(tracking_uri)
             mlflow.set_experiment(experiment)
-            tags = {"lfb_ray.kind": "comparison", **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+            tags = {"lfb_ray.kind": "comparison", **({"mlflow.parentRunId": nest_under} if nest_under else {})}
             with mlflow.start_run(run_name="comparison", tags=tags):
                 for name in names:
                     mlflow.log_artifact(os.path.join(local, name))
                 mlflow.log_param("runs", ",".join(r.run_id for r in rows))
-        if local != out_dir:
+        if is_uri(out_dir):
             for name in names:
                 upload_file(os.path.join(local, name), join_uri(out_dir, name))
     return format_table(rows, markdown=False, protocols=protocols), rows

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+from typing import TYPE_CHECKING
 
 from lfb_ray.config import (
     PATH_KEYS,
@@ -32,7 +33,10 @@ from lfb_ray.config import (
 )
 from lfb_ray.redaction import redact_obj, redact_text, restore_credentials, strip_credentials
 from lfb_ray.runs import CONTROL, identity_dict, run_name_for
-from lfb_ray.storage import exists, join_uri, local_file, read_json, resolve, write_bytes_atomic
+from lfb_ray.storage import exists, join_uri, read_json, resolve, write_bytes_atomic
+
+if TYPE_CHECKING:
+    from lfb_ray.tracking import TrackedRun
 
 __all__ = ["STAGES", "run_models", "run_pipeline"]
 
@@ -123,8 +127,11 @@ def _fit_summary(r) -> dict:
     stages that open it re-add them from the config's path keys that hold them (`_usable`): a
     rotated key in the config is then used too.
     """
+    from lfb_ray.evaluation.families import family_maps
+
     return {"run_name": r.run_name, "run_id": r.mlflow_run_id, "model": _ref(r.model_path),
-            "mAP": r.metrics.get("val/mAP"), "csv": _ref(r.metrics.get("val/csv"))}
+            "mAP": r.metrics.get("val/mAP"), "csv": _ref(r.metrics.get("val/csv")),
+            "families": family_maps(r.metrics)}
 
 
 def _save_state(path: str, state: dict) -> None:
@@ -136,91 +143,53 @@ def _save_state(path: str, state: dict) -> None:
     write_bytes_atomic(fs, inner, json.dumps(redact_obj(state), indent=1).encode())
 
 
-def _family_means(cfg: Config, csv_path: str) -> dict[str, float]:
-    """mAP per label family (e.g. short_term / long_term of the synthetic set) from dataset.json."""
-    from lfb_ray.data.annotations import (
-        cap_annotation_rows,
-        read_annotation_rows,
-        read_exclusions,
-        read_label_map,
-        read_result_rows,
-    )
-    from lfb_ray.evaluation import evaluate_frame_map
-    from lfb_ray.evaluation.families import family_means, label_families
-
-    families = label_families(cfg.data_path("dataset.json"))
-    if not families:
-        return {}
-    label_map = read_label_map(cfg.data_path(cfg.data.label_map))
-    excl = read_exclusions(cfg.data_path(cfg.data.val_exclusions)) if cfg.data.val_exclusions else set()
-    with local_file(csv_path) as local:  # the CSV may be on S3 (a URI workdir)
-        det = read_result_rows(local)
-    gt = cap_annotation_rows(read_annotation_rows(cfg.data_path(cfg.data.val_csv)), cfg.data.max_keyframes_per_split)
-    res = evaluate_frame_map(gt, det,
-                             label_map, excl, protocol=cfg.eval.protocol)
-    return family_means(res.per_class, families)
-
-
 def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max"), start_from: str | None = None,
                  baseline_cfg: Config | None = None) -> dict:
     """Run every stage (skipping completed ones); returns {"maps": {...}, "stage_seconds": {...}}.
 
     With tracking on, each invocation is one MLflow parent run (`pipeline-<config hash>`, tag
     `lfb_ray.kind=pipeline`) under which the runs it trains (baseline, operators, control) and the
-    comparison are nested; it ends FINISHED with the stage times and `summary.csv`/`summary.md` (the
-    child runs' metrics), or FAILED/KILLED (`lfb_ray.tracking.close_parent_run`).
+    comparison are nested; it lists the runs it took as they were (up-to-date stages, resumed runs:
+    tag `lfb_ray.runs`). It ends FINISHED with the stage times and `summary.csv`/`summary.md` (its
+    runs' metrics), or FAILED/KILLED (`lfb_ray.tracking.tracked_run`).
 
     Raises:
         ValueError: an unknown operator (checked first).
         ConfigError: a multi-node cluster with a node-local tracking store (checked first).
     """
     from lfb_ray.preflight import check_operators
-    from lfb_ray.tracking import artifact_location, close_parent_run, find_or_create_run
+    from lfb_ray.tracking import Tracker, tracked_run
     from lfb_ray.train.driver import check_tracking_store
 
     bad = check_operators(operators)
     if bad:  # before any stage: not after prepare, baseline and bank have run
         raise ValueError(bad[0].line())
     cfg = resolve_paths(cfg)
-    parent = None
     if cfg.tracking.enabled:
         check_tracking_store(cfg)
-        try:
-            parent = find_or_create_run(
-                cfg.tracking_uri, cfg.tracking.experiment, f"pipeline-{config_hash(unresolve_paths(cfg))}", fresh=True,
-                params={"operators": ",".join(operators), "from": start_from or "",
-                        "baseline_config": "given" if baseline_cfg else "derived"},
-                artifact_root=artifact_location(cfg.tracking_uri, cfg.workdir), tags={"lfb_ray.kind": "pipeline"})
-            print(f"[pipeline] MLflow parent run {parent}", flush=True)
-        except Exception as e:
-            print(f"[pipeline] WARNING: MLflow unavailable at {redact_text(cfg.tracking_uri)} "
-                  f"({type(e).__name__}: {redact_text(e)}); no parent run", flush=True)
-    try:
-        out = _run_stages(cfg, operators=operators, start_from=start_from, baseline_cfg=baseline_cfg,
-                          parent_run_id=parent)
-    except BaseException as e:
-        if parent:
-            close_parent_run(cfg.tracking_uri, parent, e)
-        raise
-    if parent:
-        from lfb_ray.tracking import Tracker
-
-        tr = Tracker(cfg.tracking_uri, parent)
-        tr.log_metrics({f"stage_seconds/{k}": v for k, v in out["stage_seconds"].items()}, step=0)
-        tr.flush()
-        close_parent_run(cfg.tracking_uri, parent)
+    params = {"operators": ",".join(operators), "from": start_from or "",
+              "baseline_config": "given" if baseline_cfg else "derived"}
+    with tracked_run(cfg, f"pipeline-{config_hash(unresolve_paths(cfg))}", kind="pipeline", fresh=True,
+                     params=params, log="[pipeline]") as parent:
+        out = _run_stages(cfg, operators=operators, start_from=start_from, baseline_cfg=baseline_cfg, parent=parent)
+        if parent.run_id:
+            tr = Tracker(cfg.tracking_uri, parent.run_id)
+            tr.log_metrics({f"stage_seconds/{k}": v for k, v in out["stage_seconds"].items()}, step=0)
+            tr.flush()
     return out
 
 
 def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | None, baseline_cfg: Config | None,
-                parent_run_id: str | None) -> dict:
-    """`run_pipeline`'s stages; the training runs and the comparison nest under `parent_run_id`."""
+                parent: TrackedRun) -> dict:
+    """`run_pipeline`'s stages; the training runs and the comparison nest under `parent`, which
+    lists every training run of this invocation, trained now or found up to date (`add_runs`)."""
     from lfb_ray.bank.build import build_bank, build_identity, file_sha256
     from lfb_ray.compare import compare
     from lfb_ray.data.prep import build_tasks, damaged_videos, inputs_fingerprint, prepare_dataset
     from lfb_ray.identity import bank_id, describe_changes, prepared_id
     from lfb_ray.train import FitManyError, fit, fit_many
 
+    parent_run_id = parent.run_id
     cfg = resolve_paths(cfg)
     baseline_cfg = resolve_paths(baseline_cfg) if baseline_cfg else None
     fs, inner = resolve(cfg.workdir)
@@ -282,6 +251,7 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
 
     base_name, base_inputs = _fit_key(base_cfg)
     base = stage("baseline", base_name, lambda: do_fit(base_cfg), base_inputs)
+    parent.add_runs([base.get("run_id")])
     base_model = _usable(base["model"], cred_sources)  # with its credentials again: it is opened
 
     def do_bank():
@@ -313,6 +283,7 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
 
         def record(op: str, r) -> None:
             done[op] = _fit_summary(r)
+            parent.add_runs([r.mlflow_run_id])
             state["operators_partial"] = {"key": ops_key, "result": done}
             _save_state(state_path, state)
 
@@ -330,14 +301,21 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
         return {op: done[op] for op in op_cfgs}
 
     ops = stage("operators", ops_key, do_operators, {"bank": bank_id(cfg.bank_dir)} if op_cfgs else {})
+    parent.add_runs([r.get("run_id") for r in ops.values()])
 
     def do_evaluate():
+        from lfb_ray.evaluation.families import label_families
         from lfb_ray.tracking import Tracker
 
+        declared = label_families(cfg.data_path("dataset.json"))
         out = {}
         for op, r in [("none", base), *ops.items()]:
-            fam = _family_means(cfg, _usable(r["csv"], cred_sources)) if r.get("csv") else {}
+            if "families" not in r and declared:
+                print(f"[pipeline] evaluate: run {r.get('run_name')} was recorded without its label-family mAPs "
+                      "(before they were part of a run's result): rerun with --from baseline for them", flush=True)
+            fam = r.get("families", {})
             if r.get("run_id") and fam and cfg.tracking.enabled:
+                # The result's (with train.save_best, the best epoch's) as the run's final values.
                 tr = Tracker(cfg.tracking_uri, r["run_id"])
                 tr.log_metrics({k: v for k, v in fam.items() if not math.isnan(v)}, step=cfg.train.epochs)
                 tr.flush()
@@ -350,7 +328,7 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
             ids = [base["run_id"]] + [r["run_id"] for r in ops.values()]
             table, _ = compare(cfg.tracking_uri, cfg.tracking.experiment,
                                join_uri(cfg.workdir, "comparison"), run_ids=[i for i in ids if i],
-                               parent_run_id=parent_run_id)
+                               nest_under=parent_run_id)
             print(table, flush=True)
             return {"table": table}
 

@@ -16,12 +16,14 @@ from collections.abc import Mapping
 
 from lfb_ray.config import Config, config_hash, config_to_dict, unresolve_paths
 
-__all__ = ["BANK_POOL_HINTS", "CONTROL", "RESOURCE_HINTS", "identity_dict", "operator_tag", "run_name_for",
-           "without_resource_hints"]
+__all__ = ["BANK_POOL_HINTS", "CONTROL", "RESOURCE_HINTS", "ROLES", "display_name", "identity_dict", "operator_tag",
+           "run_name_for", "without_resource_hints"]
 
 # Operator tag of the baseline retrained from its own backbone with the LFB models' recipe (fine-tune
 # schedule, head warm-up, loss): the control for the extra training LFB models get from the baseline.
 CONTROL = "none-ft"
+#: The role of a run, by operator tag: the start of its name in the MLflow UI (`display_name`).
+ROLES = {"none": "baseline", CONTROL: "control", "nl": "LFB-NL", "avg": "LFB-Avg", "max": "LFB-Max"}
 
 RESOURCE_HINTS = ("cpus_per_worker", "data_cpus", "concurrent_runs", "max_gpus", "resource_wait_s")
 # `device` too: where windows are gathered changes the speed, not the windows (lfb_ray.bank.window).
@@ -74,3 +76,14 @@ def operator_tag(cfg: Config, init_checkpoint: str | None = None) -> str:
     """The model's row in comparisons: `model.fbo`, or `CONTROL` ("none-ft") for a baseline whose
     backbone starts from a trained detector (the control for LFB models initialised from the baseline)."""
     return CONTROL if cfg.model.fbo == "none" and init_checkpoint else cfg.model.fbo
+
+
+def display_name(run_name: str, operator: str) -> str:
+    """The run's name in the MLflow UI: its role (`ROLES`), then its identity name without the
+    operator (`nl-378ea6131b` -> `LFB-NL-378ea6131b`, a control's `none-17fa...` -> `control-17fa...`).
+
+    Display only: a run is found for resumption by its identity name (`run_name_for`, MLflow tag
+    `lfb_ray.run_name`), which also names its Ray Train checkpoints."""
+    fbo = "none" if operator == CONTROL else operator
+    rest = run_name[len(fbo) + 1:] if run_name.startswith(f"{fbo}-") else run_name
+    return f"{ROLES.get(operator, operator)}-{rest}"

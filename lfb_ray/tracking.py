@@ -19,14 +19,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lfb_ray.redaction import redact_obj, redact_text
+from lfb_ray.runs import display_name
 from lfb_ray.storage import is_uri
 
-__all__ = ["FLUSH_DEADLINE_S", "PENDING_FILE", "NullTracker", "Tracker", "artifact_location", "check_artifact_store", "check_store_reaches_all_nodes", "close_parent_run",
-           "end_run", "find_or_create_run", "is_node_local", "redact", "run_status", "setup_mlflow_env",
-           "read_pending", "read_pending_of", "status_for", "write_pending"]
+__all__ = ["FLUSH_DEADLINE_S", "PENDING_FILE", "RUNS_TAG", "NullTracker", "TrackedRun", "Tracker", "artifact_location",
+           "check_artifact_store", "check_store_reaches_all_nodes", "close_parent_run", "end_run",
+           "find_or_create_run", "is_node_local", "parent_runs", "redact", "setup_mlflow_env", "read_pending",
+           "read_pending_of", "status_for", "tracked_run", "write_pending"]
 
 log = logging.getLogger("lfb_ray.tracking")
 
@@ -36,6 +40,8 @@ log = logging.getLogger("lfb_ray.tracking")
 FLUSH_DEADLINE_S = 30.0
 #: The metric rows a checkpoint carries that MLflow had not confirmed when it was written.
 PENDING_FILE = "pending_metrics.json"
+#: Tag of a parent run: the ids (comma-separated) of the runs it ran or used besides its children.
+RUNS_TAG = "lfb_ray.runs"
 
 
 def redact(key: str, value: Any) -> Any:
@@ -145,32 +151,25 @@ def end_run(tracking_uri: str, run_id: str, status: str) -> None:
               f"{redact_text(e)[:200]}", flush=True)
 
 
-class run_status:  # noqa: N801  (a context manager, used as `with run_status(...)`)
-    """Ends MLflow run `run_id` when the block ends: `status_for` the exception it raised, if any
-    (which propagates). `run_id` None: does nothing."""
-
-    def __init__(self, tracking_uri: str, run_id: str | None):
-        self.tracking_uri, self.run_id = tracking_uri, run_id
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if self.run_id:
-            end_run(self.tracking_uri, self.run_id, status_for(exc))
-        return False
-
-
-def _child_runs(client, parent_id: str) -> list:
+def parent_runs(client, parent_id: str) -> list:
+    """The runs of parent run `parent_id`, oldest first: its children (`mlflow.parentRunId`) and the
+    runs it lists in its `RUNS_TAG` (`TrackedRun.add_runs`: runs it resumed from another parent, or
+    took as they were, e.g. a pipeline whose training stages were up to date)."""
     parent = client.get_run(parent_id)
-    return client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'",
-                              order_by=["attributes.start_time ASC"], max_results=1000)
+    runs = {r.info.run_id: r for r in client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000)}
+    for rid in filter(None, parent.data.tags.get(RUNS_TAG, "").split(",")):
+        if rid not in runs:
+            run = client.get_run(rid)
+            if run.info.lifecycle_stage != "deleted":
+                runs[rid] = run
+    return sorted(runs.values(), key=lambda r: r.info.start_time)
 
 
 def child_summary(client, parent_id: str) -> tuple[list[str], list[list[str]]]:
-    """A table of the child runs of `parent_id`: operator, run name and id, status, and each final
-    metric (per-class APs `val_ap/*` left out)."""
-    runs = _child_runs(client, parent_id)
+    """A table of the runs of `parent_id` (`parent_runs`): operator, run name and id, status, and
+    each final metric (per-class APs `val_ap/*` left out)."""
+    runs = parent_runs(client, parent_id)
     keys = sorted({k for r in runs for k in r.data.metrics if not k.startswith("val_ap/")})
     head = ["operator", "run_name", "run_id", "status", *keys]
     rows = []
@@ -182,9 +181,9 @@ def child_summary(client, parent_id: str) -> tuple[list[str], list[list[str]]]:
 
 
 def close_parent_run(tracking_uri: str, parent_id: str, exc: BaseException | None = None) -> None:
-    """End a parent run (`--operators`, a pipeline invocation): children still RUNNING end with the
-    parent's status (their processes are gone with the driver), the table of the children's
-    metrics is logged as `summary.csv` and `summary.md`, and the parent ends `status_for(exc)`.
+    """End a parent run (`--operators`, a pipeline invocation): its runs still RUNNING end with the
+    parent's status (their processes are gone with the driver), the table of their metrics is
+    logged as `summary.csv` and `summary.md`, and the parent ends `status_for(exc)`.
     Warns instead of raising (it also runs while `exc` propagates)."""
     import tempfile
 
@@ -193,7 +192,7 @@ def close_parent_run(tracking_uri: str, parent_id: str, exc: BaseException | Non
     status = status_for(exc)
     try:
         client = MlflowClient(tracking_uri)
-        for r in _child_runs(client, parent_id):
+        for r in parent_runs(client, parent_id):
             if r.info.status == "RUNNING":
                 client.set_terminated(r.info.run_id, "KILLED" if status == "KILLED" else "FAILED")
         head, rows = child_summary(client, parent_id)
@@ -214,6 +213,77 @@ def close_parent_run(tracking_uri: str, parent_id: str, exc: BaseException | Non
         end_run(tracking_uri, parent_id, status)
 
 
+class TrackedRun:
+    """The MLflow run a `tracked_run` block holds: `run_id` None when tracking is off or MLflow
+    was unreachable at the start (the work goes on untracked)."""
+
+    def __init__(self, tracking_uri: str, run_id: str | None):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._runs: list[str] = []
+        self._lock = threading.Lock()  # fit_many's on_done and the pipeline's stages may both add
+
+    def add_runs(self, run_ids) -> None:
+        """List `run_ids` (None skipped) among this parent's runs (`RUNS_TAG`, read by
+        `parent_runs`): a run it resumed stays nested under the parent that created it, and a run a
+        pipeline took as it was (an up-to-date stage) is nested under none of its invocations.
+        Warns instead of raising: the listing must not stop the work."""
+        if self.run_id is None:
+            return
+        from mlflow.tracking import MlflowClient
+
+        with self._lock:
+            new = [r for r in run_ids if r and r not in self._runs]
+            if not new:
+                return
+            self._runs += new
+            try:
+                MlflowClient(self.tracking_uri).set_tag(self.run_id, RUNS_TAG, ",".join(self._runs))
+            except Exception as e:
+                print(f"[lfb_ray] WARNING: could not list runs {new} in MLflow parent run {self.run_id}: "
+                      f"{type(e).__name__}: {redact_text(e)[:200]}", flush=True)
+
+
+@contextmanager
+def tracked_run(cfg, run_name: str, *, params: dict[str, Any], kind: str | None = None,
+                parent_run_id: str | None = None, fresh: bool = False, tags: dict[str, str] | None = None,
+                config_yaml: str | None = None, log: str = "[lfb_ray]") -> Iterator[TrackedRun]:
+    """The MLflow run `run_name` of `cfg`'s experiment (`find_or_create_run`) for the block, ended
+    when the block ends.
+
+    A parent run (`kind`: "pipeline", "operators"; tag `lfb_ray.kind`) ends with its runs' summary
+    (`close_parent_run`): FINISHED, or FAILED/KILLED by the exception the block raised. A training
+    run (`kind` None) ends FAILED/KILLED when the block raises; on success its trainer has ended it
+    FINISHED after logging its last metrics. The exception propagates. With tracking off, or MLflow
+    unreachable (a warning), the block runs with `run_id` None.
+
+    `cfg` is a `lfb_ray.config.Config` (`tracking.*`, `tracking_uri`, `workdir`).
+    """
+    run = TrackedRun(cfg.tracking_uri, None)
+    if cfg.tracking.enabled:
+        try:
+            run.run_id = find_or_create_run(
+                cfg.tracking_uri, cfg.tracking.experiment, run_name, params=params,
+                artifact_root=artifact_location(cfg.tracking_uri, cfg.workdir), parent_run_id=parent_run_id,
+                fresh=fresh, tags={**({"lfb_ray.kind": kind} if kind else {}), **(tags or {})},
+                config_yaml=config_yaml)
+            if kind:
+                print(f"{log} MLflow parent run {run_name} ({run.run_id})", flush=True)
+        except Exception as e:
+            without = "no parent run" if kind else "training without tracking"
+            print(f"{log} WARNING: MLflow unavailable at {redact_text(cfg.tracking_uri)} "
+                  f"({type(e).__name__}: {redact_text(e)}); {without}", flush=True)
+    try:
+        yield run
+    except BaseException as e:
+        if run.run_id and kind:
+            close_parent_run(run.tracking_uri, run.run_id, e)
+        elif run.run_id:
+            end_run(run.tracking_uri, run.run_id, status_for(e))
+        raise
+    if run.run_id and kind:
+        close_parent_run(run.tracking_uri, run.run_id)
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -229,10 +299,12 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, *, par
     """The MLflow run id of `run_name` in `experiment`, created (with params) if absent, RUNNING.
 
     A rerun of the same command finds the same run (tag `lfb_ray.run_name`), so a resumed
-    training continues the same MLflow run: it is set RUNNING again and nested under
-    `parent_run_id` (the parent that runs it now). `fresh=True` always creates a new run.
+    training continues the same MLflow run: it is set RUNNING again and stays nested under the
+    parent that created it (a run of none is nested under `parent_run_id`, the parent that runs it
+    now; that parent lists a run it resumes, `TrackedRun.add_runs`). `fresh=True` always creates a new run.
     `artifact_root` is the artifact location of the experiment if this creates it
-    (`artifact_location`).
+    (`artifact_location`). A training run (tag `lfb_ray.operator`) is shown in the MLflow UI under
+    its role (`lfb_ray.runs.display_name`, e.g. `LFB-NL-378ea6131b`); it is found by `run_name`.
     """
     import ray
     import torch
@@ -249,13 +321,14 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_name: str, *, par
             run = runs[0]
             if run.info.status != "RUNNING":  # it runs again (a resume): FINISHED/FAILED/KILLED no more
                 client.update_run(run.info.run_id, status="RUNNING")
-            if parent_run_id and run.data.tags.get("mlflow.parentRunId") != parent_run_id:
-                client.set_tag(run.info.run_id, "mlflow.parentRunId", parent_run_id)  # nested where it runs now
+            if parent_run_id and not run.data.tags.get("mlflow.parentRunId"):
+                client.set_tag(run.info.run_id, "mlflow.parentRunId", parent_run_id)
             return run.info.run_id
     all_tags = {"lfb_ray.run_name": run_name, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    op = all_tags.get("lfb_ray.operator")
+    run = client.create_run(exp_id, run_name=display_name(run_name, op) if op else run_name, tags=all_tags)
     safe = {k: redact_text(str(redact(k, v)))[:500] for k, v in params.items()}
     safe.update({"version.ray": ray.__version__, "version.torch": torch.__version__,
                  "version.python": sys.version.split()[0], "git_commit": _git_commit()})

@@ -15,7 +15,7 @@ RAYJOB = REPO / "configs" / "cluster" / "rayjob.yaml"
 DOCS = REPO / "docs" / "cluster.md"
 # options of jobs/*.py that take a value
 JOB_OPTIONS = {"--operators", "--baseline-config", "--checkpoint", "--from", "--tracking-uri", "--experiment",
-               "--run-ids", "--out"}
+               "--parent", "--filter", "--out"}
 
 
 def _strings(node) -> list[str]:

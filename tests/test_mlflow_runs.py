@@ -179,3 +179,85 @@ def test_multi_node_cluster_refuses_a_node_local_store(tmp_path, monkeypatch):
     driver.check_tracking_store(_cfg(tmp_path, "tracking.enabled=false"))
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": False}])
     driver.check_tracking_store(cfg)  # one alive node: a local store is fine
+
+
+def test_a_resumed_run_stays_under_its_own_parent(tmp_path, elsewhere):
+    """A run interrupted under parent A and resumed under parent B (a second pipeline invocation)
+    stays nested under A: MLflow's tree of A does not change under A's feet."""
+    from lfb_ray.tracking import find_or_create_run
+
+    cfg = _cfg(tmp_path)
+    uri, exp = cfg.tracking_uri, cfg.tracking.experiment
+    a = find_or_create_run(uri, exp, "pipeline-a", params={}, fresh=True)
+    child = find_or_create_run(uri, exp, "nl-run", params={}, parent_run_id=a)
+    b = find_or_create_run(uri, exp, "pipeline-b", params={}, fresh=True)
+    assert find_or_create_run(uri, exp, "nl-run", params={}, parent_run_id=b) == child
+    assert _runs(cfg)["nl-run"].data.tags["mlflow.parentRunId"] == a
+
+
+def test_a_parent_lists_and_ends_the_runs_it_resumed(tmp_path, elsewhere):
+    """`tracked_run`: each pipeline invocation is a parent run of its own; a run it resumes from
+    another parent is one of its runs (`add_runs`), so its comparison has it, and closing it ends
+    that run too when nothing else did (never RUNNING forever)."""
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.tracking import find_or_create_run, parent_runs, tracked_run
+
+    cfg = _cfg(tmp_path)
+    with pytest.raises(KeyboardInterrupt), tracked_run(cfg, "pipeline-x", kind="pipeline", params={}, fresh=True) as a:
+        child = find_or_create_run(cfg.tracking_uri, cfg.tracking.experiment, "nl-run", params={},
+                                   parent_run_id=a.run_id, tags={"lfb_ray.operator": "nl"})
+        a.add_runs([child])
+        raise KeyboardInterrupt
+    client = MlflowClient(cfg.tracking_uri)
+    assert client.get_run(a.run_id).info.status == "KILLED" and client.get_run(child).info.status == "KILLED"
+    with tracked_run(cfg, "pipeline-x", kind="pipeline", params={}, fresh=True) as b:
+        assert b.run_id != a.run_id
+        assert find_or_create_run(cfg.tracking_uri, cfg.tracking.experiment, "nl-run", params={},
+                                  parent_run_id=b.run_id) == child
+        b.add_runs([child, None])
+    assert client.get_run(b.run_id).info.status == "FINISHED"
+    assert client.get_run(child).info.status == "FAILED"  # left RUNNING by its (here absent) trainer
+    assert client.get_run(child).data.tags["mlflow.parentRunId"] == a.run_id
+    assert [r.info.run_id for r in parent_runs(client, b.run_id)] == [child]
+    assert [r.info.run_id for r in parent_runs(client, a.run_id)] == [child]
+
+
+def test_tracked_run_without_mlflow_warns_and_yields_no_run(tmp_path, monkeypatch, capsys):
+    import lfb_ray.tracking as tracking
+
+    def unreachable(uri, *a, **k):
+        raise ConnectionError("Max retries exceeded")
+
+    monkeypatch.setattr(tracking, "find_or_create_run", unreachable)
+    with tracking.tracked_run(_cfg(tmp_path), "pipeline-x", kind="pipeline", params={}, log="[pipeline]") as run:
+        assert run.run_id is None
+        run.add_runs(["x"])  # nothing to record in
+    assert "[pipeline] WARNING: MLflow unavailable at sqlite:///" in capsys.readouterr().out
+    with tracking.tracked_run(_cfg(tmp_path, "tracking.enabled=false"), "x", kind="pipeline", params={}) as run:
+        assert run.run_id is None
+    assert capsys.readouterr().out == ""
+
+
+def test_runs_are_named_by_role_and_runs_named_by_hash_still_resume(tmp_path, elsewhere):
+    """The MLflow UI shows the role before the hash (`LFB-NL-<hash>`, `control-<hash>`); a run is
+    found for resumption by its identity name (tag `lfb_ray.run_name`, unchanged), so a run made
+    when runs were named by hash alone (`nl-<hash>`) is resumed, not duplicated."""
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.tracking import find_or_create_run
+
+    cfg = _cfg(tmp_path)
+    uri, exp = cfg.tracking_uri, cfg.tracking.experiment
+    client = MlflowClient(uri)
+    for op, name, shown in [("nl", "nl-378ea6131b", "LFB-NL-378ea6131b"), ("none", "none-2120aa", "baseline-2120aa"),
+                            ("none-ft", "none-17fae95809", "control-17fae95809"), ("max", "mine", "LFB-Max-mine")]:
+        rid = find_or_create_run(uri, exp, name, params={}, tags={"lfb_ray.operator": op})
+        run = client.get_run(rid)
+        assert (run.info.run_name, run.data.tags["lfb_ray.run_name"]) == (shown, name)
+        assert find_or_create_run(uri, exp, name, params={}, tags={"lfb_ray.operator": op}) == rid
+    old = client.create_run(client.get_experiment_by_name(exp).experiment_id, run_name="avg-0ld",
+                            tags={"lfb_ray.run_name": "avg-0ld", "lfb_ray.operator": "avg"}).info.run_id
+    client.set_terminated(old, "KILLED")
+    assert find_or_create_run(uri, exp, "avg-0ld", params={}, tags={"lfb_ray.operator": "avg"}) == old
+    assert client.get_run(old).info.status == "RUNNING"

@@ -80,7 +80,6 @@ def fake_s3_work(monkeypatch):
     import lfb_ray.compare as compare
     import lfb_ray.data.prep as prep
     import lfb_ray.identity as identity
-    import lfb_ray.pipeline as pipeline
     import lfb_ray.tracking as tracking
     import lfb_ray.train as train
     from lfb_ray.data.schema import SCHEMA_VERSION
@@ -125,10 +124,6 @@ def fake_s3_work(monkeypatch):
         opened.append(path)
         return "0" * 64
 
-    def family_means(cfg, csv):
-        opened.append(csv)
-        return {}
-
     def find_or_create_run(uri, *a, **k):  # what MLflow raises for a server that does not answer
         raise ConnectionError(f"Max retries exceeded with url: {uri}/api/2.0/mlflow/runs/create")
 
@@ -138,7 +133,6 @@ def fake_s3_work(monkeypatch):
     monkeypatch.setattr(build, "build_bank", build_bank)
     monkeypatch.setattr(build, "file_sha256", file_sha256)
     monkeypatch.setattr(identity, "checkpoint_id", checkpoint_id)
-    monkeypatch.setattr(pipeline, "_family_means", family_means)
     monkeypatch.setattr(compare, "compare", lambda *a, **k: ("table", []))
     monkeypatch.setattr(tracking, "find_or_create_run", find_or_create_run)
     return opened

@@ -87,7 +87,7 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
         ConfigError: also when a multi-node cluster is given a node-local tracking store
             (`check_tracking_store`).
     """
-    from lfb_ray.tracking import artifact_location, end_run, find_or_create_run, status_for
+    from lfb_ray.tracking import tracked_run
 
     t0 = time.time()
     cfg = resolve_paths(cfg)
@@ -105,24 +105,12 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
     name = run_name_for(cfg, init_checkpoint, inputs)
     if fresh:
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = None
     if cfg.tracking.enabled:
         check_tracking_store(cfg)
-        try:
-            run_id = find_or_create_run(
-                cfg.tracking_uri, cfg.tracking.experiment, name, params=flatten_config(cfg),
-                artifact_root=artifact_location(cfg.tracking_uri, cfg.workdir), parent_run_id=parent_run_id,
-                fresh=fresh, tags={"lfb_ray.operator": operator_tag(cfg, init_checkpoint)},
-                config_yaml=_redacted_yaml(cfg))
-        except Exception as e:
-            print(f"[lfb_ray] WARNING: MLflow unavailable at {redact_text(cfg.tracking_uri)} "
-                  f"({type(e).__name__}: {redact_text(e)}); training without tracking", flush=True)
-    try:
-        return _fit_run(cfg, name=name, run_id=run_id, init_checkpoint=init_checkpoint, inputs=inputs, t0=t0)
-    except BaseException as e:
-        if run_id:
-            end_run(cfg.tracking_uri, run_id, status_for(e))
-        raise
+    with tracked_run(cfg, name, params=flatten_config(cfg), parent_run_id=parent_run_id, fresh=fresh,
+                     tags={"lfb_ray.operator": operator_tag(cfg, init_checkpoint)},
+                     config_yaml=_redacted_yaml(cfg)) as run:
+        return _fit_run(cfg, name=name, run_id=run.run_id, init_checkpoint=init_checkpoint, inputs=inputs, t0=t0)
 
 
 class ResourcesUnavailableError(RuntimeError):
@@ -403,27 +391,14 @@ def fit_operators(cfg: Config, operators: list[str], *, fresh: bool = False,
     The parent run ends FINISHED with `summary.csv`/`summary.md` (the child runs' metrics), or
     FAILED/KILLED with the same summary of what ran (children still RUNNING end likewise).
     """
-    from lfb_ray.tracking import artifact_location, close_parent_run, find_or_create_run
+    from lfb_ray.tracking import tracked_run
 
     cfg = resolve_paths(cfg)
-    parent = None
     if cfg.tracking.enabled:
         check_tracking_store(cfg)
-        try:
-            parent = find_or_create_run(cfg.tracking_uri, cfg.tracking.experiment,
-                                        f"operators-{'-'.join(operators)}-{config_hash(identity_dict(cfg))}",
-                                        params={"operators": ",".join(operators)}, fresh=fresh,
-                                        artifact_root=artifact_location(cfg.tracking_uri, cfg.workdir),
-                                        tags={"lfb_ray.kind": "operators"})
-        except Exception as e:
-            print(f"[lfb_ray] WARNING: MLflow unavailable ({redact_text(e)}); no parent run", flush=True)
-    try:
-        results = fit_many({op: _with_operator(cfg, op) for op in operators}, fresh=fresh, parent_run_id=parent,
-                           init_checkpoint=init_checkpoint)
-    except BaseException as e:
-        if parent:
-            close_parent_run(cfg.tracking_uri, parent, e)
-        raise
-    if parent:
-        close_parent_run(cfg.tracking_uri, parent)
+    with tracked_run(cfg, f"operators-{'-'.join(operators)}-{config_hash(identity_dict(cfg))}", kind="operators",
+                     params={"operators": ",".join(operators)}, fresh=fresh) as parent:
+        results = fit_many({op: _with_operator(cfg, op) for op in operators}, fresh=fresh,
+                           parent_run_id=parent.run_id, init_checkpoint=init_checkpoint,
+                           on_done=lambda _, r: parent.add_runs([r.mlflow_run_id]))
     return results

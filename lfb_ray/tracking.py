@@ -29,7 +29,7 @@ from lfb_ray.storage import is_uri
 
 __all__ = ["FLUSH_DEADLINE_S", "PENDING_FILE", "RUNS_TAG", "NullTracker", "TrackedRun", "Tracker", "artifact_location",
            "check_artifact_store", "check_store_reaches_all_nodes", "close_parent_run", "end_run",
-           "find_or_create_run", "is_node_local", "parent_runs", "redact", "setup_mlflow_env", "read_pending",
+           "find_or_create_run", "is_node_local", "log_dataset_inputs", "parent_runs", "redact", "setup_mlflow_env", "read_pending",
            "read_pending_of", "status_for", "tracked_run", "write_pending"]
 
 log = logging.getLogger("lfb_ray.tracking")
@@ -241,6 +241,32 @@ class TrackedRun:
             except Exception as e:
                 print(f"[lfb_ray] WARNING: could not list runs {new} in MLflow parent run {self.run_id}: "
                       f"{type(e).__name__}: {redact_text(e)[:200]}", flush=True)
+
+
+#: The dataset inputs of a training run (MLflow's Dataset column): `lfb_ray.identity` names.
+_DATASETS = {"prepared": ("prepared AVA data", "prepared_dir"), "bank": ("long-term feature bank", "bank_dir")}
+
+
+def log_dataset_inputs(tracking_uri: str, run_id: str, cfg, inputs: dict[str, str]) -> None:
+    """Log the prepared data and (LFB runs) the bank a run consumes as its MLflow dataset inputs,
+    with their content ids (`lfb_ray.identity.run_inputs`) as digests, so the UI's Dataset column
+    tells runs over different data apart. An input already logged with the same digest is not repeated.
+    """
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    have = {(d.dataset.name, d.dataset.digest) for d in client.get_run(run_id).inputs.dataset_inputs}
+    new = []
+    for key, (name, attr) in _DATASETS.items():
+        if key in inputs and (name, inputs[key]) not in have:
+            source = json.dumps({"uri": redact_text(str(getattr(cfg, attr)))})
+            new.append(DatasetInput(Dataset(name=name, digest=inputs[key], source_type="lfb_ray", source=source),
+                                    tags=[InputTag("mlflow.data.context", "training")]))
+    if new:
+        client.log_inputs(run_id, datasets=new)
 
 
 @contextmanager

@@ -261,3 +261,23 @@ def test_runs_are_named_by_role_and_runs_named_by_hash_still_resume(tmp_path, el
     client.set_terminated(old, "KILLED")
     assert find_or_create_run(uri, exp, "avg-0ld", params={}, tags={"lfb_ray.operator": "avg"}) == old
     assert client.get_run(old).info.status == "RUNNING"
+
+
+def test_a_run_lists_its_prepared_data_and_bank_as_dataset_inputs(tmp_path, elsewhere):
+    """The Dataset column: the prepared data and the bank a run consumes, their content ids as
+    digests; logging the same inputs again (a resumed run) adds nothing, a new bank adds itself."""
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.tracking import find_or_create_run, log_dataset_inputs
+
+    cfg = _cfg(tmp_path, "model.fbo=nl", "workdir=s3://KEY:SECRET@bucket/w")
+    rid = find_or_create_run(cfg.tracking_uri, cfg.tracking.experiment, "nl-run", params={})
+    log_dataset_inputs(cfg.tracking_uri, rid, cfg, {"prepared": "p1", "bank": "b1", "init": "c1"})
+    log_dataset_inputs(cfg.tracking_uri, rid, cfg, {"prepared": "p1", "bank": "b1", "init": "c1"})
+    got = [(d.dataset.name, d.dataset.digest, d.dataset.source)
+           for d in MlflowClient(cfg.tracking_uri).get_run(rid).inputs.dataset_inputs]
+    assert sorted(n for n, _, _ in got) == ["long-term feature bank", "prepared AVA data"]
+    assert {n: g for n, g, _ in got} == {"prepared AVA data": "p1", "long-term feature bank": "b1"}
+    assert all("SECRET" not in src and "bucket/w" in src for _, _, src in got)
+    log_dataset_inputs(cfg.tracking_uri, rid, cfg, {"prepared": "p1", "bank": "b2"})
+    assert len(MlflowClient(cfg.tracking_uri).get_run(rid).inputs.dataset_inputs) == 3

@@ -59,6 +59,8 @@ def test_the_run_logs_its_model_to_mlflow_once(baseline):
     model = mlflow.get_logged_model(uri.rsplit("/", 1)[-1])
     assert float(model.params["val/mAP"]) == pytest.approx(r.metrics["val/mAP"], abs=1e-5)
     assert model.source_run_id == r.mlflow_run_id
+    run = MlflowClient(cfg.tracking_uri).get_run(r.mlflow_run_id)
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["prepared AVA data"]  # a baseline: no bank
     (version,) = MlflowClient(cfg.tracking_uri).search_model_versions("name='lfb-tiny-baseline'")
     assert version.run_id == r.mlflow_run_id
     fit(cfg)

@@ -110,6 +110,10 @@ def fit(cfg: Config, *, fresh: bool = False, parent_run_id: str | None = None,
     with tracked_run(cfg, name, params=flatten_config(cfg), parent_run_id=parent_run_id, fresh=fresh,
                      tags={"lfb_ray.operator": operator_tag(cfg, init_checkpoint)},
                      config_yaml=_redacted_yaml(cfg)) as run:
+        if run.run_id:
+            from lfb_ray.tracking import log_dataset_inputs
+
+            log_dataset_inputs(cfg.tracking_uri, run.run_id, cfg, inputs)
         return _fit_run(cfg, name=name, run_id=run.run_id, init_checkpoint=init_checkpoint, inputs=inputs, t0=t0)
 
 

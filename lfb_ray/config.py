@@ -293,6 +293,7 @@ class TrackingConfig:
     # Each finished run's model.pt as the run's MLflow model (torch.export pt2: lfb_ray.mlflow_model).
     log_model: bool = True
     registered_model: str = ""  # also a new version of this registered model ("" = not registered)
+    system_metrics_interval_s: float = 10.0  # CPU/memory/GPU of the rank-0 worker's node (0 = off)
 
 
 @dataclass(frozen=True)

@@ -281,3 +281,25 @@ def test_a_run_lists_its_prepared_data_and_bank_as_dataset_inputs(tmp_path, else
     assert all("SECRET" not in src and "bucket/w" in src for _, _, src in got)
     log_dataset_inputs(cfg.tracking_uri, rid, cfg, {"prepared": "p1", "bank": "b2"})
     assert len(MlflowClient(cfg.tracking_uri).get_run(rid).inputs.dataset_inputs) == 3
+
+
+def test_system_metrics_are_sampled_into_the_run_and_can_be_off(tmp_path, elsewhere):
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.system_metrics import start_system_metrics
+    from lfb_ray.tracking import find_or_create_run
+
+    cfg = _cfg(tmp_path)
+    rid = find_or_create_run(cfg.tracking_uri, cfg.tracking.experiment, "sys-run", params={})
+    assert start_system_metrics(cfg.tracking_uri, rid, 0) is None
+    monitor = start_system_metrics(cfg.tracking_uri, rid, 0.5, node="rank0")
+    deadline = time.monotonic() + 60
+    client = MlflowClient(cfg.tracking_uri)
+    while time.monotonic() < deadline and not client.get_run(rid).data.metrics:
+        time.sleep(0.5)
+    monitor.finish()
+    keys = set(client.get_run(rid).data.metrics)
+    assert any(k.startswith("system/rank0/cpu_utilization") or k.startswith("system/cpu_utilization")
+               for k in keys), keys

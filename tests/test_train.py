@@ -19,7 +19,7 @@ def baseline(prepared, tmp_path_factory):
     cfg0, _ = prepared
     cfg = tiny_config(cfg0.workdir, cfg0.data.root, "model.fbo=none", "train.epochs=2", "train.run_name=base",
                       "train.base_lr=0.3", "train.log_every_iters=1", "tracking.log_model=true",
-                      "tracking.registered_model=lfb-tiny-baseline")
+                      "tracking.registered_model=lfb-tiny-baseline", "tracking.system_metrics_interval_s=1")
     return cfg, fit(cfg)
 
 
@@ -61,6 +61,7 @@ def test_the_run_logs_its_model_to_mlflow_once(baseline):
     assert model.source_run_id == r.mlflow_run_id
     run = MlflowClient(cfg.tracking_uri).get_run(r.mlflow_run_id)
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["prepared AVA data"]  # a baseline: no bank
+    assert any("cpu_utilization" in k for k in run.data.metrics), sorted(run.data.metrics)  # system metrics
     (version,) = MlflowClient(cfg.tracking_uri).search_model_versions("name='lfb-tiny-baseline'")
     assert version.run_id == r.mlflow_run_id
     fit(cfg)

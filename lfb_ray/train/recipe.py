@@ -379,6 +379,12 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = (Tracker(cfg.tracking_uri, config["mlflow_run_id"])
                if rank == 0 and config.get("mlflow_run_id") else NullTracker())
     tracker.replay(pending_metrics)  # sent at the next flush, minus the steps MLflow already has
+    monitor = None
+    if isinstance(tracker, Tracker):
+        from lfb_ray.system_metrics import start_system_metrics
+
+        monitor = start_system_metrics(cfg.tracking_uri, config["mlflow_run_id"],
+                                       cfg.tracking.system_metrics_interval_s, node=f"rank{rank}")
     results_dir = config["results_dir"]
     iters_per_epoch = config["iters_per_epoch"]
 
@@ -524,6 +530,8 @@ def train_loop_per_worker(config: dict) -> None:
                      f"{iters_here / max(elapsed, 1e-9):.2f} it/s, {clips_per_s:.1f} clips/s, data wait "
                      f"{100 * metrics['train/data_wait_frac']:.1f}%"),
                tail=f", ETA {eta:.0f} s")
+    if monitor is not None:
+        monitor.finish()
     if not tracker.flush(wait=True):
         print("[lfb_ray] WARNING: some metrics could not be sent to MLflow; the final checkpoint keeps them "
               "(pending_metrics.json) and the driver tries them again", flush=True)

@@ -106,9 +106,10 @@ def test_interrupted_driver_resumes_when_rerun(prepared, tmp_path):
     assert "none: run driver" in log
 
 
-def test_bank_actor_killed_mid_build(prepared, tmp_path):
-    """Kill the extractor actor during the build: Ray restarts it, the bank is complete and equal
-    to a fault-free build."""
+@pytest.fixture(scope="module")
+def reference_bank(prepared, tmp_path_factory):
+    """A baseline checkpoint (random init, seed 0) and the bank built from it without faults: what
+    the bank fault tests' builds must equal. (checkpoint path, `FeatureBank`)."""
     import torch
 
     from lfb_ray.bank import FeatureBank
@@ -116,15 +117,33 @@ def test_bank_actor_killed_mid_build(prepared, tmp_path):
     from lfb_ray.models import build_detector, save_checkpoint
 
     cfg0, _ = prepared
-    base = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", "model.fbo=none")
+    tmp = tmp_path_factory.mktemp("reference_bank")
+    base = tiny_config(tmp, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", "model.fbo=none")
     torch.manual_seed(0)
-    ckpt = str(tmp_path / "base.pt")
+    ckpt = str(tmp / "base.pt")
     save_checkpoint(build_detector(base.model).state_dict(), ckpt)
-    clean = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}",
-                        f"bank.path={tmp_path}/clean")
+    clean = tiny_config(tmp, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", f"bank.path={tmp}/clean")
+    build_bank(clean, ckpt)
+    return ckpt, FeatureBank.open(clean.bank_dir)
+
+
+def _assert_same_bank(a, b) -> None:
+    assert a.num_features == b.num_features and a.videos == b.videos
+    for v in a.videos:
+        for s in a.seconds_of(v):
+            assert np.array_equal(a.features_at(v, s), b.features_at(v, s))
+
+
+def test_bank_actor_killed_mid_build(prepared, reference_bank, tmp_path):
+    """Kill the extractor actor during the build: Ray restarts it, the bank is complete and equal
+    to a fault-free build."""
+    from lfb_ray.bank import FeatureBank
+    from lfb_ray.bank.build import build_bank
+
+    cfg0, _ = prepared
+    ckpt, clean = reference_bank
     faulty = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}",
                          f"bank.path={tmp_path}/faulty")
-    build_bank(clean, ckpt)
     killed: list[int] = []
 
     def killer():
@@ -138,53 +157,39 @@ def test_bank_actor_killed_mid_build(prepared, tmp_path):
     summary = build_bank(faulty, ckpt)
     t.join(timeout=5)
     assert killed
-    a, b = FeatureBank.open(clean.bank_dir), FeatureBank.open(faulty.bank_dir)
-    assert summary.features == a.num_features == b.num_features
-    for v in a.videos:
-        for s in a.seconds_of(v):
-            assert np.array_equal(a.features_at(v, s), b.features_at(v, s))
+    assert summary.features == clean.num_features
+    _assert_same_bank(clean, FeatureBank.open(faulty.bank_dir))
 
 
-def test_interrupted_bank_build_resumes(prepared, tmp_path):
+def test_interrupted_bank_build_resumes(prepared, reference_bank, tmp_path):
     """A build stopped after some parts continues with the missing ones and equals a full build."""
-    import torch
-
     from lfb_ray.bank import FeatureBank
     from lfb_ray.bank.build import build_bank
-    from lfb_ray.models import build_detector, save_checkpoint
 
     cfg0, _ = prepared
+    ckpt, full = reference_bank
     cfg = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", f"bank.path={tmp_path}/b")
-    torch.manual_seed(1)
-    ckpt = str(tmp_path / "base.pt")
-    save_checkpoint(build_detector(tiny_config(tmp_path, cfg0.data.root, "model.fbo=none").model).state_dict(), ckpt)
     build_bank(cfg, ckpt, max_parts=1)  # "interrupted" after one part
     assert not (Path(cfg.bank_dir) / "build.json").exists()
     s = build_bank(cfg, ckpt)
     assert s.skipped_parts == 1
-    ref = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", f"bank.path={tmp_path}/r")
-    build_bank(ref, ckpt)
-    a, b = FeatureBank.open(cfg.bank_dir), FeatureBank.open(ref.bank_dir)
-    assert a.num_features == b.num_features
-    for v in a.videos:
-        for sec in a.seconds_of(v):
-            assert np.array_equal(a.features_at(v, sec), b.features_at(v, sec))
+    _assert_same_bank(full, FeatureBank.open(cfg.bank_dir))
 
 
-def test_interrupted_prepare_resumes_identical(synthetic_root, tmp_path):
+def test_interrupted_prepare_resumes_identical(prepared, tmp_path):
     """SIGKILL `jobs/prepare_data.py` after its first video commits; the rerun completes the rest
-    and the shards are byte-identical to a clean run."""
+    and the shards are byte-identical to a clean run's (the session's `prepared`: the same config)."""
     import hashlib
+
+    cfg0, _ = prepared
 
     def digest(root: Path) -> dict[str, str]:
         return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted([*root.rglob("*.parquet"), *root.rglob("*.arrow")])}
 
-    def cmd(work: Path) -> list[str]:
-        return [sys.executable, str(REPO / "jobs" / "prepare_data.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
-                f"workdir={work}", f"data.root={synthetic_root}"]
-
-    p = subprocess.Popen(cmd(tmp_path / "a"), cwd=REPO, stdout=open(tmp_path / "job_a.log", "w"), stderr=subprocess.STDOUT,
+    cmd = [sys.executable, str(REPO / "jobs" / "prepare_data.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
+           f"workdir={tmp_path / 'a'}", f"data.root={cfg0.data.root}"]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp_path / "job_a.log", "w"), stderr=subprocess.STDOUT,
                          start_new_session=True)
     try:
         wait_until(lambda: list((tmp_path / "a" / "prepared").rglob("_DONE.json")), 600, "a committed video")
@@ -192,16 +197,12 @@ def test_interrupted_prepare_resumes_identical(synthetic_root, tmp_path):
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
     committed = len(list((tmp_path / "a" / "prepared").rglob("_DONE.json")))
-    outs = []
-    for work in (tmp_path / "a", tmp_path / "b"):
-        out = subprocess.run(cmd(work), cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-        outs.append(out.stdout)
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
     # Ray workers outlive the killed driver for a moment, so more videos may have committed since.
-    done = int(re.search(r"prepare: 3 videos \((\d) already done\)", outs[0]).group(1))
+    done = int(re.search(r"prepare: 3 videos \((\d) already done\)", out.stdout).group(1))
     assert committed >= 1 and done >= committed  # resumed: committed videos were not redone
-    assert "prepare: 3 videos (0 already done)" in outs[1]
-    assert digest(tmp_path / "a" / "prepared") == digest(tmp_path / "b" / "prepared")
+    assert digest(tmp_path / "a" / "prepared") == digest(Path(cfg0.prepared_dir))
 
 
 def test_tracking_server_down_does_not_stop_training(prepared, tmp_path):

@@ -16,11 +16,6 @@ The data is an AVA-format miniature: AVA's file names (CSV, pbtxt, pkl) and 456x
 mmaction2's format at the documented key. The cluster scales from zero like
 configs/cluster/cluster.yaml: Ray's fake multi-node autoscaler, a head with 0 CPUs, one CPU worker
 node type with `min_workers: 0` that the autoscaler adds once the job asks for CPUs.
-
-Wall time on the 2-core development machine, shared (load average 11-20): 481 s for the test body
-with `--operators nl` (the pipeline job 368 s: prepare 11, baseline 90, bank 70, operators 132,
-compare 10; the resubmission 78 s), plus ~40 s for the moto and MLflow servers. With nl,avg,max the
-operators stage takes ~3x as long (one run at a time on the 2-CPU node).
 """
 
 from __future__ import annotations

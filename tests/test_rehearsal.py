@@ -196,10 +196,15 @@ def _submit(c: RayCLICluster, args: list[str], cwd: Path, timeout_s: float) -> t
     return sid, text, seconds
 
 
-def _package_dirs(c: RayCLICluster) -> set[Path]:
-    """The unpacked `--working-dir` packages of the head: the submitted drivers' working directories."""
-    return {p for p in Path(c.nodes[0][1]).glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*")
-            if p.is_dir()}
+def _package_dir(c: RayCLICluster, sid: str) -> Path:
+    """The head's unpacked `--working-dir` package of job `sid`: its driver's working directory."""
+    uri = c.api(f"/api/jobs/{sid}")["runtime_env"]["working_dir"]  # gcs://_ray_pkg_<content hash>.zip
+    name = uri.rsplit("/", 1)[1].removesuffix(".zip")
+    unpacked = [p for p in Path(c.nodes[0][1]).glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*")
+                if p.is_dir()]
+    found = [p for p in unpacked if p.name == name]
+    assert len(found) == 1, f"job {sid}'s package {uri} is not unpacked on the head once: {unpacked}"
+    return found[0]
 
 
 def _written_in(pkg: Path, source: Path) -> list[str]:
@@ -287,7 +292,7 @@ def test_the_rehearsal(s3, mlflow_server_s3, tmp_path):
         assert len([k for k in out if k.startswith(f"{prefix}results/") and k.endswith(".csv")]) == len(trained_ops)
         assert {f"{prefix}comparison/comparison.{x}" for x in ("png", "md", "csv")} <= out
         assert not [k for k in out if ".tmp" in k]
-        (pkg,) = _package_dirs(c)
+        pkg = _package_dir(c, sid)
         assert _written_in(pkg, REPO) == []
         assert _files(data_root) == data_before
 
@@ -319,12 +324,16 @@ def test_the_rehearsal(s3, mlflow_server_s3, tmp_path):
             if (REPO / rel).is_file():
                 (elsewhere / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(REPO / rel, elsewhere / rel)
+        # One file more than the repository's upload: Ray names a package by its content, so an identical
+        # copy would unpack into (run in) the first submission's directory.
+        (elsewhere / "SUBMITTED_FROM_A_COPY").write_text("the rehearsal's resubmission\n")
         again = list(args)
         again[again.index("--submission-id") + 1] = f"{sid}-again"  # the doc: a new --submission-id
         sid2, logs2, job2_s = _submit(c, again, elsewhere, timeout_s=240)
         assert logs2.count("up to date, skipped") == len(STAGES), logs2[-4000:]
         assert "running" not in "".join(ln for ln in logs2.splitlines() if ln.startswith("[pipeline]"))
-        (pkg2,) = _package_dirs(c) - {pkg}  # it ran in another directory
+        pkg2 = _package_dir(c, sid2)
+        assert pkg2 != pkg  # it ran in another directory
         assert _written_in(pkg2, elsewhere) == []
         # No training step repeated: the same runs, the same losses, the same checkpoints.
         runs2 = client.search_runs([exp.experiment_id], max_results=100)

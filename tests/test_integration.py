@@ -25,7 +25,6 @@ from tests.helpers.ray_cli import UPLOAD_EXCLUDES, RayCLICluster
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-
 @pytest.fixture(scope="module")
 def two_node_cluster(tmp_path_factory):
     """A head and a second node, 3 CPUs each (the machine's address: Ray forbids adding nodes to a

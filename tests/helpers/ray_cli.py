@@ -76,13 +76,15 @@ class RayCLICluster:
                 start()
                 return
             except pytest.fail.Exception:
-                proc, temp_dir, log = self.nodes[-1]
-                if attempt == 2 or proc.poll() is None or "timed out during startup" not in log.read_text():
-                    raise
+                proc, _, log = self.nodes[-1]
+                again = attempt == 1 and proc.poll() is not None and "timed out during startup" in log.read_text()
+                # A node that did not start is no node of the cluster (its `ray start` log stays in tmp).
                 for proc, temp_dir, _ in self.nodes[n:]:
                     stop_tree(proc, marker=temp_dir)
                     shutil.rmtree(temp_dir, ignore_errors=True)
                 del self.nodes[n:]
+                if not again:
+                    raise
 
     def _start_head_node(self, num_cpus: int, resources: dict | None, env: dict[str, str],
                          extra_args=lambda gcs_port: []) -> None:

@@ -94,3 +94,50 @@ def ava_layout(synthetic_root, tmp_path_factory) -> Path:
         if (synthetic_root / extra).exists():
             shutil.copy2(synthetic_root / extra, root / extra)
     return root
+
+
+# Servers and clusters some tests start (tests/helpers/): each is started only by the tests that ask for it.
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` with a SQLite store and artifacts proxied to a local folder; yields its URI.
+    One per module: its tests use experiments of their own."""
+    from tests.helpers.mlflow_server import running_mlflow_server
+
+    tmp = tmp_path_factory.mktemp("mlflow_server")
+    with running_mlflow_server(tmp, str(tmp / "artifacts")) as server:
+        yield server.uri
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 server on 127.0.0.1 with bucket `lfb-it`; yields a `tests.helpers.s3_server.S3Server`."""
+    from tests.helpers.s3_server import moto_s3
+
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask an instance-metadata address
+    with moto_s3("lfb-it") as server:
+        yield server
+
+
+@pytest.fixture
+def mlflow_server_s3(tmp_path, s3):
+    """`mlflow server` whose artifact store is moto's S3 (`s3://lfb-it/mlartifacts`, proxied: clients
+    log through the server and need no S3 credentials); yields its URI."""
+    from tests.helpers.mlflow_server import running_mlflow_server
+    from tests.helpers.s3_server import client_env
+
+    with running_mlflow_server(tmp_path / "mlflow_server", f"s3://{s3.bucket}/mlartifacts", client_env(s3)) as server:
+        yield server.uri
+
+
+@pytest.fixture
+def ray_cli_cluster(tmp_path):
+    """A `tests.helpers.ray_cli.RayCLICluster` with no node yet; every node it starts is stopped after."""
+    from tests.helpers.ray_cli import RayCLICluster
+
+    cluster = RayCLICluster(tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -21,10 +21,13 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO
-from test_integration import RayCLICluster, _free_port, _wait_until
+
+from tests.helpers.processes import wait_until
+from tests.helpers.ray_cli import RayCLICluster, fake_autoscaler_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -76,33 +79,20 @@ print("RESULT", json.dumps({"metrics": metrics, "seconds": time.time() - t0}), f
 
 
 def _autoscaler_config(gcs_address: str) -> dict:
-    """The fake provider's cluster config (the fields of Ray's fake_multi_node/example.yaml)."""
-    return {
-        "cluster_name": "lfb-autoscale-test",
-        "max_workers": 2,
-        "upscaling_speed": 2.0,
-        "idle_timeout_minutes": IDLE_TIMEOUT_MIN,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True, "gcs_address": gcs_address,
-                     "launch_multiple": True},  # "Launching 2 nodes" starts 2 (without it: 1 per launch)
-        "available_node_types": {
+    """A head with no GPU and a GPU node type that scales from 0 to 2, idle nodes removed after 6 s."""
+    return fake_autoscaler_config(
+        "lfb-autoscale-test", max_workers=2, upscaling_speed=2.0, idle_timeout_minutes=IDLE_TIMEOUT_MIN,
+        provider={"type": "fake_multinode", "gcs_address": gcs_address},
+        node_types={
             # Like configs/cluster/cluster.yaml's head: no GPU, so training workers cannot start there.
             "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
             "gpu_node": {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": 150_000_000}, "node_config": {},
                          "min_workers": 0, "max_workers": 2},
-        },
-        "head_node_type": "ray.head.default",
-        "auth": {}, "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
-        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-        "rsync_exclude": [], "rsync_filter": [],
-    }
+        })
 
 
 def _autoscaler_lines(temp_dir: str) -> list[str]:
     """What the autoscaler said about launching and removing nodes (its monitor.log / monitor.out)."""
-    from pathlib import Path
-
     lines = []
     for name in ("monitor.log", "monitor.out"):
         for p in sorted(Path(temp_dir).glob(f"session_2*/logs/{name}")):  # not the session_latest link
@@ -114,35 +104,16 @@ def _autoscaler_lines(temp_dir: str) -> list[str]:
 
 
 def test_gpu_runs_scale_a_cluster_up_from_zero_gpu_nodes_and_back(tmp_path):
-    import ray._private.services as services
-
     c = RayCLICluster(tmp_path)
     try:
-        ip = services.get_node_ip_address()  # this machine: fake nodes join the head over its address
-        for attempt in (1, 2):  # `ray start` gives up after ~30 s on a busy machine: one retry, as add_node
-            c.gcs_port, c.dashboard_port = _free_port(), _free_port()
-            config_path = tmp_path / "autoscaler.json"
-            config_path.write_text(json.dumps(_autoscaler_config(f"{ip}:{c.gcs_port}")))
-            env = {**c.env(), "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
-            c._start(["--head", f"--port={c.gcs_port}", "--dashboard-host=127.0.0.1",
-                      f"--dashboard-port={c.dashboard_port}", f"--ray-client-server-port={_free_port()}",
-                      f"--autoscaling-config={config_path}"], 1, None, env)
-            proc, temp_dir, log = c.nodes[-1]
-            try:
-                _wait_until(lambda: c.api("/api/version"), 120, "Ray head (dashboard)", proc, log)
-                c.wait_for_nodes(1)
-                break
-            except pytest.fail.Exception:
-                if attempt == 2 or proc.poll() is None or "timed out during startup" not in log.read_text():
-                    raise
-                c.stop()
-                c.nodes.clear()
+        gcs_address = c.start_autoscaling_head(1, _autoscaler_config)
+        proc, temp_dir, log = c.nodes[0]
         assert len(c.alive_nodes()) == 1
 
         t0 = time.time()
         script = tmp_path / "driver.py"
         script.write_text(DRIVER)
-        driver_env = {**c.env(), "RAY_ADDRESS": f"{ip}:{c.gcs_port}", "PYTHONPATH": str(REPO)}
+        driver_env = {**c.env(), "RAY_ADDRESS": gcs_address, "PYTHONPATH": str(REPO)}
         try:
             res = subprocess.run([sys.executable, str(script), str(REPO / "configs" / "tiny.yaml"),
                                   str(tmp_path / "ray_results")], env=driver_env, capture_output=True, text=True,
@@ -167,11 +138,11 @@ def test_gpu_runs_scale_a_cluster_up_from_zero_gpu_nodes_and_back(tmp_path):
         up_s = time.time() - t0
 
         # The idle GPU nodes go away again.
-        _wait_until(lambda: len(c.alive_nodes()) == 1, 120, "the idle GPU nodes to be removed", proc, log)
+        wait_until(lambda: len(c.alive_nodes()) == 1, 120, "the idle GPU nodes to be removed", proc, log)
         down_s = time.time() - t0 - up_s
         # The monitor writes its removal line around the time the node leaves: seen in CI, the node
         # count had dropped before the line was in monitor.log. Wait for it (a bounded poll).
-        _wait_until(lambda: any(re.search(r"Removing \d+ node|Terminating", x) for x in _autoscaler_lines(temp_dir)),
+        wait_until(lambda: any(re.search(r"Removing \d+ node|Terminating", x) for x in _autoscaler_lines(temp_dir)),
                     60, "the autoscaler's removal line in monitor.log", proc, log)
         lines = _autoscaler_lines(temp_dir)
         print(f"\n[autoscaling] 2 runs on 2 added GPU nodes in {up_s:.0f} s (driver {result['seconds']:.0f} s); "
@@ -181,17 +152,6 @@ def test_gpu_runs_scale_a_cluster_up_from_zero_gpu_nodes_and_back(tmp_path):
         assert any(re.search(r"Adding \d+ node|[Ll]aunching \d+ node", x) for x in lines), lines
         assert any(re.search(r"Removing \d+ node|Terminating", x) for x in lines), lines
     finally:
-        _keep_logs(c, tmp_path / "cluster_logs")
+        c.keep_logs(tmp_path / "cluster_logs")
         c.stop()
 
-
-def _keep_logs(c: RayCLICluster, dest) -> None:
-    """The autoscaler's and raylets' logs survive the temp dir (pytest keeps tmp_path)."""
-    import shutil
-    from pathlib import Path
-
-    for _, temp_dir, _ in c.nodes:
-        for p in Path(temp_dir).glob("session_*/logs/*"):
-            if p.is_file() and (p.name.startswith(("monitor", "raylet", "gcs_server")) or p.suffix == ".err"):
-                dest.mkdir(parents=True, exist_ok=True)
-                shutil.copy(p, dest / p.name)

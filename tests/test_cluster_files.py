@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,12 +176,24 @@ def test_constraints_match_the_installed_environment():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-@pytest.mark.skipif(not DOCS.exists(), reason="docs/cluster.md not written yet")
 def test_commands_in_cluster_docs_exist_and_load():
     cmds = _job_commands(DOCS.read_text())
     assert cmds
     for cmd in cmds:  # without placeholders: <model.pt>, $TMP/work, ...
         _check_command([a for a in cmd if "<" not in a and "$" not in a and a != "..."])
+
+
+def test_a_missing_tracked_doc_is_a_failure(tmp_path):
+    """This module's doc test run on a checkout without docs/cluster.md fails: it skipped (so
+    deleting the doc made the suite pass)."""
+    (tmp_path / "tests").mkdir()
+    shutil.copy2(__file__, tmp_path / "tests" / "test_cluster_files.py")
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")  # this copy's own root: no ini file above it is read
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/test_cluster_files.py::test_commands_in_cluster_docs_exist_and_load"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "1 failed" in res.stdout and "skipped" not in res.stdout, res.stdout[-3000:]
+    assert "docs/cluster.md" in res.stdout
 
 
 def test_documented_job_submission_passes_the_tracking_uri_in_the_runtime_env():

@@ -20,59 +20,11 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
+from tests.helpers.mlflow_server import start_mlflow_server
+from tests.helpers.processes import wait_until
+from tests.helpers.ray_local import pids_with
+
 pytestmark = [pytest.mark.faults, pytest.mark.ray, pytest.mark.slow]
-
-
-def _ray_raylet_pid() -> int:
-    """PID of the raylet of the session's local cluster (its workers are its descendants)."""
-    import ray
-
-    node = ray._private.worker._global_node
-    return node.all_processes["raylet"][0].process.pid
-
-
-def _parent(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("PPid:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _pids_with(needle: str) -> list[int]:
-    """PIDs of this session's Ray processes whose title (`ray::ClassName...`) contains `needle`.
-
-    Only descendants of our own raylet: other Ray clusters on the machine are never touched.
-    """
-    raylet = _ray_raylet_pid()
-    out = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if needle not in cmd:
-            continue
-        pid, hops = int(p.name), 0
-        while pid > 1 and pid != raylet and hops < 10:
-            pid, hops = _parent(pid), hops + 1
-        if pid == raylet:
-            out.append(int(p.name))
-    return out
-
-
-def _wait_for(pred, timeout: float, what: str):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def _checkpoints(storage: str, name: str) -> list[Path]:
@@ -94,8 +46,8 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(prepared, tmp_path):
     killed: list[int] = []
 
     def killer():
-        _wait_for(lambda: _checkpoints(cfg.storage_path, "killed"), 300, "the first checkpoint")
-        pids = _wait_for(lambda: _pids_with("RayTrainWorker"), 60, "a train worker")
+        wait_until(lambda: _checkpoints(cfg.storage_path, "killed"), 300, "the first checkpoint")
+        pids = wait_until(lambda: pids_with("RayTrainWorker"), 60, "a train worker")
         os.kill(pids[-1], signal.SIGKILL)
         killed.append(pids[-1])
 
@@ -135,7 +87,7 @@ def test_interrupted_driver_resumes_when_rerun(prepared, tmp_path):
     p = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          start_new_session=True)
     try:
-        _wait_for(lambda: _recorded_checkpoint(str(tmp_path / "ray_results"), "driver"), 600,
+        wait_until(lambda: _recorded_checkpoint(str(tmp_path / "ray_results"), "driver"), 600,
                   "the first recorded checkpoint")
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
@@ -154,9 +106,10 @@ def test_interrupted_driver_resumes_when_rerun(prepared, tmp_path):
     assert "none: run driver" in log
 
 
-def test_bank_actor_killed_mid_build(prepared, tmp_path):
-    """Kill the extractor actor during the build: Ray restarts it, the bank is complete and equal
-    to a fault-free build."""
+@pytest.fixture(scope="module")
+def reference_bank(prepared, tmp_path_factory):
+    """A baseline checkpoint (random init, seed 0) and the bank built from it without faults: what
+    the bank fault tests' builds must equal. (checkpoint path, `FeatureBank`)."""
     import torch
 
     from lfb_ray.bank import FeatureBank
@@ -164,19 +117,37 @@ def test_bank_actor_killed_mid_build(prepared, tmp_path):
     from lfb_ray.models import build_detector, save_checkpoint
 
     cfg0, _ = prepared
-    base = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", "model.fbo=none")
+    tmp = tmp_path_factory.mktemp("reference_bank")
+    base = tiny_config(tmp, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", "model.fbo=none")
     torch.manual_seed(0)
-    ckpt = str(tmp_path / "base.pt")
+    ckpt = str(tmp / "base.pt")
     save_checkpoint(build_detector(base.model).state_dict(), ckpt)
-    clean = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}",
-                        f"bank.path={tmp_path}/clean")
+    clean = tiny_config(tmp, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", f"bank.path={tmp}/clean")
+    build_bank(clean, ckpt)
+    return ckpt, FeatureBank.open(clean.bank_dir)
+
+
+def _assert_same_bank(a, b) -> None:
+    assert a.num_features == b.num_features and a.videos == b.videos
+    for v in a.videos:
+        for s in a.seconds_of(v):
+            assert np.array_equal(a.features_at(v, s), b.features_at(v, s))
+
+
+def test_bank_actor_killed_mid_build(prepared, reference_bank, tmp_path):
+    """Kill the extractor actor during the build: Ray restarts it, the bank is complete and equal
+    to a fault-free build."""
+    from lfb_ray.bank import FeatureBank
+    from lfb_ray.bank.build import build_bank
+
+    cfg0, _ = prepared
+    ckpt, clean = reference_bank
     faulty = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}",
                          f"bank.path={tmp_path}/faulty")
-    build_bank(clean, ckpt)
     killed: list[int] = []
 
     def killer():
-        pids = _wait_for(lambda: _pids_with("BankExtractor"), 300, "a bank actor")
+        pids = wait_until(lambda: pids_with("BankExtractor"), 300, "a bank actor")
         time.sleep(1.0)
         os.kill(pids[0], signal.SIGKILL)
         killed.append(pids[0])
@@ -186,70 +157,52 @@ def test_bank_actor_killed_mid_build(prepared, tmp_path):
     summary = build_bank(faulty, ckpt)
     t.join(timeout=5)
     assert killed
-    a, b = FeatureBank.open(clean.bank_dir), FeatureBank.open(faulty.bank_dir)
-    assert summary.features == a.num_features == b.num_features
-    for v in a.videos:
-        for s in a.seconds_of(v):
-            assert np.array_equal(a.features_at(v, s), b.features_at(v, s))
+    assert summary.features == clean.num_features
+    _assert_same_bank(clean, FeatureBank.open(faulty.bank_dir))
 
 
-def test_interrupted_bank_build_resumes(prepared, tmp_path):
+def test_interrupted_bank_build_resumes(prepared, reference_bank, tmp_path):
     """A build stopped after some parts continues with the missing ones and equals a full build."""
-    import torch
-
     from lfb_ray.bank import FeatureBank
     from lfb_ray.bank.build import build_bank
-    from lfb_ray.models import build_detector, save_checkpoint
 
     cfg0, _ = prepared
+    ckpt, full = reference_bank
     cfg = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", f"bank.path={tmp_path}/b")
-    torch.manual_seed(1)
-    ckpt = str(tmp_path / "base.pt")
-    save_checkpoint(build_detector(tiny_config(tmp_path, cfg0.data.root, "model.fbo=none").model).state_dict(), ckpt)
     build_bank(cfg, ckpt, max_parts=1)  # "interrupted" after one part
     assert not (Path(cfg.bank_dir) / "build.json").exists()
     s = build_bank(cfg, ckpt)
     assert s.skipped_parts == 1
-    ref = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", f"bank.path={tmp_path}/r")
-    build_bank(ref, ckpt)
-    a, b = FeatureBank.open(cfg.bank_dir), FeatureBank.open(ref.bank_dir)
-    assert a.num_features == b.num_features
-    for v in a.videos:
-        for sec in a.seconds_of(v):
-            assert np.array_equal(a.features_at(v, sec), b.features_at(v, sec))
+    _assert_same_bank(full, FeatureBank.open(cfg.bank_dir))
 
 
-def test_interrupted_prepare_resumes_identical(synthetic_root, tmp_path):
+def test_interrupted_prepare_resumes_identical(prepared, tmp_path):
     """SIGKILL `jobs/prepare_data.py` after its first video commits; the rerun completes the rest
-    and the shards are byte-identical to a clean run."""
+    and the shards are byte-identical to a clean run's (the session's `prepared`: the same config)."""
     import hashlib
+
+    cfg0, _ = prepared
 
     def digest(root: Path) -> dict[str, str]:
         return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted([*root.rglob("*.parquet"), *root.rglob("*.arrow")])}
 
-    def cmd(work: Path) -> list[str]:
-        return [sys.executable, str(REPO / "jobs" / "prepare_data.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
-                f"workdir={work}", f"data.root={synthetic_root}"]
-
-    p = subprocess.Popen(cmd(tmp_path / "a"), cwd=REPO, stdout=open(tmp_path / "job_a.log", "w"), stderr=subprocess.STDOUT,
+    cmd = [sys.executable, str(REPO / "jobs" / "prepare_data.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
+           f"workdir={tmp_path / 'a'}", f"data.root={cfg0.data.root}"]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=open(tmp_path / "job_a.log", "w"), stderr=subprocess.STDOUT,
                          start_new_session=True)
     try:
-        _wait_for(lambda: list((tmp_path / "a" / "prepared").rglob("_DONE.json")), 600, "a committed video")
+        wait_until(lambda: list((tmp_path / "a" / "prepared").rglob("_DONE.json")), 600, "a committed video")
     finally:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
     committed = len(list((tmp_path / "a" / "prepared").rglob("_DONE.json")))
-    outs = []
-    for work in (tmp_path / "a", tmp_path / "b"):
-        out = subprocess.run(cmd(work), cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-        outs.append(out.stdout)
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
     # Ray workers outlive the killed driver for a moment, so more videos may have committed since.
-    done = int(re.search(r"prepare: 3 videos \((\d) already done\)", outs[0]).group(1))
+    done = int(re.search(r"prepare: 3 videos \((\d) already done\)", out.stdout).group(1))
     assert committed >= 1 and done >= committed  # resumed: committed videos were not redone
-    assert "prepare: 3 videos (0 already done)" in outs[1]
-    assert digest(tmp_path / "a" / "prepared") == digest(tmp_path / "b" / "prepared")
+    assert digest(tmp_path / "a" / "prepared") == digest(Path(cfg0.prepared_dir))
 
 
 def test_tracking_server_down_does_not_stop_training(prepared, tmp_path):
@@ -258,17 +211,14 @@ def test_tracking_server_down_does_not_stop_training(prepared, tmp_path):
     from lfb_ray.train import fit
 
     cfg0, _ = prepared
-    server, port = _start_mlflow_server(tmp_path)
+    server = start_mlflow_server(tmp_path / "mlflow_server")
     try:
-        import urllib.request
-
-        _wait_for(lambda: _health(f"http://127.0.0.1:{port}/health", urllib.request), 120, "mlflow server")
         cfg = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", "model.fbo=none",
-                          "train.epochs=2", f"tracking.tracking_uri=http://127.0.0.1:{port}", "train.run_name=nosrv")
+                          "train.epochs=2", f"tracking.tracking_uri={server.uri}", "train.run_name=nosrv")
 
         def stop_server():
-            _wait_for(lambda: _checkpoints(cfg.storage_path, "nosrv"), 300, "the first checkpoint")
-            os.killpg(server.pid, signal.SIGKILL)
+            wait_until(lambda: _checkpoints(cfg.storage_path, "nosrv"), 300, "the first checkpoint")
+            os.killpg(server.proc.pid, signal.SIGKILL)
 
         t = threading.Thread(target=stop_server, daemon=True)
         t.start()
@@ -276,33 +226,9 @@ def test_tracking_server_down_does_not_stop_training(prepared, tmp_path):
         t.join(timeout=5)
         assert r.metrics["epoch"] == 2 and r.model_path and os.path.exists(r.model_path)
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-
-
-def _start_mlflow_server(tmp_path: Path, log: Path | None = None) -> tuple[subprocess.Popen, int]:
-    """A real `mlflow server` (SQLite store, local artifacts) on a free loopback port, in its own
-    process group (so a test can SIGKILL/SIGSTOP it with its workers); (process, port)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = open(log, "wb") if log else subprocess.DEVNULL
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                               "--default-artifact-root", str(tmp_path / "artifacts"), "--workers", "1"],
-                              stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
-                              start_new_session=True)
-    return server, port
-
-
-def _health(url: str, urllib_request) -> bool:
-    try:
-        return urllib_request.urlopen(url, timeout=2).status == 200
-    except Exception:
-        return False
+        if server.proc.poll() is None:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
 
 
 def test_prepare_worker_killed_mid_video_is_retried_identical(tmp_path, ray_local):
@@ -328,8 +254,8 @@ def test_prepare_worker_killed_mid_video_is_retried_identical(tmp_path, ray_loca
     killed: list[int] = []
 
     def killer():
-        _wait_for(lambda: list(out.rglob("frames.arrow.tmp-*")), 300, "a frame store being written")
-        pids = _pids_with("_prepare_batch")
+        wait_until(lambda: list(out.rglob("frames.arrow.tmp-*")), 300, "a frame store being written")
+        pids = pids_with("_prepare_batch")
         if pids:
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])

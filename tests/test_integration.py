@@ -1,316 +1,49 @@
 """Integration with the real services a cluster run uses: an MLflow tracking server, `ray start` +
 `ray job submit` with token auth, S3 (moto's server) as storage, and a two-node Ray cluster.
 
-Everything binds to 127.0.0.1. The `ray start` clusters here are separate from the session's
-in-process `ray_local` cluster: own ports, own temp dir, own auth token (a file given with
-RAY_AUTH_TOKEN_PATH, so ~/.ray/auth_token is neither read nor written). They are started with
-`--block` in a new session and stopped by terminating that process tree, never with `ray stop`,
-which would stop every Ray cluster on the machine.
+Everything binds to 127.0.0.1; the servers and clusters are started by tests/helpers/ (fixtures in
+tests/conftest.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import secrets
-import shutil
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
+from tests.helpers.processes import wait_until
+from tests.helpers.ray_cli import UPLOAD_EXCLUDES, RayCLICluster
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-VENV_BIN = str(Path(sys.executable).parent)
-UPLOAD_EXCLUDES = ["/.venv/", "/.git/", "/data/", "/runs/", "/mlruns/", "/.pytest_cache/", "/.ruff_cache/",
-                   "*.egg-info/"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until(check, timeout_s: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
-    """Poll `check()` until it returns a truthy value; fail with the log tail on timeout or exit."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            break
-        try:
-            value = check()
-            if value:
-                return value
-        except (OSError, urllib.error.URLError, ValueError):
-            pass
-        time.sleep(0.5)
-    tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
-    pytest.fail(f"{what} not ready after {timeout_s:.0f} s (exit code {proc.poll() if proc else None}):\n{tail}")
-
-
-def _stop_tree(proc: subprocess.Popen, marker: str | None = None, grace_s: float = 15.0) -> None:
-    """Terminate `proc` and all its descendants (and stray processes whose command line holds
-    `marker`, our unique temp dir), then kill what is left. Only processes this test started."""
-    import importlib
-
-    importlib.import_module("ray")  # puts Ray's vendored psutil on sys.path
-    import psutil
-
-    procs: dict[int, psutil.Process] = {}
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory):
+    """A head and a second node, 3 CPUs each (the machine's address: Ray forbids adding nodes to a
+    loopback-only head), shared by the two-node tests of this module."""
+    c = RayCLICluster(tmp_path_factory.mktemp("two_nodes"))
     try:
-        root = psutil.Process(proc.pid)
-        procs[root.pid] = root
-        procs.update({c.pid: c for c in root.children(recursive=True)})
-    except psutil.NoSuchProcess:
-        pass
-    if marker:
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if p.pid != os.getpid() and any(marker in a for a in (p.info["cmdline"] or [])):
-                    procs.setdefault(p.pid, p)
-                    procs.update({c.pid: c for c in p.children(recursive=True)})
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-    for p in procs.values():
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-# --------------------------------------------------------------------------------------------
-# fixtures: an MLflow server, moto's S3 server, `ray start` clusters
-
-
-@contextlib.contextmanager
-def _mlflow_server(tmp: Path, artifacts_destination: str, env: dict[str, str] | None = None):
-    """`mlflow server` on 127.0.0.1 with a SQLite store in `tmp` and artifacts proxied by the server
-    to `artifacts_destination` (a folder, or `s3://...` with `env` giving the server S3 access);
-    yields its URI. The server's own files (store, log) stay in `tmp`, its working directory."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    log = tmp / "mlflow_server.log"
-    cmd = [os.path.join(VENV_BIN, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-           "--artifacts-destination", artifacts_destination, "--workers", "1"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,
-                                env={**os.environ, **(env or {})})
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).read().strip() == b"OK", 300,
-                    "mlflow server", proc, log)
-        yield uri
+        c.start_head(num_cpus=3, resources={"node_head": 1}, loopback_only=False)
+        yield c
     finally:
-        _stop_tree(proc)
+        c.stop()
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` with a SQLite store and artifacts proxied to a local folder; yields its URI."""
-    with _mlflow_server(tmp_path, str(tmp_path / "artifacts")) as uri:
-        yield uri
-
-
-@pytest.fixture
-def mlflow_server_s3(tmp_path, s3):
-    """`mlflow server` whose artifact store is moto's S3 (`s3://lfb-it/mlartifacts`, proxied: clients
-    log through the server and need no S3 credentials); yields its URI."""
-    env = {"MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    with _mlflow_server(tmp_path / "mlflow_server", f"s3://{s3.bucket}/mlartifacts", env) as uri:
-        yield uri
-
-
-class S3Server(NamedTuple):
-    uri: Callable[[str], str]  # prefix -> pyarrow URI of s3://lfb-it/<prefix>, credentials and endpoint included
-    keys: Callable[[str], list[str]]  # prefix -> the keys of the objects under it
-    endpoint: str  # http://127.0.0.1:PORT
-    bucket: str
-    client: Any  # boto3 S3 client
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    """moto's S3 server on 127.0.0.1 with bucket `lfb-it`; yields an `S3Server` (`uri(prefix)`, `keys`).
-
-    The URIs carry everything pyarrow needs (`user:secret@`, endpoint_override, scheme, region), so
-    the session's Ray workers, started before this fixture, reach the server without env vars.
-    """
-    import logging
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask an instance-metadata address
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        _, port = server.get_host_and_port()
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
-        client.create_bucket(Bucket="lfb-it")
-
-        def uri(prefix: str) -> str:
-            return (f"s3://testing:testing@lfb-it/{prefix}"
-                    f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1")
-
-        def keys(prefix: str) -> list[str]:
-            pages = client.get_paginator("list_objects_v2").paginate(Bucket="lfb-it", Prefix=prefix)
-            return [o["Key"] for page in pages for o in page.get("Contents", [])]
-
-        yield S3Server(uri, keys, f"http://127.0.0.1:{port}", "lfb-it", client)
-    finally:
-        server.stop()
-
-
-class RayCLICluster:
-    """Ray nodes started with `ray start --block` from the venv, token auth on, loopback only."""
-
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.token_path = tmp / "auth_token"
-        self.token_path.write_text(secrets.token_hex(32))
-        self.token_path.chmod(0o600)
-        self.nodes: list[tuple[subprocess.Popen, str, Path]] = []
-        self.gcs_port = self.dashboard_port = None
-
-    @property
-    def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"))}
-        env.update(PATH=VENV_BIN + os.pathsep + env.get("PATH", ""), RAY_AUTH_MODE="token",
-                   RAY_AUTH_TOKEN_PATH=str(self.token_path), RAY_USAGE_STATS_ENABLED="0",
-                   RAY_DATA_DISABLE_PROGRESS_BARS="1")
-        return env
-
-    def _start(self, args: list[str], num_cpus: int, resources: dict | None, env: dict[str, str]) -> None:
-        # A short temp dir per node: Unix socket paths must stay under 107 characters.
-        temp_dir = tempfile.mkdtemp(prefix="lfbit", dir="/tmp")
-        log = self.tmp / f"node{len(self.nodes)}.log"
-        cmd = ["ray", "start", "--block", *args, f"--num-cpus={num_cpus}", "--num-gpus=0",
-               f"--temp-dir={temp_dir}", "--disable-usage-stats",
-               f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-               f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-               f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-               "--object-store-memory=300000000"]
-        if resources:
-            cmd.append(f"--resources={json.dumps(resources)}")
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True, cwd=self.tmp)
-        self.nodes.append((proc, temp_dir, log))
-
-    def start_head(self, num_cpus: int, resources: dict | None = None, loopback_only: bool = True) -> None:
-        """Start the head node; with `loopback_only` it advertises (and its GCS listens on) 127.0.0.1.
-
-        `ray start --node-ip-address=127.0.0.1` is rewritten to the machine's address
-        (services.resolve_ip_for_localhost); RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray keep the
-        loopback address, as on a laptop. It also forbids adding nodes: multi-node clusters use
-        the machine's own address (Ray's gRPC servers listen on all interfaces, behind the token).
-        """
-        env = self.env()
-        if loopback_only:
-            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
-        self._start(["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
-                     f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={_free_port()}"],
-                    num_cpus, resources, env)
-        proc, _, log = self.nodes[-1]
-        _wait_until(lambda: self.api("/api/version"), 120, "Ray head (dashboard)", proc, log)
-        self.wait_for_nodes(1)
-
-    def add_node(self, num_cpus: int, resources: dict | None = None) -> None:
-        """Start a worker node. One retry when `ray start` itself gives up: on a busy 2-core machine
-        its ~30 s startup deadline ("The current node timed out during startup") was seen to expire."""
-        for attempt in (1, 2):
-            self._start([f"--address=127.0.0.1:{self.gcs_port}"], num_cpus, resources, self.env())
-            proc, _, log = self.nodes[-1]
-            try:
-                self.wait_for_nodes(len(self.nodes))
-                return
-            except pytest.fail.Exception:
-                startup_timeout = proc.poll() is not None and "timed out during startup" in log.read_text()
-                if attempt == 2 or not startup_timeout:
-                    raise
-                self.nodes.pop()
-
-    def api(self, path: str, token: bool = True) -> dict:
-        req = urllib.request.Request(self.dashboard + path)
-        if token:
-            req.add_header("Authorization", f"Bearer {self.token_path.read_text().strip()}")
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.loads(r.read())
-
-    def alive_nodes(self) -> list[dict]:
-        nodes = self.api("/api/v0/nodes?limit=100")["data"]["result"]["result"]
-        return [n for n in nodes if n["state"] == "ALIVE"]
-
-    def wait_for_nodes(self, n: int) -> None:
-        proc, _, log = self.nodes[-1]
-        _wait_until(lambda: len(self.alive_nodes()) >= n, 120, f"{n} alive Ray node(s)", proc, log)
-
-    def cli(self, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(["ray", *args], env=self.env(), capture_output=True, text=True, timeout=timeout_s,
-                              cwd=self.tmp)
-
-    def submit(self, entrypoint: list[str], submission_id: str, timeout_s: float = 420) -> str:
-        """`ray job submit` of the repo as working dir; returns the output, fails on a non-zero exit."""
-        args = ["job", "submit", "--address", self.dashboard, "--submission-id", submission_id,
-                "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}),
-                "--", *entrypoint]
-        try:
-            res = self.cli(*args, timeout_s=timeout_s)
-        except subprocess.TimeoutExpired as e:
-            pytest.fail(f"ray job submit timed out after {timeout_s} s:\n{(e.stdout or '')[-4000:]}")
-        out = res.stdout + res.stderr
-        (self.tmp / f"{submission_id}.log").write_text(out)
-        assert res.returncode == 0, f"ray job submit exited {res.returncode}:\n{out[-6000:]}"
-        return out
-
-    def stop(self) -> None:
-        for proc, temp_dir, _ in reversed(self.nodes):
-            _stop_tree(proc, marker=temp_dir)
-        for _, temp_dir, _ in self.nodes:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@pytest.fixture
-def ray_cli_cluster(tmp_path):
-    cluster = RayCLICluster(tmp_path)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+def two_nodes(two_node_cluster):
+    """`two_node_cluster` with its second node up: started again after a test stopped it."""
+    c = two_node_cluster
+    if len(c.nodes) < 2:
+        c.add_node(num_cpus=3, resources={"node_second": 1})
+    return c
 
 
 def _train_entrypoint(workdir: Path, prepared_cfg, *overrides: str) -> list[str]:
@@ -443,7 +176,7 @@ def test_ray_job_submit_with_token_auth(prepared, ray_cli_cluster, mlflow_server
     gpu_args[gpu_args.index("--submission-id")] = "--no-wait"
     res = subprocess.run(["ray", *gpu_args], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     gpu_sid = re.search(r"Job '([^']+)' submitted successfully", res.stdout + res.stderr).group(1)
-    _wait_until(lambda: c.api(f"/api/jobs/{gpu_sid}")["status"] in ("FAILED", "SUCCEEDED"), 90, "the GPU job to end")
+    wait_until(lambda: c.api(f"/api/jobs/{gpu_sid}")["status"] in ("FAILED", "SUCCEEDED"), 90, "the GPU job to end")
     assert c.api(f"/api/jobs/{gpu_sid}")["status"] == "FAILED"
     assert time.monotonic() - t0 < 60
     logs = c.cli("job", "logs", "--address", c.dashboard, gpu_sid).stdout
@@ -520,13 +253,11 @@ def test_s3_prepare_bank_and_checkpoints(synthetic_root, ray_local, s3, tmp_path
 # 4. two Ray nodes on one machine
 
 
-def test_training_spans_two_nodes(prepared, ray_cli_cluster, tmp_path):
+def test_training_spans_two_nodes(prepared, two_nodes, tmp_path):
     cfg0, _ = prepared
-    c = ray_cli_cluster
+    c = two_nodes
     # 3 CPUs per node and 2 per training worker: no node fits two workers, so Ray Train must use
     # both nodes, and each node keeps 1 CPU for Ray Data (its Parquet read tasks take 1 CPU each).
-    c.start_head(num_cpus=3, resources={"node_head": 1}, loopback_only=False)
-    c.add_node(num_cpus=3, resources={"node_second": 1})
     alive = c.alive_nodes()
     assert len(alive) == 2 and len({n["node_ip"] for n in alive}) == 1  # two raylets, one machine
     nodes = {n["node_id"] for n in alive}
@@ -537,21 +268,20 @@ def test_training_spans_two_nodes(prepared, ray_cli_cluster, tmp_path):
     res = c.cli("list", "actors", "--address", c.dashboard, "--filter", "class_name=RayTrainWorker", "--detail",
                 "--format", "json", "--limit", "100")
     assert res.returncode == 0, res.stdout + res.stderr
-    workers = json.loads(res.stdout)
+    job_id = c.api("/api/jobs/it-two-nodes")["job_id"]
+    workers = [w for w in json.loads(res.stdout) if w["job_id"] == job_id]  # not another test's job on this cluster
     assert len(workers) == 2
     assert {w["node_id"] for w in workers} == nodes
     assert list((work / "ray_results").glob("none-*/checkpoint_*/model.pt"))
 
 
-def test_a_lost_worker_node_ends_the_run_in_a_stated_time(prepared, ray_cli_cluster, tmp_path):
+def test_a_lost_worker_node_ends_the_run_in_a_stated_time(prepared, two_nodes, tmp_path):
     """A two-node run (a worker per node) whose second node stops after the first checkpoint: the
     workers cannot be placed again on the head alone, and the run fails after about
     `cluster.resource_wait_s`, with a message naming it and the resumable checkpoints, instead of
     Ray Train retrying the worker group without end."""
     cfg0, _ = prepared
-    c = ray_cli_cluster
-    c.start_head(num_cpus=3, resources={"node_head": 1}, loopback_only=False)
-    c.add_node(num_cpus=3, resources={"node_second": 1})
+    c = two_nodes
     work = tmp_path / "work"
     entry = _train_entrypoint(work, cfg0, "cluster.num_workers=2", "cluster.cpus_per_worker=2", "cluster.data_cpus=0.5",
                               "tracking.enabled=false", "train.epochs=200", "train.eval_every_epochs=0",
@@ -560,11 +290,10 @@ def test_a_lost_worker_node_ends_the_run_in_a_stated_time(prepared, ray_cli_clus
     res = c.cli("job", "submit", "--address", c.dashboard, "--no-wait", "--working-dir", str(REPO),
                 "--runtime-env-json", json.dumps(runtime_env), "--", *entry, timeout_s=120)
     sid = re.search(r"Job '([^']+)' submitted successfully", res.stdout + res.stderr).group(1)
-    _wait_until(lambda: list((work / "ray_results").glob("none-*/checkpoint_*")), 300, "the first checkpoint")
-    proc, temp_dir, _ = c.nodes[1]
-    _stop_tree(proc, marker=temp_dir)
+    wait_until(lambda: list((work / "ray_results").glob("none-*/checkpoint_*")), 300, "the first checkpoint")
+    c.stop_node(1)
     t0 = time.monotonic()
-    _wait_until(lambda: c.api(f"/api/jobs/{sid}")["status"] in ("FAILED", "SUCCEEDED", "STOPPED"), 300, "the job to end")
+    wait_until(lambda: c.api(f"/api/jobs/{sid}")["status"] in ("FAILED", "SUCCEEDED", "STOPPED"), 300, "the job to end")
     took = time.monotonic() - t0
     logs = c.cli("job", "logs", "--address", c.dashboard, sid).stdout
     (tmp_path / "job.log").write_text(logs)

@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO
 
 from lfb_ray.config import load_config, resolve_paths
+from tests.helpers import fake_stages
 
 SECRETS = ("AKIAEXAMPLE", "SECRETEXAMPLE", "pw@", "u:pw", "TOKENEXAMPLE")
 S3 = "s3://AKIAEXAMPLE:SECRETEXAMPLE@bucket/x?endpoint_override=127.0.0.1:1"
@@ -78,24 +79,12 @@ def fake_s3_work(monkeypatch):
     URIs the stages are given to open."""
     import lfb_ray.bank.build as build
     import lfb_ray.compare as compare
-    import lfb_ray.data.prep as prep
     import lfb_ray.identity as identity
     import lfb_ray.tracking as tracking
-    import lfb_ray.train as train
-    from lfb_ray.data.schema import SCHEMA_VERSION
     from lfb_ray.runs import run_name_for
     from lfb_ray.storage import join_uri
 
     opened: list[str] = []
-
-    def prepare_dataset(cfg, built):
-        root = Path(cfg.prepared_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        tasks, _ = built
-        (root / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "settings": {}, "videos": [
-            {"split": t["split"], "video_id": t["video_id"], "hash": t["hash"], "rows": len(t["keyframes"]),
-             "bytes": 1, "files": []} for t in tasks]}))
-        return SimpleNamespace(line=lambda: "prepared", keyframes=1, bytes=1, failures=[])
 
     def fit(c, init_checkpoint=None, parent_run_id=None):
         c = resolve_paths(c)
@@ -105,16 +94,12 @@ def fake_s3_work(monkeypatch):
         return SimpleNamespace(run_name=name, mlflow_run_id=None, model_path=model,
                                metrics={"val/mAP": 0.5, "val/csv": csv})
 
-    def fit_many(cfgs, on_done, parent_run_id=None, init_checkpoint=None):
-        for op, c in cfgs.items():
-            on_done(op, fit(c, init_checkpoint))
-
     def build_bank(cfg, checkpoint):
         opened.append(checkpoint)
         cfg = resolve_paths(cfg)
         Path(cfg.bank_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.bank_dir) / "build.json").write_text(json.dumps({"build_hash": "h"}))
-        return SimpleNamespace(line=lambda: "bank", features=1, bytes=1, path=cfg.bank_dir)
+        return fake_stages.bank_summary(cfg.bank_dir)
 
     def checkpoint_id(path):
         opened.append(path)
@@ -127,10 +112,7 @@ def fake_s3_work(monkeypatch):
     def find_or_create_run(uri, *a, **k):  # what MLflow raises for a server that does not answer
         raise ConnectionError(f"Max retries exceeded with url: {uri}/api/2.0/mlflow/runs/create")
 
-    monkeypatch.setattr(prep, "prepare_dataset", prepare_dataset)
-    monkeypatch.setattr(train, "fit", fit)
-    monkeypatch.setattr(train, "fit_many", fit_many)
-    monkeypatch.setattr(build, "build_bank", build_bank)
+    fake_stages.install(monkeypatch, prepare=fake_stages.fake_prepare(), fit=fit, build_bank=build_bank)
     monkeypatch.setattr(build, "file_sha256", file_sha256)
     monkeypatch.setattr(identity, "checkpoint_id", checkpoint_id)
     monkeypatch.setattr(compare, "compare", lambda *a, **k: ("table", []))

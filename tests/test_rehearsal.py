@@ -16,11 +16,6 @@ The data is an AVA-format miniature: AVA's file names (CSV, pbtxt, pkl) and 456x
 mmaction2's format at the documented key. The cluster scales from zero like
 configs/cluster/cluster.yaml: Ray's fake multi-node autoscaler, a head with 0 CPUs, one CPU worker
 node type with `min_workers: 0` that the autoscaler adds once the job asks for CPUs.
-
-Wall time on the 2-core development machine, shared (load average 11-20): 481 s for the test body
-with `--operators nl` (the pipeline job 368 s: prepare 11, baseline 90, bank 70, operators 132,
-compare 10; the resubmission 78 s), plus ~40 s for the moto and MLflow servers. With nl,avg,max the
-operators stage takes ~3x as long (one run at a time on the 2-CPU node).
 """
 
 from __future__ import annotations
@@ -39,14 +34,9 @@ from pathlib import Path
 import pytest
 from conftest import AVA_NAMES, REPO
 from doc_commands import pipeline_commands, storage_table, user_submit
-from test_integration import (  # noqa: F401 (s3, mlflow_server_s3: fixtures)
-    RayCLICluster,
-    _free_port,
-    _stop_tree,
-    _wait_until,
-    mlflow_server_s3,
-    s3,
-)
+
+from tests.helpers.processes import stop_tree
+from tests.helpers.ray_cli import RayCLICluster, fake_autoscaler_config
 
 KINETICS_KEY = "checkpoints/slowonly_r50_4x16x1_256e_kinetics400_rgb.pth"
 WORKER_CPUS = 2
@@ -161,57 +151,26 @@ class SeparateTempDirProvider(FakeMultiNodeProvider):
 def _autoscaler_config(gcs_address: str) -> dict:
     """Ray's fake multi-node provider, shaped like configs/cluster/cluster.yaml: a head that takes no
     work (0 CPUs) and a CPU worker type that scales from 0."""
-    return {
-        "cluster_name": "lfb-rehearsal",
-        "max_workers": 1,
-        "upscaling_speed": 1.0,
-        "idle_timeout_minutes": 10,  # not between two stages: the nodes stay up for the whole pipeline
-        "provider": {"type": "external", "module": "lfb_rehearsal_provider.SeparateTempDirProvider",
-                     "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True, "gcs_address": gcs_address, "launch_multiple": True},
-        "available_node_types": {
+    return fake_autoscaler_config(
+        "lfb-rehearsal", max_workers=1, upscaling_speed=1.0,
+        idle_timeout_minutes=10,  # not between two stages: the nodes stay up for the whole pipeline
+        provider={"type": "external", "module": "lfb_rehearsal_provider.SeparateTempDirProvider",
+                  "gcs_address": gcs_address},
+        node_types={
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
             "cpu_worker": {"resources": {"CPU": WORKER_CPUS, "object_store_memory": 300_000_000}, "node_config": {},
                            "min_workers": 0, "max_workers": 1},
-        },
-        "head_node_type": "ray.head.default",
-        "auth": {}, "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
-        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-        "rsync_exclude": [], "rsync_filter": [],
-    }
+        })
 
 
 def _start_scale_from_zero_cluster(c: RayCLICluster, tmp: Path, node_dirs: str) -> None:
-    import ray._private.services as services
-
-    ip = services.get_node_ip_address()  # fake nodes join the head over this machine's address
-    for attempt in (1, 2):  # `ray start` gives up after ~30 s on a busy machine: one retry
-        c.gcs_port, c.dashboard_port = _free_port(), _free_port()
-        config_path = tmp / "autoscaler.json"
-        config_path.write_text(json.dumps(_autoscaler_config(f"{ip}:{c.gcs_port}")))
-        (tmp / "provider").mkdir(exist_ok=True)
-        (tmp / "provider" / "lfb_rehearsal_provider.py").write_text(PROVIDER)
-        env = {**c.env(), "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-               "LFB_REHEARSAL_NODE_DIRS": node_dirs}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp / "provider"), env.get("PYTHONPATH")) if p)
-        c._start(["--head", f"--port={c.gcs_port}", "--dashboard-host=127.0.0.1",
-                  f"--dashboard-port={c.dashboard_port}", f"--ray-client-server-port={_free_port()}",
-                  f"--autoscaling-config={config_path}"], 0, None, env)
-        proc, _, log = c.nodes[-1]
-        try:
-            _wait_until(lambda: c.api("/api/version"), 120, "Ray head (dashboard)", proc, log)
-            c.wait_for_nodes(1)
-            return
-        except pytest.fail.Exception:
-            if attempt == 2 or proc.poll() is None or "timed out during startup" not in log.read_text():
-                raise
-            c.stop()
-            c.nodes.clear()
-
-
-def _nodes(c: RayCLICluster) -> list[dict]:
-    return c.api("/api/v0/nodes?limit=100&detail=1")["data"]["result"]["result"]
+    """The head with the autoscaler of `_autoscaler_config`, whose provider (`PROVIDER`) adds each
+    node under `node_dirs`."""
+    (tmp / "provider").mkdir(exist_ok=True)
+    (tmp / "provider" / "lfb_rehearsal_provider.py").write_text(PROVIDER)
+    pythonpath = os.pathsep.join(p for p in (str(tmp / "provider"), c.env().get("PYTHONPATH")) if p)
+    c.start_autoscaling_head(0, _autoscaler_config, env={"LFB_REHEARSAL_NODE_DIRS": node_dirs,
+                                                         "PYTHONPATH": pythonpath})
 
 
 def _submit(c: RayCLICluster, args: list[str], cwd: Path, timeout_s: float) -> tuple[str, str, float]:
@@ -237,10 +196,15 @@ def _submit(c: RayCLICluster, args: list[str], cwd: Path, timeout_s: float) -> t
     return sid, text, seconds
 
 
-def _package_dirs(c: RayCLICluster) -> set[Path]:
-    """The unpacked `--working-dir` packages of the head: the submitted drivers' working directories."""
-    return {p for p in Path(c.nodes[0][1]).glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*")
-            if p.is_dir()}
+def _package_dir(c: RayCLICluster, sid: str) -> Path:
+    """The head's unpacked `--working-dir` package of job `sid`: its driver's working directory."""
+    uri = c.api(f"/api/jobs/{sid}")["runtime_env"]["working_dir"]  # gcs://_ray_pkg_<content hash>.zip
+    name = uri.rsplit("/", 1)[1].removesuffix(".zip")
+    unpacked = [p for p in Path(c.nodes[0][1]).glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*")
+                if p.is_dir()]
+    found = [p for p in unpacked if p.name == name]
+    assert len(found) == 1, f"job {sid}'s package {uri} is not unpacked on the head once: {unpacked}"
+    return found[0]
 
 
 def _written_in(pkg: Path, source: Path) -> list[str]:
@@ -260,13 +224,13 @@ def _files(root: Path) -> dict[str, int]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_the_rehearsal(s3, mlflow_server_s3, tmp_path):  # noqa: F811 (fixtures)
+def test_the_rehearsal(s3, mlflow_server_s3, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from lfb_ray.pipeline import STAGES
 
     t_start = time.time()
-    port = int(s3.endpoint.rsplit(":", 1)[1])
+    port = s3.port
     cmds = pipeline_commands()
     sub = user_submit()
 
@@ -296,14 +260,13 @@ def test_the_rehearsal(s3, mlflow_server_s3, tmp_path):  # noqa: F811 (fixtures)
     print("\n[rehearsal] ray " + " ".join(args))
 
     def keys(p: str = prefix) -> list[str]:
-        pages = s3.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=p)
-        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+        return s3.keys(p, bucket=bucket)
 
     c = RayCLICluster(tmp_path)
     node_dirs = tempfile.mkdtemp(prefix="lfbnd", dir="/tmp")  # short: Unix socket paths
     try:
         _start_scale_from_zero_cluster(c, tmp_path, node_dirs)
-        (head,) = _nodes(c)
+        (head,) = c.nodes_detail()
         assert head["is_head_node"] and head["resources_total"].get("CPU", 0) == 0  # the head takes no work
         t_ready = time.time()
         data_before = _files(data_root)
@@ -311,7 +274,7 @@ def test_the_rehearsal(s3, mlflow_server_s3, tmp_path):  # noqa: F811 (fixtures)
         # 1. The submission, on a cluster of the head alone.
         t_submit_ms = time.time() * 1000
         sid, logs, job_s = _submit(c, args, REPO, timeout_s=900)
-        nodes = _nodes(c)
+        nodes = c.nodes_detail()
         workers = [n for n in nodes if not n["is_head_node"]]
         assert workers, "no worker node was added"
         assert all(n["start_time_ms"] > t_submit_ms for n in workers), (t_submit_ms, workers)  # scale-from-zero
@@ -329,7 +292,7 @@ def test_the_rehearsal(s3, mlflow_server_s3, tmp_path):  # noqa: F811 (fixtures)
         assert len([k for k in out if k.startswith(f"{prefix}results/") and k.endswith(".csv")]) == len(trained_ops)
         assert {f"{prefix}comparison/comparison.{x}" for x in ("png", "md", "csv")} <= out
         assert not [k for k in out if ".tmp" in k]
-        (pkg,) = _package_dirs(c)
+        pkg = _package_dir(c, sid)
         assert _written_in(pkg, REPO) == []
         assert _files(data_root) == data_before
 
@@ -361,12 +324,16 @@ def test_the_rehearsal(s3, mlflow_server_s3, tmp_path):  # noqa: F811 (fixtures)
             if (REPO / rel).is_file():
                 (elsewhere / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(REPO / rel, elsewhere / rel)
+        # One file more than the repository's upload: Ray names a package by its content, so an identical
+        # copy would unpack into (run in) the first submission's directory.
+        (elsewhere / "SUBMITTED_FROM_A_COPY").write_text("the rehearsal's resubmission\n")
         again = list(args)
         again[again.index("--submission-id") + 1] = f"{sid}-again"  # the doc: a new --submission-id
         sid2, logs2, job2_s = _submit(c, again, elsewhere, timeout_s=240)
         assert logs2.count("up to date, skipped") == len(STAGES), logs2[-4000:]
         assert "running" not in "".join(ln for ln in logs2.splitlines() if ln.startswith("[pipeline]"))
-        (pkg2,) = _package_dirs(c) - {pkg}  # it ran in another directory
+        pkg2 = _package_dir(c, sid2)
+        assert pkg2 != pkg  # it ran in another directory
         assert _written_in(pkg2, elsewhere) == []
         # No training step repeated: the same runs, the same losses, the same checkpoints.
         runs2 = client.search_runs([exp.experiment_id], max_results=100)
@@ -381,18 +348,9 @@ def test_the_rehearsal(s3, mlflow_server_s3, tmp_path):  # noqa: F811 (fixtures)
               f"pipeline job {job_s:.0f} s ({stage_times}); resubmission {job2_s:.0f} s; "
               f"train/loss steps {steps}; test wall time {time.time() - t_start:.0f} s", file=sys.stderr)
     finally:
-        _keep_logs(c, tmp_path / "cluster_logs", node_dirs)
+        c.keep_logs(tmp_path / "cluster_logs", node_dirs)
         if c.nodes:  # the added nodes' processes (children of the head's monitor), by their temp dir
-            _stop_tree(c.nodes[0][0], marker=node_dirs)
+            stop_tree(c.nodes[0][0], marker=node_dirs)
         c.stop()
         shutil.rmtree(node_dirs, ignore_errors=True)
 
-
-def _keep_logs(c: RayCLICluster, dest: Path, node_dirs: str) -> None:
-    """The cluster's logs (drivers, runtime env agents, autoscaler, raylets) survive its temp dirs."""
-    logs = [p for _, temp_dir, _ in c.nodes for p in Path(temp_dir).glob("session_2*/logs/*")]
-    added = list(Path(node_dirs).glob("n*/session_2*/logs/*"))
-    for p in logs + added:
-        if p.is_file() and p.suffix in (".log", ".err", ".out") and p.stat().st_size < 50_000_000:
-            (dest / ("added" if p in added else "head")).mkdir(parents=True, exist_ok=True)
-            shutil.copy(p, dest / ("added" if p in added else "head") / p.name)

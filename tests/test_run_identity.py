@@ -18,6 +18,7 @@ import pytest
 from conftest import REPO
 
 from lfb_ray.config import load_config, resolve_paths, unresolve_paths
+from tests.helpers import fake_stages
 
 
 def _name(config: str, *overrides: str, inputs=None) -> str:
@@ -114,23 +115,10 @@ def test_the_bank_build_id_depends_on_the_prepared_data(tmp_path):
 def fake_work(monkeypatch):
     """Replace prepare, fit, fit_many and build_bank by fakes that commit what the real ones do."""
     import lfb_ray.bank.build as build
-    import lfb_ray.data.prep as prep
-    import lfb_ray.train as train
-    from lfb_ray.data.schema import SCHEMA_VERSION
     from lfb_ray.identity import run_inputs
     from lfb_ray.runs import run_name_for
 
     calls: list[str] = []
-
-    def prepare_dataset(cfg, built):
-        calls.append("prepare")
-        root = Path(cfg.prepared_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        tasks, _ = built
-        (root / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "settings": {}, "videos": [
-            {"split": t["split"], "video_id": t["video_id"], "hash": t["hash"], "rows": len(t["keyframes"]),
-             "bytes": 1, "files": []} for t in tasks]}))
-        return SimpleNamespace(line=lambda: "prepared", keyframes=1, bytes=1, failures=[])
 
     def fit(c, init_checkpoint=None, parent_run_id=None):
         c = resolve_paths(c)
@@ -141,22 +129,15 @@ def fake_work(monkeypatch):
         model.write_bytes(name.encode())
         return SimpleNamespace(run_name=name, mlflow_run_id=None, model_path=str(model), metrics={"val/mAP": 0.5})
 
-    def fit_many(cfgs, on_done, parent_run_id=None, init_checkpoint=None):
-        for op, c in cfgs.items():
-            on_done(op, fit(c, init_checkpoint))
-
     def build_bank(cfg, checkpoint):
         calls.append("bank")
         cfg = resolve_paths(cfg)
         _, h = build.build_identity(cfg, build.file_sha256(checkpoint))
         Path(cfg.bank_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.bank_dir) / "build.json").write_text(json.dumps({"build_hash": h}))
-        return SimpleNamespace(line=lambda: "bank", features=1, bytes=1, path=cfg.bank_dir)
+        return fake_stages.bank_summary(cfg.bank_dir)
 
-    monkeypatch.setattr(prep, "prepare_dataset", prepare_dataset)
-    monkeypatch.setattr(train, "fit", fit)
-    monkeypatch.setattr(train, "fit_many", fit_many)
-    monkeypatch.setattr(build, "build_bank", build_bank)
+    fake_stages.install(monkeypatch, prepare=fake_stages.fake_prepare(calls), fit=fit, build_bank=build_bank)
     return calls
 
 

@@ -151,18 +151,18 @@ def test_hung_tracking_server_and_a_killed_rank0_worker(prepared, tmp_path):
     epoch-level metrics, and no metric has a step twice. Before issue 32 the rows not yet sent when
     a checkpoint was committed died with the worker (here the epoch-level rows of epoch 1), and rows
     sent again by a later flush with a new timestamp could be logged twice."""
-    import urllib.request
-
     from mlflow.tracking import MlflowClient
-    from test_faults import _health, _pids_with, _start_mlflow_server, _wait_for
 
     from lfb_ray.train import fit
+    from tests.helpers.mlflow_server import start_mlflow_server
+    from tests.helpers.processes import wait_until as _wait_for
+    from tests.helpers.ray_local import pids_with as _pids_with
 
     cfg0, _ = prepared
-    server, port = _start_mlflow_server(tmp_path, tmp_path / "mlflow_server.log")
+    mlflow = start_mlflow_server(tmp_path / "mlflow_server")
+    server, port = mlflow.proc, int(mlflow.uri.rsplit(":", 1)[1])
     events: list[str] = []
     try:
-        _wait_for(lambda: _health(f"http://127.0.0.1:{port}/health", urllib.request), 120, "mlflow server")
         name = "hung"
         cfg = tiny_config(tmp_path, cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", "model.fbo=none",
                           "cluster.num_workers=1", "train.epochs=2", "train.max_iters_per_epoch=4",

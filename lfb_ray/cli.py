@@ -110,8 +110,10 @@ def preflight_or_exit(cfg: Config, job: str, **kwargs) -> None:
 # Ray Data reads it when a process imports ray.data: "1" turns every progress bar off.
 DATA_PROGRESS_ENV = "RAY_DATA_DISABLE_PROGRESS_BARS"
 COLOR_PREFIX_ENV = "RAY_COLOR_PREFIX"  # read by the driver when it prints its workers' output: "0" = no colours
+# Read by each Ray Train worker at start: "0" leaves `print` alone (see `set_output_env`).
+TRAIN_PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 # Variables a driver passes on to its Ray workers when the job's runtime env does not already hold them.
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "PYTHONPATH", INTERACTIVE_ENV, DATA_PROGRESS_ENV)
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "PYTHONPATH", INTERACTIVE_ENV, DATA_PROGRESS_ENV, TRAIN_PRINT_PATCH_ENV)
 CONNECT_TIMEOUT_ENV = "LFB_RAY_CONNECT_TIMEOUT_S"
 DEFAULT_CONNECT_TIMEOUT_S = 60.0
 
@@ -266,7 +268,12 @@ def set_output_env(interactive: bool) -> None:
     bars, redrawn with escape codes several times a second by every execution (each Train worker's
     epoch and evaluation included), made most of a 12.5 MB log; and `COLOR_PREFIX_ENV=0`, so the
     driver prints the workers' "(pid=...)" prefixes without colour codes. Values the user set are kept.
+
+    Either way `TRAIN_PRINT_PATCH_ENV=0`: Ray Train 2.60 routes a worker's `print` to its logger and
+    also to the original print whenever `sys.stdout` is not `sys.__stdout__`, which in a Ray worker
+    (stdout reopened on its log file) is always, so every line the train loop printed came twice.
     """
+    os.environ.setdefault(TRAIN_PRINT_PATCH_ENV, "0")
     if interactive:
         os.environ[INTERACTIVE_ENV] = "1"
     else:

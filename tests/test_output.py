@@ -121,10 +121,10 @@ def test_pipeline_summary_names_table_plot_and_mlflow(tmp_path):
 
 @pytest.fixture
 def _env_restored():
-    from lfb_ray.cli import COLOR_PREFIX_ENV, DATA_PROGRESS_ENV
+    from lfb_ray.cli import COLOR_PREFIX_ENV, DATA_PROGRESS_ENV, TRAIN_PRINT_PATCH_ENV
     from lfb_ray.progress import INTERACTIVE_ENV
 
-    keys = (COLOR_PREFIX_ENV, DATA_PROGRESS_ENV, INTERACTIVE_ENV)
+    keys = (COLOR_PREFIX_ENV, DATA_PROGRESS_ENV, INTERACTIVE_ENV, TRAIN_PRINT_PATCH_ENV)
     before = {k: os.environ.get(k) for k in keys}
     for k in keys:
         os.environ.pop(k, None)
@@ -159,6 +159,7 @@ def test_a_redirected_driver_turns_ray_data_bars_off_here_and_in_its_workers(_en
     assert env["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"  # the workers' Ray Data reads it on import
     assert "LFB_RAY_INTERACTIVE" not in env
     assert os.environ["RAY_COLOR_PREFIX"] == "0"
+    assert env["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"  # one copy of each line a Train worker prints
 
 
 def test_a_terminal_keeps_ray_data_bars(_env_restored):
@@ -207,7 +208,8 @@ def redirected_log(synthetic_root, tmp_path_factory):
     work = tmp_path_factory.mktemp("redirected")
     log = work / "pipeline.log"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DATA_DISABLE_PROGRESS_BARS",
-                                                             "RAY_COLOR_PREFIX", "LFB_RAY_INTERACTIVE")}
+                                                             "RAY_COLOR_PREFIX", "LFB_RAY_INTERACTIVE",
+                                                             "RAY_TRAIN_ENABLE_PRINT_PATCH")}
     env["PYTHONWARNINGS"] = "default"  # a DeprecationWarning raised anywhere is printed, not hidden
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, "jobs/pipeline.py", "--config", "configs/tiny.yaml",
@@ -243,7 +245,7 @@ def test_a_redirected_run_prints_progress_inside_each_epoch(redirected_log):
     assert sorted(by_model) == ["avg", "max", "nl", "none"]
     for model, its in by_model.items():
         runs = 2 if model == "none" else 1  # "none": the baseline and the control
-        assert sorted(its) == sorted([(1, 3), (2, 3)] * runs), (model, its)
+        assert sorted(its) == sorted([(1, 3), (2, 3)] * runs), (model, its)  # each line once
 
 
 @pytest.mark.ray

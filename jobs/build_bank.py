@@ -10,6 +10,7 @@ without --checkpoint, bank.checkpoint of the config is used. Rerunning resumes a
 import sys
 
 from lfb_ray.cli import base_parser, init_ray, load_given, preflight_or_exit
+from lfb_ray.progress import JobSummary
 from lfb_ray.redaction import redact_text
 
 
@@ -29,7 +30,9 @@ def main(argv=None) -> int:
         return 2
     init_ray(cfg)
     preflight_or_exit(cfg, "bank", checkpoint=ckpt, given=given)
-    print(redact_text(build_bank(cfg, ckpt).line()))
+    summary = build_bank(cfg, ckpt)
+    print(redact_text(summary.line()))
+    JobSummary("bank", [("bank (train/, val/)", summary.path)]).print()
     return 0
 
 

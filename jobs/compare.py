@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     from lfb_ray.compare import compare, format_seed_table, select_runs
     from lfb_ray.config import load_config, resolve_paths
     from lfb_ray.evaluation.families import label_families
+    from lfb_ray.progress import mlflow_ui_command
     from lfb_ray.storage import join_uri
 
     p = _parser()
@@ -125,6 +126,7 @@ def main(argv=None) -> int:
         return 1
     print(table)
     print(f"wrote {redact_text(out)}/comparison.png, comparison.md, comparison.csv (also logged to MLflow)")
+    print(f"MLflow UI: {mlflow_ui_command(uri)}")
     return 0
 
 

@@ -11,6 +11,7 @@ import sys
 import traceback
 
 from lfb_ray.cli import base_parser, init_ray, load_given, preflight_or_exit
+from lfb_ray.progress import pipeline_summary
 from lfb_ray.redaction import redact_text
 
 
@@ -48,6 +49,7 @@ def main(argv=None) -> int:
         print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
         print(f"error: the pipeline stopped: {type(e).__name__}: {redact_text(e)}", file=sys.stderr)
         return 1
+    pipeline_summary(cfg).print()
     return 0
 
 

@@ -8,6 +8,7 @@
 import sys
 
 from lfb_ray.cli import base_parser, init_ray, load_given, preflight_or_exit
+from lfb_ray.progress import JobSummary
 from lfb_ray.redaction import redact_text
 
 
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
         print(f"error: {redact_text(e)}", file=sys.stderr)
         return 1
     print(redact_text(summary.line()))
-    print(f"prepared set (frame stores + keyframe tables): {redact_text(cfg.prepared_dir)}")
+    JobSummary("prepare", [("prepared set (frame stores + keyframe tables)", cfg.prepared_dir)]).print()
     return 0
 
 

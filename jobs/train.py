@@ -11,6 +11,8 @@ Rerunning the same command resumes the same run (deterministic run name); --fres
 
 
 from lfb_ray.cli import base_parser, init_ray, load_given, preflight_or_exit
+from lfb_ray.progress import JobSummary
+from lfb_ray.redaction import redact_text
 
 
 def main(argv=None) -> int:
@@ -35,8 +37,10 @@ def main(argv=None) -> int:
     else:
         results = {cfg.model.fbo: fit(cfg, fresh=args.fresh, init_checkpoint=args.init_backbone)}
     for op, r in results.items():
-        print(f"{op}: run {r.run_name} mlflow {r.mlflow_run_id} val mAP {r.metrics.get('val/mAP', float('nan')):.4f} "
-              f"model {r.model_path} ({r.seconds:.0f} s)")
+        print(redact_text(f"{op}: run {r.run_name} mlflow {r.mlflow_run_id} val mAP "
+                          f"{r.metrics.get('val/mAP', float('nan')):.4f} model {r.model_path} ({r.seconds:.0f} s)"))
+    JobSummary("train", [(f"{op} model", r.model_path or "(none)") for op, r in results.items()],
+               cfg.tracking_uri if cfg.tracking.enabled else "").print()
     return 0
 
 

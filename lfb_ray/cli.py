@@ -9,11 +9,12 @@ import sys
 import time
 
 from lfb_ray.config import Config, ConfigError, load_config, resolve_paths
+from lfb_ray.progress import INTERACTIVE_ENV, driver_is_interactive, stdout_is_terminal
 from lfb_ray.redaction import redact_text
 
-__all__ = ["base_parser", "config_of_checkpoint", "driver_runtime_env", "init_ray", "job_runtime_env",
-           "load_for_checkpoint", "load_from_args", "load_given",
-           "preflight_or_exit", "wait_for_cluster"]
+__all__ = ["base_parser", "config_of_checkpoint", "configure_ray_output", "driver_runtime_env", "init_ray",
+           "job_runtime_env", "load_for_checkpoint", "load_from_args", "load_given", "preflight_or_exit",
+           "quiet_ray_train_reports", "set_output_env", "wait_for_cluster"]
 
 
 def _redacting_excepthook(exc_type, exc, tb) -> None:
@@ -106,8 +107,13 @@ def preflight_or_exit(cfg: Config, job: str, **kwargs) -> None:
     print(f"[preflight] ok ({time.monotonic() - t0:.1f} s)", flush=True)
 
 
+# Ray Data reads it when a process imports ray.data: "1" turns every progress bar off.
+DATA_PROGRESS_ENV = "RAY_DATA_DISABLE_PROGRESS_BARS"
+COLOR_PREFIX_ENV = "RAY_COLOR_PREFIX"  # read by the driver when it prints its workers' output: "0" = no colours
+# Read by each Ray Train worker at start: "0" leaves `print` alone (see `set_output_env`).
+TRAIN_PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 # Variables a driver passes on to its Ray workers when the job's runtime env does not already hold them.
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "PYTHONPATH")
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "PYTHONPATH", INTERACTIVE_ENV, DATA_PROGRESS_ENV, TRAIN_PRINT_PATCH_ENV)
 CONNECT_TIMEOUT_ENV = "LFB_RAY_CONNECT_TIMEOUT_S"
 DEFAULT_CONNECT_TIMEOUT_S = 60.0
 
@@ -200,6 +206,8 @@ def init_ray(cfg: Config | None = None) -> None:
 
     if ray.is_initialized():
         return
+    set_output_env(stdout_is_terminal())
+    configure_ray_output()
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address:
         if address == "auto":
@@ -250,3 +258,56 @@ def quiet_local_ray_workers() -> None:
     import logging
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def set_output_env(interactive: bool) -> None:
+    """Record in this process's environment where the driver's stdout goes, for its Ray workers
+    (`FORWARDED_ENV` hands both variables on; their own stdout is a log file either way).
+
+    Not a terminal (a redirected run, `ray job submit`): `DATA_PROGRESS_ENV=1`, since Ray Data's
+    bars, redrawn with escape codes several times a second by every execution (each Train worker's
+    epoch and evaluation included), made most of a 12.5 MB log; and `COLOR_PREFIX_ENV=0`, so the
+    driver prints the workers' "(pid=...)" prefixes without colour codes. Values the user set are kept.
+
+    Either way `TRAIN_PRINT_PATCH_ENV=0`: Ray Train 2.60 routes a worker's `print` to its logger and
+    also to the original print whenever `sys.stdout` is not `sys.__stdout__`, which in a Ray worker
+    (stdout reopened on its log file) is always, so every line the train loop printed came twice.
+    """
+    os.environ.setdefault(TRAIN_PRINT_PATCH_ENV, "0")
+    if interactive:
+        os.environ[INTERACTIVE_ENV] = "1"
+    else:
+        os.environ.pop(INTERACTIVE_ENV, None)
+        os.environ.setdefault(DATA_PROGRESS_ENV, "1")
+        os.environ.setdefault(COLOR_PREFIX_ENV, "0")
+
+
+def configure_ray_output() -> None:
+    """Apply `set_output_env`'s choice to this process's current Ray Data `DataContext`.
+
+    Called by the driver (`init_ray`: its prepare and bank executions) and by each Train worker
+    (`lfb_ray.train.recipe`): a Train worker's context is the copy Ray Train took where the
+    trainer was created, which for concurrent runs is a Ray task, not the driver. Ray Data reads
+    `DATA_PROGRESS_ENV` only when it is first imported, hence the explicit assignment. Off a
+    terminal, executions also skip their "Starting execution ... / Execution plan ..." lines.
+    """
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get(DATA_PROGRESS_ENV, "0").strip() not in ("1", "true", "True")
+    ctx.print_on_execution_start = driver_is_interactive()
+
+
+def quiet_ray_train_reports() -> None:
+    """In a Train worker: drop Ray Train's INFO line per `ray.train.report` ("Reporting training
+    result N: ..."; one per checkpoint and epoch, with its metrics dict, on every rank).
+
+    Ray 2.60 logs it with a logger named by its module's file path, not "ray.train", so
+    `RunConfig(logging_config=LoggingConfig(log_level=...))`, whose filter matches "ray.train*",
+    does not reach it; its warnings and errors still print.
+    """
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)

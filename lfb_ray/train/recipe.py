@@ -22,6 +22,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from lfb_ray.config import Config, config_from_dict, config_to_dict
 from lfb_ray.data.dataset import epoch_order, train_samples
 from lfb_ray.models.card import CheckpointMeta
+from lfb_ray.progress import driver_is_interactive, progress_every, progress_line
 from lfb_ray.redaction import redact_text
 from lfb_ray.train.best import BestEpoch
 from lfb_ray.train.schedule import build_optimizer, lr_at
@@ -315,12 +316,15 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from lfb_ray.cli import configure_ray_output, quiet_ray_train_reports
     from lfb_ray.models import build_detector, load_checkpoint, save_checkpoint
     from lfb_ray.models.device import to_model_layout
     from lfb_ray.tracking import NullTracker, Tracker, read_pending, write_pending
 
     cfg = config_from_dict(config["cfg"])
     tc = cfg.train
+    configure_ray_output()  # this worker's Ray Data executions (train batches, val) print as the driver's stdout suits
+    quiet_ray_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -491,6 +495,9 @@ def train_loop_per_worker(config: dict) -> None:
         # The epoch's last iteration also logs the loss, so a run shorter than log_every_iters still
         # has a loss curve (compare's plot reads it).
         last_it = first + -(-len(mine) // tc.batch_size_per_worker) - 1
+        # Rank 0's progress lines inside the epoch (lfb_ray.progress): a multiple of log_every_iters,
+        # so they fall where the loss is read anyway.
+        every = progress_every(tc.log_every_iters, last_it + 1, driver_is_interactive())
         t_last = time.time()
         # The epoch's loss so far: restored for the epoch a checkpoint resumes (`EpochLoss`).
         if epoch != start_epoch:
@@ -512,7 +519,13 @@ def train_loop_per_worker(config: dict) -> None:
             epoch_loss.add(loss)
             iters_here += 1
             if global_step % tc.log_every_iters == 0 or it == last_it:
-                tracker.log_metrics({"train/loss": float(loss.detach()), "train/lr": lr}, step=global_step)
+                loss_now = float(loss.detach())
+                tracker.log_metrics({"train/loss": loss_now, "train/lr": lr}, step=global_step)
+                if rank == 0 and global_step % every == 0 and it != last_it:  # the epoch's line follows last_it
+                    ran = time.time() - t_epoch
+                    print(progress_line(cfg.model.fbo, epoch + 1, epochs, it + 1, last_it + 1, loss=loss_now, lr=lr,
+                                        clips_per_s=n_clips * world / max(ran, 1e-9),
+                                        eta_s=ran / iters_here * (last_it - it)), flush=True)
             if tc.checkpoint_every_iters and global_step % tc.checkpoint_every_iters == 0:
                 report({"epoch": epoch, "global_step": global_step, "train/loss": float(loss.detach())},
                        epoch, it + 1)

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lfb_ray.synthetic.classes import LABEL_FAMILIES
+from lfb_ray.synthetic.dataset import load_actors
+
 __all__ = ["BankProbe", "RoleAccuracy", "bank_probe", "find_result_csvs", "matched_entries", "read_bank_split",
            "role_accuracy"]
 
@@ -57,8 +60,6 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def role_accuracy(dataset_dir: str | os.PathLike, result_csv: str | os.PathLike, split: str = "val") -> RoleAccuracy:
     """Role accuracy of one result CSV, split by whether the actor's cue is inside the clip."""
-    from lfb_ray.data.synthetic import LABEL_FAMILIES, load_actors
-
     roles = tuple(LABEL_FAMILIES["long_term"])
     actors = load_actors(Path(dataset_dir) / "dataset.json")
     gt = _gt_boxes(Path(dataset_dir), split, roles)
@@ -151,8 +152,6 @@ def bank_probe(dataset_dir: str | os.PathLike, bank_dir: str | os.PathLike,
         classifier: (weight [num_classes, C], bias [num_classes]) of the baseline's `fc_cls`, the
             detector that computed the bank (`lfb_ray.models.checkpoint.read_classifier`).
     """
-    from lfb_ray.data.synthetic import LABEL_FAMILIES, load_actors
-
     dataset_dir = Path(dataset_dir)
     weight, bias = classifier
     roles, looks = list(LABEL_FAMILIES["long_term"]), list(LABEL_FAMILIES["appearance"])

@@ -99,6 +99,8 @@ def make_video_ids(seed: int, count: int) -> list[str]:
 
 
 def _plan_segments(rng: np.random.Generator, x0: float, width_px: int, frame_width: int, seconds: int):
+    """Motion segments covering the video that keep the actor inside the frame. Why half-second
+    boundaries and >= 2 s segments: each keyframe's clip [t-1, t+1] is then mostly one motion."""
     lo, hi = EDGE_MARGIN_PX, frame_width - width_px - EDGE_MARGIN_PX
     segments, t, x, state = [], 0.0, x0, None
     while t < seconds:

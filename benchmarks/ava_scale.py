@@ -52,7 +52,7 @@ def _config(workdir: Path, root: Path):
 
 
 def _dataset(workdir: Path, videos: int, seconds: int) -> Path:
-    from lfb_ray.data.synthetic import dataset_matches, generate_dataset
+    from lfb_ray.synthetic import dataset_matches, generate_dataset
 
     root = workdir / f"ava_like_{videos}x{seconds}_{WIDTH}x{HEIGHT}"
     if not dataset_matches(root, num_videos=videos, seconds=seconds, seed=0):

@@ -34,7 +34,7 @@ RESULT_PREFIX = "BENCH_RESULT "
 
 def synthetic_root(workdir: str | Path, *, videos: int, seconds: int, seed: int = 0) -> Path:
     """The synthetic AVA set of this size under `workdir`, generated on first use and then reused."""
-    from lfb_ray.data.synthetic import dataset_matches, generate_dataset
+    from lfb_ray.synthetic import dataset_matches, generate_dataset
 
     root = Path(workdir) / f"synthetic_{videos}x{seconds}_seed{seed}"
     if not dataset_matches(root, num_videos=videos, seconds=seconds, seed=seed):

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from lfb_ray.data.synthetic import dataset_matches, generate_dataset
+from lfb_ray.synthetic import dataset_matches, generate_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@
     python jobs/synthetic_report.py --data data/synthetic --workdir runs/synthetic \
         --bank-probe runs/synthetic/bank --baseline-model runs/synthetic/ray_results/<run>/<checkpoint>/model.pt
 
-See lfb_ray/evaluation/synthetic_report.py for the rule. No Ray; reads the runs' val result CSVs.
+See lfb_ray/synthetic/report.py for the rule. No Ray; reads the runs' val result CSVs.
 """
 
 import argparse
@@ -13,8 +13,8 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    from lfb_ray.evaluation.synthetic_report import find_result_csvs, role_accuracy
     from lfb_ray.pipeline import run_models
+    from lfb_ray.synthetic.report import find_result_csvs, role_accuracy
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="synthetic dataset folder (with dataset.json)")
@@ -38,8 +38,8 @@ def main(argv=None) -> int:
         print(f"{name:24s} {models.get(name, '-'):10s} {r.cue:8.3f} (n={r.cue_total:4d})     "
               f"{r.nocue:6.3f} (n={r.nocue_total:4d})")
     if args.bank_probe:
-        from lfb_ray.evaluation.synthetic_report import bank_probe
         from lfb_ray.models.checkpoint import read_classifier
+        from lfb_ray.synthetic.report import bank_probe
 
         b = bank_probe(args.data, args.bank_probe, read_classifier(args.baseline_model))
         print("\nbank probe (the baseline's fc_cls on its own bank entries, GT-matched):")

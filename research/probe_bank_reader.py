@@ -24,8 +24,8 @@ def _entries(dataset_dir: Path, bank_split: Path, split: str):
     """GT-matched bank entries of one split: features [N, C], video ids, seconds, role index, cue flag."""
     import numpy as np
 
-    from lfb_ray.data.synthetic import LABEL_FAMILIES, load_actors
-    from lfb_ray.evaluation.synthetic_report import _gt_boxes, matched_entries, read_bank_split
+    from lfb_ray.synthetic import LABEL_FAMILIES, load_actors
+    from lfb_ray.synthetic.report import _gt_boxes, matched_entries, read_bank_split
 
     roles = list(LABEL_FAMILIES["long_term"])
     actors = load_actors(dataset_dir / "dataset.json")

@@ -42,9 +42,9 @@ def main() -> int:
 
     from lfb_ray.bank import FeatureBank
     from lfb_ray.config import load_config
-    from lfb_ray.data.synthetic import LABEL_FAMILIES, load_actors
-    from lfb_ray.evaluation.synthetic_report import _gt_boxes, matched_entries, read_bank_split
     from lfb_ray.models import build_detector, load_checkpoint
+    from lfb_ray.synthetic import LABEL_FAMILIES, load_actors
+    from lfb_ray.synthetic.report import _gt_boxes, matched_entries, read_bank_split
     from lfb_ray.train.head_warmup import warm_up_head
     from lfb_ray.train.recipe import flush_denormals
 

@@ -30,8 +30,8 @@ def main() -> int:
 
     from lfb_ray.config import config_to_dict, load_config, resolve_paths
     from lfb_ray.data.dataset import collate_train, decode_train_rows, read_keyframes
-    from lfb_ray.data.synthetic import LABEL_FAMILIES, load_actors
     from lfb_ray.models.detector import build_detector
+    from lfb_ray.synthetic import LABEL_FAMILIES, load_actors
 
     torch.manual_seed(0)
     cfg = resolve_paths(load_config(args.config, ["model.fbo=none", *args.overrides]))

@@ -107,9 +107,9 @@ def main() -> int:
 
     from lfb_ray.bank import FeatureBank
     from lfb_ray.config import load_config, resolve_paths
-    from lfb_ray.evaluation.synthetic_report import read_bank_split
     from lfb_ray.models.checkpoint import load_checkpoint, save_checkpoint
     from lfb_ray.models.detector import build_detector
+    from lfb_ray.synthetic.report import read_bank_split
 
     cfg = resolve_paths(load_config(args.config, args.overrides))
     if cfg.model.fbo == "none":
@@ -129,16 +129,16 @@ def main() -> int:
     print(f"{len(rows)} GT-matched train entries, head parameters {sum(p.numel() for p in head)}, fbo {cfg.model.fbo}")
     cols = None
     if args.only_family:
-        from lfb_ray.data.synthetic import LABEL_FAMILIES
+        from lfb_ray.synthetic import LABEL_FAMILIES
 
         cols = [0, *LABEL_FAMILIES[args.only_family]]
     weight = group = None
     if args.softmax_family:
-        from lfb_ray.data.synthetic import LABEL_FAMILIES
+        from lfb_ray.synthetic import LABEL_FAMILIES
 
         group = list(LABEL_FAMILIES[args.softmax_family])
     if args.family_weight:
-        from lfb_ray.data.synthetic import LABEL_FAMILIES
+        from lfb_ray.synthetic import LABEL_FAMILIES
 
         family, w = args.family_weight.split("=")
         weight = torch.ones(cfg.model.num_classes - 1)
@@ -172,7 +172,7 @@ def main() -> int:
     if args.synthetic:
         from probe_bank_reader import _entries
 
-        from lfb_ray.data.synthetic import LABEL_FAMILIES
+        from lfb_ray.synthetic import LABEL_FAMILIES
 
         vfeats, vvids, vsecs, vys, vcues = _entries(Path(args.synthetic), args.bank / "val", "val")
         vbank = FeatureBank.open(args.bank / "val")

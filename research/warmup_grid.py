@@ -80,8 +80,8 @@ def main() -> int:
 
     from lfb_ray.bank import FeatureBank
     from lfb_ray.config import load_config
-    from lfb_ray.data.synthetic import LABEL_FAMILIES
     from lfb_ray.models import build_detector
+    from lfb_ray.synthetic import LABEL_FAMILIES
     from lfb_ray.train.head_warmup import gt_targets
     from lfb_ray.train.recipe import flush_denormals
 

@@ -18,7 +18,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """3 videos x 16 s, 160x120 (2 train, 1 val): ~14 keyframes per video."""
-    from lfb_ray.data.synthetic import generate_dataset
+    from lfb_ray.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     generate_dataset(root, num_videos=3, seconds=16, seed=0, workers=1)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.faults
 def broken_dataset(tmp_path_factory):
     import av
 
-    from lfb_ray.data.synthetic import generate_dataset
+    from lfb_ray.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("broken")
     info = generate_dataset(root, num_videos=7, seconds=12, seed=3, width=128, height=96)

@@ -210,7 +210,7 @@ def test_evaluation_and_the_bank_builder_keep_their_layers():
     detector through `lfb_ray.models.device`, not the val inference module."""
     import subprocess
 
-    code = ("import sys, lfb_ray.evaluation, lfb_ray.evaluation.families, lfb_ray.evaluation.synthetic_report;"
+    code = ("import sys, lfb_ray.evaluation, lfb_ray.evaluation.families, lfb_ray.synthetic.report;"
             "bad = [m for m in ('torch', 'ray', 'lfb_ray.inference', 'lfb_ray.models') if m in sys.modules];"
             "import lfb_ray.bank.build, lfb_ray.models.device;"
             "bad += [m for m in ('lfb_ray.inference',) if m in sys.modules]; print(bad)")

@@ -238,7 +238,7 @@ def test_prepare_worker_killed_mid_video_is_retried_identical(tmp_path, ray_loca
     import hashlib
 
     from lfb_ray.data.prep import prepare_dataset
-    from lfb_ray.data.synthetic import generate_dataset
+    from lfb_ray.synthetic import generate_dataset
 
     root = tmp_path / "data"
     generate_dataset(root, num_videos=3, seconds=40, seed=5, workers=1)  # long enough to be caught mid-write

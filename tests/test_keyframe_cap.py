@@ -44,7 +44,7 @@ def test_a_capped_run_is_another_run():
 def test_prepare_coverage_and_val_gt_keep_the_same_keyframes(tmp_path):
     from lfb_ray.bank.coverage import split_videos
     from lfb_ray.data.prep import build_tasks
-    from lfb_ray.data.synthetic import generate_dataset
+    from lfb_ray.synthetic import generate_dataset
 
     root = tmp_path / "d"
     generate_dataset(root, num_videos=4, seconds=8, seed=0, width=64, height=48, val_fraction=0.5, workers=1)

@@ -156,7 +156,7 @@ def test_inputs_fingerprint_follows_the_data_not_only_the_config(tmp_path):
     import os
 
     from lfb_ray.data.prep import build_tasks, inputs_fingerprint
-    from lfb_ray.data.synthetic import generate_dataset
+    from lfb_ray.synthetic import generate_dataset
 
     root = tmp_path / "d"
     generate_dataset(root, num_videos=2, seconds=8, seed=0, width=64, height=48, workers=1)

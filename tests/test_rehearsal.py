@@ -84,7 +84,7 @@ def _moto(uri: str, port: int) -> str:
 
 def _ava_miniature(tmp: Path) -> Path:
     """The synthetic generator's set at 456x256 under AVA's layout and file names."""
-    from lfb_ray.data.synthetic import generate_dataset
+    from lfb_ray.synthetic import generate_dataset
 
     gen, root = tmp / "generated", tmp / "ava"
     generate_dataset(gen, num_videos=3, seconds=10, seed=0, width=456, height=256, workers=1)

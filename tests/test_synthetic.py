@@ -10,7 +10,7 @@ import decord
 import numpy as np
 import pytest
 
-from lfb_ray.data.synthetic import LABEL_FAMILIES, generate_dataset
+from lfb_ray.synthetic import LABEL_FAMILIES, generate_dataset
 
 VIDEOS, SECONDS, WIDTH, HEIGHT, SEED = 3, 12, 128, 96, 7
 SPLITS = ("train", "val")
@@ -227,7 +227,7 @@ def test_actors_are_not_unique_within_the_training_set(tmp_path):
     size and background no longer make each training actor unique (an NL head learned training
     actors' roles by heart: README, issue #8; this alone did not stop it); the first frames of two
     videos with the same background agree away from the actors."""
-    from lfb_ray.data.synthetic import BACKGROUND_POOL
+    from lfb_ray.synthetic import BACKGROUND_POOL
 
     out = tmp_path / "many"
     generate_dataset(out, num_videos=12, seconds=8, seed=3, width=64, height=48, workers=1)

@@ -2,8 +2,8 @@
 
 import csv
 
-from lfb_ray.data.synthetic import LABEL_FAMILIES, load_actors
-from lfb_ray.evaluation.synthetic_report import find_result_csvs, role_accuracy
+from lfb_ray.synthetic import LABEL_FAMILIES, load_actors
+from lfb_ray.synthetic.report import find_result_csvs, role_accuracy
 
 
 def _write_results(root, path, *, right_when_cue: bool, right_without_cue: bool):
@@ -52,9 +52,9 @@ def test_bank_probe_reads_roles_and_looks_of_a_bank_that_holds_them(synthetic_ro
     import torch
 
     from lfb_ray.bank import write_bank
-    from lfb_ray.evaluation.synthetic_report import bank_probe
     from lfb_ray.models import save_checkpoint
     from lfb_ray.models.checkpoint import read_classifier
+    from lfb_ray.synthetic.report import bank_probe
 
     roles, looks = LABEL_FAMILIES["long_term"], LABEL_FAMILIES["appearance"]
     actors = load_actors(synthetic_root / "dataset.json")

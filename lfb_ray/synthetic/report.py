@@ -23,12 +23,18 @@ from pathlib import Path
 
 import numpy as np
 
+from lfb_ray.synthetic.classes import LABEL_FAMILIES
+from lfb_ray.synthetic.dataset import load_actors
+from lfb_ray.synthetic.scene import Actor
+
 __all__ = ["BankProbe", "RoleAccuracy", "bank_probe", "find_result_csvs", "matched_entries", "read_bank_split",
            "role_accuracy"]
 
 
 @dataclass(frozen=True)
 class RoleAccuracy:
+    """Role hits and GT boxes, apart for keyframes whose clip shows the cue and those where it does not."""
+
     cue_correct: int
     cue_total: int
     nocue_correct: int
@@ -36,15 +42,20 @@ class RoleAccuracy:
 
     @property
     def cue(self) -> float:
-        return self.cue_correct / self.cue_total if self.cue_total else float("nan")
+        return _ratio(self.cue_correct, self.cue_total)
 
     @property
     def nocue(self) -> float:
-        return self.nocue_correct / self.nocue_total if self.nocue_total else float("nan")
+        return _ratio(self.nocue_correct, self.nocue_total)
 
 
 def _ratio(ok: int, n: int) -> float:
     return ok / n if n else float("nan")
+
+
+def _cue_in_clip(actor: Actor, second: int) -> bool:
+    """Whether the 2-second clip at `second` can show the actor's role cue (the rule above)."""
+    return any(abs(c - second) <= 1 for c in actor.cue_seconds)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -57,8 +68,6 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def role_accuracy(dataset_dir: str | os.PathLike, result_csv: str | os.PathLike, split: str = "val") -> RoleAccuracy:
     """Role accuracy of one result CSV, split by whether the actor's cue is inside the clip."""
-    from lfb_ray.data.synthetic import LABEL_FAMILIES, load_actors
-
     roles = tuple(LABEL_FAMILIES["long_term"])
     actors = load_actors(Path(dataset_dir) / "dataset.json")
     gt = _gt_boxes(Path(dataset_dir), split, roles)
@@ -79,7 +88,7 @@ def role_accuracy(dataset_dir: str | os.PathLike, result_csv: str | os.PathLike,
                 continue
             scores = det[vid, t][boxes[best]]
             pred = max(roles, key=lambda c: scores.get(c, -np.inf))
-            cue = any(abs(c - t) <= 1 for c in actors[vid][pid].cue_seconds)
+            cue = _cue_in_clip(actors[vid][pid], t)
             counts[int(cue), int(pred == role)] += 1
     return RoleAccuracy(int(counts[1, 1]), int(counts[1].sum()), int(counts[0, 1]), int(counts[0].sum()))
 
@@ -151,8 +160,6 @@ def bank_probe(dataset_dir: str | os.PathLike, bank_dir: str | os.PathLike,
         classifier: (weight [num_classes, C], bias [num_classes]) of the baseline's `fc_cls`, the
             detector that computed the bank (`lfb_ray.models.checkpoint.read_classifier`).
     """
-    from lfb_ray.data.synthetic import LABEL_FAMILIES, load_actors
-
     dataset_dir = Path(dataset_dir)
     weight, bias = classifier
     roles, looks = list(LABEL_FAMILIES["long_term"]), list(LABEL_FAMILIES["appearance"])
@@ -170,7 +177,7 @@ def bank_probe(dataset_dir: str | os.PathLike, bank_dir: str | os.PathLike,
         video: dict[str, list[np.ndarray]] = defaultdict(list)
         for i, vid, sec, (_, role, pid) in matched_entries(table, gt):
             actor = actors[vid][pid]
-            at_cue = any(abs(c - sec) <= 1 for c in actor.cue_seconds)
+            at_cue = _cue_in_clip(actor, sec)
             counts[int(at_cue), int(roles[int(np.argmax(logits[i, roles]))] == role)] += 1
             if split == "val":
                 look_ok += looks[int(np.argmax(logits[i, looks]))] == looks[actor.look]
@@ -185,12 +192,11 @@ def bank_probe(dataset_dir: str | os.PathLike, bank_dir: str | os.PathLike,
             for (vid, t), cands in gt.items():
                 for _, role, pid in cands:
                     actor = actors[vid][pid]
-                    if any(abs(c - t) <= 1 for c in actor.cue_seconds):
+                    if _cue_in_clip(actor, t):
                         continue
                     readers = {
                         "same actor, all seconds": [p for _, p in own[vid, pid]],
-                        "same actor, its cue seconds": [p for s, p in own[vid, pid]
-                                                        if any(abs(c - s) <= 1 for c in actor.cue_seconds)],
+                        "same actor, its cue seconds": [p for s, p in own[vid, pid] if _cue_in_clip(actor, s)],
                         "all actors of the video": video[vid],
                     }
                     for name, ps in readers.items():

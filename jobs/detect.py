@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from lfb_ray.config import Config, ConfigError, load_config, with_overrides
     from lfb_ray.detect import DetectError, detect_video
-    from lfb_ray.detect.models import read_state, saved_meta
+    from lfb_ray.detect.checkpoints import read_state, saved_meta
 
     args = build_parser().parse_args(argv)
     cfg = None

@@ -192,7 +192,7 @@ def detect_video(video: str, checkpoint: str, out_dir: str, *, config: Config | 
     """
     import torch
 
-    from lfb_ray.detect.models import checkpoint_model_config, read_state, saved_meta
+    from lfb_ray.detect.checkpoints import checkpoint_model_config, read_state, saved_meta
 
     t0 = time.time()
     stages: dict[str, float] = {}

@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from lfb_ray.config import Config
 from lfb_ray.data.timing import FrameTimes
 from lfb_ray.detect.errors import DetectError
 from lfb_ray.detect.progress import bar as progress_bar
+
+if TYPE_CHECKING:
+    from lfb_ray.visualize import KeyframePrediction
 
 __all__ = ["Detections", "OutputOptions", "WrittenOutputs", "write_outputs"]
 
@@ -37,8 +41,8 @@ class Detections:
     video_id: str
     cfg: Config  # the run's config: `model` is the scored model; data/bank/eval settings
     seconds: tuple[int, ...]  # the span's keyframe seconds (AVA time), increasing
-    preds: Mapping[int, object]
-    short: Mapping[int, object]
+    preds: Mapping[int, KeyframePrediction]
+    short: Mapping[int, KeyframePrediction]
     times: FrameTimes  # the video's frame times (file time)
     video_start_second: int  # AVA second of file time 0
     start: int | None  # the requested span (None: the video's first / last second)

@@ -202,8 +202,9 @@ def detect_video(video: str, checkpoint: str, out_dir: str, *, config: Config | 
     boxes_file = _person_boxes_file(persons, detector_weights, video_id)
     vstart = _video_start(video_start_second, cfg, choice.given, boxes_file, times.duration)
     seconds = _keyframe_seconds(times, vstart, start, end, cfg.data.reference_fps)
-    if frame_png is not None and frame_png_error(frame_png, seconds):
-        raise DetectError(frame_png_error(frame_png, seconds))
+    why = frame_png_error(frame_png, seconds) if frame_png is not None else None
+    if why:
+        raise DetectError(why)
     work = os.path.join(os.path.abspath(out_dir), "_work")
     cfg_run = dataclasses.replace(cfg, model=choice.model, data=dataclasses.replace(
         cfg.data, prepared_dir=os.path.join(work, "prepared"), temporal_jitter=False, video_start_second=vstart))

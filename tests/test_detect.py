@@ -235,7 +235,14 @@ def test_frame_png_is_the_mp4s_frame(env, tmp_path, capsys):
 def test_panel_truncates_a_crowded_frame():
     """Twelve persons with three actions each on a 160x120 frame: the text goes to the panel, cut
     to its width, its overflow in one "+N more rows" row; the picture keeps its size."""
-    from lfb_ray.detect.render import FrameOverlay, Layout, PersonOverlay, draw_frame, panel_rows
+    from lfb_ray.detect.render import (
+        FrameOverlay,
+        Layout,
+        PersonOverlay,
+        _cached_font,
+        draw_frame,
+        panel_rows,
+    )
 
     layout = Layout.for_source(160, 120)
     assert (layout.frame_w, layout.frame_h) == (640, 480) and layout.size[0] % 2 == 0
@@ -246,7 +253,9 @@ def test_panel_truncates_a_crowded_frame():
     rows = panel_rows(ov, [(0, 0, 0)] * 12, layout)
     assert len(rows) == layout.panel_rows < 1 + 12 * 4
     assert rows[-1][0] == f"+{1 + 12 * 4 - layout.panel_rows + 1} more rows"
-    assert all(len(text) <= layout.panel_chars for text, _ in rows)
+    font = _cached_font(layout.text_px)
+    assert all(font.getlength(text) <= layout.panel_w - 2 * layout.pad for text, _ in rows)
+    assert rows[1][0].startswith("#0 a rather long") and rows[1][0].endswith("… 0.90")  # cut, score kept
     img = draw_frame(np.full((120, 160, 3), 90, np.uint8), ov, layout)
     assert img.size == layout.size
     panel = np.asarray(img)[:, layout.frame_w:]

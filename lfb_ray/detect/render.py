@@ -88,10 +88,6 @@ class Layout:
     def panel_rows(self) -> int:
         return max(1, (self.frame_h - self.pad) // self.row_px)
 
-    @property
-    def panel_chars(self) -> int:  # characters of the default font per panel row (about 0.6 em each)
-        return max(12, int((self.panel_w - 2 * self.pad) / (0.6 * self.text_px)))
-
 
 @functools.lru_cache(maxsize=8)
 def _cached_font(size: int):
@@ -121,16 +117,28 @@ def _tag_xy(box: tuple[float, float, float, float], tag_h: int, frame_h: int) ->
     return x1 + 2, y1 + 2
 
 
+def _fit(prefix: str, name: str, suffix: str, font, width: float) -> str:
+    """`prefix + name + suffix`, the name shortened (with an ellipsis) until the row is at most `width` px."""
+    for n in range(len(name), 0, -1):
+        row = prefix + _short(name, n) + suffix
+        if font.getlength(row) <= width:
+            return row
+    return prefix + _short(name, 1) + suffix
+
+
 def panel_rows(ov: FrameOverlay, colours: list[tuple], layout: Layout) -> list[tuple[str, tuple | None]]:
     """The panel's (text, colour) rows: a header, then per person `#track` and its first action on
-    a tag of its colour, its other actions and (LFB-NL) its bank seconds below. Names are cut to
-    the panel's width; rows past its height become one "+N more rows" row."""
-    chars = layout.panel_chars
+    a tag of its colour, its other actions and (LFB-NL) its bank seconds below. Action names are cut
+    to the panel's width; rows past its height become one "+N more rows" row."""
+    font = _cached_font(layout.text_px)
+    width = layout.panel_w - 2 * layout.pad - 4  # a tag's fill adds 4 px
     rows: list[tuple[str, tuple | None]] = [(f"t={ov.second}s  persons {len(ov.persons)}", None)]
     for p, colour in zip(ov.persons, colours, strict=True):
-        acts = [f"{_short(n, chars - 10)} {s:.2f}" for n, s in p.labels] or ["(none above --draw-thr)"]
-        rows.append((f"#{p.track} {acts[0]}", colour))
-        rows += [(f"   {a}", None) for a in acts[1:]]
+        head = f"#{p.track} "
+        if not p.labels:
+            rows.append((head + "(none above --draw-thr)", colour))
+        for i, (name, score) in enumerate(p.labels):
+            rows.append((_fit(head if i == 0 else "   ", name, f" {score:.2f}", font, width), colour if i == 0 else None))
         if p.bank_seconds:
             rows.append(("   bank " + " ".join(f"{s}s" for s in p.bank_seconds), None))
     fit = layout.panel_rows

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from lfb_ray.visualize import PRED_COLOURS, _font, _label, _short
 
-__all__ = ["FrameOverlay", "Layout", "PersonOverlay", "draw_frame", "panel_rows", "write_annotated_video", "write_frame_png"]
+__all__ = ["FrameOverlay", "Layout", "PersonOverlay", "draw_frame", "overlay_layer", "panel_rows", "write_annotated_video", "write_frame_png"]
 
 CHUNK = 64  # frames decoded per decord request
 MIN_SHORT_SIDE = 480  # smaller sources are upscaled to this short side
@@ -147,20 +147,16 @@ def panel_rows(ov: FrameOverlay, colours: list[tuple], layout: Layout) -> list[t
     return rows
 
 
-def draw_frame(rgb: np.ndarray, ov: FrameOverlay | None, layout: Layout) -> Image.Image:
-    """One output frame: `rgb` (uint8 [src_h, src_w, 3]) resized into `layout`, the boxes and tags of
-    `ov` on it, its `panel_rows` beside it."""
-    frame = Image.fromarray(rgb)
-    if frame.size != (layout.frame_w, layout.frame_h):
-        frame = frame.resize((layout.frame_w, layout.frame_h), Image.Resampling.BILINEAR)
-    img = Image.new("RGB", layout.size, PANEL_BG)
-    img.paste(frame, (0, 0))
-    if ov is None:
-        return img
-    draw = ImageDraw.Draw(img)
+def overlay_layer(ov: FrameOverlay, layout: Layout) -> Image.Image:
+    """What `ov` adds to a frame, as an RGBA image of `layout.size`: the boxes and `#track` tags
+    (transparent elsewhere over the picture) and the opaque panel with its `panel_rows`. Drawn once
+    per keyframe second and pasted on each of its frames (text rendering costs more than the paste)."""
+    layer = Image.new("RGBA", layout.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    w, h = layout.frame_w, layout.frame_h
+    draw.rectangle((w, 0, layout.size[0], h), fill=PANEL_BG)
     text, tag = _cached_font(layout.text_px), _cached_font(layout.tag_px)
     colours = _colours(ov.persons)
-    w, h = layout.frame_w, layout.frame_h
     line_w = max(2, h // 240)
     tag_h = draw.textbbox((0, 0), "#0", font=tag)[3] + 3
     for p, colour in zip(ov.persons, colours, strict=True):
@@ -174,7 +170,33 @@ def draw_frame(rgb: np.ndarray, ov: FrameOverlay | None, layout: Layout) -> Imag
             draw.text(xy, s, fill=(235, 235, 235), font=text)
         else:
             _label(draw, xy, s, colour, text)
-    return img
+    return layer
+
+
+def _flat_layer(layer: Image.Image, frame_w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(panel RGB [H, panel_w, 3], and over the picture: drawn pixel indices, alpha [k, 1], RGB [k, 3])
+    of a layer, to put them on each frame with numpy (cheaper than PIL's masked paste)."""
+    rgba = np.asarray(layer)
+    pic = np.ascontiguousarray(rgba[:, :frame_w]).reshape(-1, 4)
+    idx = np.flatnonzero(pic[:, 3])
+    return rgba[:, frame_w:, :3], idx, pic[idx, 3:].astype(np.float32) / 255, pic[idx, :3].astype(np.float32)
+
+
+def draw_frame(rgb: np.ndarray, ov: FrameOverlay | None, layout: Layout, layer=None) -> Image.Image:
+    """One output frame: `rgb` (uint8 [src_h, src_w, 3]) resized into `layout`, with the
+    `overlay_layer` of `ov` on it (`layer`: that layer's `_flat_layer`, drawn before)."""
+    frame = Image.fromarray(rgb)
+    if frame.size != (layout.frame_w, layout.frame_h):
+        frame = frame.resize((layout.frame_w, layout.frame_h), Image.Resampling.BILINEAR)
+    pic = np.array(frame)
+    if ov is None:
+        panel = np.full((layout.frame_h, layout.panel_w, 3), PANEL_BG, np.uint8)
+    else:
+        panel, idx, alpha, colour = layer if layer is not None else _flat_layer(overlay_layer(ov, layout),
+                                                                               layout.frame_w)
+        flat = pic.reshape(-1, 3)
+        flat[idx] = (colour * alpha + flat[idx] * (1 - alpha) + 0.5).astype(np.uint8)
+    return Image.fromarray(np.concatenate([pic, panel], axis=1))
 
 
 def write_annotated_video(path: str, video: str, frame_idx: np.ndarray, fps: float,
@@ -194,6 +216,7 @@ def write_annotated_video(path: str, video: str, frame_idx: np.ndarray, fps: flo
     layout = Layout.for_source(w, h)
     rate = Fraction(fps).limit_denominator(1001)
     tmp = f"{path}.tmp.mp4"
+    layers: dict[int, tuple] = {}  # keyframe second -> its overlay_layer, flattened
     n = 0
     with av.open(tmp, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=rate)
@@ -205,7 +228,11 @@ def write_annotated_video(path: str, video: str, frame_idx: np.ndarray, fps: flo
             idx = frame_idx[c0:c0 + CHUNK]
             batch = vr.get_batch(idx.tolist()).asnumpy()
             for j, rgb in enumerate(batch):
-                img = draw_frame(rgb, overlays.get(int(frame_seconds[c0 + j])), layout)
+                second = int(frame_seconds[c0 + j])
+                ov = overlays.get(second)
+                if ov is not None and second not in layers:
+                    layers[second] = _flat_layer(overlay_layer(ov, layout), layout.frame_w)
+                img = draw_frame(rgb, ov, layout, layers.get(second))
                 frame = av.VideoFrame.from_ndarray(np.asarray(img), format="rgb24")
                 frame.pts = n
                 container.mux(stream.encode(frame))

@@ -9,8 +9,8 @@ mmaction2 .pth files (or older weight-only model.pt files) pass --config and --b
 Writes DIR/detections.csv (AVA result format), DIR/detections_short_term.csv (LFB models: the
 baseline's scores for the same boxes), DIR/tracks.json (per-person tracks with their top actions),
 DIR/<video>_detections.mp4 (upscaled to a short side of at least 480 px, the actions in a side
-panel), DIR/bank/ (the video's bank) and, with --frame-png S, DIR/<video>_S.png. Runs in this process; no Ray cluster.
-See docs/detect.md.
+panel), DIR/bank/ (the video's bank) and, with --frame-png S, DIR/<video>_S.png.
+Runs in this process; no Ray cluster. See docs/detect.md.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ mmaction2 .pth files (or older weight-only model.pt files) pass --config and --b
 
 Writes DIR/detections.csv (AVA result format), DIR/detections_short_term.csv (LFB models: the
 baseline's scores for the same boxes), DIR/tracks.json (per-person tracks with their top actions),
-DIR/<video>_detections.mp4 and DIR/bank/ (the video's bank). Runs in this process; no Ray cluster.
-See docs/detect.md.
+DIR/<video>_detections.mp4 (upscaled to a short side of at least 480 px, the actions in a side
+panel), DIR/bank/ (the video's bank) and, with --frame-png S, DIR/<video>_S.png.
+Runs in this process; no Ray cluster. See docs/detect.md.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="IoU that links a box to a track's last box (or that box moved at the track's velocity)")
     p.add_argument("--detector-min-size", type=int, default=800, help="detector input short side")
     p.add_argument("--no-video", action="store_true", help="skip the annotated mp4")
+    p.add_argument("--frame-png", type=int, default=None, metavar="SECOND",
+                   help="also write the annotated frame of keyframe second SECOND (AVA time) as "
+                        "DIR/<video>_SECOND.png, drawn as in the mp4")
     p.add_argument("--keep-work", action="store_true", help="keep DIR/_work (the decoded clips)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -58,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from lfb_ray.config import Config, ConfigError, load_config, with_overrides
     from lfb_ray.detect import DetectError, detect_video
-    from lfb_ray.detect.models import read_state, saved_meta
+    from lfb_ray.detect.checkpoints import read_state, saved_meta
 
     args = build_parser().parse_args(argv)
     cfg = None
@@ -81,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
                            start=args.start, end=args.end, video_id=args.video_id or None,
                            video_start_second=args.video_start_second, device=args.device or None, top_k=args.top_k,
                            draw_thr=args.draw_thr, track_iou=args.track_iou,
-                           detector_min_size=args.detector_min_size, render=not args.no_video,
+                           detector_min_size=args.detector_min_size, render=not args.no_video, frame_png=args.frame_png,
                            keep_work=args.keep_work, progress=not args.quiet)
     except DetectError as e:
         print(f"error: {redact_text(e)}", file=sys.stderr)
         return 2
     print(redact_text(res.line()))
-    for path in (res.csv, res.short_term_csv, res.tracks_json, res.mp4):
+    for path in (res.csv, res.short_term_csv, res.tracks_json, res.mp4, res.png):
         if path:
             print(f"  {redact_text(path)}")
     return 0

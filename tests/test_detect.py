@@ -143,17 +143,123 @@ def test_scores_equal_the_evaluation_path(env, tmp_path):
 def test_mp4_has_the_input_frames(env, tmp_path):
     import decord
 
+    from lfb_ray.detect.render import Layout
+
     src = decord.VideoReader(env["video"])
+    size = Layout.for_source(src[0].shape[1], src[0].shape[0]).size
     res = _run(env, tmp_path / "all")
     out = decord.VideoReader(res.mp4)
-    assert len(out) == len(src) and out[0].shape == src[0].shape  # the whole video, its size
+    assert len(out) == len(src) and out[0].shape[1::-1] == size  # the whole video, drawn at the layout's size
     assert out.get_avg_fps() == pytest.approx(src.get_avg_fps())
     # A span: the frames within half a second of its keyframes (AVA time = file time + 900).
     res = _run(env, tmp_path / "span", start=905, end=907, checkpoint=env["base"], bank_checkpoint=None)
     out = decord.VideoReader(res.mp4)
     t = np.arange(len(src)) / src.get_avg_fps() + 900
-    assert len(out) == int(((t >= 904.5) & (t < 907.5)).sum()) == 90 and out[0].shape == src[0].shape
+    assert len(out) == int(((t >= 904.5) & (t < 907.5)).sum()) == 90 and out[0].shape[1::-1] == size
     assert res.short_term_csv is None and not (tmp_path / "span" / "bank").exists()  # a baseline: no bank
+
+
+MAX_LABEL_COVER = 0.03  # the most of the person boxes' area that labels may hide
+
+
+def _label_cover(frame: np.ndarray, src: np.ndarray, boxes: np.ndarray) -> tuple[int, int]:
+    """(pixels inside the person `boxes` where `frame` differs from `src` upscaled to the frame's
+    height by more than compression noise, pixels inside the boxes). A 5 px ring along every box's
+    edges (the outlines) is left out of both."""
+    from PIL import Image
+
+    h = frame.shape[0]
+    w = round(src.shape[1] * h / src.shape[0])
+    ref = np.asarray(Image.fromarray(src).resize((w, h), Image.Resampling.BILINEAR)).astype(np.int16)
+    diff = np.abs(frame[:, :w].astype(np.int16) - ref).max(axis=2) > 48
+    inside = np.zeros((h, w), bool)
+    ring = np.zeros((h, w), bool)
+    for x1, y1, x2, y2 in np.round(np.asarray(boxes) * [w, h, w, h]).astype(int):
+        inside[max(y1, 0):y2, max(x1, 0):x2] = True
+        ring[max(y1 - 5, 0):y2 + 5, max(x1 - 5, 0):x2 + 5] = True
+        ring[max(y1 + 5, 0):y2 - 5, max(x1 + 5, 0):x2 - 5] = False
+    keep = inside & ~ring
+    return int((diff & keep).sum()), int(keep.sum())
+
+
+def test_mp4_of_a_small_source_is_upscaled_and_its_labels_leave_the_persons_visible(env, tmp_path):
+    """The 160x120 synthetic video is drawn at 640x480 (short side 480, aspect kept) with the text
+    beside it: on every keyframe's own frame, at most MAX_LABEL_COVER of the person boxes' area
+    differs from the upscaled source (box outlines left out)."""
+    import decord
+
+    src = decord.VideoReader(env["video"])
+    assert src[0].shape[:2] == (120, 160)
+    res = _run(env, tmp_path / "out", draw_thr=0.0)  # every top action drawn: the most text there can be
+    out = decord.VideoReader(res.mp4)
+    assert out[0].shape[0] == 480 and out[0].shape[1] >= 640
+    doc = json.loads(Path(res.tracks_json).read_text())
+    by_second: dict[int, list] = {}
+    for tr in doc["tracks"]:
+        for e in tr["boxes"]:
+            by_second.setdefault(e["second"], []).append(e["box"])
+    assert max(len(b) for b in by_second.values()) >= 2  # frames with several persons among them
+    t = np.arange(len(src)) / src.get_avg_fps() + 900
+    covered = total = 0
+    for s, boxes in by_second.items():
+        i = int(np.argmin(np.abs(t - s)))
+        c, n = _label_cover(out[i].asnumpy(), src[i].asnumpy(), np.array(boxes))
+        covered, total = covered + c, total + n
+    print(f"labels cover {covered / total:.2%} of the person boxes ({covered} of {total} px)")
+    assert total > 0 and covered / total <= MAX_LABEL_COVER
+
+
+def test_frame_png_is_the_mp4s_frame(env, tmp_path, capsys):
+    """`--frame-png S` writes keyframe S's frame as the mp4 draws it; a second outside the span is
+    refused before any work."""
+    import decord
+    from PIL import Image
+
+    job = _job()
+    common = ["--video", env["video"], "--checkpoint", env["base"], "--persons", env["props"],
+              "--config", str(REPO / "configs" / "tiny.yaml"), f"data.root={env['cfg'].data.root}",
+              "--start", "905", "--end", "907", "--quiet"]
+    assert job.main([*common, "--out", str(tmp_path / "o"), "--frame-png", "906"]) == 0
+    png = tmp_path / "o" / f"{env['video_id']}_906.png"
+    assert str(png) in capsys.readouterr().out
+    still = np.asarray(Image.open(png).convert("RGB")).astype(np.int16)
+    out = decord.VideoReader(str(tmp_path / "o" / f"{env['video_id']}_detections.mp4"))
+    t = np.arange(len(out)) / out.get_avg_fps() + 904.5  # the span's frames start half a second before 905
+    frame = out[int(np.argmin(np.abs(t - 906)))].asnumpy().astype(np.int16)
+    assert still.shape == frame.shape and np.abs(still - frame).mean() < 3  # the same picture, less H.264's loss
+    assert job.main([*common, "--out", str(tmp_path / "bad"), "--frame-png", "930"]) == 2
+    assert "--frame-png 930: not a keyframe second of the span 905..907" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_panel_truncates_a_crowded_frame():
+    """Twelve persons with three actions each on a 160x120 frame: the text goes to the panel, cut
+    to its width, its overflow in one "+N more rows" row; the picture keeps its size."""
+    from lfb_ray.detect.render import (
+        FrameOverlay,
+        Layout,
+        PersonOverlay,
+        _cached_font,
+        draw_frame,
+        panel_rows,
+    )
+
+    layout = Layout.for_source(160, 120)
+    assert (layout.frame_w, layout.frame_h) == (640, 480) and layout.size[0] % 2 == 0
+    persons = [PersonOverlay(box=np.array([0.05 * i, 0.1, 0.05 * i + 0.2, 0.9]), track=i, bank_seconds=[900, 905],
+                             labels=[("a rather long action name, longer than a row", 0.9), ("stand", 0.5),
+                                     ("talk", 0.4)]) for i in range(12)]
+    ov = FrameOverlay(second=905, persons=persons)
+    rows = panel_rows(ov, [(0, 0, 0)] * 12, layout)
+    assert len(rows) == layout.panel_rows < 1 + 12 * 4
+    assert rows[-1][0] == f"+{1 + 12 * 4 - layout.panel_rows + 1} more rows"
+    font = _cached_font(layout.text_px)
+    assert all(font.getlength(text) <= layout.panel_w - 2 * layout.pad for text, _ in rows)
+    assert rows[1][0].startswith("#0 a rather long") and rows[1][0].endswith("… 0.90")  # cut, score kept
+    img = draw_frame(np.full((120, 160, 3), 90, np.uint8), ov, layout)
+    assert img.size == layout.size
+    panel = np.asarray(img)[:, layout.frame_w:]
+    assert (panel != panel[0, 0]).any(axis=2).sum() > 1000  # text drawn in the panel
 
 
 @pytest.mark.slow

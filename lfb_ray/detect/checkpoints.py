@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 
-from lfb_ray.config import ModelConfig
+from lfb_ray.config import Config, ModelConfig
 from lfb_ray.detect.errors import DetectError
 
-__all__ = ["checkpoint_model_config", "read_state", "saved_meta"]
+__all__ = ["ModelChoice", "checkpoint_model_config", "choose_models", "read_state", "saved_meta"]
 
 _OURS = (("backbone.", "backbone."), ("fbo.", "roi_head.shared_head.fbo."), ("fc_cls.", "roi_head.bbox_head.fc_cls."))
 
@@ -115,3 +116,64 @@ def checkpoint_model_config(path: str, flag: str, base: ModelConfig | None, *,
         notes.append(f"{flag} {path}: the config's model.{', model.'.join(differs)}; using the checkpoint's")
     groups = base.exclusive_groups if all(c < layout["num_classes"] for g in base.exclusive_groups for c in g) else ()
     return dataclasses.replace(base, **layout, exclusive_groups=groups)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The models detect runs: `model` (the scored model's config) and, for LFB models, `baseline`
+    (the short-term model that computes the bank, from `bank_checkpoint`)."""
+
+    cfg: Config  # the run's config: --config, else the checkpoint's saved one, else the defaults
+    given: bool  # cfg is the model's own (--config or saved), not lfb_ray's defaults
+    model: ModelConfig
+    baseline: ModelConfig | None
+    bank_checkpoint: str | None
+
+    @property
+    def lfb(self) -> bool:
+        return self.model.fbo != "none"
+
+
+def choose_models(checkpoint: str, bank_checkpoint: str | None, config: Config | None, *, notes: list[str],
+                  log=print) -> ModelChoice:
+    """What `--checkpoint` (and `--bank-checkpoint`) hold and the config to run them with; cheap
+    (no model is built), so that a wrong file is refused before any decoding.
+
+    Raises:
+        DetectError: a missing or foreign checkpoint, an LFB model without a baseline, an LFB model
+            given as the baseline.
+    """
+    given = config is not None
+    cfg = config or Config()
+    read_state(checkpoint, "--checkpoint")  # a named error for a missing or foreign file first
+    meta = saved_meta(checkpoint, "--checkpoint")
+    if meta is not None:
+        log(f"detect: --checkpoint is {meta.describe()}")
+        if not given:  # the model's own config: its operator, label groups, bank and data settings
+            cfg, given = meta.to_config(), True
+        if not bank_checkpoint and meta.operator != "none" and meta.init_checkpoint:
+            bank_checkpoint = meta.init_checkpoint
+            notes.append(f"--bank-checkpoint: the baseline --checkpoint was trained from ({bank_checkpoint})")
+    model_cfg = checkpoint_model_config(checkpoint, "--checkpoint", cfg.model if given else None, notes=notes)
+    if model_cfg.fbo == "none" and given and cfg.model.fbo != "none" and not cfg.model.exclusive_groups_in_baseline \
+            and model_cfg.exclusive_groups:
+        # A short-term model with an LFB config: the baseline, trained without the groups (the
+        # control, trained with them, is run with its own config, model.fbo=none).
+        model_cfg = dataclasses.replace(model_cfg, exclusive_groups=())
+        notes.append("a short-term model with an LFB config: scored as the baseline, without model.exclusive_groups "
+                     "(model.exclusive_groups_in_baseline=false); for the control pass model.fbo=none")
+    if model_cfg.fbo == "none":
+        if bank_checkpoint:
+            notes.append(f"--checkpoint {checkpoint} is a short-term model (fbo=none): no bank, "
+                         f"--bank-checkpoint {bank_checkpoint} is not used")
+        return ModelChoice(cfg=cfg, given=given, model=model_cfg, baseline=None, bank_checkpoint=None)
+    if not bank_checkpoint:
+        raise DetectError(f"--checkpoint {checkpoint} is an LFB-{model_cfg.fbo} model: pass --bank-checkpoint "
+                          "BASELINE.pt, the short-term baseline (model.fbo=none) that computed its bank")
+    base = dataclasses.replace(cfg.model, fbo="none", exclusive_groups=(
+        cfg.model.exclusive_groups if cfg.model.exclusive_groups_in_baseline else ())) if given else None
+    base_cfg = checkpoint_model_config(bank_checkpoint, "--bank-checkpoint", base, notes=notes)
+    if base_cfg.fbo != "none":
+        raise DetectError(f"--bank-checkpoint {bank_checkpoint} is an LFB-{base_cfg.fbo} model; the bank is "
+                          "computed by the short-term baseline (model.fbo=none) the LFB model was trained with")
+    return ModelChoice(cfg=cfg, given=given, model=model_cfg, baseline=base_cfg, bank_checkpoint=bank_checkpoint)

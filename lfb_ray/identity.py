@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from lfb_ray.config import Config
 from lfb_ray.redaction import RedactedMessage
 
-__all__ = ["InputError", "bank_id", "checkpoint_id", "describe_changes", "prepared_id", "run_inputs"]
+__all__ = ["InputError", "bank_checkpoint", "bank_id", "checkpoint_id", "describe_changes", "prepared_id", "run_inputs"]
 
 
 class InputError(RedactedMessage, FileNotFoundError):
@@ -109,6 +109,16 @@ def run_inputs(cfg: Config, init_checkpoint: str | None = None) -> dict[str, str
     if start:
         inputs["init" if init_checkpoint else "pretrained"] = checkpoint_id(start)
     return inputs
+
+
+def bank_checkpoint(bank_dir: str) -> str:
+    """The baseline checkpoint that computed the bank at `bank_dir`, as `jobs/build_bank.py` recorded
+    it (credentials redacted); "" for a bank without one (imported, or built before it was recorded)."""
+    from lfb_ray.storage import exists, join, read_json, resolve
+
+    fs, root = resolve(bank_dir)
+    marker = join(root, "build.json")
+    return str(read_json(fs, marker).get("checkpoint", "")) if exists(fs, marker) else ""
 
 
 _INPUT_NAMES = {"prepared": "the prepared data", "bank": "the feature bank", "init": "the initial checkpoint",

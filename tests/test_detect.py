@@ -423,8 +423,9 @@ def test_a_self_describing_checkpoint_needs_no_config_and_no_bank_checkpoint(env
     from lfb_ray.models.checkpoint import read_checkpoint_file, save_checkpoint
 
     cfg = env["cfg"]
+    # An LFB run that did not start from the baseline's weights names its bank's baseline only.
     meta = CheckpointMeta(operator="nl", epoch=1, global_step=2, selected_on="last epoch", val_map=None,
-                          config=config_to_dict(cfg), init_checkpoint=env["base"])
+                          config=config_to_dict(cfg), bank_checkpoint=env["base"])
     path = tmp_path / "nl_meta.pt"
     save_checkpoint(read_checkpoint_file(env["nl"]), path, source="lfb_ray nl epoch 1", meta=meta)
     span = {"start": 905, "end": 906, "render": False}

@@ -158,8 +158,12 @@ def test_bank_build_then_three_operators(baseline, ray_local):
     res = fit_operators(ops, ["nl", "avg", "max"])
     assert sorted(res) == ["avg", "max", "nl"]
     assert len({x.mlflow_run_id for x in res.values()}) == 3
-    for x in res.values():
+    from lfb_ray.models.checkpoint import read_meta
+
+    for op, x in res.items():
         assert 0.0 <= x.metrics["val/mAP"] <= 1.0
+        meta = read_meta(x.model_path)  # the model names its operator and the baseline that computed its bank
+        assert (meta.operator, meta.bank_checkpoint) == (op, r.model_path) and "bank" in meta.inputs
     from mlflow.tracking import MlflowClient
 
     info = [MlflowClient(ops.tracking_uri).get_run(x.mlflow_run_id).info for x in res.values()]

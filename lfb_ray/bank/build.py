@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lfb_ray.config import Config, config_from_dict, config_to_dict, resolve_paths
+from lfb_ray.redaction import redact_text
 from lfb_ray.storage import (
     check_writable,
     exists,
@@ -319,5 +320,8 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
     FeatureBank.open(bank_dir)  # validate before declaring success
     write_json_atomic(bank_fs, done_marker, {"build_hash": build_hash, "keyframes": total_kf,
                                               "features": total_feat, "bytes": total_bytes,
-                                              "checkpoint_sha256": ckpt_hash})
+                                              "checkpoint_sha256": ckpt_hash,
+                                              # where the baseline was: what a model trained on the bank
+                                              # names as its bank model (CheckpointMeta.bank_checkpoint)
+                                              "checkpoint": redact_text(checkpoint)})
     return BankBuildSummary(total_kf, total_feat, total_bytes, time.time() - t0, skipped, bank_dir)

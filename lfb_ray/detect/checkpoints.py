@@ -151,9 +151,11 @@ def choose_models(checkpoint: str, bank_checkpoint: str | None, config: Config |
         log(f"detect: --checkpoint is {meta.describe()}")
         if not given:  # the model's own config: its operator, label groups, bank and data settings
             cfg, given = meta.to_config(), True
-        if not bank_checkpoint and meta.operator != "none" and meta.init_checkpoint:
-            bank_checkpoint = meta.init_checkpoint
-            notes.append(f"--bank-checkpoint: the baseline --checkpoint was trained from ({bank_checkpoint})")
+        recorded = meta.bank_checkpoint or meta.init_checkpoint
+        if not bank_checkpoint and meta.operator != "none" and recorded:
+            bank_checkpoint = recorded
+            notes.append(f"--bank-checkpoint: the baseline that computed the bank of --checkpoint's training "
+                         f"({bank_checkpoint})")
     model_cfg = checkpoint_model_config(checkpoint, "--checkpoint", cfg.model if given else None, notes=notes)
     if model_cfg.fbo == "none" and given and cfg.model.fbo != "none" and not cfg.model.exclusive_groups_in_baseline \
             and model_cfg.exclusive_groups:

@@ -55,8 +55,10 @@ class CheckpointMeta:
             model settings a later job needs.
         inputs: `lfb_ray.identity.run_inputs` of the run: ids of the prepared data, the bank, and
             the checkpoint it started from ("init") or `model.pretrained`.
-        init_checkpoint: the baseline whose backbone the run started from (for an LFB model also
-            the model that computed its bank), "" for a run from `model.pretrained`.
+        init_checkpoint: the baseline whose backbone the run started from, "" for a run from
+            `model.pretrained`.
+        bank_checkpoint: the baseline that computed the bank an LFB model was trained on (from the
+            bank's `build.json`), "" for the baseline or a bank that does not record it.
         run_name: the run's name (`lfb_ray.runs.run_name_for`); `mlflow_run_id` its MLflow run.
         code: `code_version()` of the trainer.
     """
@@ -69,6 +71,7 @@ class CheckpointMeta:
     config: dict[str, Any]
     inputs: dict[str, str] = field(default_factory=dict)
     init_checkpoint: str = ""
+    bank_checkpoint: str = ""
     run_name: str = ""
     mlflow_run_id: str = ""
     code: dict[str, str] = field(default_factory=dict)

@@ -181,6 +181,7 @@ def _fit_run(cfg: Config, *, name: str, run_id: str | None, init_checkpoint: str
     from ray.train.torch import TorchTrainer
 
     from lfb_ray.data.dataset import count_rows
+    from lfb_ray.identity import bank_checkpoint
     storage = cfg.storage_path
     # The val result CSVs: `<workdir>/results/<run>/`, on S3 too when the workdir is a URI (`_evaluate`).
     results_dir = (join_uri(cfg.workdir, "results", name) if is_uri(cfg.workdir)
@@ -197,7 +198,9 @@ def _fit_run(cfg: Config, *, name: str, run_id: str | None, init_checkpoint: str
         train_loop_per_worker,
         train_loop_config={"cfg": config_to_dict(cfg), "mlflow_run_id": run_id, "results_dir": results_dir,
                            "iters_per_epoch": iters, "init_checkpoint": init_checkpoint,
-                           "provenance": {"run_name": name, "mlflow_run_id": run_id or "", "inputs": inputs}},
+                           "provenance": {"run_name": name, "mlflow_run_id": run_id or "", "inputs": inputs,
+                                          "bank_checkpoint": bank_checkpoint(cfg.bank_dir) if cfg.model.uses_bank
+                                          else ""}},
         scaling_config=_scaling(cfg),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=failure_config(cfg),

@@ -307,7 +307,8 @@ def model_meta(cfg: Config, config: dict, *, epoch: int, global_step: int, val_m
         selected_on="best val mAP" if best else "last epoch",
         val_map=None if val_map is None or math.isnan(float(val_map)) else float(val_map),
         config=redact_obj(config_to_dict(cfg)), inputs=dict(prov.get("inputs") or {}),
-        init_checkpoint=redact_text(config.get("init_checkpoint") or ""), run_name=prov.get("run_name", ""),
+        init_checkpoint=redact_text(config.get("init_checkpoint") or ""),
+        bank_checkpoint=str(prov.get("bank_checkpoint") or ""), run_name=prov.get("run_name", ""),
         mlflow_run_id=prov.get("mlflow_run_id", ""), code=code_version())
 
 

@@ -407,13 +407,6 @@ class Config:
 # Loading, type checking, overrides
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against annotation `tp`; return the value in its canonical type."""
     origin = typing.get_origin(tp)

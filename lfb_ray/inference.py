@@ -71,11 +71,11 @@ def predict_batch(model: torch.nn.Module, batch: dict, *, bank=None, rng: np.ran
             "boxes": np.asarray(batch["boxes"], dtype=np.float32), "scores": scores.numpy()}
 
 
-def concat_predictions(preds: list[dict]) -> dict:
-    """`predict_batch` outputs of several batches as one (an empty one for none)."""
+def concat_predictions(preds: list[dict], num_classes: int) -> dict:
+    """`predict_batch` outputs of several batches as one (an empty one, `num_classes` wide, for none)."""
     if not preds:
         return {"video_ids": [], "seconds": np.zeros(0, np.int64), "boxes": np.zeros((0, 4), np.float32),
-                "scores": np.zeros((0, 81), np.float32)}
+                "scores": np.zeros((0, num_classes), np.float32)}
     return {"video_ids": [v for p in preds for v in p["video_ids"]],
             "seconds": np.concatenate([p["seconds"] for p in preds]),
             "boxes": np.concatenate([p["boxes"] for p in preds]),

@@ -536,7 +536,7 @@ class Tracker(NullTracker):
                 self._client.log_batch(self.run_id, metrics=[Metric(k, v, t, s) for k, v, s, t in chunk])
                 for k, _, s, _ in chunk:
                     self._have[k].add(s)
-        except BaseException as e:  # noqa: BLE001  (a thread's error is reported by `flush`)
+        except BaseException as e:  # a thread's error is reported by `flush`
             self._have.clear()
             self._error = e
             return
@@ -584,7 +584,7 @@ class Tracker(NullTracker):
         def call() -> None:
             try:
                 fn(*args)
-            except BaseException as e:  # noqa: BLE001
+            except BaseException as e:
                 err.append(e)
 
         t = threading.Thread(target=call, daemon=True, name=f"lfb_ray-mlflow-{what}")

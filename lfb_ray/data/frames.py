@@ -83,7 +83,7 @@ class FrameStoreWriter:
         try:
             self._writer.close()
             self._sink.close()
-        except Exception:  # noqa: BLE001 - cleaning up after another error, which is what propagates
+        except Exception:  # cleaning up after another error, which is what propagates
             pass
         try:
             self.fs.delete_file(self._tmp)

@@ -271,7 +271,7 @@ def _stream_start_shift(path: str) -> float:
             if st.start_time is None or c.start_time is None:
                 return 0.0
             return max(0.0, float(st.start_time * st.time_base) - c.start_time / 1e6)
-    except Exception:  # noqa: BLE001 - decord opened the file; without PyAV's view, keep decord's clock
+    except Exception:  # decord opened the file; without PyAV's view, keep decord's clock
         return 0.0
 
 
@@ -353,7 +353,7 @@ def _decode_frames(open_reader, frames: np.ndarray, path: str, fallback):
     def run(chunk: np.ndarray):
         try:
             decoded = state["vr"].get_batch(chunk.tolist()).asnumpy()  # [n, h, w, 3], in order
-        except Exception as e:  # noqa: BLE001 - decord raises its own error types
+        except Exception as e:  # decord raises its own error types
             if len(chunk) > 1:
                 mid = len(chunk) // 2
                 yield from run(chunk[:mid])
@@ -363,7 +363,7 @@ def _decode_frames(open_reader, frames: np.ndarray, path: str, fallback):
             i = int(chunk[0])
             try:
                 yield i, fallback(i), None
-            except Exception as e2:  # noqa: BLE001
+            except Exception as e2:
                 state["failed"] += 1
                 if state["failed"] > limit:
                     raise ValueError(f"{path}: decoding frames failed at frame {i} and {limit} other frames "

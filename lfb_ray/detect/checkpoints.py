@@ -39,7 +39,7 @@ def read_state(path: str, flag: str) -> dict:
         raise DetectError(f"{flag} {path}: no such file (a checkpoint folder must hold model.pt)")
     try:
         flat = read_checkpoint_file(path)
-    except Exception as e:  # noqa: BLE001 - CheckpointError, or torch's own for garbage bytes
+    except Exception as e:  # CheckpointError, or torch's own for garbage bytes
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DetectError(f"{flag} {path} is not a model checkpoint (no state dict of tensors can be read "
                           f"from it: {first})") from None

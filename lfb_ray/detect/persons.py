@@ -89,7 +89,7 @@ def load_person_boxes(path: str, video_id: str) -> dict[int, np.ndarray]:
             boxes = load_proposals(path)
         except AnnotationError as e:
             raise DetectError(f"--persons {path}: {e}") from None
-        except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        except Exception as e:  # a truncated or foreign file
             raise DetectError(f"--persons {path}: not a proposals pickle ({type(e).__name__}: {e})") from None
     mine = {t: b for (v, t), b in boxes.items() if v == video_id}
     if not mine:
@@ -117,7 +117,7 @@ class PersonDetector:
             raise DetectError(f"--detector-weights {weights}: no such file. {missing_persons_message()}")
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - garbage, truncated, or a pickle with code
+        except Exception as e:  # garbage, truncated, or a pickle with code
             raise DetectError(f"--detector-weights {weights}: not a PyTorch state dict ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
         if isinstance(state, dict) and isinstance(state.get("model"), dict):

@@ -88,7 +88,7 @@ def _probe(video: str):
             raise ValueError(f"{n} frames at {fps} fps")
         times, shift = _frame_times(video, vr, fps)
         vr[0]  # the first frame decodes
-    except Exception as e:  # noqa: BLE001 - decord raises its own error types
+    except Exception as e:  # decord raises its own error types
         raise DetectError(f"--video {video}: cannot open as a video (truncated, corrupt or not a video file): "
                           f"{_short_error(e)}") from None
     return vr, times, shift

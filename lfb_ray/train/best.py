@@ -31,7 +31,7 @@ class BestEpoch:
     state: dict | None = None
 
     @property
-    def mAP(self) -> float:  # noqa: N802 (the metric's name)
+    def mAP(self) -> float:  # the metric's name
         return float(self.metrics.get("val/mAP", float("nan")))
 
     def offer(self, epoch: int, val_metrics: dict, model: torch.nn.Module) -> bool:

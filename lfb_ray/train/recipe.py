@@ -147,7 +147,7 @@ def _val_predictions(model, cfg: Config, bank, rank: int, world: int, device, rn
             preds.append(predict_batch(model, collate_test(batch, cfg.data.mean, cfg.data.std), bank=bank, rng=rng, device=device,
                                        amp=cfg.train.amp, window_seconds=cfg.bank.window_seconds,
                                        max_feats_per_second=cfg.bank.max_feats_per_second))
-    return concat_predictions(preds)
+    return concat_predictions(preds, cfg.model.num_classes)
 
 
 def _evaluate(model, cfg: Config, bank, ctx, device, epoch: int, results_dir: str, rng) -> dict:
@@ -171,7 +171,7 @@ def _evaluate(model, cfg: Config, bank, ctx, device, epoch: int, results_dir: st
         gathered = [mine]
     if rank != 0:
         return {}
-    pred = concat_predictions([g for g in gathered if len(g["video_ids"])])
+    pred = concat_predictions([g for g in gathered if len(g["video_ids"])], cfg.model.num_classes)
     csv_name = f"val_results_epoch{epoch + 1:03d}.csv"
     remote = is_uri(results_dir)
     csv_path = os.path.join(tempfile.mkdtemp(prefix="lfb_ray_val_") if remote else results_dir, csv_name)

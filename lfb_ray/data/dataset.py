@@ -247,11 +247,12 @@ def normalise(frames, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 
 def collate_train(batch: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
-    """`iter_torch_batches` collate: numpy train batch → torch tensors (+ keys as lists).
+    """A numpy train batch (`decode_train_rows`, RoIs padded per clip) as the tensors of a step,
+    padding RoIs dropped.
 
     Returns:
-        clip [B, 3, T, S, S]; rois [R_valid, 5] (batch index, x1, y1, x2, y2); labels
-        [R_valid, C]; roi_batch [R_valid] long; video_ids list[str] per RoI; seconds [R_valid].
+        clip [B, 3, T, S, S] normalised; rois [R, 5] (clip index, x1, y1, x2, y2); labels [R, C];
+        roi_video_ids list[str] [R]; roi_seconds int64 [R]; num_clips B.
     """
     import torch
 

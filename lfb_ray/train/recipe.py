@@ -202,13 +202,10 @@ def _epochs(cfg: Config, init_checkpoint: str | None) -> int:
 def flush_denormals() -> bool:
     """Flush subnormal floats to zero on this thread's CPU math (and threads it starts later).
 
-    Why: the NL head's warm-up slows down as it learns. Once its attention sharpens, the softmax
-    weights of unrelated bank slots fall below 1.2e-38 (subnormal; 399 of 9600 after 900 steps) and
-    so do ~13% of the gradients of the [32, 300, 64] bank tensors, and x86 arithmetic on subnormals
-    is many times slower: 1500 warm-up steps on the 120-train-video synthetic bank took 298 s
-    without this and 67 s with it (1 thread; 300 steps: 19 s, then ~85 s per 300 once the loss fell
-    below 0.6). Values that small carry nothing the model uses (GPUs have no such penalty, so this
-    is CPU only). Ray Train runs the train function on its own thread, so the loop calls it there.
+    Why: once the NL head's attention sharpens, many softmax weights and gradients become subnormal,
+    and x86 arithmetic on subnormals is many times slower (docs/training.md, "CPU notes"); values
+    that small carry nothing the model uses. CPU only (GPUs have no such penalty). Ray Train runs
+    the train function on its own thread, so the loop calls it there.
 
     Returns:
         whether the CPU supports it (x86 with SSE3).
@@ -221,9 +218,8 @@ def _warm_up(core, cfg: Config, checkpoint: str) -> None:
     on rank 0 only: DDP's wrap then broadcasts the warmed-up head to the other ranks (the warm-up is
     small next to training and not worth splitting).
 
-    It runs on the worker's own torch threads. Its ops are small (the synthetic NL head: [32, 300,
-    128] windows): on an idle 2-core machine 2 threads are only ~1.2x faster than 1 (300 steps:
-    16.5 s vs 20.2 s), and with other load on it 3.3x *slower* (41 s vs 12 s for 150 steps).
+    It runs on the worker's own torch threads: its ops are small, so more threads gain little
+    (docs/training.md, "CPU notes").
     """
     from lfb_ray.storage import join_uri
     from lfb_ray.train.head_warmup import warm_up_head

@@ -347,6 +347,13 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
+    def __post_init__(self) -> None:
+        # Both sections need the class count (the readers check label ids, the model sizes its
+        # classifier): they must agree, or the model's scores would not line up with the labels.
+        if self.data.num_classes != self.model.num_classes:
+            raise ConfigError(f"data.num_classes={self.data.num_classes} and model.num_classes="
+                              f"{self.model.num_classes} differ: set both to the label map's largest id + 1")
+
     # Derived paths: one place decides where each stage writes.
     def data_path(self, rel: str) -> str:
         """Resolve a data-relative path (absolute paths and URIs pass through)."""

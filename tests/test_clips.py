@@ -93,9 +93,11 @@ def test_test_transform_keeps_full_frame():
 
 
 def test_normalise_and_collate_test_padding():
+    from lfb_ray.config import DataConfig
     from lfb_ray.data.dataset import collate_test, normalise
 
-    x = normalise(np.full((1, 4, 2, 3, 3), 200, np.uint8))
+    d = DataConfig()  # the one owner of the normalisation constants
+    x = normalise(np.full((1, 4, 2, 3, 3), 200, np.uint8), d.mean, d.std)
     assert tuple(x.shape) == (1, 3, 4, 2, 3)
     assert np.isclose(float(x[0, 0, 0, 0, 0]), (200 - 123.675) / 58.395, atol=1e-5)
     clips = np.empty(2, dtype=object)
@@ -104,7 +106,7 @@ def test_normalise_and_collate_test_padding():
     boxes[:] = [np.zeros((1, 4), np.float32), np.zeros((2, 4), np.float32)]
     batch = {"clip": clips, "boxes": boxes, "box_px": boxes, "video_id": np.array(["a", "b"], object),
              "timestamp": np.array([902, 903])}
-    out = collate_test(batch)
+    out = collate_test(batch, d.mean, d.std)
     assert tuple(out["clip"].shape) == (2, 3, 4, 8, 12)
     assert float(out["clip"][1, :, :, :, 10:].abs().sum()) == 0.0  # zero padding on the right
     assert out["rois"][:, 0].tolist() == [0, 1, 1] and out["roi_video_ids"] == ["a", "b", "b"]

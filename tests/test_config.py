@@ -116,3 +116,9 @@ def test_short_side_below_the_largest_train_scale_is_refused():
     with pytest.raises(ConfigError, match=r"data.short_side \(256\) < max\(data.train_scale_range\) \(320\)"):
         load_config("configs/baseline.yaml", ["data.short_side=256"])
     assert load_config("configs/baseline.yaml").data.short_side == 320
+
+
+def test_the_class_counts_of_data_and_model_must_agree():
+    with pytest.raises(ConfigError, match=r"data.num_classes=60 and model.num_classes=81 differ"):
+        load_config(None, ["data.num_classes=60"])
+    assert load_config(None, ["data.num_classes=60", "model.num_classes=60"]).model.num_classes == 60

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from lfb_ray.config import ModelConfig
+from lfb_ray.config import DataConfig, ModelConfig
 from lfb_ray.models.detector import LFBDetector, build_detector, detector_loss, detector_scores, roi_features
 
 SMALL = {"depth": 18, "base_channels": 8, "latent_channels": 16}  # C = 64
@@ -208,8 +208,10 @@ def test_a_box_scores_the_same_whatever_clips_share_its_test_batch(fbo: str) -> 
     bank = Bank() if fbo != "none" else None
     kw = dict(bank=bank, rng=np.random.default_rng(1), device=torch.device("cpu"), amp="off", window_seconds=3,
               max_feats_per_second=2)
-    together = predict_batch(model, collate_test(batch), **kw)["scores"]
-    alone = np.concatenate([predict_batch(model, collate_test({k: v[i:i + 1] for k, v in batch.items()}), **kw)["scores"]
+    mean, std = DataConfig().mean, DataConfig().std
+    together = predict_batch(model, collate_test(batch, mean, std), **kw)["scores"]
+    alone = np.concatenate([predict_batch(model, collate_test({k: v[i:i + 1] for k, v in batch.items()}, mean, std),
+                                          **kw)["scores"]
                             for i in range(3)])
     assert together.shape == (6, 81)
     np.testing.assert_allclose(together, alone, rtol=0, atol=1e-6)

@@ -16,6 +16,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from lfb_ray.config import DataConfig
 from lfb_ray.data.annotations import select_proposals
 from lfb_ray.data.timing import clip_ref_offsets
 
@@ -32,20 +33,24 @@ __all__ = [
 ]
 
 
+_DATA = DataConfig()  # the defaults' one owner
+
+
 @dataclass(frozen=True)
 class ClipSpec:
-    """Plain arguments of clip sampling and transforms, flattened from `DataConfig`."""
+    """Plain arguments of clip sampling and transforms, flattened from `DataConfig` (`from_config`;
+    the defaults are `DataConfig`'s, read from it, so the two cannot drift apart)."""
 
-    clip_frames: int = 4
-    frame_interval: int = 16
-    jitter_min: int = -8
-    jitter_max: int = 7
-    scale_range: tuple[int, int] = (256, 320)
-    crop_size: int = 256
-    flip_ratio: float = 0.5
-    test_short_side: int = 256
-    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
-    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    clip_frames: int = _DATA.clip_frames
+    frame_interval: int = _DATA.frame_interval
+    jitter_min: int = _DATA.jitter_min
+    jitter_max: int = _DATA.jitter_max
+    scale_range: tuple[int, int] = tuple(_DATA.train_scale_range)
+    crop_size: int = _DATA.train_crop_size
+    flip_ratio: float = _DATA.flip_ratio
+    test_short_side: int = _DATA.test_short_side
+    mean: tuple[float, float, float] = tuple(_DATA.mean)
+    std: tuple[float, float, float] = tuple(_DATA.std)
 
     @classmethod
     def from_config(cls, data_cfg) -> ClipSpec:

@@ -37,8 +37,6 @@ from lfb_ray.data.schema import row_gt, row_proposals
 __all__ = ["clip_frames", "collate_test", "collate_train", "count_rows", "decode_test_rows", "decode_train_rows",
            "epoch_order", "normalise", "read_keyframes", "read_split", "train_samples"]
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)  # DataConfig defaults (RGB, 0-255 pixels)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 RAW_COLUMNS = ["video_id", "timestamp", "excluded", "ref_offsets", "frame_rows", "frames_file", "height",
                "width", "num_gt", "gt_boxes", "gt_labels", "num_proposals", "proposals"]
@@ -236,9 +234,9 @@ def decode_test_rows(batch: dict, *, cfg_data: dict, prepared_uri: str, score_th
     return res
 
 
-def normalise(frames, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """uint8 [B, T, H, W, 3] (numpy or torch, on any device) → float32 [B, 3, T, H, W] with mean/std
-    on 0-255, on the input's device (send uint8 to the GPU and normalise there: 4x fewer bytes)."""
+def normalise(frames, mean, std):
+    """uint8 [B, T, H, W, 3] (numpy or torch, on any device) → float32 [B, 3, T, H, W] with the
+    config's `data.mean` / `data.std` (RGB, 0-255), on the input's device (send uint8 to the GPU and normalise there: 4x fewer bytes)."""
     import torch
 
     x = torch.as_tensor(frames).float()
@@ -246,7 +244,7 @@ def normalise(frames, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return x.permute(0, 4, 1, 2, 3).contiguous()
 
 
-def collate_train(batch: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
+def collate_train(batch: dict, mean, std) -> dict:
     """A numpy train batch (`decode_train_rows`, RoIs padded per clip) as the tensors of a step,
     padding RoIs dropped.
 
@@ -272,7 +270,7 @@ def collate_train(batch: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
     }
 
 
-def collate_test(batch: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
+def collate_test(batch: dict, mean, std) -> dict:
     """Pad full-frame clips of one batch to a common size (bottom/right) and list all RoIs.
 
     The padding is only for transport: `lfb_ray.inference.predict_batch` runs each frame size of

@@ -206,8 +206,10 @@ def detect_video(video: str, checkpoint: str, out_dir: str, *, config: Config | 
     if why:
         raise DetectError(why)
     work = os.path.join(os.path.abspath(out_dir), "_work")
+    # The class count is the checkpoint's (its classifier's rows), for the data readers too.
     cfg_run = dataclasses.replace(cfg, model=choice.model, data=dataclasses.replace(
-        cfg.data, prepared_dir=os.path.join(work, "prepared"), temporal_jitter=False, video_start_second=vstart))
+        cfg.data, prepared_dir=os.path.join(work, "prepared"), temporal_jitter=False, video_start_second=vstart,
+        num_classes=choice.model.num_classes))
 
     # 2. Load the models (and the person detector) onto the device.
     model, baseline = _load_models(cfg_run, checkpoint, choice.baseline, choice.bank_checkpoint, dev)

@@ -75,10 +75,12 @@ def test_a_run_killed_mid_epoch_ends_with_the_uninterrupted_runs_weights(prepare
     and the run finishes. Its final weights equal those of the same run without the kill (max abs
     difference <= 1e-5 on CPU; in practice bitwise), with an NL bank operator (dropout and bank
     windows every step), and so does the last epoch's `train/loss_epoch` (`EpochLoss`)."""
-    from test_faults import _checkpoints, _pids_with, _recorded_checkpoint, _wait_for
+    from test_faults import _checkpoints, _recorded_checkpoint
 
     from lfb_ray.models import build_detector
     from lfb_ray.train import fit
+    from tests.helpers.processes import wait_until
+    from tests.helpers.ray_local import pids_with
 
     cfg0, _ = prepared
 
@@ -99,8 +101,8 @@ def test_a_run_killed_mid_epoch_ends_with_the_uninterrupted_runs_weights(prepare
     killed: list[int] = []
 
     def killer():
-        _wait_for(lambda: _recorded_checkpoint(killed_cfg.storage_path, "killed"), 300, "the first checkpoint")
-        pids = _wait_for(lambda: _pids_with("RayTrainWorker"), 60, "a train worker")
+        wait_until(lambda: _recorded_checkpoint(killed_cfg.storage_path, "killed"), 300, "the first checkpoint")
+        pids = wait_until(lambda: pids_with("RayTrainWorker"), 60, "a train worker")
         # Not yet finished: the final checkpoint (the one with model.pt) is not there.
         if not any((c / "model.pt").exists() for c in _checkpoints(killed_cfg.storage_path, "killed")):
             os.kill(pids[-1], signal.SIGKILL)

@@ -176,9 +176,11 @@ def test_ray_job_submit_with_token_auth(prepared, ray_cli_cluster, mlflow_server
     gpu_args[gpu_args.index("--submission-id")] = "--no-wait"
     res = subprocess.run(["ray", *gpu_args], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     gpu_sid = re.search(r"Job '([^']+)' submitted successfully", res.stdout + res.stderr).group(1)
-    wait_until(lambda: c.api(f"/api/jobs/{gpu_sid}")["status"] in ("FAILED", "SUCCEEDED"), 90, "the GPU job to end")
+    wait_until(lambda: c.api(f"/api/jobs/{gpu_sid}")["status"] in ("FAILED", "SUCCEEDED"), 140, "the GPU job to end")
     assert c.api(f"/api/jobs/{gpu_sid}")["status"] == "FAILED"
-    assert time.monotonic() - t0 < 60
+    # A bound, not a speed: the submission, its runtime env and the preflight take ~20 s on an idle
+    # 2-core machine and 78 s was seen under a load of ~15; the bug it guards was a wait without end.
+    assert time.monotonic() - t0 < 150
     logs = c.cli("job", "logs", "--address", c.dashboard, gpu_sid).stdout
     assert "preflight: cluster.device: gpu asks for cluster.num_workers=1 GPUs, but the cluster has 0 and no " \
            "autoscaler" in logs, logs[-3000:]

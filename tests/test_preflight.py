@@ -54,7 +54,7 @@ def test_the_pipeline_job_refuses_a_missing_kinetics_checkpoint_and_gpus_it_cann
                "no autoscaler" in ln and "cluster.device=cpu" in ln for ln in lines), r.stderr
     assert "nothing was run" in r.stderr
     assert not (tmp_path / "w" / "prepared" / "manifest.json").exists()
-    assert took < 30, took
+    assert took < 60, took  # a bound (6.9 s idle, 38 s seen under a load of ~60), not a speed
 
 
 def test_a_bad_operator_is_refused_before_any_stage(ava_layout, tmp_path):

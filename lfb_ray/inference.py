@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,14 +19,16 @@ import torch
 from lfb_ray.config import Config, resolve_paths
 from lfb_ray.models.device import autocast_for, best_device, load_model, to_model_layout
 
+if TYPE_CHECKING:
+    from lfb_ray.bank.window import WindowSampler
+
 __all__ = ["InferenceResult", "autocast_for", "concat_predictions", "infer_split", "load_model", "predict_batch",
            "to_model_layout", "write_and_evaluate"]
 
 
 @torch.no_grad()
-def predict_batch(model: torch.nn.Module, batch: dict, *, bank=None, rng: np.random.Generator,
-                  device: torch.device, amp: str = "auto", window_seconds: int = 60,
-                  max_feats_per_second: int = 5) -> dict:
+def predict_batch(model: torch.nn.Module, batch: dict, *, windows: WindowSampler | None = None,
+                  rng: np.random.Generator, device: torch.device, amp: str = "auto") -> dict:
     """Scores of every RoI of a `collate_test` batch: sigmoid, softmax within the model's
     exclusive label groups (`LFBDetector.scores`).
 
@@ -35,6 +38,12 @@ def predict_batch(model: torch.nn.Module, batch: dict, *, bank=None, rng: np.ran
     would score differently from its own bank entry and with its batch neighbours. AVA's videos
     come in several aspect ratios, so a test batch often mixes sizes.
 
+    Args:
+        windows: the LFB window of each RoI (LFB models; None for the baseline), gathered where the
+            bank lives (`bank.device`), as in training: `WindowSampler.for_config(bank, device, cfg.bank)`,
+            built once per model, not per batch (on a GPU it holds the bank in device memory).
+        rng: the bank-sampling generator (`windows` draws from it).
+
     Returns:
         video_ids list[str] [R], seconds int64 [R], boxes float32 [R, 4] normalised,
         scores float32 [R, num_classes].
@@ -42,10 +51,7 @@ def predict_batch(model: torch.nn.Module, batch: dict, *, bank=None, rng: np.ran
     model.eval()
     core = getattr(model, "module", model)
     rois_all = batch["rois"]
-    lt_all = None
-    if bank is not None:
-        lt_all = bank.sample(batch["roi_video_ids"], batch["roi_seconds"], rng, window_seconds=window_seconds,
-                             max_feats_per_second=max_feats_per_second)
+    lt_all = windows(batch["roi_video_ids"], batch["roi_seconds"], rng) if windows is not None else None  # [R, W*K, C]
     b = len(batch["clip"])
     sizes = np.asarray(batch["sizes"], np.int64).reshape(b, 2)
     roi_clip = rois_all[:, 0].long().numpy() if len(rois_all) else np.zeros(0, np.int64)
@@ -59,7 +65,8 @@ def predict_batch(model: torch.nn.Module, batch: dict, *, bank=None, rng: np.ran
         clip = to_model_layout(batch["clip"][torch.from_numpy(idx)][..., :h, :w].to(device, non_blocking=True))
         rois = rois_all[torch.from_numpy(sel)].clone()
         rois[:, 0] = torch.from_numpy(np.searchsorted(idx, roi_clip[sel]).astype(np.float32))  # batch index in the group
-        lt = lt_all[torch.from_numpy(sel)].to(device) if lt_all is not None else None
+        lt = (lt_all.index_select(0, torch.from_numpy(sel).to(lt_all.device, non_blocking=True)).to(device)
+              if lt_all is not None else None)
         with autocast_for(device, amp):
             s = core.scores(model(clip, rois.to(device), lt)).float().cpu()
         if scores is None:
@@ -135,20 +142,21 @@ class _Predictor:
         self.cfg = config_from_dict(cfg_dict)
         self.device = best_device()
         self.model = load_model(self.cfg, checkpoint, self.device)
-        self.bank = None
+        self.windows = None
         if self.cfg.model.uses_bank:
             from lfb_ray.bank import FeatureBank
+            from lfb_ray.bank.window import WindowSampler
 
-            self.bank = FeatureBank.open(self.cfg.bank_dir, expected_dim=self.model.feature_channels,
-                                         missing_videos=self.cfg.bank.missing_videos)
+            bank = FeatureBank.open(self.cfg.bank_dir, expected_dim=self.model.feature_channels,
+                                    missing_videos=self.cfg.bank.missing_videos)
+            self.windows = WindowSampler.for_config(bank, self.device, self.cfg.bank)
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, batch: dict) -> dict:
         from lfb_ray.data.dataset import collate_test
 
-        p = predict_batch(self.model, collate_test(batch, self.cfg.data.mean, self.cfg.data.std), bank=self.bank, rng=self.rng, device=self.device,
-                          amp=self.cfg.train.amp, window_seconds=self.cfg.bank.window_seconds,
-                          max_feats_per_second=self.cfg.bank.max_feats_per_second)
+        p = predict_batch(self.model, collate_test(batch, self.cfg.data.mean, self.cfg.data.std),
+                          windows=self.windows, rng=self.rng, device=self.device, amp=self.cfg.train.amp)
         n = len(p["video_ids"])
         return {"video_id": np.array(p["video_ids"], dtype=object), "timestamp": p["seconds"],
                 "box": p["boxes"].reshape(n, 4), "scores": p["scores"]}

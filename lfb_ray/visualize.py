@@ -112,9 +112,11 @@ class KeyframePrediction:
 
 
 @torch.no_grad()
-def predict_keyframes(model: torch.nn.Module, rows: list[dict], cfg: Config, *, bank=None,
+def predict_keyframes(model: torch.nn.Module, rows: list[dict], cfg: Config, *, windows=None,
                       device: torch.device | str = "cpu", seed: int = 0) -> list[KeyframePrediction]:
     """Score every proposal of `rows` (prepared rows) and, for fbo=nl, read the NL attention.
+
+    `windows` is the LFB models' `WindowSampler` (built once by the caller), None for a baseline.
 
     The attention comes from the inputs the operator saw in that same forward (a temporary
     forward hook on `model.fbo`), recomputed by `FBONonLocal.attention` for layer 1.
@@ -140,8 +142,7 @@ def predict_keyframes(model: torch.nn.Module, rows: list[dict], cfg: Config, *, 
                                                   score_thr=cfg.data.val_person_score_thr),
                                  cfg.data.mean, cfg.data.std)
             seen.clear()
-            pred = predict_batch(model, batch, bank=bank, rng=rng, device=device, amp=cfg.train.amp,
-                                 window_seconds=w, max_feats_per_second=k)
+            pred = predict_batch(model, batch, windows=windows, rng=rng, device=device, amp=cfg.train.amp)
             per_box = None
             if nl:
                 st, lt = seen[0]
@@ -317,12 +318,14 @@ def visualize_video(cfg: Config, checkpoint: str, video_id: str, *, split: str =
     keep = np.unique(np.linspace(0, len(rows) - 1, min(max_keyframes, len(rows))).round().astype(int))
     rows = [rows[i] for i in keep]
     model = load_model(cfg, checkpoint, dev)
-    bank = None
+    windows = None
     if cfg.model.uses_bank:
         from lfb_ray.bank import FeatureBank
+        from lfb_ray.bank.window import WindowSampler
 
-        bank = FeatureBank.open(cfg.bank_dir, expected_dim=model.feature_channels)
-    preds = predict_keyframes(model, rows, cfg, bank=bank, device=dev, seed=cfg.train.seed)
+        windows = WindowSampler.for_config(FeatureBank.open(cfg.bank_dir, expected_dim=model.feature_channels),
+                                           dev, cfg.bank)
+    preds = predict_keyframes(model, rows, cfg, windows=windows, device=dev, seed=cfg.train.seed)
     names = read_label_map(cfg.data_path(cfg.data.label_map))
     window = cfg.bank.window_seconds if cfg.model.fbo == "nl" else None
     tiles = [render_tile(p, label_names=names, top_k=top_k, score_thr=score_thr, tile_width=tile_width,

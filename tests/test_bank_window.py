@@ -348,3 +348,68 @@ def test_train_step_on_cuda_never_syncs(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert total.count == 3 and np.isfinite(total.mean)
+
+
+# --- evaluation and the head warm-up: the same windows through the sampler --------------------------
+
+def test_predict_batch_with_the_sampler_scores_as_with_sample(tmp_path):
+    """`predict_batch(windows=WindowSampler)` (val metric, inference job, detect) gives the scores of the
+    model fed `FeatureBank.sample`'s window for the same rng, bitwise (fp32 CPU), over several batches
+    that reuse the sampler's buffer."""
+    from lfb_ray.inference import predict_batch
+
+    cfg, core = _tiny_lfb()
+    core.eval()
+    first = random_bank(tmp_path / "bank", 13, dim=core.feature_channels, seconds=60)
+    bank = FeatureBank.open(tmp_path / "bank")
+    windows = WindowSampler.for_config(bank, "cpu", cfg.bank)
+    assert (windows.window_seconds, windows.max_feats_per_second) == (cfg.bank.window_seconds,
+                                                                     cfg.bank.max_feats_per_second)
+    rng_a, rng_b = np.random.default_rng(4), np.random.default_rng(4)
+    for b in _batches(first, 3, cfg.model.num_classes):
+        b = dict(b, sizes=np.array([[64, 64]] * 3), boxes=b["rois"][:, 1:].numpy() / 64)
+        got = predict_batch(core, b, windows=windows, rng=rng_a, device=torch.device("cpu"), amp="off")["scores"]
+        lt = bank.sample(b["roi_video_ids"], b["roi_seconds"], rng_b, window_seconds=cfg.bank.window_seconds,
+                         max_feats_per_second=cfg.bank.max_feats_per_second)
+        with torch.no_grad():
+            want = core.scores(core(b["clip"], b["rois"], lt)).numpy()
+        np.testing.assert_array_equal(got, want)
+
+
+def test_head_warm_up_on_the_sampler_keeps_its_losses(tmp_path, monkeypatch):
+    """The warm-up draws its windows through `WindowSampler` (host path here): the losses of the old
+    per-step `bank.sample(...).to(device)` loop, bitwise."""
+    from lfb_ray.train import head_warmup
+
+    cfg, core = _tiny_lfb()
+    random_bank(tmp_path / "bank", 14, dim=core.feature_channels, seconds=30, videos=2)
+    rows = []
+    bank = FeatureBank.open(tmp_path / "bank")
+    vids, secs, boxes, _ = bank.entries()
+    for v, s in zip(vids, secs.tolist(), strict=True):
+        rows.append(f"{v},{s},0.1,0.1,0.5,0.5,{1 + s % 3},0")
+    csv = tmp_path / "train.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    monkeypatch.setattr(head_warmup, "gt_targets",
+                        lambda csv, v, s, b, k: (np.arange(len(v)), np.eye(k, dtype=np.float32)[1 + s % 3]))
+    kw = dict(steps=6, lr=1e-2, batch=8, seed=0, window_seconds=cfg.bank.window_seconds,
+              max_feats_per_second=cfg.bank.max_feats_per_second)
+    new = head_warmup.warm_up_head(core, str(tmp_path / "bank"), str(csv), log=lambda m: None, **kw)
+
+    _, again = _tiny_lfb()
+    old_sample_calls = []
+
+    class OldSampler:  # the loop before: bank.sample per step, then .to(device)
+        def __init__(self, bank, device, *, window_seconds, max_feats_per_second, mode, log):
+            self.bank, self.kw = bank, dict(window_seconds=window_seconds, max_feats_per_second=max_feats_per_second)
+
+        def __call__(self, video_ids, seconds, rng):
+            old_sample_calls.append(len(video_ids))
+            return self.bank.sample(video_ids, seconds, rng, **self.kw)
+
+    monkeypatch.setattr("lfb_ray.bank.window.WindowSampler", OldSampler)
+    old = head_warmup.warm_up_head(again, str(tmp_path / "bank"), str(csv), log=lambda m: None, **kw)
+    assert len(old_sample_calls) == 6
+    assert (new.loss_first, new.loss_last) == (old.loss_first, old.loss_last)
+    for p, q in zip(core.parameters(), again.parameters(), strict=True):
+        assert torch.equal(p, q)

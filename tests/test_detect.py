@@ -65,6 +65,7 @@ def test_scores_equal_the_evaluation_path(env, tmp_path):
     the prepared val video with the same bank; the bank equals the bank job's for the same keyframes."""
     from lfb_ray.bank import FeatureBank
     from lfb_ray.bank.build import BankExtractor
+    from lfb_ray.bank.window import WindowSampler
     from lfb_ray.config import config_to_dict
     from lfb_ray.data.annotations import read_result_rows
     from lfb_ray.data.dataset import RAW_COLUMNS, collate_test, decode_test_rows
@@ -102,8 +103,8 @@ def test_scores_equal_the_evaluation_path(env, tmp_path):
     batch = collate_test(decode_test_rows({c: [r[c] for r in rows] for c in RAW_COLUMNS}, cfg_data=d["data"],
                                           prepared_uri=str(prepared), score_thr=cfg.data.val_person_score_thr),
                          cfg.data.mean, cfg.data.std)
-    pred = predict_batch(model, batch, bank=bank, rng=np.random.default_rng(0), device=torch.device("cpu"),
-                         window_seconds=cfg.bank.window_seconds, max_feats_per_second=cfg.bank.max_feats_per_second)
+    windows = WindowSampler.for_config(bank, "cpu", cfg.bank)
+    pred = predict_batch(model, batch, windows=windows, rng=np.random.default_rng(0), device=torch.device("cpu"))
     det = read_result_rows(res.csv)
 
     def key(t, b):  # the eval box of a CSV row: same second, same box to the CSV's 6 decimals

@@ -189,9 +189,8 @@ def test_a_box_scores_the_same_whatever_clips_share_its_test_batch(fbo: str) -> 
     from lfb_ray.data.dataset import collate_test
     from lfb_ray.inference import predict_batch
 
-    class Bank:  # the same long-term features for a RoI whatever its batch (the real bank's contract)
-        def sample(self, video_ids, seconds, rng, **kw):
-            return torch.stack([torch.full((6, 64), float(s % 7) / 7) for s in seconds])
+    def windows(video_ids, seconds, rng):  # the same long-term features for a RoI whatever its batch (the bank's contract)
+        return torch.stack([torch.full((6, 64), float(s % 7) / 7) for s in seconds])
 
     model = small(fbo).eval()
     rng = np.random.default_rng(0)
@@ -205,9 +204,8 @@ def test_a_box_scores_the_same_whatever_clips_share_its_test_batch(fbo: str) -> 
     box_px[:] = px
     batch = {"clip": clips, "boxes": boxes, "box_px": box_px, "video_id": np.array(["a", "b", "c"], object),
              "timestamp": np.array([902, 903, 904])}
-    bank = Bank() if fbo != "none" else None
-    kw = dict(bank=bank, rng=np.random.default_rng(1), device=torch.device("cpu"), amp="off", window_seconds=3,
-              max_feats_per_second=2)
+    kw = dict(windows=windows if fbo != "none" else None, rng=np.random.default_rng(1), device=torch.device("cpu"),
+              amp="off")
     mean, std = DataConfig().mean, DataConfig().std
     together = predict_batch(model, collate_test(batch, mean, std), **kw)["scores"]
     alone = np.concatenate([predict_batch(model, collate_test({k: v[i:i + 1] for k, v in batch.items()}, mean, std),

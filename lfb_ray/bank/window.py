@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from lfb_ray.bank.format import BankError
 from lfb_ray.bank.reader import FeatureBank
+
+if TYPE_CHECKING:
+    from lfb_ray.config import BankConfig
 
 __all__ = ["BANK_DEVICES", "DEVICE_FRACTION", "DeviceFeatures", "WindowSampler", "place_features"]
 
@@ -134,6 +138,13 @@ class WindowSampler:
         self.on_device = place_features(bank, self.device, mode, log)
         self._pin = self.device.type == "cuda"
         self._buffer: torch.Tensor | None = None  # the host path's reused CPU window (not pinned)
+
+    @classmethod
+    def for_config(cls, bank: FeatureBank, device: torch.device | str, bank_cfg: BankConfig,
+                   log: Callable[[str], None] = print) -> WindowSampler:
+        """The sampler of a run's `bank` section: its window, features per second and `bank.device`."""
+        return cls(bank, device, window_seconds=bank_cfg.window_seconds,
+                   max_feats_per_second=bank_cfg.max_feats_per_second, mode=bank_cfg.device, log=log)
 
     @property
     def where(self) -> str:

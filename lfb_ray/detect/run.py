@@ -382,13 +382,16 @@ def _build_bank(cfg_run: Config, base_cfg, bank_checkpoint: str, parts: list[lis
 
 def _score(model, rows: list[dict], cfg_run: Config, bank, dev, progress: bool, desc: str) -> dict:
     """{second: KeyframePrediction} for `rows`, `eval.batch_size` keyframes per `predict_keyframes` call."""
+    from lfb_ray.bank.window import WindowSampler
     from lfb_ray.visualize import predict_keyframes
+
+    windows = WindowSampler.for_config(bank, dev, cfg_run.bank) if bank is not None else None
 
     out = {}
     step = max(1, cfg_run.eval.batch_size)
     with progress_bar(len(rows), desc, "keyframe", progress) as bar:
         for i in range(0, len(rows), step):
-            for kp in predict_keyframes(model, rows[i:i + step], cfg_run, bank=bank, device=dev,
+            for kp in predict_keyframes(model, rows[i:i + step], cfg_run, windows=windows, device=dev,
                                         seed=cfg_run.train.seed + i):
                 out[kp.timestamp] = kp
             bar.update(len(rows[i:i + step]))

@@ -81,7 +81,7 @@ def gt_targets(csv_path: str, video_ids: list[str], seconds: np.ndarray, boxes: 
 
 def warm_up_head(model, bank_split_dir: str, train_csv: str, *, steps: int, lr: float, batch: int, seed: int,
                  window_seconds: int, max_feats_per_second: int, checkpoint: str | None = None,
-                 log: Callable[[str], None] = print) -> WarmupResult:
+                 bank_device: str = "cpu", log: Callable[[str], None] = print) -> WarmupResult:
     """Train every non-backbone parameter of `model` with Adam on the bank's train entries.
 
     The backbone is untouched (and must be the one that computed the bank: the caller loads the
@@ -97,12 +97,14 @@ def warm_up_head(model, bank_split_dir: str, train_csv: str, *, steps: int, lr: 
         checkpoint: the checkpoint the model's backbone came from; checked against the one that
             computed the bank (its sha256 in the bank manifest), since the bank's features stand
             in for the backbone's.
+        bank_device: where the windows are gathered (`bank.device`, `WindowSampler`).
 
     Raises:
         ValueError: the bank was computed by another checkpoint, or no bank entry matches a GT
             box (wrong bank or CSV).
     """
     from lfb_ray.bank import FeatureBank
+    from lfb_ray.bank.window import WindowSampler
 
     t0 = time.time()
     bank = FeatureBank.open(bank_split_dir, expected_dim=model.feature_channels)
@@ -124,6 +126,8 @@ def warm_up_head(model, bank_split_dir: str, train_csv: str, *, steps: int, lr: 
     y_all = torch.from_numpy(ys)  # [M, K]
     r_vids = [vids[i] for i in rows]
     r_secs = secs[rows]
+    windows = (WindowSampler(bank, device, window_seconds=window_seconds, max_feats_per_second=max_feats_per_second,
+                             mode=bank_device, log=log) if model.fbo is not None else None)
     head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     opt = torch.optim.Adam(head, lr=lr)
     rng = np.random.default_rng(seed)
@@ -136,16 +140,14 @@ def warm_up_head(model, bank_split_dir: str, train_csv: str, *, steps: int, lr: 
         for step in range(1, steps + 1):
             pick = rng.choice(len(rows), size=min(batch, len(rows)), replace=False)
             st = st_all[pick].to(device)
-            lt = None
-            if model.fbo is not None:
-                lt = bank.sample([r_vids[i] for i in pick], r_secs[pick], rng, window_seconds=window_seconds,
-                                 max_feats_per_second=max_feats_per_second).to(device)
+            lt = windows([r_vids[i] for i in pick], r_secs[pick], rng) if windows is not None else None
             loss = model.loss(model.classify(st, lt), y_all[pick].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())  # read at the log points below, not per step (no device sync)
             if step % max(1, steps // 5) == 0 or step == steps:
+                losses[:] = [float(v) for v in losses]
                 log(f"[lfb_ray] head warm-up step {step}/{steps}: loss {np.mean(losses[-max(1, steps // 5):]):.4f}")
     finally:
         model.train(was_training)

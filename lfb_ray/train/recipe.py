@@ -126,7 +126,7 @@ def _param_agreement(model, world: int) -> dict:
     return {"ddp/param_checksum": local, "ddp/param_checksums_equal": float(len(set(sums)) == 1)}
 
 
-def _val_predictions(model, cfg: Config, bank, rank: int, world: int, device, rng) -> dict:
+def _val_predictions(model, cfg: Config, windows, rank: int, world: int, device, rng) -> dict:
     """This rank's share of val predictions (files split round-robin across ranks)."""
     import ray
 
@@ -144,13 +144,12 @@ def _val_predictions(model, cfg: Config, bank, rank: int, world: int, device, rn
             fn_kwargs={"cfg_data": config_to_dict(cfg)["data"], "prepared_uri": cfg.prepared_dir,
                        "score_thr": cfg.data.val_person_score_thr})
         for batch in ds.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"):
-            preds.append(predict_batch(model, collate_test(batch, cfg.data.mean, cfg.data.std), bank=bank, rng=rng, device=device,
-                                       amp=cfg.train.amp, window_seconds=cfg.bank.window_seconds,
-                                       max_feats_per_second=cfg.bank.max_feats_per_second))
+            preds.append(predict_batch(model, collate_test(batch, cfg.data.mean, cfg.data.std), windows=windows,
+                                       rng=rng, device=device, amp=cfg.train.amp))
     return concat_predictions(preds, cfg.model.num_classes)
 
 
-def _evaluate(model, cfg: Config, bank, ctx, device, epoch: int, results_dir: str, rng) -> dict:
+def _evaluate(model, cfg: Config, windows, ctx, device, epoch: int, results_dir: str, rng) -> dict:
     """Distributed val inference; rank 0 gathers, writes the CSV and computes frame-mAP.
 
     `val/csv` is the CSV in `results_dir`. When that is a URI, the CSV is written to a local
@@ -163,7 +162,7 @@ def _evaluate(model, cfg: Config, bank, ctx, device, epoch: int, results_dir: st
     from lfb_ray.storage import is_uri, join_uri, upload_file
 
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    mine = _val_predictions(model, cfg, bank, rank, world, device, rng)
+    mine = _val_predictions(model, cfg, windows, rank, world, device, rng)
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)
@@ -229,7 +228,8 @@ def _warm_up(core, cfg: Config, checkpoint: str) -> None:
     res = warm_up_head(core, join_uri(cfg.bank_dir, "train"), cfg.data_path(cfg.data.train_csv),
                        steps=tc.head_warmup_steps, lr=tc.head_warmup_lr, batch=tc.head_warmup_batch,
                        seed=tc.seed, window_seconds=cfg.bank.window_seconds,
-                       max_feats_per_second=cfg.bank.max_feats_per_second, checkpoint=checkpoint, log=log)
+                       max_feats_per_second=cfg.bank.max_feats_per_second, checkpoint=checkpoint,
+                       bank_device=cfg.bank.device, log=log)
     log(f"[lfb_ray] head warm-up: {res.steps} steps on {res.entries} bank entries, loss {res.loss_first:.4f} -> "
         f"{res.loss_last:.4f}, {res.seconds:.0f} s on {torch.get_num_threads()} CPU thread(s)")
 
@@ -394,9 +394,8 @@ def train_loop_per_worker(config: dict) -> None:
     if bank is not None:
         from lfb_ray.bank.window import WindowSampler
 
-        windows = WindowSampler(bank, device, window_seconds=cfg.bank.window_seconds,
-                                max_feats_per_second=cfg.bank.max_feats_per_second, mode=cfg.bank.device,
-                                log=lambda m: print(m, flush=True) if rank == 0 else None)
+        windows = WindowSampler.for_config(bank, device, cfg.bank,
+                                           log=lambda m: print(m, flush=True) if rank == 0 else None)
         if rank == 0:
             print(f"[lfb_ray] LFB windows are gathered on the {windows.where} (bank.device={cfg.bank.device})",
                   flush=True)
@@ -438,7 +437,7 @@ def train_loop_per_worker(config: dict) -> None:
         evaluate when due, print, log to MLflow, checkpoint and report, attach the val CSV."""
         nonlocal best_map
         if evaluate:
-            ev = _evaluate(core, cfg, bank, ctx, device, done - 1, results_dir, eval_generator(tc.seed, rank, done))
+            ev = _evaluate(core, cfg, windows, ctx, device, done - 1, results_dir, eval_generator(tc.seed, rank, done))
             metrics.update(ev)
             if rank == 0 and not math.isnan(ev.get("val/mAP", float("nan"))):
                 best_map = ev["val/mAP"] if math.isnan(best_map) else max(best_map, ev["val/mAP"])

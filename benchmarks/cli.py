@@ -10,6 +10,8 @@
     python jobs/benchmark.py bank-read [--quick]    # FeatureBank.sample vs the mmaction2 loop; shared mmap memory
     python jobs/benchmark.py model [--quick] [--device cuda]  # detector forward+backward, fp32 vs bf16
     python jobs/benchmark.py bank-step [--quick]    # the bank's cost in one LFB iteration: before vs after (+CUDA)
+    python jobs/benchmark.py loader [--quick] [--prepared DIR]  # training clips/s: real loader vs step only
+    python jobs/benchmark.py gpu-session --prepared DIR [--budget-s 480] [--out DIR]  # all GPU checks, one run
 
 Synthetic videos are generated once under --workdir and reused. Prints tables; asserts no timings.
 Exit code 0 when every benchmark ran (and its correctness checks held), 1 when one failed (`all`
@@ -45,19 +47,32 @@ def main(argv: list[str] | None = None) -> int:
             model.main(argv[1:], prog="benchmark.py model")
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=[*COMMANDS, "all", "gpu", "ava-scale", "bank-step", *OWN_FLAGS])
+    parser.add_argument("command", choices=[*COMMANDS, "all", "gpu", "ava-scale", "bank-step", "loader",
+                                            "gpu-session", *OWN_FLAGS])
     parser.add_argument("--quick", action="store_true", help="small sizes (< 1 min each on 2 CPUs)")
     parser.add_argument("--workdir", default="runs/bench", help="synthetic data and scratch outputs")
     parser.add_argument("--prepared", default=None,
-                        help="gpu only: an existing prepared folder for the bank section (then Ray is not needed)")
+                        help="gpu, loader, gpu-session: an existing prepared folder (then Ray is not needed)")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="gpu-session: the whole run's time budget")
+    parser.add_argument("--out", default=None, help="gpu-session: also write each section's output to OUT/<section>.txt")
     args = parser.parse_args(argv)
+    if args.command == "gpu-session":
+        from benchmarks import gpu_session
+
+        return gpu_session.run(prepared=args.prepared, quick=args.quick, workdir=args.workdir,
+                               budget_s=args.budget_s, out=args.out)
+    if args.command == "loader":
+        from benchmarks import loader
+
+        return 0 if _attempt("loader", lambda: loader.run(quick=args.quick, workdir=args.workdir,
+                                                          prepared=args.prepared)) else 1
     if args.command == "gpu":  # not part of `all`: it needs a CUDA machine to mean anything
         from benchmarks import gpu
 
         return 0 if _attempt("gpu", lambda: gpu.run(quick=args.quick, workdir=args.workdir,
                                                     prepared=args.prepared)) else 1
     if args.prepared:
-        parser.error("--prepared is only for the gpu command")
+        parser.error("--prepared is only for the gpu, loader and gpu-session commands")
     if args.command == "ava-scale":  # not part of `all`: 15-minute videos, ~15 min on 2 CPUs
         from benchmarks import ava_scale
 

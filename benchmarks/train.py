@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks.table import Measure, cpu_count, format_table, machine_line, ratio
 from lfb_ray.config import Config, config_to_dict
 
-__all__ = ["run"]
+__all__ = ["decode_batch", "run"]
 
 # (videos, seconds per video, batch per worker, iterations per epoch, epochs, max Ray workers)
 SIZES = {"quick": (3, 20, 4, 3, 1, 1), "default": (8, 60, 8, 16, 2, 2)}
@@ -38,6 +38,16 @@ def _raw_batches(cfg: Config, batch_size: int, num_batches: int) -> list[dict]:
     table = table.append_column("row_id", pa.array(np.arange(len(table)))).append_column(
         "epoch", pa.array(np.zeros(len(table), np.int64)))
     return [table.slice(i * batch_size, batch_size).to_pydict() for i in range(num_batches)]
+
+
+def decode_batch(cfg: Config, raw: dict) -> dict:
+    """One batch of `_raw_batches` through the training loop's own decode + collate (no Ray):
+    `decode_train_rows` then `collate_train` (clip [B, 3, T, S, S] normalised, rois [R, 5], labels
+    [R, C])."""
+    from lfb_ray.data.dataset import collate_train, decode_train_rows
+
+    return collate_train(decode_train_rows(raw, cfg_data=config_to_dict(cfg)["data"], prepared_uri=cfg.prepared_dir,
+                                           seed=cfg.train.seed), cfg.data.mean, cfg.data.std)
 
 
 def _pipeline_only(cfg: Config, batch_size: int, num_batches: int) -> dict:
@@ -77,18 +87,15 @@ def _baselines(cfg: Config, raw: list[dict]) -> dict:
     """Plain torch loop (no Ray, 1 thread): decode cost, compute-only and decode+compute clips/s."""
     import torch
 
-    from lfb_ray.data.dataset import collate_train, decode_train_rows
     from lfb_ray.models import build_detector
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what a 1-CPU (or 0.5-CPU) Ray Train worker gets (OMP_NUM_THREADS=1)
     try:
-        cfg_data = config_to_dict(cfg)["data"]
         tc = cfg.train
 
         def decode(i: int) -> dict:
-            return collate_train(decode_train_rows(raw[i], cfg_data=cfg_data, prepared_uri=cfg.prepared_dir,
-                                                   seed=cfg.train.seed), cfg.data.mean, cfg.data.std)
+            return decode_batch(cfg, raw[i])
 
         torch.manual_seed(tc.seed)
         model = build_detector(cfg.model).train()

@@ -18,11 +18,31 @@ from conftest import REPO
 @pytest.mark.slow
 def test_benchmark_subcommands_quick(ray_local, tmp_path, capsys):
     main = runpy.run_path(str(REPO / "jobs" / "benchmark.py"))["main"]
-    for command in ("eval", "prepare", "bank-build", "train", "gpu"):
+    for command in ("eval", "prepare", "bank-build", "train", "gpu", "loader"):
         assert main([command, "--quick", "--workdir", str(tmp_path)]) == 0
         out = capsys.readouterr().out
         assert f"[{command}" in out and "------" in out and "load average" in out, out[-3000:]
-    assert "[gpu-train]" in out and "[gpu-bank-build]" in out and "keyframes / forward" in out, out[-3000:]
+        if command == "gpu":
+            assert "[gpu-train]" in out and "[gpu-bank-build]" in out and "keyframes / forward" in out, out[-3000:]
+    assert "step only" in out and "loader + step" in out, out[-3000:]
+
+
+def test_gpu_session_runs_its_sections_within_the_budget(tmp_path, capsys):
+    """`gpu-session` (the one command for a lent GPU machine) runs each section as a subprocess, keeps
+    each one's output, and skips what the budget no longer allows; here the sections without Ray."""
+    from benchmarks import gpu_session
+
+    out_dir = tmp_path / "out"
+    code = gpu_session.run(prepared=None, quick=True, workdir=str(tmp_path / "work"), budget_s=400, out=str(out_dir),
+                           sections=("tests", "bank-step"))
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert "[gpu-session]" in out and "tests ok" in out and "bank-step ok" in out, out[-3000:]
+    assert "[bank-step]" in (out_dir / "bank-step.txt").read_text()
+    assert "passed" in (out_dir / "tests.txt").read_text() or "skipped" in (out_dir / "tests.txt").read_text()
+    assert gpu_session.run(prepared=None, quick=True, workdir=str(tmp_path / "work"), budget_s=5,
+                           sections=("bank-step",)) == 1
+    assert "bank-step skipped: budget spent" in capsys.readouterr().out
 
 
 def test_bank_step_quick(tmp_path, capsys):
@@ -53,7 +73,7 @@ def test_help_names_every_subcommand(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     for command in ("prepare", "ava-scale", "bank-build", "train", "eval", "all", "gpu", "bank-read", "model",
-                    "bank-step"):
+                    "bank-step", "loader", "gpu-session"):
         assert f"jobs/benchmark.py {command} " in out
     for command, flag in (("bank-read", "--max-feats-per-second"), ("model", "--device")):
         with pytest.raises(SystemExit):
@@ -70,3 +90,19 @@ def test_printed_paths_are_relative_inside_the_current_directory(tmp_path, monke
     outside = tmp_path.parent / "elsewhere"
     assert shown(outside) == str(outside)
     assert shown("s3://bucket/prepared") == "s3://bucket/prepared"
+
+
+def test_the_documented_gpu_session_command_parses(monkeypatch):
+    """BENCHMARKS.md's gpu-session command line, as written, reaches `gpu_session.run` with its flags."""
+    import shlex
+
+    from benchmarks import cli, gpu_session
+
+    text = (REPO / "BENCHMARKS.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("python jobs/benchmark.py gpu-session"))
+    seen = {}
+    monkeypatch.setattr(gpu_session, "run", lambda **kw: seen.update(kw) or 0)
+    argv = [a.replace("$OUT", "/out") for a in shlex.split(line)[2:]]
+    assert cli.main(argv) == 0
+    assert seen["prepared"] == "runs/gpuwork/prepared" and seen["out"] == "/out/gpu_session"
+    assert seen["budget_s"] == 480 and seen["quick"] is False

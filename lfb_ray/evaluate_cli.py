@@ -22,11 +22,11 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from lfb_ray.data.annotations import AnnotationError, read_annotation_rows, read_exclusions, read_label_map
 from lfb_ray.evaluation import MapResult, evaluate_frame_map, read_results_csv
 from lfb_ray.redaction import redact_text
+from lfb_ray.storage import atomic_path
 
 __all__ = ["PROTOCOLS", "build_parser", "format_side_by_side", "format_table", "main", "result_to_json"]
 
@@ -128,18 +128,9 @@ def _evaluate_and_print(gt, det, label_map, exclusions, protocol: str, json_path
 
 
 def _write_json_atomic(path: str, payload: dict) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
 
 
 def main(argv: list[str] | None = None) -> int:

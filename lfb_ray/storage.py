@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 
 from lfb_ray.redaction import RedactedMessage
 
-__all__ = ["StorageError", "check_writable", "checkpoint_file", "exists", "is_uri", "join", "join_uri", "local_file",
+__all__ = ["StorageError", "atomic_path", "check_writable", "checkpoint_file", "exists", "is_uri", "join", "join_uri", "local_file",
            "read_bytes", "file_exists", "fsync_local", "read_json", "remove_dir", "resolve", "upload_file", "write_bytes_atomic", "write_json_atomic"]
 
 
@@ -111,6 +111,25 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         except Exception:
             pass
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str = "") -> Iterator[str]:
+    """A temporary local path beside `path`, for writers that need a file name (torch.save, PyAV,
+    Pillow, text): when the block ends the file is fsynced and moved over `path`; when it raises, the
+    temporary file is removed and `path` keeps what it held. `suffix` keeps the extension a library
+    infers the format from (".mp4", ".png")."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        yield str(tmp)
+        local = pafs.LocalFileSystem()
+        fsync_local(local, str(tmp))
+        os.replace(tmp, target)
+        fsync_local(local, str(target.parent), directory=True)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def upload_file(local_path: str | os.PathLike, dest: str) -> None:

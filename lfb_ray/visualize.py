@@ -7,7 +7,6 @@ Runs in-process from the prepared shards (plain pyarrow, no Ray): the rows go th
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from lfb_ray.config import Config, config_to_dict
 from lfb_ray.data.clips import decode_jpeg
 from lfb_ray.data.dataset import RAW_COLUMNS, collate_test, decode_test_rows
 from lfb_ray.data.schema import row_gt
+from lfb_ray.storage import atomic_path
 
 __all__ = ["KeyframePrediction", "Visualization", "bank_seconds", "keyframe_image", "predict_keyframes",
            "read_video_rows", "render_tile", "second_attention", "visualize_video"]
@@ -283,8 +283,7 @@ def _write_mp4(path: str, tiles: list[Image.Image]) -> None:
 
     w, h = tiles[0].size
     w2, h2 = w + w % 2, h + h % 2  # yuv420p needs even sizes
-    tmp = f"{path}.tmp.mp4"
-    with av.open(tmp, mode="w") as container:
+    with atomic_path(path, suffix=".mp4") as tmp, av.open(tmp, mode="w") as container:
         stream = container.add_stream("libx264", rate=VIDEO_FPS)
         stream.width, stream.height, stream.pix_fmt = w2, h2, "yuv420p"
         for t in tiles:
@@ -293,7 +292,6 @@ def _write_mp4(path: str, tiles: list[Image.Image]) -> None:
             frame = av.VideoFrame.from_ndarray(np.asarray(canvas), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
-    os.replace(tmp, path)
 
 
 def visualize_video(cfg: Config, checkpoint: str, video_id: str, *, split: str = "val", out_dir: str = "",
@@ -340,8 +338,8 @@ def visualize_video(cfg: Config, checkpoint: str, video_id: str, *, split: str =
     for i, t in enumerate(tiles):
         grid.paste(t, ((i % cols) * tw, (i // cols) * th))
     png, mp4 = str(out / f"{video_id}_grid.png"), str(out / f"{video_id}.mp4")
-    grid.save(f"{png}.tmp.png")
-    os.replace(f"{png}.tmp.png", png)
+    with atomic_path(png, suffix=".png") as tmp:
+        grid.save(tmp)
     _write_mp4(mp4, tiles)
     return Visualization(png=png, mp4=mp4, timestamps=[p.timestamp for p in preds], tile_size=(tw, th),
                          grid_shape=(nrows, cols))

@@ -8,7 +8,6 @@ with `weights_only=True`, so a pickle holding anything but containers and tensor
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from lfb_ray.bank.format import SPLITS, BankError, child_path, leaf_banks, split_location
 from lfb_ray.bank.reader import FeatureBank
 from lfb_ray.bank.writer import BankSummary, write_bank
+from lfb_ray.storage import atomic_path
 
 __all__ = ["export_mmaction2", "import_mmaction2"]
 
@@ -157,12 +157,8 @@ def export_mmaction2(
     written = []
     for split, path in targets.items():
         file = out_dir / f"lfb_{split}.pkl"
-        tmp = out_dir / f".{file.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
+        with atomic_path(file) as tmp:
             torch.save(_to_mmaction2(FeatureBank.open(path, filesystem=fs)), tmp)
-            os.replace(tmp, file)
-        finally:
-            tmp.unlink(missing_ok=True)
         written.append(file)
     return written
 

@@ -20,6 +20,7 @@ from fractions import Fraction
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lfb_ray.storage import atomic_path
 from lfb_ray.visualize import PRED_COLOURS, _font, _label, _short
 
 __all__ = ["FrameOverlay", "Layout", "PersonOverlay", "draw_frame", "overlay_layer", "panel_rows", "write_annotated_video", "write_frame_png"]
@@ -215,10 +216,9 @@ def write_annotated_video(path: str, video: str, frame_idx: np.ndarray, fps: flo
     h, w = vr[0].shape[:2]
     layout = Layout.for_source(w, h)
     rate = Fraction(fps).limit_denominator(1001)
-    tmp = f"{path}.tmp.mp4"
     layers: dict[int, tuple] = {}  # keyframe second -> its overlay_layer, flattened
     n = 0
-    with av.open(tmp, mode="w", format="mp4") as container:
+    with atomic_path(path, suffix=".mp4") as tmp, av.open(tmp, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height = layout.size
         stream.pix_fmt = "yuv420p"
@@ -240,7 +240,6 @@ def write_annotated_video(path: str, video: str, frame_idx: np.ndarray, fps: flo
             if progress is not None:
                 progress(len(idx))
         container.mux(stream.encode(None))
-    os.replace(tmp, path)
     return (n, *layout.size)
 
 

@@ -7,13 +7,12 @@ ties, whose order neither the official evaluator nor mmaction2's defines).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from lfb_ray.data.annotations import AVA_NUM_ACTIONS, ResultRows, read_result_rows
+from lfb_ray.storage import atomic_path
 
 __all__ = ["build_result_rows", "read_results_csv", "write_results_csv"]
 
@@ -60,7 +59,7 @@ def build_result_rows(video_ids: Sequence[str] | np.ndarray, timestamps: Sequenc
 def write_results_csv(path: str | os.PathLike, video_ids: Sequence[str] | np.ndarray,
                       timestamps: Sequence[int] | np.ndarray, boxes: np.ndarray, scores: np.ndarray,
                       action_thr: float | None = None, class_ids: Sequence[int] | None = None) -> int:
-    """Writes the AVA result CSV atomically (temp file in the same folder, then `os.replace`).
+    """Writes the AVA result CSV atomically (`lfb_ray.storage.atomic_path`).
 
     Args:
         path: destination; parent folders are created.
@@ -85,17 +84,8 @@ def write_results_csv(path: str | os.PathLike, video_ids: Sequence[str] | np.nda
               for v, t, b in zip(video_ids.tolist(), timestamps.tolist(), boxes.tolist(), strict=True)]
     values = scores[box, cls].astype(np.float64).tolist()
     text = "".join(f"{prefix[i]}{c},{s:.6f}\n" for i, c, s in zip(box.tolist(), cls.tolist(), values, strict=True))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
     return len(box)
 
 

@@ -31,6 +31,7 @@ from lfb_ray.config import ModelConfig
 from lfb_ray.models.card import CheckpointMeta
 from lfb_ray.models.detector import build_detector
 from lfb_ray.redaction import RedactedMessage
+from lfb_ray.storage import atomic_path
 
 __all__ = [
     "FORMAT",
@@ -351,25 +352,17 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, backbone_only: bool =
 def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | Path, source: str = "",
                     model_config: Mapping[str, Any] | None = None, meta: CheckpointMeta | None = None) -> None:
     """Write `{"model": state_dict, "source", "format"[, "model_config", "meta"]}` atomically (temp
-    file + os.replace). `model_config` (plain data: `config_to_dict(cfg)["model"]`) lets a loader
+    file moved into place, `lfb_ray.storage.atomic_path`). `model_config` (plain data: `config_to_dict(cfg)["model"]`) lets a loader
     refuse a checkpoint of another operator (Avg and Max weights have the same keys and shapes);
     `meta` (`lfb_ray.models.card.CheckpointMeta`) says where the weights came from."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": {k: v.detach().cpu() for k, v in state_dict.items()}, "source": source,
                "format": FORMAT}
     if model_config is not None:
         payload["model_config"] = dict(model_config)
     if meta is not None:
         payload["meta"] = meta.to_dict()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def infer_model_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:

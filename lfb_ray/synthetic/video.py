@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 
+from lfb_ray.storage import atomic_path
 from lfb_ray.synthetic.classes import FPS
 from lfb_ray.synthetic.render import render_frames
 from lfb_ray.synthetic.scene import VideoPlan
@@ -17,8 +17,7 @@ from lfb_ray.synthetic.scene import VideoPlan
 def write_video(plan: VideoPlan, seed: int, index: int, path: Path, width: int, height: int) -> None:
     """Renders and encodes one video (H.264 yuv420p, 30 fps) to path atomically."""
     rng = np.random.default_rng([seed, 1, index])
-    tmp = path.with_name(f".{path.stem}.tmp.mp4")
-    with av.open(str(tmp), "w", format="mp4") as container:
+    with atomic_path(path, suffix=".mp4") as tmp, av.open(tmp, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=FPS)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.time_base = Fraction(1, FPS)
@@ -36,4 +35,3 @@ def write_video(plan: VideoPlan, seed: int, index: int, path: Path, width: int, 
             frame.pts = i
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
-    os.replace(tmp, path)

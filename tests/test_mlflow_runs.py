@@ -225,11 +225,12 @@ def test_a_parent_lists_and_ends_the_runs_it_resumed(tmp_path, elsewhere):
 
 def test_tracked_run_without_mlflow_warns_and_yields_no_run(tmp_path, monkeypatch, capsys):
     import lfb_ray.tracking as tracking
+    import lfb_ray.tracking.lifecycle as lifecycle  # tracked_run looks find_or_create_run up there
 
     def unreachable(uri, *a, **k):
         raise ConnectionError("Max retries exceeded")
 
-    monkeypatch.setattr(tracking, "find_or_create_run", unreachable)
+    monkeypatch.setattr(lifecycle, "find_or_create_run", unreachable)
     with tracking.tracked_run(_cfg(tmp_path), "pipeline-x", kind="pipeline", params={}, log="[pipeline]") as run:
         assert run.run_id is None
         run.add_runs(["x"])  # nothing to record in

@@ -80,7 +80,7 @@ def fake_s3_work(monkeypatch):
     import lfb_ray.bank.build as build
     import lfb_ray.compare as compare
     import lfb_ray.identity as identity
-    import lfb_ray.tracking as tracking
+    import lfb_ray.tracking.lifecycle as lifecycle  # tracked_run looks find_or_create_run up there
     from lfb_ray.runs import run_name_for
     from lfb_ray.storage import join_uri
 
@@ -116,7 +116,7 @@ def fake_s3_work(monkeypatch):
     monkeypatch.setattr(build, "file_sha256", file_sha256)
     monkeypatch.setattr(identity, "checkpoint_id", checkpoint_id)
     monkeypatch.setattr(compare, "compare", lambda *a, **k: ("table", []))
-    monkeypatch.setattr(tracking, "find_or_create_run", find_or_create_run)
+    monkeypatch.setattr(lifecycle, "find_or_create_run", find_or_create_run)
     return opened
 
 
@@ -150,13 +150,13 @@ def test_pipeline_prints_and_stores_no_credentials_yet_opens_with_them(
 
 def test_fit_warning_names_the_tracking_server_without_its_password(tmp_path, monkeypatch, capsys):
     import lfb_ray.identity as identity
-    import lfb_ray.tracking as tracking
+    import lfb_ray.tracking.lifecycle as lifecycle  # tracked_run looks find_or_create_run up there
     import lfb_ray.train.driver as driver
 
     def find_or_create_run(uri, *a, **k):
         raise ConnectionError(f"Max retries exceeded with url: {uri}/api/2.0/mlflow/runs/create")
 
-    monkeypatch.setattr(tracking, "find_or_create_run", find_or_create_run)
+    monkeypatch.setattr(lifecycle, "find_or_create_run", find_or_create_run)
     monkeypatch.setattr(identity, "run_inputs", lambda cfg, init=None: {"prepared": "p"})
     monkeypatch.setattr(driver, "_fit_run", lambda cfg, **k: "ran")
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"workdir={tmp_path}", "tracking.enabled=true",

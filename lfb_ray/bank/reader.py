@@ -39,6 +39,13 @@ def _name_some(videos: Sequence[str]) -> str:
     return shown + (f" (+{len(videos) - _NAMED} more)" if len(videos) > _NAMED else "")
 
 
+def _check_out(out: torch.Tensor, shape: tuple[int, int, int]) -> None:
+    """Refuse an `out` that `gather` cannot fill in place: a contiguous CPU float32 [R, S, C] `shape`."""
+    if out.shape != shape or out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous CPU float32 tensor of shape {shape}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+
+
 class FeatureBank:
     """Read-only, memory-mapped long-term feature bank; cheap to open in many processes.
 
@@ -384,10 +391,8 @@ class FeatureBank:
         C = self._dim
         if out is None:
             out = torch.empty((R, S, C), dtype=torch.float32)
-        elif out.shape != (R, S, C) or out.dtype != torch.float32 or out.device.type != "cpu" \
-                or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous CPU float32 tensor of shape {(R, S, C)}, "
-                             f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+        else:
+            _check_out(out, (R, S, C))
         flat = rows.reshape(-1)
         dst = np.flatnonzero(flat >= 0)
         if len(dst) == 0:
@@ -434,12 +439,9 @@ class FeatureBank:
         Raises:
             BankError: a video the bank does not hold (in "error" mode), naming it and the bank path.
         """
-        W, K, C = window_seconds, max_feats_per_second, self._dim
-        R = len(video_ids)
-        if out is not None and (out.shape != (R, W * K, C) or out.dtype != torch.float32
-                                or out.device.type != "cpu" or not out.is_contiguous()):
-            raise ValueError(f"out must be a contiguous CPU float32 tensor of shape {(R, W * K, C)}, "
-                             f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+        W, K = window_seconds, max_feats_per_second
+        if out is not None:  # refused before any draw from `rng`
+            _check_out(out, (len(video_ids), W * K, self._dim))
         rows = self.window_rows(video_ids, seconds, rng, window_seconds=W, max_feats_per_second=K)
         return self.gather(rows, out=out)
 

@@ -2,7 +2,7 @@
 
 `load_config(path, overrides)` is the only YAML reader of the project. Overrides are dotted
 `section.key=value` strings (values parsed as YAML scalars), type-checked against the dataclasses
-of `lfb_ray.config`. Unknown keys and wrong types are errors that name the key and what is allowed.
+of `lfb_ray.config.sections`. Unknown keys and wrong types are errors that name the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -13,21 +13,14 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 
-from lfb_ray.redaction import RedactedMessage
-
-if TYPE_CHECKING:
-    from lfb_ray.config import Config
+from lfb_ray.config.sections import Config, ConfigError
 
 __all__ = ["ConfigError", "config_from_dict", "config_hash", "config_to_dict", "flatten_config", "load_config",
            "with_overrides"]
-
-
-class ConfigError(RedactedMessage, ValueError):
-    """A config file or override is invalid; the message names the key."""
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -102,7 +95,6 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Build a `Config` from nested plain data (e.g. `config_to_dict` output inside a Ray worker)."""
-    from lfb_ray.config import Config  # here: lfb_ray.config imports this module
 
     return _build(Config, data, "")
 
@@ -184,7 +176,6 @@ def flatten_config(cfg: Config) -> dict[str, Any]:
 
 def config_hash(cfg: Config | dict[str, Any], sections: typing.Sequence[str] | None = None) -> str:
     """Stable short hash of the config (or of some sections): names runs deterministically."""
-    from lfb_ray.config import Config
 
     d = config_to_dict(cfg) if isinstance(cfg, Config) else cfg
     if sections is not None:

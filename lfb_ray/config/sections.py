@@ -1,9 +1,5 @@
-"""Typed configuration: frozen dataclasses are the schema and the defaults; YAML files fill them.
-
-Each section is one dataclass that checks its own values. Reading, overriding and hashing a config
-live in `lfb_ray.config_io`, its path keys in `lfb_ray.config_paths`; both are re-exported here, so
-`from lfb_ray.config import load_config, resolve_paths` keeps working.
-"""
+"""The config's schema and defaults: one frozen dataclass per section, each checking its own values,
+and `Config`, which holds them and checks what spans sections."""
 
 from __future__ import annotations
 
@@ -12,39 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from lfb_ray.config_io import (
-    ConfigError,
-    config_from_dict,
-    config_hash,
-    config_to_dict,
-    flatten_config,
-    load_config,
-    with_overrides,
-)
-from lfb_ray.config_paths import PATH_KEYS, path_values, resolve_paths, unresolve_paths
+from lfb_ray.redaction import RedactedMessage
 
-__all__ = [
-    "BankConfig",
-    "ClusterConfig",
-    "Config",
-    "ConfigError",
-    "check_exclusive_groups",
-    "DataConfig",
-    "EvalConfig",
-    "ModelConfig",
-    "TrackingConfig",
-    "TrainConfig",
-    "config_from_dict",
-    "config_hash",
-    "config_to_dict",
-    "flatten_config",
-    "load_config",
-    "PATH_KEYS",
-    "path_values",
-    "resolve_paths",
-    "unresolve_paths",
-    "with_overrides",
-]
+__all__ = ["BankConfig", "ClusterConfig", "Config", "ConfigError", "check_exclusive_groups", "DataConfig", "EvalConfig", "ModelConfig", "TrackingConfig", "TrainConfig"]
+
+
+class ConfigError(RedactedMessage, ValueError):
+    """A config file or override is invalid; the message names the key."""
+
 
 
 @dataclass(frozen=True)
@@ -401,9 +372,9 @@ class Config:
         from lfb_ray.storage import is_uri
 
         if is_uri(self.workdir):
-            from lfb_ray.tracking import redact
+            from lfb_ray.redaction import redact_obj
 
-            raise ConfigError(f"workdir is a URI ({redact('workdir', self.workdir)}), where the default MLflow store "
+            raise ConfigError(f"workdir is a URI ({redact_obj(self.workdir, 'workdir')}), where the default MLflow store "
                               "(sqlite:///<workdir>/mlflow.db) cannot be: set tracking.tracking_uri (or "
                               "MLFLOW_TRACKING_URI) to a tracking server, or tracking.enabled=false")
         return "sqlite:///" + str(Path(self.workdir).resolve() / "mlflow.db")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from lfb_ray.config import Config
+from lfb_ray.config.sections import Config
 
 __all__ = ["PATH_KEYS", "path_values", "resolve_paths", "unresolve_paths"]
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from benchmarks.table import Measure, cpu_count, format_table, machine_line, ratio, shown
 
-__all__ = ["run", "v1_schema"]
+__all__ = ["run"]
 
 SIZES = {"quick": (2, 60), "default": (2, 900)}  # (videos, seconds per video)
 AVA_KEYFRAMES = 299 * 897  # AVA v2.1: 235 train + 64 val videos, keyframes at seconds 902..1798
@@ -78,15 +78,6 @@ def _plan(task: dict) -> dict:
 # --- (v1) the previous format: 64 JPEGs inside every keyframe row
 
 
-def v1_schema():
-    import pyarrow as pa
-
-    return pa.schema([("video_id", pa.string()), ("timestamp", pa.int32()), ("ref_offsets", pa.list_(pa.int16())),
-                      ("frame_slot", pa.list_(pa.int16())), ("frame_indices", pa.list_(pa.int32())),
-                      ("frames", pa.list_(pa.binary())), ("gt_boxes", pa.list_(pa.float32())),
-                      ("gt_labels", pa.list_(pa.uint8())), ("proposals", pa.list_(pa.float32()))])
-
-
 def _write_v1(task: dict, out: Path) -> tuple[int, int]:
     """The v1 prepare of one video (16 keyframes decoded together, each unique frame of a chunk
     encoded once, every row storing its own copies, 256 rows per Parquet part). Returns (rows, bytes)."""
@@ -94,6 +85,7 @@ def _write_v1(task: dict, out: Path) -> tuple[int, int]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from benchmarks.prepare import v1_schema
     from lfb_ray.data.clips import encode_jpeg
 
     s, plan = task["settings"], _plan(task)

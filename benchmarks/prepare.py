@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks.table import Measure, cpu_count, format_table, machine_line, ratio, shown
 from lfb_ray.config import Config, load_config, resolve_paths
 
-__all__ = ["bench_config", "main_child", "prepared_config", "run", "synthetic_root"]
+__all__ = ["bench_config", "main_child", "prepared_config", "run", "synthetic_root", "v1_schema"]
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"quick": (3, 20), "default": (8, 60)}  # (videos, seconds per video)
@@ -43,6 +43,17 @@ def synthetic_root(workdir: str | Path, *, videos: int, seconds: int, seed: int 
                              workers=min(cpu_count(), videos))
         print(f"generated {videos} synthetic videos x {seconds} s in {shown(root)} ({m.wall_s:.0f} s)", flush=True)
     return root
+
+
+def v1_schema():
+    """The Arrow schema of the v1 prepared rows (each keyframe row carrying its own JPEG frames): the
+    format the v2 frame stores replaced, kept here as the baseline of `prepare` and `ava-scale`."""
+    import pyarrow as pa
+
+    return pa.schema([("video_id", pa.string()), ("timestamp", pa.int32()), ("ref_offsets", pa.list_(pa.int16())),
+                      ("frame_slot", pa.list_(pa.int16())), ("frame_indices", pa.list_(pa.int32())),
+                      ("frames", pa.list_(pa.binary())), ("gt_boxes", pa.list_(pa.float32())),
+                      ("gt_labels", pa.list_(pa.uint8())), ("proposals", pa.list_(pa.float32()))])
 
 
 def bench_config(config: str, workdir: str | Path, data_root: str | Path, *overrides: str) -> Config:
@@ -184,7 +195,6 @@ def _per_keyframe(tasks: list[dict], out_dir: Path | None, train_clip: bool = Fa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from benchmarks.ava_scale import v1_schema
     from lfb_ray.data.timing import clip_ref_offsets, frame_indices_for
 
     rng = np.random.default_rng(0)

@@ -3,7 +3,7 @@
 One Ray task per (split, video) (`lfb_ray.data.prep_task.PrepareTask`, run by
 `lfb_ray.data.prep_video.prepare_video`) decodes, in order and once, every frame that any keyframe's clip
 can touch (`decord.VideoReader.get_batch` over sorted unique indices, in bounded chunks — never one
-seek per clip), resizes them to the stored size (`stored_size`: `data.short_side`, or the source's
+seek per clip: `lfb_ray.data.decode`), resizes them to the stored size (`decode.stored_size`: `data.short_side`, or the source's
 size when smaller), JPEG-encodes each frame once into the video's frame store and writes the
 video's keyframe table (schema in `lfb_ray.data.schema`). Each video commits with a `_DONE.json`
 marker written after its files, which makes the job resumable and idempotent: a rerun skips videos

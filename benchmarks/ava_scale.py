@@ -23,10 +23,14 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from benchmarks.table import Measure, cpu_count, format_table, machine_line, ratio, shown
+
+if TYPE_CHECKING:
+    from lfb_ray.data.prep_task import PrepareTask
 
 __all__ = ["run"]
 
@@ -66,19 +70,19 @@ def _dataset(workdir: Path, videos: int, seconds: int) -> Path:
 _PLANS: dict[str, dict] = {}
 
 
-def _plan(task: dict) -> dict:
+def _plan(task: PrepareTask) -> dict:
     """`prep`'s decode plan of a video (stored size, frame indices per keyframe), computed once."""
     from benchmarks.prepare import _video_plan
 
-    if task["path"] not in _PLANS:
-        _PLANS[task["path"]] = _video_plan(task)
-    return _PLANS[task["path"]]
+    if task.path not in _PLANS:
+        _PLANS[task.path] = _video_plan(task)
+    return _PLANS[task.path]
 
 
 # --- (v1) the previous format: 64 JPEGs inside every keyframe row
 
 
-def _write_v1(task: dict, out: Path) -> tuple[int, int]:
+def _write_v1(task: PrepareTask, out: Path) -> tuple[int, int]:
     """The v1 prepare of one video (16 keyframes decoded together, each unique frame of a chunk
     encoded once, every row storing its own copies, 256 rows per Parquet part). Returns (rows, bytes)."""
     import decord
@@ -88,8 +92,8 @@ def _write_v1(task: dict, out: Path) -> tuple[int, int]:
     from benchmarks.prepare import v1_schema
     from lfb_ray.data.clips import encode_jpeg
 
-    s, plan = task["settings"], _plan(task)
-    vr = decord.VideoReader(task["path"], width=plan["w"], height=plan["h"], num_threads=1)
+    s, plan = task.settings, _plan(task)
+    vr = decord.VideoReader(task.path, width=plan["w"], height=plan["h"], num_threads=1)
     rows, parts, nbytes = [], 0, 0
     out.mkdir(parents=True, exist_ok=True)
     idx = plan["frame_idx"]
@@ -97,15 +101,15 @@ def _write_v1(task: dict, out: Path) -> tuple[int, int]:
         chunk = idx[c0:c0 + 16]
         needed = np.unique(chunk)
         decoded = vr.get_batch(needed.tolist()).asnumpy()
-        jpeg = {int(i): encode_jpeg(decoded[j], s["jpeg_quality"]) for j, i in enumerate(needed)}
+        jpeg = {int(i): encode_jpeg(decoded[j], s.jpeg_quality) for j, i in enumerate(needed)}
         for k, fidx in enumerate(chunk):
-            kf = task["keyframes"][c0 + k]
+            kf = task.keyframes[c0 + k]
             uniq, slot = np.unique(fidx, return_inverse=True)
-            rows.append({"video_id": task["video_id"], "timestamp": int(kf["timestamp"]),
+            rows.append({"video_id": task.video_id, "timestamp": int(kf.timestamp),
                          "ref_offsets": plan["offsets"].astype(np.int16).tolist(),
                          "frame_slot": slot.astype(np.int16).tolist(), "frame_indices": uniq.astype(np.int32).tolist(),
-                         "frames": [jpeg[int(i)] for i in uniq], "gt_boxes": kf["gt_boxes"],
-                         "gt_labels": kf["gt_labels"], "proposals": kf["proposals"]})
+                         "frames": [jpeg[int(i)] for i in uniq], "gt_boxes": kf.gt_boxes,
+                         "gt_labels": kf.gt_labels, "proposals": kf.proposals})
         while len(rows) >= 256 or (rows and c0 + 16 >= len(idx)):
             path = out / f"part-{parts:05d}.parquet"
             pq.write_table(pa.Table.from_pylist(rows[:256], schema=v1_schema()), path, compression="none")
@@ -117,25 +121,25 @@ def _write_v1(task: dict, out: Path) -> tuple[int, int]:
 # --- (raw) mmaction2's rawframes
 
 
-def _write_rawframes(task: dict, out: Path) -> tuple[int, int]:
+def _write_rawframes(task: PrepareTask, out: Path) -> tuple[int, int]:
     """Every frame of the video as img_%05d.jpg at the stored size. Returns (files, bytes)."""
     import decord
     from PIL import Image
 
-    s, plan = task["settings"], _plan(task)
-    vr = decord.VideoReader(task["path"], width=plan["w"], height=plan["h"], num_threads=1)
+    s, plan = task.settings, _plan(task)
+    vr = decord.VideoReader(task.path, width=plan["w"], height=plan["h"], num_threads=1)
     out.mkdir(parents=True, exist_ok=True)
     n, nbytes = len(vr), 0
     for c0 in range(0, n, 128):
         frames = vr.get_batch(list(range(c0, min(n, c0 + 128)))).asnumpy()
         for j, f in enumerate(frames):
             path = out / f"img_{c0 + j + 1:05d}.jpg"
-            Image.fromarray(f).save(path, format="JPEG", quality=s["jpeg_quality"])
+            Image.fromarray(f).save(path, format="JPEG", quality=s.jpeg_quality)
             nbytes += path.stat().st_size
     return n, nbytes
 
 
-def _sequential_decode(tasks: list[dict]) -> int:
+def _sequential_decode(tasks: list[PrepareTask]) -> int:
     from benchmarks.prepare import _sequential_decode as seq
 
     return seq(tasks)
@@ -144,7 +148,7 @@ def _sequential_decode(tasks: list[dict]) -> int:
 # --- readers: one training clip each, 1 thread
 
 
-def _clip_requests(tasks: list[dict], cfg, count: int) -> list[tuple[int, int, np.ndarray]]:
+def _clip_requests(tasks: list[PrepareTask], cfg, count: int) -> list[tuple[int, int, np.ndarray]]:
     """(task index, keyframe index, the 4 jittered reference offsets' positions) of `count` random clips."""
     from lfb_ray.data.clips import ClipSpec, pick_clip_frames
 
@@ -153,7 +157,7 @@ def _clip_requests(tasks: list[dict], cfg, count: int) -> list[tuple[int, int, n
     out = []
     for _ in range(count):
         t = int(rng.integers(len(tasks)))
-        k = int(rng.integers(len(tasks[t]["keyframes"])))
+        k = int(rng.integers(len(tasks[t].keyframes)))
         out.append((t, k, pick_clip_frames(_plan(tasks[t])["offsets"], spec, rng)))
     return out
 
@@ -174,7 +178,7 @@ def _read_v2(cfg, tasks, requests) -> dict:
     tables = {}
     for t in {r[0] for r in requests}:
         task = tasks[t]
-        tables[t] = pq.read_table(Path(cfg.prepared_dir) / task["split"] / task["video_id"] / "keyframes.parquet",
+        tables[t] = pq.read_table(Path(cfg.prepared_dir) / task.split / task.video_id / "keyframes.parquet",
                                   columns=["frame_rows", "frames_file"]).to_pylist()
     rng = np.random.default_rng(1)
     pages = used = 0
@@ -209,7 +213,7 @@ def _read_v1(v1_dir: Path, tasks, requests, cfg) -> dict:
 
     rng = np.random.default_rng(1)
     read = 0
-    files = {t: sorted((v1_dir / tasks[t]["video_id"]).glob("*.parquet")) for t in {r[0] for r in requests}}
+    files = {t: sorted((v1_dir / tasks[t].video_id).glob("*.parquet")) for t in {r[0] for r in requests}}
     with Measure() as m:
         for t, k, pos in requests:
             f = files[t][k // 256]
@@ -238,7 +242,7 @@ def _read_raw(raw_dir: Path, tasks, requests, cfg) -> dict:
             idx = plan["frame_idx"][k][pos]
             datas = []
             for i in idx:
-                with open(raw_dir / tasks[t]["video_id"] / f"img_{int(i) + 1:05d}.jpg", "rb") as f:
+                with open(raw_dir / tasks[t].video_id / f"img_{int(i) + 1:05d}.jpg", "rb") as f:
                     datas.append(f.read())
             frames = np.stack([decode_jpeg(d) for d in datas])
             _transform(frames, cfg, rng)
@@ -261,7 +265,7 @@ def run(*, quick: bool = False, workdir: str | Path = "runs/bench") -> str:
     tasks, failures = build_tasks(cfg)
     if failures:
         raise RuntimeError(f"AVA-size benchmark input is incomplete: {failures}")
-    keyframes = sum(len(t["keyframes"]) for t in tasks)
+    keyframes = sum(len(t.keyframes) for t in tasks)
     for t in tasks:  # decode plans once (they probe the video), outside the timed sections
         _plan(t)
 
@@ -274,11 +278,11 @@ def run(*, quick: bool = False, workdir: str | Path = "runs/bench") -> str:
             assert r["status"] == "done", r
             v2_bytes += r["bytes"]
     with Measure() as v1:
-        v1_bytes = sum(_write_v1(t, work / "v1" / t["video_id"])[1] for t in tasks)
+        v1_bytes = sum(_write_v1(t, work / "v1" / t.video_id)[1] for t in tasks)
     with Measure() as raw:
         raw_files, raw_bytes = 0, 0
         for t in tasks:
-            n, b = _write_rawframes(t, work / "raw" / t["video_id"])
+            n, b = _write_rawframes(t, work / "raw" / t.video_id)
             raw_files, raw_bytes = raw_files + n, raw_bytes + b
     v2_frames = int(sum(len(np.unique(_plan(t)["frame_idx"])) for t in tasks))
 

@@ -19,11 +19,15 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from benchmarks.table import Measure, cpu_count, format_table, machine_line, ratio, shown
 from lfb_ray.config import Config, load_config, resolve_paths
+
+if TYPE_CHECKING:
+    from lfb_ray.data.prep_task import PrepareTask
 
 __all__ = ["bench_config", "main_child", "prepared_config", "run", "synthetic_root", "v1_schema"]
 
@@ -131,59 +135,59 @@ def _run_job(num_cpus: int, workdir: Path, data_root: Path, runs: list[list[str]
 # --- the in-process baselines
 
 
-def _video_plan(task: dict) -> dict:
-    """What `prep._decode_and_write` decides for one video: size, frame indices per keyframe."""
+def _video_plan(task: PrepareTask) -> dict:
+    """What `prep_video._decode_and_write` decides for one video: size, frame indices per keyframe."""
     import decord
 
-    from lfb_ray.data.prep import stored_size
+    from lfb_ray.data.decode import stored_size
     from lfb_ray.data.timing import detect_video_start, frame_indices_for, stored_ref_offsets
 
-    s = task["settings"]
-    probe = decord.VideoReader(task["path"], num_threads=1)
+    s = task.settings
+    probe = decord.VideoReader(task.path, num_threads=1)
     num_frames, fps = len(probe), float(probe.get_avg_fps())
     oh, ow = probe[0].shape[:2]
     del probe
-    timestamps = np.array([k["timestamp"] for k in task["keyframes"]], dtype=np.int64)
-    start = detect_video_start(s["video_start_second"], duration_s=num_frames / fps,
-                               max_timestamp=int(timestamps.max()), video=task["path"])
-    h, w = stored_size(oh, ow, s["short_side"])
-    offsets = stored_ref_offsets(s["clip_frames"], s["frame_interval"],
-                                 tuple(s["jitter"]) if s["jitter"] else None)
+    timestamps = np.array([k.timestamp for k in task.keyframes], dtype=np.int64)
+    start = detect_video_start(s.video_start_second, duration_s=num_frames / fps,
+                               max_timestamp=int(timestamps.max()), video=task.path)
+    h, w = stored_size(oh, ow, s.short_side)
+    offsets = stored_ref_offsets(s.clip_frames, s.frame_interval,
+                                 tuple(s.jitter) if s.jitter else None)
     idx = frame_indices_for(timestamps, offsets, video_start_second=start, native_fps=fps,
-                            num_frames=num_frames, reference_fps=s["reference_fps"])
+                            num_frames=num_frames, reference_fps=s.reference_fps)
     return {"h": h, "w": w, "oh": oh, "ow": ow, "fps": fps, "start": start, "num_frames": num_frames,
             "offsets": offsets, "frame_idx": idx, "timestamps": timestamps}
 
 
-def _sequential_decode(tasks: list[dict]) -> int:
+def _sequential_decode(tasks: list[PrepareTask]) -> int:
     """(b): every needed frame of each video exactly once, in order; returns frames decoded."""
     import decord
 
     n = 0
     for task in tasks:
         plan = _video_plan(task)
-        vr = decord.VideoReader(task["path"], width=plan["w"], height=plan["h"], num_threads=1)
+        vr = decord.VideoReader(task.path, width=plan["w"], height=plan["h"], num_threads=1)
         needed = np.unique(plan["frame_idx"])
         for c0 in range(0, len(needed), 256):  # bounded memory, still one forward pass
             n += len(vr.get_batch(needed[c0:c0 + 256].tolist()).asnumpy())
     return n
 
 
-def _naive_rows(task: dict, plan: dict, k: int, fidx: np.ndarray, frames: np.ndarray, quality: int) -> dict:
+def _naive_rows(task: PrepareTask, plan: dict, k: int, fidx: np.ndarray, frames: np.ndarray, quality: int) -> dict:
     """A per-keyframe row for keyframe k holding its own JPEGs (the v1 layout of
     `benchmarks.ava_scale`; no sharing between keyframes)."""
     from lfb_ray.data.clips import encode_jpeg
 
-    kf = task["keyframes"][k]
+    kf = task.keyframes[k]
     uniq, slot = np.unique(fidx, return_inverse=True)
-    return {"video_id": task["video_id"], "timestamp": int(kf["timestamp"]),
+    return {"video_id": task.video_id, "timestamp": int(kf.timestamp),
             "ref_offsets": plan["offsets"].astype(np.int16).tolist(),
             "frame_slot": slot.astype(np.int16).tolist(), "frame_indices": uniq.astype(np.int32).tolist(),
-            "frames": [encode_jpeg(f, quality) for f in frames], "gt_boxes": kf["gt_boxes"],
-            "gt_labels": kf["gt_labels"], "proposals": kf["proposals"]}
+            "frames": [encode_jpeg(f, quality) for f in frames], "gt_boxes": kf.gt_boxes,
+            "gt_labels": kf.gt_labels, "proposals": kf.proposals}
 
 
-def _per_keyframe(tasks: list[dict], out_dir: Path | None, train_clip: bool = False) -> tuple[int, int]:
+def _per_keyframe(tasks: list[PrepareTask], out_dir: Path | None, train_clip: bool = False) -> tuple[int, int]:
     """(c): a fresh `get_batch` per keyframe. With `out_dir`, also JPEG + Parquet rows of its own frames.
 
     `train_clip` decodes only the 4 jittered clip frames a train-time loader would read (one epoch).
@@ -200,18 +204,18 @@ def _per_keyframe(tasks: list[dict], out_dir: Path | None, train_clip: bool = Fa
     rng = np.random.default_rng(0)
     n, nbytes = 0, 0
     for task in tasks:
-        s = task["settings"]
+        s = task.settings
         plan = _video_plan(task)
-        vr = decord.VideoReader(task["path"], width=plan["w"], height=plan["h"], num_threads=1)
+        vr = decord.VideoReader(task.path, width=plan["w"], height=plan["h"], num_threads=1)
         rows: list[dict] = []
         parts = 0
         for k in range(len(plan["timestamps"])):
             if train_clip:
-                base = clip_ref_offsets(s["clip_frames"], s["frame_interval"])
-                jitter = rng.integers(s["jitter"][0], s["jitter"][1] + 1, len(base)) if s["jitter"] else 0
+                base = clip_ref_offsets(s.clip_frames, s.frame_interval)
+                jitter = rng.integers(s.jitter[0], s.jitter[1] + 1, len(base)) if s.jitter else 0
                 fidx = frame_indices_for(plan["timestamps"][k:k + 1], base + jitter,
                                          video_start_second=plan["start"], native_fps=plan["fps"],
-                                         num_frames=plan["num_frames"], reference_fps=s["reference_fps"])[0]
+                                         num_frames=plan["num_frames"], reference_fps=s.reference_fps)[0]
             else:
                 fidx = plan["frame_idx"][k]
             uniq = np.unique(fidx)
@@ -219,10 +223,10 @@ def _per_keyframe(tasks: list[dict], out_dir: Path | None, train_clip: bool = Fa
             n += len(frames)
             if out_dir is None:
                 continue
-            rows.append(_naive_rows(task, plan, k, fidx, frames, s["jpeg_quality"]))
+            rows.append(_naive_rows(task, plan, k, fidx, frames, s.jpeg_quality))
             last = k + 1 == len(plan["timestamps"])
             if len(rows) >= 256 or (last and rows):
-                vdir = out_dir / task["split"] / task["video_id"]
+                vdir = out_dir / task.split / task.video_id
                 vdir.mkdir(parents=True, exist_ok=True)
                 path = vdir / f"part-{parts:05d}.parquet"
                 pq.write_table(pa.Table.from_pylist(rows, schema=v1_schema()), path, compression="none")
@@ -231,7 +235,7 @@ def _per_keyframe(tasks: list[dict], out_dir: Path | None, train_clip: bool = Fa
     return n, nbytes
 
 
-def _job_frames(tasks: list[dict]) -> int:
+def _job_frames(tasks: list[PrepareTask]) -> int:
     """Frames the job decodes: every frame any keyframe of the video needs, once."""
     return int(sum(len(np.unique(_video_plan(task)["frame_idx"])) for task in tasks))
 
@@ -253,7 +257,7 @@ def run(*, quick: bool = False, workdir: str | Path = "runs/bench") -> str:
     jobs = {1: _run_job(1, work, root, [on])} if n_cpu > 1 and not quick else {}  # scaling: default size only
     jobs[n_cpu] = _run_job(n_cpu, work, root, [on, off])
     tasks, _ = build_tasks(bench_config("synthetic", work, root))
-    keyframes = sum(len(t["keyframes"]) for t in tasks)
+    keyframes = sum(len(t.keyframes) for t in tasks)
 
     with Measure() as inproc:
         for task in tasks:

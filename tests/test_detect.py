@@ -78,7 +78,7 @@ def test_scores_equal_the_evaluation_path(env, tmp_path):
 
     # The evaluation path: the prepare job's task for the val video (with its jitter offsets), in-process.
     tasks, _ = build_tasks(cfg)
-    task = next(t for t in tasks if t["split"] == "val" and t["video_id"] == env["video_id"])
+    task = next(t for t in tasks if t.split == "val" and t.video_id == env["video_id"])
     prepared = tmp_path / "prepared"
     assert prepare_video(task, str(prepared))["status"] == "done"
     import pyarrow.parquet as pq

@@ -51,7 +51,7 @@ def test_prepare_coverage_and_val_gt_keep_the_same_keyframes(tmp_path):
     full = tiny_config(tmp_path / "w", root)
     tasks, _ = build_tasks(full)
     for split in ("train", "val"):
-        per_video = {t["video_id"]: len(t["keyframes"]) for t in tasks if t["split"] == split}
+        per_video = {t.video_id: len(t.keyframes) for t in tasks if t.split == split}
         assert len(per_video) == 2 and min(per_video.values()) > 2  # enough to cap within one video
 
     capped = tiny_config(tmp_path / "w", root, "data.max_keyframes_per_split=3")
@@ -59,7 +59,7 @@ def test_prepare_coverage_and_val_gt_keep_the_same_keyframes(tmp_path):
     for split, csv in (("train", "train.csv"), ("val", "val.csv")):
         rows = read_annotation_rows(root / "annotations" / csv)
         expect = sorted(first_keyframes(zip(rows.video_ids.tolist(), rows.timestamps.tolist()), 3))
-        got = sorted((t["video_id"], k["timestamp"]) for t in ctasks if t["split"] == split for k in t["keyframes"])
+        got = sorted((t.video_id, k.timestamp) for t in ctasks if t.split == split for k in t.keyframes)
         assert got == expect and len(got) == 3
         # the bank need only hold the videos that keep a keyframe (one here: all 3 are in the first)
         assert split_videos(capped, split) == sorted({v for v, _ in expect})

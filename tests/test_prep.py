@@ -94,7 +94,8 @@ def test_stored_frames_are_the_videos_frames(prepared, synthetic_root):
 
 def test_frames_stored_at_the_short_side_when_the_source_is_larger(synthetic_root, tmp_path):
     """A 160x120 source with data.short_side=96 (scale range <= 96) is stored at 128x96."""
-    from lfb_ray.data.prep import build_tasks, prepare_video, stored_size
+    from lfb_ray.data.decode import stored_size
+    from lfb_ray.data.prep import build_tasks, prepare_video
 
     assert stored_size(256, 456, 320) == (256, 456)  # AVA's 456x256 files: kept, never upsampled
     assert stored_size(720, 1280, 320) == (320, 569)
@@ -104,7 +105,7 @@ def test_frames_stored_at_the_short_side_when_the_source_is_larger(synthetic_roo
     tasks, _ = build_tasks(cfg)
     res = prepare_video(tasks[0], str(tmp_path / "out"))
     assert res["status"] == "done", res
-    row = pq.read_table(tmp_path / "out" / tasks[0]["split"] / tasks[0]["video_id"] / "keyframes.parquet").to_pylist()[0]
+    row = pq.read_table(tmp_path / "out" / tasks[0].split / tasks[0].video_id / "keyframes.parquet").to_pylist()[0]
     assert (row["height"], row["width"], row["orig_height"], row["orig_width"]) == (96, 128, 120, 160)
 
 

@@ -28,7 +28,7 @@ def one_video(synthetic_root, tmp_path):
     out = str(tmp_path / "prepared")
     first = prepare_video(task, out)
     assert first["status"] == "done"
-    vdir = tmp_path / "prepared" / task["split"] / task["video_id"]
+    vdir = tmp_path / "prepared" / task.split / task.video_id
     return task, out, vdir, first, {f: (vdir / f).read_bytes() for f in ("frames.arrow", "keyframes.parquet")}
 
 
@@ -89,7 +89,7 @@ def test_the_pipeline_finds_damaged_videos_from_the_manifest(one_video, tmp_path
     _finish(tiny_config(tmp_path / "work", tmp_path), out, [first], [], time.time())
     assert damaged_videos(out) == []
     (vdir / "keyframes.parquet").unlink()
-    assert damaged_videos(out) == [f"{task['split']}/{task['video_id']}: keyframes.parquet is missing"]
+    assert damaged_videos(out) == [f"{task.split}/{task.video_id}: keyframes.parquet is missing"]
     shutil.rmtree(vdir)
     assert len(damaged_videos(out)) == 1
 
@@ -108,14 +108,14 @@ def test_a_keyframe_before_the_video_start_is_a_reported_failure_not_a_clip_of_f
     csv.write_text(csv.read_text() + ",".join([vid, "0001"] + first[2:]) + "\n")
     cfg = tiny_config(tmp_path / "work", root)
     tasks, _ = build_tasks(cfg)
-    (task,) = [t for t in tasks if t["video_id"] == vid and t["split"] == "train"]
+    (task,) = [t for t in tasks if t.video_id == vid and t.split == "train"]
     out = prepare_video(task, str(tmp_path / "prepared"))
     assert out["status"] == "done"
     (failure,) = out["keyframe_failures"]
     assert failure["timestamp"] == 1 and "is before the start of" in failure["error"]
     assert "file time -899 s" in failure["error"]
     rows = pq.read_table(tmp_path / "prepared" / "train" / vid / "keyframes.parquet").to_pydict()
-    assert 1 not in rows["timestamp"] and len(rows["timestamp"]) == len(task["keyframes"]) - 1
+    assert 1 not in rows["timestamp"] and len(rows["timestamp"]) == len(task.keyframes) - 1
 
 
 @pytest.mark.ray

@@ -99,7 +99,7 @@ def prepare(tmp_path: Path, root: Path, *overrides: str) -> tuple[dict[str, dict
     tasks, failures = build_tasks(config(tmp_path, root, *overrides))
     assert failures == []
     out = str(tmp_path / "prepared")
-    return {t["video_id"]: prepare_video(t, out) for t in tasks}, out
+    return {t.video_id: prepare_video(t, out) for t in tasks}, out
 
 
 def stored_rows(out: str, vid: str) -> list[dict]:

@@ -77,12 +77,16 @@ def test_the_reported_case_keeps_the_committed_videos(synthetic_root, tmp_path):
 
 def test_prepare_video_never_removes_outside_its_folder(tmp_path, capsys):
     """The last line of defence: a task whose id escapes its split folder fails alone."""
+    from lfb_ray.config import Config
     from lfb_ray.data.prep import prepare_video
+    from lfb_ray.data.prep_task import PrepareTask, PrepSettings
 
     committed = tmp_path / "prepared" / "train" / "v1"
     committed.mkdir(parents=True)
     (committed / "_DONE.json").write_text(json.dumps({"hash": "h"}))
-    out = prepare_video({"split": "train", "video_id": "..", "path": "x.mp4", "hash": "h"}, str(tmp_path / "prepared"))
+    task = PrepareTask(split="train", video_id="..", path="x.mp4", size=0, mtime=0, keyframes=(),
+                       settings=PrepSettings.from_config(Config()), hash="h")
+    out = prepare_video(task, str(tmp_path / "prepared"))
     assert out["status"] == "failed" and "video id '..'" in out["error"]
     assert (committed / "_DONE.json").exists()
 

@@ -11,7 +11,7 @@ Everything runs in this process (no Ray cluster) and through the project's own c
 3. persons: the proposals file's boxes, or torchvision's detector on each keyframe's frame
    (native size); persons are the boxes at `data.val_person_score_thr` or above.
 4. decode: the requested seconds become one prepare task per chunk of keyframes
-   (`lfb_ray.data.prep.prepare_video`, the prepare job's per-video function, without temporal
+   (`lfb_ray.data.prep_video.prepare_video`, the prepare job's per-video function, without temporal
    jitter) in a work folder under `--out`; clips are then read exactly as the bank and evaluation
    jobs read them (same frame timing, stored size, JPEG quality and test transform).
 5. bank (LFB models only): the baseline over every keyframe of the span, by
@@ -30,8 +30,6 @@ Everything runs in this process (no Ray cluster) and through the project's own c
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import shutil
 import time
@@ -75,7 +73,7 @@ def _probe(video: str):
     """(decord reader, FrameTimes, shift) of a video file, or a DetectError saying why not."""
     import decord
 
-    from lfb_ray.data.prep import _frame_times, _short_error
+    from lfb_ray.data.decode import frame_times, short_error
 
     if not os.path.isfile(video):
         raise DetectError(f"--video {video}: no such file")
@@ -86,11 +84,11 @@ def _probe(video: str):
         n, fps = len(vr), float(vr.get_avg_fps())
         if n <= 0 or not fps > 0:
             raise ValueError(f"{n} frames at {fps} fps")
-        times, shift = _frame_times(video, vr, fps)
+        times, shift = frame_times(video, vr, fps)
         vr[0]  # the first frame decodes
     except Exception as e:  # decord raises its own error types
         raise DetectError(f"--video {video}: cannot open as a video (truncated, corrupt or not a video file): "
-                          f"{_short_error(e)}") from None
+                          f"{short_error(e)}") from None
     return vr, times, shift
 
 
@@ -138,27 +136,26 @@ def _prepare_parts(video: str, video_id: str, seconds: np.ndarray, raw: dict, cf
     task; returns each part's keyframe rows (sorted by second)."""
     import pyarrow.parquet as pq
 
-    from lfb_ray.data.prep import _prep_settings, prepare_video
+    from lfb_ray.data.prep_task import KeyframeTask, PrepareTask, PrepSettings
+    from lfb_ray.data.prep_video import prepare_video
 
-    settings = _prep_settings(cfg_run)
+    settings = PrepSettings.from_config(cfg_run)
     st = os.stat(video)
     mp = cfg_run.data.max_proposals
     parts = []
     with progress_bar(len(seconds), "decode", "keyframe", progress) as bar:
         for p0 in range(0, len(seconds), KEYFRAMES_PER_PART):
             chunk = seconds[p0:p0 + KEYFRAMES_PER_PART]
-            kfs = [{"timestamp": int(t), "excluded": False, "gt_boxes": [], "gt_labels": [], "gt_person_ids": [],
-                    "proposals": (raw[t][:mp].ravel().tolist() if raw.get(t) is not None else [0.0, 0.0, 1.0, 1.0, 1.0]),
-                    "proposals_missing": raw.get(t) is None} for t in chunk.tolist()]
-            task = {"split": f"part{p0 // KEYFRAMES_PER_PART:05d}", "video_id": video_id, "path": os.path.abspath(video),
-                    "source": {"size": st.st_size, "mtime": int(st.st_mtime)}, "keyframes": kfs, "settings": settings}
-            task["hash"] = hashlib.sha256(json.dumps(task, sort_keys=True).encode()).hexdigest()[:16]
+            kfs = tuple(KeyframeTask.build(int(t), raw.get(t), mp) for t in chunk.tolist())
+            task = PrepareTask(split=f"part{p0 // KEYFRAMES_PER_PART:05d}", video_id=video_id,
+                               path=os.path.abspath(video), size=st.st_size, mtime=int(st.st_mtime), keyframes=kfs,
+                               settings=settings).with_hash(full_path=True)
             summary = prepare_video(task, work)
             if summary["status"] == "failed":
                 raise DetectError(f"--video {video}: {summary['error']}")
             for f in summary.get("keyframe_failures") or []:
                 notes.append(f"second {f['timestamp']} skipped: {f['error']}")
-            path = os.path.join(work, task["split"], video_id, "keyframes.parquet")
+            path = os.path.join(work, task.split, video_id, "keyframes.parquet")
             rows = sorted(pq.read_table(path).to_pylist(), key=lambda r: int(r["timestamp"]))
             parts.append(rows)
             bar.update(len(chunk))

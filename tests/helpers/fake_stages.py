@@ -22,7 +22,7 @@ def fake_prepare(calls: list[str] | None = None) -> Callable:
         root.mkdir(parents=True, exist_ok=True)
         tasks, _ = built
         (root / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "settings": {}, "videos": [
-            {"split": t["split"], "video_id": t["video_id"], "hash": t["hash"], "rows": len(t["keyframes"]),
+            {"split": t.split, "video_id": t.video_id, "hash": t.hash, "rows": len(t.keyframes),
              "bytes": 1, "files": []} for t in tasks]}))
         return SimpleNamespace(line=lambda: "prepared", keyframes=1, bytes=1, failures=[])
 

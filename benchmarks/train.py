@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from benchmarks.table import Measure, cpu_count, format_table, machine_line, ratio
-from lfb_ray.config import Config, config_to_dict
+from lfb_ray.config import Config
 
 __all__ = ["run"]
 
@@ -83,11 +83,10 @@ def _baselines(cfg: Config, raw: list[dict]) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what a 1-CPU (or 0.5-CPU) Ray Train worker gets (OMP_NUM_THREADS=1)
     try:
-        cfg_data = config_to_dict(cfg)["data"]
         tc = cfg.train
 
         def decode(i: int) -> dict:
-            return collate_train(decode_train_rows(raw[i], cfg_data=cfg_data, prepared_uri=cfg.prepared_dir,
+            return collate_train(decode_train_rows(raw[i], data=cfg.data, prepared_uri=cfg.prepared_dir,
                                                    seed=cfg.train.seed), cfg.data.mean, cfg.data.std)
 
         torch.manual_seed(tc.seed)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from lfb_ray.config import Config, config_from_dict, config_to_dict
+from lfb_ray.config import Config, config_to_dict
 from lfb_ray.data.dataset import epoch_order, train_samples
 from lfb_ray.models.card import CheckpointMeta
 from lfb_ray.progress import driver_is_interactive, progress_every, progress_line
@@ -141,7 +141,7 @@ def _val_predictions(model, cfg: Config, windows, rank: int, world: int, device,
         fs, _ = resolve(cfg.prepared_dir)
         ds = ray.data.read_parquet(files, filesystem=fs, num_cpus=cfg.cluster.data_cpus).map_batches(
             decode_test_rows, batch_size=max(16, cfg.eval.batch_size), num_cpus=cfg.cluster.data_cpus,
-            fn_kwargs={"cfg_data": config_to_dict(cfg)["data"], "prepared_uri": cfg.prepared_dir,
+            fn_kwargs={"data": cfg.data, "prepared_uri": cfg.prepared_dir,
                        "score_thr": cfg.data.val_person_score_thr})
         for batch in ds.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"):
             preds.append(predict_batch(model, collate_test(batch, cfg.data.mean, cfg.data.std), windows=windows,
@@ -309,7 +309,7 @@ def model_meta(cfg: Config, config: dict, *, epoch: int, global_step: int, val_m
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker entry point. `config` = {"cfg": nested config dict, "mlflow_run_id": ...}."""
+    """Ray Train worker entry point. `config` = {"cfg": the run's `Config`, "mlflow_run_id": ...}."""
     import ray.train
     import ray.train.torch
 
@@ -318,7 +318,7 @@ def train_loop_per_worker(config: dict) -> None:
     from lfb_ray.models.device import to_model_layout
     from lfb_ray.tracking import NullTracker, Tracker, read_pending, write_pending
 
-    cfg = config_from_dict(config["cfg"])
+    cfg: Config = config["cfg"]
     tc = cfg.train
     configure_ray_output()  # this worker's Ray Data executions (train batches, val) print as the driver's stdout suits
     quiet_ray_train_reports()

@@ -27,13 +27,12 @@ def _in_process(cfg, checkpoint: str, parts_dir: Path) -> int:
     import torch
 
     from lfb_ray.bank.build import BankExtractor
-    from lfb_ray.config import config_to_dict
     from lfb_ray.data.prep import prepared_files
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        extractor = BankExtractor(config_to_dict(cfg), checkpoint, str(parts_dir))
+        extractor = BankExtractor(cfg, checkpoint, str(parts_dir))
         items = [{"split": split, "uri": uri, "part_id": f"{split}-{i:05d}"}
                  for split in ("train", "val") for i, uri in enumerate(prepared_files(cfg.prepared_dir, split))]
         extractor({"item": np.array([json.dumps(it) for it in items], dtype=object)})

@@ -84,7 +84,6 @@ def _bank_rows(cfg, checkpoint: str, work: Path, batch: int, repeats: int) -> li
     import torch
 
     from lfb_ray.bank.build import BankExtractor
-    from lfb_ray.config import config_to_dict
     from lfb_ray.data.prep import PrepareError, prepared_files
 
     uris = []
@@ -111,7 +110,7 @@ def _bank_rows(cfg, checkpoint: str, work: Path, batch: int, repeats: int) -> li
         c = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, batch_size=size, cpus_per_actor=decode_threads),
                                 train=dataclasses.replace(cfg.train, amp=amp))
         cls = _decode_only(BankExtractor) if decode_only else BankExtractor
-        extractor = cls(config_to_dict(c), checkpoint, str(work / "warmup"))
+        extractor = cls(c, checkpoint, str(work / "warmup"))
         extractor({"item": np.array([json.dumps(items[0])], dtype=object)})  # cuDNN autotune, caches
         parts = work / f"parts_{len(rows)}"
         extractor.parts_dir = str(parts)

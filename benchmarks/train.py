@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from benchmarks.table import Measure, cpu_count, format_table, machine_line, ratio
-from lfb_ray.config import Config, config_to_dict
+from lfb_ray.config import Config
 
 __all__ = ["decode_batch", "run"]
 
@@ -46,8 +46,8 @@ def decode_batch(cfg: Config, raw: dict) -> dict:
     [R, C])."""
     from lfb_ray.data.dataset import collate_train, decode_train_rows
 
-    return collate_train(decode_train_rows(raw, cfg_data=config_to_dict(cfg)["data"], prepared_uri=cfg.prepared_dir,
-                                           seed=cfg.train.seed), cfg.data.mean, cfg.data.std)
+    return collate_train(decode_train_rows(raw, data=cfg.data, prepared_uri=cfg.prepared_dir, seed=cfg.train.seed),
+                         cfg.data.mean, cfg.data.std)
 
 
 def _pipeline_only(cfg: Config, batch_size: int, num_batches: int) -> dict:

@@ -136,10 +136,8 @@ def write_and_evaluate(cfg: Config, pred: dict, csv_path: str) -> dict:
 class _Predictor:
     """Ray Data actor: loads the model (and bank) once, scores test batches."""
 
-    def __init__(self, cfg_dict: dict, checkpoint: str, seed: int):
-        from lfb_ray.config import config_from_dict
-
-        self.cfg = config_from_dict(cfg_dict)
+    def __init__(self, cfg: Config, checkpoint: str, seed: int):
+        self.cfg = cfg
         self.device = best_device()
         self.model = load_model(self.cfg, checkpoint, self.device)
         self.windows = None
@@ -169,7 +167,6 @@ def infer_split(cfg: Config, checkpoint: str, csv_path: str, *, split: str = "va
     """
     import ray
 
-    from lfb_ray.config import config_to_dict
     from lfb_ray.data.dataset import decode_test_rows, read_split
     from lfb_ray.storage import is_uri
 
@@ -184,13 +181,13 @@ def infer_split(cfg: Config, checkpoint: str, csv_path: str, *, split: str = "va
     gpus = ray.cluster_resources().get("GPU", 0)
     ds = read_split(cfg, split, drop_excluded=False).map_batches(
         decode_test_rows, batch_size=cfg.eval.batch_size, num_cpus=1,
-        fn_kwargs={"cfg_data": config_to_dict(cfg)["data"], "prepared_uri": cfg.prepared_dir,
+        fn_kwargs={"data": cfg.data, "prepared_uri": cfg.prepared_dir,
                    "score_thr": cfg.data.val_person_score_thr})
     ds = ds.map_batches(
         _Predictor, batch_size=cfg.eval.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(gpus) or cfg.bank.max_actors)),
         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-        fn_constructor_kwargs={"cfg_dict": config_to_dict(cfg), "checkpoint": checkpoint,
+        fn_constructor_kwargs={"cfg": cfg, "checkpoint": checkpoint,
                                "seed": cfg.train.seed})
     rows = ds.take_all()
     pred = {"video_ids": [r["video_id"] for r in rows],

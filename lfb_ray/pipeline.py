@@ -16,6 +16,7 @@ and bank unless their own keys say otherwise, so a driver whose working director
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,11 +24,9 @@ import time
 from typing import TYPE_CHECKING
 
 from lfb_ray.config import (
-    PATH_KEYS,
     Config,
-    config_from_dict,
     config_hash,
-    config_to_dict,
+    path_values,
     resolve_paths,
     unresolve_paths,
 )
@@ -41,14 +40,6 @@ if TYPE_CHECKING:
 __all__ = ["STAGES", "run_models", "run_pipeline"]
 
 STAGES = ("prepare", "baseline", "bank", "operators", "evaluate", "compare")
-
-
-def _with(cfg: Config, **section_updates) -> Config:
-    d = config_to_dict(cfg)
-    for dotted, value in section_updates.items():
-        sec, key = dotted.split("__")
-        d[sec][key] = value
-    return config_from_dict(d)
 
 
 def _load_state(path: str) -> dict:
@@ -101,12 +92,7 @@ def _credential_sources(*cfgs: Config | None) -> list[str]:
     for c in cfgs:
         if c is None:
             continue
-        d = config_to_dict(c)
-        for dotted in PATH_KEYS:
-            sec, _, key = dotted.rpartition(".")
-            v = d[sec][key] if sec else d[key]
-            if isinstance(v, str) and v:
-                out.append(v)
+        out += [v for v in path_values(c).values() if v]
         out.append(c.storage_path)
     return out
 
@@ -165,6 +151,7 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
     if bad:  # before any stage: not after prepare, baseline and bank have run
         raise ValueError(bad[0].line())
     cfg = resolve_paths(cfg)
+    baseline_cfg = resolve_paths(baseline_cfg) if baseline_cfg else None
     if cfg.tracking.enabled:
         check_tracking_store(cfg)
     params = {"operators": ",".join(operators), "from": start_from or "",
@@ -182,7 +169,8 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
 def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | None, baseline_cfg: Config | None,
                 parent: TrackedRun) -> dict:
     """`run_pipeline`'s stages; the training runs and the comparison nest under `parent`, which
-    lists every training run of this invocation, trained now or found up to date (`add_runs`)."""
+    lists every training run of this invocation, trained now or found up to date (`add_runs`).
+    `cfg` and `baseline_cfg` come with their paths resolved (`run_pipeline`)."""
     from lfb_ray.bank.build import build_bank, build_identity, file_sha256
     from lfb_ray.compare import compare
     from lfb_ray.data.prep import build_tasks, damaged_videos, inputs_fingerprint, prepare_dataset
@@ -190,8 +178,6 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
     from lfb_ray.train import FitManyError, fit, fit_many
 
     parent_run_id = parent.run_id
-    cfg = resolve_paths(cfg)
-    baseline_cfg = resolve_paths(baseline_cfg) if baseline_cfg else None
     fs, inner = resolve(cfg.workdir)
     fs.create_dir(inner, recursive=True)
     state_path = join_uri(cfg.workdir, "pipeline.json")
@@ -203,8 +189,7 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
             state.pop(s, None)
             state.pop(f"{s}_partial", None)
     times: dict[str, float] = {}
-    base_cfg = baseline_cfg or _with(cfg, model__fbo="none", **(
-        {} if cfg.model.exclusive_groups_in_baseline else {"model__exclusive_groups": []}))
+    base_cfg = baseline_cfg or dataclasses.replace(cfg, model=cfg.model.baseline())
 
     def stage(name: str, key: str, fn, inputs: dict[str, str] | None = None):
         """Run `fn` unless the state holds this stage with this key; `inputs` (content identities of
@@ -265,10 +250,10 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
     _, build_hash = build_identity(cfg, ckpt_sha)
     stage("bank", json.dumps([build_hash, config_hash(given, ["bank"])]), do_bank,
                  {"prepared": prepared_id(cfg.prepared_dir), "checkpoint": ckpt_sha[:16]})
-    op_cfgs = {op: _with(cfg, model__fbo=op) for op in operators}
+    op_cfgs = {op: dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fbo=op)) for op in operators}
     if cfg.model.init_backbone_from_baseline:
         # The LFB models get the baseline's training plus their own; the control gets the same.
-        op_cfgs[CONTROL] = _with(cfg, model__fbo="none")
+        op_cfgs[CONTROL] = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fbo="none"))
     op_init = base_model if cfg.model.init_backbone_from_baseline else None
     op_keys = {op: _fit_key(c, op_init) for op, c in op_cfgs.items()}
     # The runs' names hold the bank's build id and the initial checkpoint's bytes.

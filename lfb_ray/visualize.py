@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from lfb_ray.config import Config, config_to_dict
+from lfb_ray.config import Config
 from lfb_ray.data.clips import decode_jpeg
 from lfb_ray.data.dataset import RAW_COLUMNS, collate_test, decode_test_rows
 from lfb_ray.data.schema import row_gt
@@ -127,7 +127,6 @@ def predict_keyframes(model: torch.nn.Module, rows: list[dict], cfg: Config, *, 
     device = torch.device(device)
     model.eval()
     rng = np.random.default_rng(seed)
-    cfg_data = config_to_dict(cfg)["data"]
     nl = isinstance(getattr(model, "fbo", None), FBONonLocal)
     w, k = cfg.bank.window_seconds, cfg.bank.max_feats_per_second
     out: list[KeyframePrediction] = []
@@ -138,7 +137,7 @@ def predict_keyframes(model: torch.nn.Module, rows: list[dict], cfg: Config, *, 
         for i in range(0, len(rows), step):
             chunk = rows[i:i + step]
             batch = collate_test(decode_test_rows({c: [r[c] for r in chunk] for c in RAW_COLUMNS},
-                                                  cfg_data=cfg_data, prepared_uri=cfg.prepared_dir,
+                                                  data=cfg.data, prepared_uri=cfg.prepared_dir,
                                                   score_thr=cfg.data.val_person_score_thr),
                                  cfg.data.mean, cfg.data.std)
             seen.clear()

@@ -28,7 +28,7 @@ def main() -> int:
     import pyarrow as pa
     import torch
 
-    from lfb_ray.config import config_to_dict, load_config, resolve_paths
+    from lfb_ray.config import load_config, resolve_paths
     from lfb_ray.data.dataset import collate_train, decode_train_rows, read_keyframes
     from lfb_ray.models.detector import build_detector
     from lfb_ray.synthetic import LABEL_FAMILIES, load_actors
@@ -37,7 +37,6 @@ def main() -> int:
     cfg = resolve_paths(load_config(args.config, ["model.fbo=none", *args.overrides]))
     actors = load_actors(Path(cfg.data.root) / "dataset.json")
     motion, roles = list(LABEL_FAMILIES["short_term"]), list(LABEL_FAMILIES["long_term"])
-    cfg_data = config_to_dict(cfg)["data"]
 
     def load(split: str, epoch: int = 0) -> dict:
         table = read_keyframes(cfg, split, drop_excluded=True)
@@ -46,7 +45,7 @@ def main() -> int:
         return {k: np.array(v, dtype=object) for k, v in d.items()}
 
     train, val = load("train"), load("val")
-    vb = decode_train_rows(val, cfg_data=cfg_data, prepared_uri=cfg.prepared_dir, seed=123)
+    vb = decode_train_rows(val, data=cfg.data, prepared_uri=cfg.prepared_dir, seed=123)
     model = build_detector(cfg.model)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
 
@@ -78,7 +77,7 @@ def main() -> int:
     step, epoch, t0 = 0, 0, time.time()
     while step < args.steps:
         train["epoch"][:] = epoch
-        tb = decode_train_rows(train, cfg_data=cfg_data, prepared_uri=cfg.prepared_dir, seed=0)
+        tb = decode_train_rows(train, data=cfg.data, prepared_uri=cfg.prepared_dir, seed=0)
         epoch += 1
         perm = np.random.default_rng(epoch).permutation(len(tb["clip"]))
         for s in range(0, len(perm) - args.batch + 1, args.batch):

@@ -66,7 +66,6 @@ def test_scores_equal_the_evaluation_path(env, tmp_path):
     from lfb_ray.bank import FeatureBank
     from lfb_ray.bank.build import BankExtractor
     from lfb_ray.bank.window import WindowSampler
-    from lfb_ray.config import config_to_dict
     from lfb_ray.data.annotations import read_result_rows
     from lfb_ray.data.dataset import RAW_COLUMNS, collate_test, decode_test_rows
     from lfb_ray.data.prep import build_tasks, prepare_video
@@ -89,9 +88,8 @@ def test_scores_equal_the_evaluation_path(env, tmp_path):
     run_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared_dir=str(prepared)))
 
     # Bank: the bank job's extractor on the prepared rows == the bank detect built.
-    d = config_to_dict(run_cfg)
-    d["model"]["fbo"] = "none"
-    job_bank = BankExtractor(d, env["base"], parts_dir="")._extract(str(kf_path))
+    base_cfg = dataclasses.replace(run_cfg, model=run_cfg.model.baseline())
+    job_bank = BankExtractor(base_cfg, env["base"], parts_dir="")._extract(str(kf_path))
     bank = FeatureBank.open(tmp_path / "out" / "bank", expected_dim=64)
     for s in range(SPAN[0], SPAN[1] + 1):
         mine = bank.features_at(env["video_id"], s).astype(np.float32)
@@ -100,7 +98,7 @@ def test_scores_equal_the_evaluation_path(env, tmp_path):
         assert len(mine) >= 1
 
     model = load_model(run_cfg, env["nl"])
-    batch = collate_test(decode_test_rows({c: [r[c] for r in rows] for c in RAW_COLUMNS}, cfg_data=d["data"],
+    batch = collate_test(decode_test_rows({c: [r[c] for r in rows] for c in RAW_COLUMNS}, data=cfg.data,
                                           prepared_uri=str(prepared), score_thr=cfg.data.val_person_score_thr),
                          cfg.data.mean, cfg.data.std)
     windows = WindowSampler.for_config(bank, "cpu", cfg.bank)

@@ -74,7 +74,7 @@ def test_bank_extractor_batches_on_gpu(tmp_path):
     import numpy as np
 
     from lfb_ray.bank.build import BankExtractor
-    from lfb_ray.config import config_to_dict, load_config
+    from lfb_ray.config import load_config
     from lfb_ray.models import build_detector, save_checkpoint
 
     cfg = load_config("configs/synthetic.yaml", ["model.fbo=none", f"workdir={tmp_path}"])
@@ -86,7 +86,7 @@ def test_bank_extractor_batches_on_gpu(tmp_path):
     feats = {}
     for size in (1, 4):
         c = load_config("configs/synthetic.yaml", ["model.fbo=none", f"workdir={tmp_path}", f"bank.batch_size={size}"])
-        ex = BankExtractor(config_to_dict(c), str(tmp_path / "m.pt"), str(tmp_path / "parts"))
+        ex = BankExtractor(c, str(tmp_path / "m.pt"), str(tmp_path / "parts"))
         assert ex.device.type == "cuda"
         feats[size] = ex._features(clips, boxes)
     for a, b, bx in zip(feats[1], feats[4], boxes):

@@ -2,7 +2,7 @@
 with the weights of a run that was never interrupted, LFB bank sampling and dropout included.
 
 Every source of randomness of a training step derives from (seed, rank, epoch, iteration)
-(`lfb_ray.train.recipe.seed_step`, `epoch_order`, `decode_train_rows`); before, the bank-sampling
+(`lfb_ray.train.step.seed_step`, `epoch_order`, `decode_train_rows`); before, the bank-sampling
 generator was reseeded from the global step at the resume, so the resumed run drew other windows.
 """
 

@@ -198,7 +198,6 @@ def test_bank_extractor_batches_keyframes_without_changing_features(baseline, tm
     import json
 
     from lfb_ray.bank.build import BankExtractor
-    from lfb_ray.config import config_to_dict
     from lfb_ray.data.prep import prepared_files
 
     cfg, r = baseline
@@ -206,7 +205,7 @@ def test_bank_extractor_batches_keyframes_without_changing_features(baseline, tm
     parts = {}
     for size in (1, 3):
         c = tiny_config(cfg.workdir, cfg.data.root, "model.fbo=none", f"bank.batch_size={size}")
-        extractor = BankExtractor(config_to_dict(c), r.model_path, str(tmp_path / f"b{size}"))
+        extractor = BankExtractor(c, r.model_path, str(tmp_path / f"b{size}"))
         extractor({"item": np.array([json.dumps({"split": "train", "uri": uri, "part_id": "p"})], dtype=object)})
         parts[size] = np.load(tmp_path / f"b{size}" / "train" / "p.npz")
     one, three = parts[1], parts[3]

@@ -16,6 +16,7 @@ in memory at a time), which
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lfb_ray.config import Config, config_from_dict, config_to_dict, resolve_paths
+from lfb_ray.config import Config, config_to_dict, resolve_paths
 from lfb_ray.redaction import redact_text
 from lfb_ray.storage import (
     check_writable,
@@ -83,14 +84,16 @@ def file_sha256(path: str) -> str:
 
 
 class BankExtractor:
-    """Ray Data actor: one prepared part in, one bank part written, a summary row out."""
+    """Ray Data actor: one prepared part in, one bank part written, a summary row out.
 
-    def __init__(self, cfg_dict: dict, checkpoint: str, parts_dir: str):
+    `cfg.model` is the short-term baseline that computes the bank (`ModelConfig.baseline`).
+    """
 
+    def __init__(self, cfg: Config, checkpoint: str, parts_dir: str):
         from lfb_ray.data.clips import ClipSpec
         from lfb_ray.models.device import best_device, load_model
 
-        self.cfg = config_from_dict(cfg_dict)
+        self.cfg = cfg
         self.device = best_device()
         self.model = load_model(self.cfg, checkpoint, self.device)
         self.parts_dir = parts_dir
@@ -236,8 +239,9 @@ def build_identity(cfg: Config, checkpoint_sha256: str) -> tuple[dict, str]:
     """
     from lfb_ray.identity import prepared_id
 
-    d = config_to_dict(cfg)
-    # The weights come from the checkpoint: where model.pretrained lies is not part of the bank.
+    d = config_to_dict(cfg)  # hashed: the bank's identity, as plain data
+    # The weights come from the checkpoint: where model.pretrained lies is not part of the bank. The
+    # model's groups stay as configured (not `ModelConfig.baseline()`'s): existing banks keep their hash.
     model = {k: v for k, v in d["model"].items() if k != "pretrained"} | {"fbo": "none"}
     build_key = {"checkpoint_sha256": checkpoint_sha256, "model": model,
                  "person_score_thr": cfg.bank.person_score_thr, "prepared": prepared_id(resolve_paths(cfg).prepared_dir),
@@ -294,8 +298,6 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = gpus > 0 and cfg.cluster.device != "cpu"
         ds = ray.data.from_items([{"item": json.dumps(it)} for it in missing], override_num_blocks=len(missing))
-        model_cfg = config_to_dict(cfg)
-        model_cfg["model"]["fbo"] = "none"  # the bank is computed by the short-term baseline
         ds = ds.map_batches(
             BankExtractor, batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=cfg.bank.min_actors, max_size=cfg.bank.max_actors),
@@ -303,7 +305,8 @@ def build_bank(cfg: Config, checkpoint: str, *, max_parts: int | None = None) ->
             # A killed actor is restarted and its part retried: Ray Data's own defaults for actor pools
             # (max_restarts=-1, max_task_retries=-1); passing them as ray_remote_args is deprecated
             # (removed in Ray 2.64) and printed a RayDeprecationWarning in every bank build.
-            fn_constructor_kwargs={"cfg_dict": model_cfg, "checkpoint": checkpoint, "parts_dir": parts_dir})
+            fn_constructor_kwargs={"cfg": dataclasses.replace(cfg, model=cfg.model.baseline()),
+                                   "checkpoint": checkpoint, "parts_dir": parts_dir})
         ds.take_all()
     if max_parts is not None:
         return BankBuildSummary(0, 0, 0, time.time() - t0, skipped, bank_dir)

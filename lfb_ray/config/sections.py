@@ -151,6 +151,13 @@ class ModelConfig:
         """Whether this model reads a feature bank (any operator but "none", the baseline)."""
         return self.fbo != "none"
 
+    def baseline(self) -> ModelConfig:
+        """The short-term baseline of this model: the run that computes its bank and whose backbone it
+        may start from. No operator; the exclusive groups only with `exclusive_groups_in_baseline`."""
+        from dataclasses import replace
+
+        return replace(self, fbo="none", exclusive_groups=self.exclusive_groups if self.exclusive_groups_in_baseline else ())
+
 
 @dataclass(frozen=True)
 class BankConfig:

@@ -22,7 +22,7 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from lfb_ray.config import Config
+from lfb_ray.config import Config, DataConfig
 from lfb_ray.data.clips import (
     ClipSpec,
     decode_jpeg,
@@ -129,8 +129,6 @@ def train_samples(cfg: Config, table: pa.Table, positions: np.ndarray, epoch: in
     """
     import ray
 
-    from lfb_ray.config import config_to_dict
-
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     positions = np.asarray(positions, dtype=np.int64)
     block = block_rows or 2 * cfg.train.batch_size_per_worker
@@ -142,7 +140,7 @@ def train_samples(cfg: Config, table: pa.Table, positions: np.ndarray, epoch: in
     blocks = [block_of(positions[i:i + block]) for i in range(0, len(positions), block)] or [block_of(positions)]
     return ray.data.from_arrow(blocks).map_batches(
         decode_train_rows, batch_size=block, num_cpus=cfg.cluster.data_cpus,
-        fn_kwargs={"cfg_data": config_to_dict(cfg)["data"], "prepared_uri": cfg.prepared_dir, "seed": cfg.train.seed})
+        fn_kwargs={"data": cfg.data, "prepared_uri": cfg.prepared_dir, "seed": cfg.train.seed})
 
 
 def _rows(batch: dict) -> list[dict]:
@@ -160,7 +158,7 @@ def clip_frames(row: dict, spec: ClipSpec, rng: np.random.Generator | None, prep
     return np.stack([decode_jpeg(store.jpeg(int(r))) for r in rows])  # [T, H, W, 3]
 
 
-def decode_train_rows(batch: dict, *, cfg_data: dict, prepared_uri: str, seed: int) -> dict:
+def decode_train_rows(batch: dict, *, data: DataConfig, prepared_uri: str, seed: int) -> dict:
     """Ray Data UDF: keyframe rows (with `row_id` and `epoch` columns) → fixed-shape training samples.
 
     Each row's augmentation (jitter, scale, crop, flip, RoI subsampling) draws from
@@ -171,18 +169,15 @@ def decode_train_rows(batch: dict, *, cfg_data: dict, prepared_uri: str, seed: i
         max_rois_per_keyframe, padded); roi_valid bool [B, R]; labels float32 [B, R, C];
         video_id [B] str; timestamp int64 [B].
     """
-    from lfb_ray.config import DataConfig, config_from_dict
-
-    d: DataConfig = config_from_dict({"data": cfg_data}).data
-    spec = ClipSpec.from_config(d)
-    r_max, c = d.max_rois_per_keyframe, d.num_classes
+    spec = ClipSpec.from_config(data)
+    r_max, c = data.max_rois_per_keyframe, data.num_classes
     out = {k: [] for k in ("clip", "rois", "roi_valid", "labels", "video_id", "timestamp")}
     for row in _rows(batch):
         rng = np.random.default_rng([seed, int(row["epoch"]), int(row["row_id"])])
-        frames = clip_frames(row, spec, rng if d.temporal_jitter else None, prepared_uri)
+        frames = clip_frames(row, spec, rng if data.temporal_jitter else None, prepared_uri)
         gt_boxes, gt_labels = row_gt(row, c)
-        props = select_proposals(row_proposals(row), d.train_person_score_thr, d.max_proposals)
-        clip, px, labels = transform_and_assign(frames, gt_boxes, gt_labels, props, spec, pos_iou_thr=d.pos_iou_thr,
+        props = select_proposals(row_proposals(row), data.train_person_score_thr, data.max_proposals)
+        clip, px, labels = transform_and_assign(frames, gt_boxes, gt_labels, props, spec, pos_iou_thr=data.pos_iou_thr,
                                                 max_rois=r_max, rng=rng)
         n = len(px)
         pad_rois = np.zeros((r_max, 4), np.float32)
@@ -200,7 +195,7 @@ def decode_train_rows(batch: dict, *, cfg_data: dict, prepared_uri: str, seed: i
     return {k: (np.stack(v) if k not in ("video_id",) else np.array(v, dtype=object)) for k, v in out.items()}
 
 
-def decode_test_rows(batch: dict, *, cfg_data: dict, prepared_uri: str, score_thr: float) -> dict:
+def decode_test_rows(batch: dict, *, data: DataConfig, prepared_uri: str, score_thr: float) -> dict:
     """Ray Data UDF: raw rows → full-frame test clips with their thresholded proposals.
 
     Returns (numpy batch, ragged fields as object arrays):
@@ -208,14 +203,11 @@ def decode_test_rows(batch: dict, *, cfg_data: dict, prepared_uri: str, score_th
         of float32 [n, 4] clip pixels; box_scores [B] of float32 [n]; video_id [B];
         timestamp int64 [B].
     """
-    from lfb_ray.config import config_from_dict
-
-    d = config_from_dict({"data": cfg_data}).data
-    spec = ClipSpec.from_config(d)
+    spec = ClipSpec.from_config(data)
     out = {k: [] for k in ("clip", "boxes", "box_px", "box_scores", "video_id", "timestamp")}
     for row in _rows(batch):
         frames = clip_frames(row, spec, None, prepared_uri)
-        props = select_proposals(row_proposals(row), score_thr, d.max_proposals)
+        props = select_proposals(row_proposals(row), score_thr, data.max_proposals)
         clip, px = test_transform(frames, props[:, :4], spec)
         out["clip"].append(clip)
         out["boxes"].append(props[:, :4].astype(np.float32))

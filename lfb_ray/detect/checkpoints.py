@@ -161,7 +161,7 @@ def choose_models(checkpoint: str, bank_checkpoint: str | None, config: Config |
             and model_cfg.exclusive_groups:
         # A short-term model with an LFB config: the baseline, trained without the groups (the
         # control, trained with them, is run with its own config, model.fbo=none).
-        model_cfg = dataclasses.replace(model_cfg, exclusive_groups=())
+        model_cfg = model_cfg.baseline()
         notes.append("a short-term model with an LFB config: scored as the baseline, without model.exclusive_groups "
                      "(model.exclusive_groups_in_baseline=false); for the control pass model.fbo=none")
     if model_cfg.fbo == "none":
@@ -172,8 +172,7 @@ def choose_models(checkpoint: str, bank_checkpoint: str | None, config: Config |
     if not bank_checkpoint:
         raise DetectError(f"--checkpoint {checkpoint} is an LFB-{model_cfg.fbo} model: pass --bank-checkpoint "
                           "BASELINE.pt, the short-term baseline (model.fbo=none) that computed its bank")
-    base = dataclasses.replace(cfg.model, fbo="none", exclusive_groups=(
-        cfg.model.exclusive_groups if cfg.model.exclusive_groups_in_baseline else ())) if given else None
+    base = cfg.model.baseline() if given else None
     base_cfg = checkpoint_model_config(bank_checkpoint, "--bank-checkpoint", base, notes=notes)
     if base_cfg.fbo != "none":
         raise DetectError(f"--bank-checkpoint {bank_checkpoint} is an LFB-{base_cfg.fbo} model; the bank is "

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lfb_ray.config import Config, config_to_dict
+from lfb_ray.config import Config
 from lfb_ray.detect.errors import DetectError
 from lfb_ray.detect.progress import bar as progress_bar
 
@@ -354,10 +354,7 @@ def _build_bank(cfg_run: Config, base_cfg, bank_checkpoint: str, parts: list[lis
     from lfb_ray.bank import FeatureBank, write_bank
     from lfb_ray.bank.build import BankExtractor, file_sha256
 
-    d = config_to_dict(cfg_run)
-    d["model"] = dataclasses.asdict(base_cfg)
-    d["model"]["exclusive_groups"] = [list(g) for g in base_cfg.exclusive_groups]
-    extractor = BankExtractor(d, bank_checkpoint, parts_dir="")
+    extractor = BankExtractor(dataclasses.replace(cfg_run, model=base_cfg), bank_checkpoint, parts_dir="")
     keys = ("video_id", "second", "person_index", "box", "score", "feature")
     acc = {k: [] for k in keys}
     with progress_bar(sum(len(p) for p in parts), "bank", "keyframe", progress) as bar:

@@ -9,6 +9,7 @@ to the trainer; what each worker does is there.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from lfb_ray.config import (
     Config,
     ConfigError,
-    config_from_dict,
     config_hash,
     config_to_dict,
     flatten_config,
@@ -196,7 +196,7 @@ def _fit_run(cfg: Config, *, name: str, run_id: str | None, init_checkpoint: str
         iters = min(iters, cfg.train.max_iters_per_epoch)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": config_to_dict(cfg), "mlflow_run_id": run_id, "results_dir": results_dir,
+        train_loop_config={"cfg": cfg, "mlflow_run_id": run_id, "results_dir": results_dir,
                            "iters_per_epoch": iters, "init_checkpoint": init_checkpoint,
                            "provenance": {"run_name": name, "mlflow_run_id": run_id or "", "inputs": inputs,
                                           "bank_checkpoint": bank_checkpoint(cfg.bank_dir) if cfg.model.uses_bank
@@ -272,9 +272,7 @@ def _redacted_yaml(cfg: Config) -> str:
 
 
 def _with_operator(cfg: Config, op: str) -> Config:
-    d = config_to_dict(cfg)
-    d["model"]["fbo"] = op
-    return config_from_dict(d)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fbo=op))
 
 
 class FitManyError(RuntimeError):

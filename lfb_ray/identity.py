@@ -56,15 +56,14 @@ def prepared_id(prepared_uri: str) -> str:
 
 def checkpoint_id(path: str) -> str:
     """SHA-256 (first 16 hex digits) of a checkpoint file, or of `model.pt` in a checkpoint folder
-    (`lfb_ray.bank.build.file_sha256`, memoised).
+    (`lfb_ray.storage.file_sha256`, memoised).
 
     Raises:
         InputError: the file does not exist.
     """
     from pyarrow import fs as pafs
 
-    from lfb_ray.bank.build import file_sha256
-    from lfb_ray.storage import checkpoint_file, resolve
+    from lfb_ray.storage import checkpoint_file, file_sha256, resolve
 
     fs, inner = resolve(checkpoint_file(path))
     if fs.get_file_info(inner).type != pafs.FileType.File:

@@ -171,10 +171,11 @@ def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | No
     """`run_pipeline`'s stages; the training runs and the comparison nest under `parent`, which
     lists every training run of this invocation, trained now or found up to date (`add_runs`).
     `cfg` and `baseline_cfg` come with their paths resolved (`run_pipeline`)."""
-    from lfb_ray.bank.build import build_bank, build_identity, file_sha256
+    from lfb_ray.bank.build import build_bank, build_identity
     from lfb_ray.compare import compare
     from lfb_ray.data.prep import build_tasks, damaged_videos, inputs_fingerprint, prepare_dataset
     from lfb_ray.identity import bank_id, describe_changes, prepared_id
+    from lfb_ray.storage import file_sha256
     from lfb_ray.train import FitManyError, fit, fit_many
 
     parent_run_id = parent.run_id

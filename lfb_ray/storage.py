@@ -8,6 +8,7 @@ moved into place; completion markers are written last.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
@@ -22,7 +23,7 @@ import pyarrow.fs as pafs
 
 from lfb_ray.redaction import RedactedMessage
 
-__all__ = ["StorageError", "atomic_path", "check_writable", "checkpoint_file", "exists", "is_uri", "join", "join_uri", "local_file",
+__all__ = ["StorageError", "atomic_path", "check_writable", "checkpoint_file", "exists", "file_sha256", "is_uri", "join", "join_uri", "local_file",
            "read_bytes", "file_exists", "fsync_local", "read_json", "remove_dir", "resolve", "upload_file", "write_bytes_atomic", "write_json_atomic"]
 
 
@@ -130,6 +131,29 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = "") -> Iterator[str]:
         fsync_local(local, str(target.parent), directory=True)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_SHA256_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a checkpoint file, or of `model.pt` in a checkpoint folder; local path or URI.
+
+    Memoised per process on (location, size, mtime): the pipeline asks for the baseline's hash for
+    the bank stage's key, the bank build and the LFB runs' input identities (`lfb_ray.identity`),
+    and a checkpoint is hundreds of MB (or an S3 download).
+    """
+    fs, inner = resolve(checkpoint_file(path))
+    info = fs.get_file_info(inner)
+    key = (f"{fs.type_name}:{inner}", int(info.size or 0), int(info.mtime_ns or 0))
+    if info.type == pafs.FileType.File and key in _SHA256_MEMO:
+        return _SHA256_MEMO[key]
+    h = hashlib.sha256()
+    with fs.open_input_stream(inner) as f:  # a missing file raises here, as before
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    _SHA256_MEMO[key] = h.hexdigest()
+    return _SHA256_MEMO[key]
 
 
 def upload_file(local_path: str | os.PathLike, dest: str) -> None:

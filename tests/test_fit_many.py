@@ -121,7 +121,7 @@ def test_pipeline_keeps_the_finished_operators_and_its_rerun_trains_only_the_fai
     monkeypatch.setattr("lfb_ray.identity.run_inputs", lambda cfg, init=None: {})
     monkeypatch.setattr("lfb_ray.identity.prepared_id", lambda uri: "prepared")
     monkeypatch.setattr("lfb_ray.identity.bank_id", lambda uri: "bank")
-    monkeypatch.setattr("lfb_ray.bank.build.file_sha256", lambda path: "0" * 64)
+    monkeypatch.setattr("lfb_ray.storage.file_sha256", lambda path: "0" * 64)
     monkeypatch.setattr("lfb_ray.bank.build.build_identity", lambda cfg, sha: ({}, "build"))
     cfg = tiny_config(tmp_path, tmp_path / "data", "tracking.enabled=false", "cluster.concurrent_runs=2")
     with pytest.raises(FitManyError, match="1 of 3 runs failed: nl"):

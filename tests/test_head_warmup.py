@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lfb_ray.bank import FeatureBank, write_bank
-from lfb_ray.bank.build import file_sha256
 from lfb_ray.config import ConfigError, ModelConfig, TrainConfig
 from lfb_ray.models import build_detector, save_checkpoint
+from lfb_ray.storage import file_sha256
 from lfb_ray.train.head_warmup import gt_targets, warm_up_head
 
 SMALL = {"depth": 18, "base_channels": 8, "latent_channels": 16, "num_classes": 6}  # C = 64

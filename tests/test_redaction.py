@@ -77,9 +77,9 @@ def fake_s3_work(monkeypatch):
     """Prepare, fit, the bank, the checkpoints' identities and the comparison as fakes; fit's models
     are under train.storage_path (an S3 URI with credentials) as the real fit's are. Records the
     URIs the stages are given to open."""
-    import lfb_ray.bank.build as build
     import lfb_ray.compare as compare
     import lfb_ray.identity as identity
+    import lfb_ray.storage as storage
     import lfb_ray.tracking.lifecycle as lifecycle  # tracked_run looks find_or_create_run up there
     from lfb_ray.runs import run_name_for
     from lfb_ray.storage import join_uri
@@ -113,7 +113,7 @@ def fake_s3_work(monkeypatch):
         raise ConnectionError(f"Max retries exceeded with url: {uri}/api/2.0/mlflow/runs/create")
 
     fake_stages.install(monkeypatch, prepare=fake_stages.fake_prepare(), fit=fit, build_bank=build_bank)
-    monkeypatch.setattr(build, "file_sha256", file_sha256)
+    monkeypatch.setattr(storage, "file_sha256", file_sha256)
     monkeypatch.setattr(identity, "checkpoint_id", checkpoint_id)
     monkeypatch.setattr(compare, "compare", lambda *a, **k: ("table", []))
     monkeypatch.setattr(lifecycle, "find_or_create_run", find_or_create_run)

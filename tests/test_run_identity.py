@@ -115,6 +115,7 @@ def test_the_bank_build_id_depends_on_the_prepared_data(tmp_path):
 def fake_work(monkeypatch):
     """Replace prepare, fit, fit_many and build_bank by fakes that commit what the real ones do."""
     import lfb_ray.bank.build as build
+    import lfb_ray.storage as storage
     from lfb_ray.identity import run_inputs
     from lfb_ray.runs import run_name_for
 
@@ -132,7 +133,7 @@ def fake_work(monkeypatch):
     def build_bank(cfg, checkpoint):
         calls.append("bank")
         cfg = resolve_paths(cfg)
-        _, h = build.build_identity(cfg, build.file_sha256(checkpoint))
+        _, h = build.build_identity(cfg, storage.file_sha256(checkpoint))
         Path(cfg.bank_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.bank_dir) / "build.json").write_text(json.dumps({"build_hash": h}))
         return fake_stages.bank_summary(cfg.bank_dir)

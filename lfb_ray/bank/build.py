@@ -30,6 +30,7 @@ from lfb_ray.redaction import redact_text
 from lfb_ray.storage import (
     check_writable,
     exists,
+    file_sha256,
     is_uri,
     join,
     join_uri,
@@ -38,7 +39,7 @@ from lfb_ray.storage import (
     write_json_atomic,
 )
 
-__all__ = ["BankBuildSummary", "BankExtractor", "build_bank", "build_identity", "file_sha256"]
+__all__ = ["BankBuildSummary", "BankExtractor", "build_bank", "build_identity"]
 
 
 @dataclass
@@ -54,33 +55,6 @@ class BankBuildSummary:
         return (f"bank: {self.keyframes} keyframes, {self.features} features, {self.bytes / 1e9:.3f} GB, "
                 f"{self.features / max(self.seconds, 1e-9):.1f} features/s ({self.seconds:.1f} s, "
                 f"{self.skipped_parts} parts reused) -> {self.path}")
-
-
-_SHA256_MEMO: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str) -> str:
-    """SHA-256 of a checkpoint file, or of `model.pt` in a checkpoint folder; local path or URI.
-
-    Memoised per process on (location, size, mtime): the pipeline asks for the baseline's hash for
-    the bank stage's key, the bank build and the LFB runs' input identities (`lfb_ray.identity`),
-    and a checkpoint is hundreds of MB (or an S3 download).
-    """
-    from pyarrow import fs as pafs
-
-    from lfb_ray.storage import checkpoint_file
-
-    fs, inner = resolve(checkpoint_file(path))
-    info = fs.get_file_info(inner)
-    key = (f"{fs.type_name}:{inner}", int(info.size or 0), int(info.mtime_ns or 0))
-    if info.type == pafs.FileType.File and key in _SHA256_MEMO:
-        return _SHA256_MEMO[key]
-    h = hashlib.sha256()
-    with fs.open_input_stream(inner) as f:  # a missing file raises here, as before
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    _SHA256_MEMO[key] = h.hexdigest()
-    return _SHA256_MEMO[key]
 
 
 class BankExtractor:

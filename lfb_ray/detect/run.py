@@ -352,7 +352,8 @@ def _build_bank(cfg_run: Config, base_cfg, bank_checkpoint: str, parts: list[lis
     """The bank of the span: `BankExtractor._extract` (the bank job's per-part function) on each
     part's keyframe table, merged with `write_bank`."""
     from lfb_ray.bank import FeatureBank, write_bank
-    from lfb_ray.bank.build import BankExtractor, file_sha256
+    from lfb_ray.bank.build import BankExtractor
+    from lfb_ray.storage import file_sha256
 
     extractor = BankExtractor(dataclasses.replace(cfg_run, model=base_cfg), bank_checkpoint, parts_dir="")
     keys = ("video_id", "second", "person_index", "box", "score", "feature")

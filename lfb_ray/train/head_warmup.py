@@ -109,7 +109,7 @@ def warm_up_head(model, bank_split_dir: str, train_csv: str, *, steps: int, lr: 
     t0 = time.time()
     bank = FeatureBank.open(bank_split_dir, expected_dim=model.feature_channels)
     if checkpoint is not None:
-        from lfb_ray.bank.build import file_sha256
+        from lfb_ray.storage import file_sha256
 
         want, have = bank.checkpoint_sha256s(), file_sha256(checkpoint)
         if want != {have}:

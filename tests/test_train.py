@@ -252,3 +252,22 @@ def test_save_best_makes_the_best_evaluated_epoch_the_result(prepared, tmp_path)
     assert meta.code == code_version() and meta.code["git"] != "unknown"
     res = infer_split(cfg, r.checkpoint_path, str(tmp_path / "best.csv"))
     assert res.metrics["mAP"] == pytest.approx(r.metrics["val/mAP"], abs=1e-9)
+
+
+def test_every_evaluated_epochs_csv_is_an_mlflow_artifact(prepared, tmp_path):
+    """With train.save_best and an earlier best epoch, the last epoch's val CSV is still logged: the
+    run's `results/` artifacts hold one CSV per evaluated epoch (the last one was replaced by the
+    best epoch's CSV, logged a second time)."""
+    from mlflow.tracking import MlflowClient
+
+    from lfb_ray.train import fit
+
+    cfg0, _ = prepared
+    # lr 0: both epochs score the same, so the earliest (epoch 1) is the best on the tie.
+    cfg = tiny_config(tmp_path / "w", cfg0.data.root, f"data.prepared_dir={cfg0.prepared_dir}", "model.fbo=none",
+                      "train.epochs=2", "train.eval_every_epochs=1", "train.save_best=true", "train.base_lr=0.0",
+                      "train.max_iters_per_epoch=1", "cluster.num_workers=1")
+    r = fit(cfg)
+    assert r.metrics["best/epoch"] == 1 and r.metrics["val/csv"].endswith("val_results_epoch001.csv")
+    logged = sorted(a.path for a in MlflowClient(cfg.tracking_uri).list_artifacts(r.mlflow_run_id, "results"))
+    assert logged == ["results/val_results_epoch001.csv", "results/val_results_epoch002.csv"], logged

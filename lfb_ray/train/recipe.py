@@ -336,11 +336,11 @@ class LFBRecipe:
                       f"{self.best.mAP:.4f}; last epoch {metrics.get('last/val/mAP', float('nan')):.4f})", flush=True)
                 self.tracker.log_metrics({"best/epoch": self.best.epoch, "best/val_mAP": self.best.mAP}, step=done)
         self.save_checkpoint(metrics, done, 0, final=final)
-        if rank == 0 and "val/csv" in metrics:
-            # With train.save_best, the final metrics' val/csv is the best epoch's CSV.
-            self.tracker.log_artifact(ev.csv_local if ev is not None and ev.csv_local else metrics["val/csv"],
-                                      "results")
-            if ev is not None and ev.csv_local:  # the local copy of a CSV on S3 (`evaluate_val`)
+        if rank == 0 and ev is not None:
+            # This epoch's CSV (not the final metrics' val/csv: with train.save_best that is the best
+            # epoch's, logged when it was evaluated).
+            self.tracker.log_artifact(ev.csv_local or ev.csv, "results")
+            if ev.csv_local:  # the local copy of a CSV on S3 (`evaluate_val`)
                 shutil.rmtree(os.path.dirname(ev.csv_local), ignore_errors=True)
 
     # --- 3. checkpoints

@@ -29,6 +29,7 @@ from lfb_ray.runs import identity_dict, operator_tag, run_name_for
 from lfb_ray.storage import is_uri, join_uri, resolve
 from lfb_ray.train.recipe import train_loop_per_worker
 from lfb_ray.train.resources import device_note, failure_config, plan_concurrency, scaled, scaling_config
+from lfb_ray.train.run_args import RunArgs
 
 __all__ = ["FitManyError", "FitResult", "check_tracking_store", "fit", "fit_many", "fit_operators"]
 
@@ -196,11 +197,11 @@ def _fit_run(cfg: Config, *, name: str, run_id: str | None, init_checkpoint: str
         iters = min(iters, cfg.train.max_iters_per_epoch)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "mlflow_run_id": run_id, "results_dir": results_dir,
-                           "iters_per_epoch": iters, "init_checkpoint": init_checkpoint,
-                           "provenance": {"run_name": name, "mlflow_run_id": run_id or "", "inputs": inputs,
-                                          "bank_checkpoint": bank_checkpoint(cfg.bank_dir) if cfg.model.uses_bank
-                                          else ""}},
+        train_loop_config={"run": RunArgs(
+            cfg=cfg, results_dir=results_dir, iters_per_epoch=iters, mlflow_run_id=run_id,
+            init_checkpoint=init_checkpoint,
+            provenance={"run_name": name, "mlflow_run_id": run_id or "", "inputs": inputs,
+                        "bank_checkpoint": bank_checkpoint(cfg.bank_dir) if cfg.model.uses_bank else ""})},
         scaling_config=_scaling(cfg),
         run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=failure_config(cfg),

@@ -400,15 +400,15 @@ class LFBRecipe:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker entry point: one rank of one model's training run.
 
-    `config` is the driver's `train_loop_config` (`RunArgs`: {"cfg": the run's `Config`,
-    "mlflow_run_id": ..., "results_dir": ..., ...}).
+    `config` is the driver's `train_loop_config`: {"run": `RunArgs`} (the run's `Config`, MLflow run,
+    results folder, epoch length, provenance).
 
     1. Set up the model, its bank windows, the state to resume, the optimizer and the tracker.
     2. With nothing to train (`train.finetune_epochs=0`), evaluate the starting model as the result.
     3. Train each remaining epoch; after it, evaluate when due, log and checkpoint.
     4. Clean up: stop the system metrics, send the metrics still pending.
     """
-    recipe = LFBRecipe(RunArgs.from_loop_config(config))
+    recipe = LFBRecipe(config["run"])
     recipe.setup()
     if recipe.epochs == 0 and recipe.start_epoch == 0:
         recipe.end_untrained()

@@ -1,4 +1,4 @@
-"""What the driver hands every training worker (`RunArgs`, from Ray Train's `train_loop_config`)
+"""What the driver hands every training worker (`RunArgs`, Ray Train's `train_loop_config["run"]`)
 and what the run's `model.pt` records of it (`model_meta`)."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ __all__ = ["RunArgs", "model_meta"]
 
 @dataclass(frozen=True)
 class RunArgs:
-    """What the driver hands every worker (`train_loop_config` of `lfb_ray.train.driver.fit`)."""
+    """What the driver hands every worker (`train_loop_config={"run": RunArgs(...)}` of
+    `lfb_ray.train.driver.fit`; Ray Train pickles it as it is)."""
 
     cfg: Config  # the run's config, paths resolved
     results_dir: str  # where the val result CSVs go (a local path or URI)
@@ -26,12 +27,6 @@ class RunArgs:
     # What the run's model.pt records it came from (`CheckpointMeta`): run_name, mlflow_run_id,
     # inputs, bank_checkpoint.
     provenance: Mapping = field(default_factory=dict)
-
-    @classmethod
-    def from_loop_config(cls, config: Mapping) -> RunArgs:
-        return cls(cfg=config["cfg"], results_dir=config["results_dir"], iters_per_epoch=config["iters_per_epoch"],
-                   mlflow_run_id=config.get("mlflow_run_id"), init_checkpoint=config.get("init_checkpoint"),
-                   provenance=config.get("provenance") or {})
 
     @property
     def epochs(self) -> int:

@@ -130,3 +130,13 @@ def test_ava_doc_outputs_are_used():
             out = cmd[2]
             used = [c for c in python_job_commands(text) if any(a.endswith("=" + out) for a in c)]
             assert used or out in configs, f"{out} is written by docs/ava.md but nothing reads it"
+
+
+def test_readme_states_the_reliability_counts_of_docs_reliability():
+    """README's one-line summary of the fault and bad-input tests says what docs/reliability.md counts."""
+    rel = " ".join((REPO / "docs" / "reliability.md").read_text().split())
+    readme = " ".join((REPO / "README.md").read_text().split())
+    faults, real, kinds, cases = re.search(
+        r"(\d+) faults injected \((\d+) of them real\) and (\d+) kinds of bad input tried \((\d+) cases", rel).groups()
+    assert (f"{faults} injected faults ({real} of them real) and {kinds} kinds of bad input ({cases} cases)"
+            in readme), "README's reliability line differs from docs/reliability.md"

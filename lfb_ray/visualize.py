@@ -155,7 +155,7 @@ def predict_keyframes(model: torch.nn.Module, rows: list[dict], cfg: Config, *, 
                 out.append(KeyframePrediction(
                     video_id=str(row["video_id"]), timestamp=int(row["timestamp"]), image=keyframe_image(row, cfg.prepared_dir),
                     gt_boxes=gt_boxes, gt_labels=[np.flatnonzero(h).tolist() for h in gt_multi_hot],
-                    boxes=pred["boxes"][sel], scores=pred["scores"][sel],
+                    boxes=pred.boxes[sel], scores=pred.scores[sel],
                     attention=[per_box[s] for s in sel] if per_box is not None else None))
     finally:
         if hook is not None:

@@ -368,7 +368,7 @@ def test_predict_batch_with_the_sampler_scores_as_with_sample(tmp_path):
     rng_a, rng_b = np.random.default_rng(4), np.random.default_rng(4)
     for b in _batches(first, 3, cfg.model.num_classes):
         b = dict(b, sizes=np.array([[64, 64]] * 3), boxes=b["rois"][:, 1:].numpy() / 64)
-        got = predict_batch(core, b, windows=windows, rng=rng_a, device=torch.device("cpu"), amp="off")["scores"]
+        got = predict_batch(core, b, windows=windows, rng=rng_a, device=torch.device("cpu"), amp="off").scores
         lt = bank.sample(b["roi_video_ids"], b["roi_seconds"], rng_b, window_seconds=cfg.bank.window_seconds,
                          max_feats_per_second=cfg.bank.max_feats_per_second)
         with torch.no_grad():

@@ -22,19 +22,20 @@ from lfb_ray.predictions import Predictions
 
 if TYPE_CHECKING:
     from lfb_ray.bank.window import WindowSampler
+    from lfb_ray.data.batches import TestBatch
 
 __all__ = ["InferenceResult", "Predictions", "autocast_for", "infer_split", "load_model", "predict_batch",
            "to_model_layout", "write_and_evaluate"]
 
 
 @torch.no_grad()
-def predict_batch(model: torch.nn.Module, batch: dict, *, windows: WindowSampler | None = None,
+def predict_batch(model: torch.nn.Module, batch: TestBatch, *, windows: WindowSampler | None = None,
                   rng: np.random.Generator, device: torch.device, amp: str = "auto") -> Predictions:
     """Scores of every RoI of a `collate_test` batch: sigmoid, softmax within the model's
     exclusive label groups (`LFBDetector.scores`).
 
     Clips of one frame size go through the network together, each size on its own and cut back to
-    its own size (`batch["sizes"]`): zero padding to the batch's largest frame would change the
+    its own size (`batch.sizes`): zero padding to the batch's largest frame would change the
     features of boxes near the bottom/right edge (the convolutions see the padding), so a val RoI
     would score differently from its own bank entry and with its batch neighbours. AVA's videos
     come in several aspect ratios, so a test batch often mixes sizes.
@@ -50,10 +51,10 @@ def predict_batch(model: torch.nn.Module, batch: dict, *, windows: WindowSampler
     """
     model.eval()
     core = getattr(model, "module", model)
-    rois_all = batch["rois"]
-    lt_all = windows(batch["roi_video_ids"], batch["roi_seconds"], rng) if windows is not None else None  # [R, W*K, C]
-    b = len(batch["clip"])
-    sizes = np.asarray(batch["sizes"], np.int64).reshape(b, 2)
+    rois_all = batch.rois
+    lt_all = windows(batch.roi_video_ids, batch.roi_seconds, rng) if windows is not None else None  # [R, W*K, C]
+    b = len(batch.clip)
+    sizes = np.asarray(batch.sizes, np.int64).reshape(b, 2)
     roi_clip = rois_all[:, 0].long().numpy() if len(rois_all) else np.zeros(0, np.int64)
     scores = None
     for hw in np.unique(sizes, axis=0):
@@ -62,7 +63,7 @@ def predict_batch(model: torch.nn.Module, batch: dict, *, windows: WindowSampler
         if not len(sel):
             continue
         h, w = int(hw[0]), int(hw[1])
-        clip = to_model_layout(batch["clip"][torch.from_numpy(idx)][..., :h, :w].to(device, non_blocking=True))
+        clip = to_model_layout(batch.clip[torch.from_numpy(idx)][..., :h, :w].to(device, non_blocking=True))
         rois = rois_all[torch.from_numpy(sel)].clone()
         rois[:, 0] = torch.from_numpy(np.searchsorted(idx, roi_clip[sel]).astype(np.float32))  # batch index in the group
         lt = (lt_all.index_select(0, torch.from_numpy(sel).to(lt_all.device, non_blocking=True)).to(device)
@@ -74,8 +75,8 @@ def predict_batch(model: torch.nn.Module, batch: dict, *, windows: WindowSampler
         scores[torch.from_numpy(sel)] = s
     if scores is None:  # no RoI in the batch
         scores = torch.zeros(0, core.fc_cls.out_features)
-    return Predictions(video_ids=list(batch["roi_video_ids"]), seconds=np.asarray(batch["roi_seconds"]),
-                       boxes=np.asarray(batch["boxes"], dtype=np.float32), scores=scores.numpy())
+    return Predictions(video_ids=list(batch.roi_video_ids), seconds=np.asarray(batch.roi_seconds),
+                       boxes=np.asarray(batch.boxes, dtype=np.float32), scores=scores.numpy())
 
 
 @dataclass

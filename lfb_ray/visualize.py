@@ -150,7 +150,7 @@ def predict_keyframes(model: torch.nn.Module, rows: list[dict], cfg: Config, *, 
                 per_box = [second_attention(a, f, window_seconds=w, max_feats_per_second=k)
                            for a, f in zip(attn, filled)]
             for j, row in enumerate(chunk):
-                sel = np.flatnonzero(batch["roi_batch"] == j)
+                sel = np.flatnonzero(batch.roi_batch == j)
                 gt_boxes, gt_multi_hot = row_gt(row, cfg.data.num_classes)
                 out.append(KeyframePrediction(
                     video_id=str(row["video_id"]), timestamp=int(row["timestamp"]), image=keyframe_image(row, cfg.prepared_dir),

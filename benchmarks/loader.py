@@ -24,9 +24,13 @@ import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks.table import cpu_count, format_table, machine_line, ratio, shown
 from lfb_ray.config import Config
+
+if TYPE_CHECKING:
+    from lfb_ray.data.batches import TrainBatch
 
 __all__ = ["run"]
 
@@ -76,8 +80,8 @@ def _raw_batches(cfg: Config, clips: int, count: int) -> list[dict]:
     return out
 
 
-def _pinned(batch: dict, cuda: bool) -> dict:
-    return {k: v.pin_memory() if cuda and hasattr(v, "pin_memory") else v for k, v in batch.items()}
+def _pinned(batch: TrainBatch, cuda: bool) -> TrainBatch:
+    return batch.pin_memory() if cuda else batch
 
 
 def run(*, quick: bool = False, workdir: str | Path = "runs/bench", prepared: str | None = None) -> str:
@@ -111,7 +115,7 @@ def run(*, quick: bool = False, workdir: str | Path = "runs/bench", prepared: st
         core = to_model_layout(build_detector(cfg.model).to(device)).train()
         optimizer = build_optimizer(core.parameters(), cfg.train, 0.01)
 
-        def step(batch: dict) -> torch.Tensor:
+        def step(batch: TrainBatch) -> torch.Tensor:
             return train_step(core, core, optimizer, batch, device, amp=amp, grad_clip=cfg.train.grad_clip)
 
         def sync() -> None:
@@ -133,7 +137,7 @@ def run(*, quick: bool = False, workdir: str | Path = "runs/bench", prepared: st
             loss = step(_pinned(fut.result(), cuda))
         sync()
         both_s = time.perf_counter() - t0
-    n = sum(b["num_clips"] for b in decoded)
+    n = sum(b.num_clips for b in decoded)
     step_rate = n / step_s
     for name, secs in ((f"step only: {count} batches decoded beforehand", step_s),
                        (f"loader only: decode + collate in {workers} processes", loader_s),

@@ -15,9 +15,13 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks.table import Measure, cpu_count, format_table, machine_line, ratio
 from lfb_ray.config import Config
+
+if TYPE_CHECKING:
+    from lfb_ray.data.batches import TrainBatch
 
 __all__ = ["decode_batch", "run"]
 
@@ -40,10 +44,9 @@ def _raw_batches(cfg: Config, batch_size: int, num_batches: int) -> list[dict]:
     return [table.slice(i * batch_size, batch_size).to_pydict() for i in range(num_batches)]
 
 
-def decode_batch(cfg: Config, raw: dict) -> dict:
+def decode_batch(cfg: Config, raw: dict) -> TrainBatch:
     """One batch of `_raw_batches` through the training loop's own decode + collate (no Ray):
-    `decode_train_rows` then `collate_train` (clip [B, 3, T, S, S] normalised, rois [R, 5], labels
-    [R, C])."""
+    `decode_train_rows` then `collate_train`."""
     from lfb_ray.data.dataset import collate_train, decode_train_rows
 
     return collate_train(decode_train_rows(raw, data=cfg.data, prepared_uri=cfg.prepared_dir, seed=cfg.train.seed),
@@ -76,7 +79,7 @@ def _pipeline_only(cfg: Config, batch_size: int, num_batches: int) -> dict:
                     first_s.append(time.perf_counter() - t0)
                     t1, clips = time.perf_counter(), 0
                 else:
-                    clips += b["num_clips"]
+                    clips += b.num_clips
                 if i + 1 >= num_batches:
                     break
             rest_s = time.perf_counter() - t1
@@ -94,7 +97,7 @@ def _baselines(cfg: Config, raw: list[dict]) -> dict:
     try:
         tc = cfg.train
 
-        def decode(i: int) -> dict:
+        def decode(i: int) -> TrainBatch:
             return decode_batch(cfg, raw[i])
 
         torch.manual_seed(tc.seed)
@@ -102,9 +105,9 @@ def _baselines(cfg: Config, raw: list[dict]) -> dict:
         lr = tc.base_lr * tc.batch_size_per_worker / tc.reference_batch
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
 
-        def step(batch: dict) -> None:  # the loop's step without the bank (fbo=none) and logging
-            logits = model(batch["clip"], batch["rois"], None)
-            loss = model.loss(logits.float(), batch["labels"])
+        def step(batch: TrainBatch) -> None:  # the loop's step without the bank (fbo=none) and logging
+            logits = model(batch.clip, batch.rois, None)
+            loss = model.loss(logits.float(), batch.labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip > 0:
@@ -122,7 +125,7 @@ def _baselines(cfg: Config, raw: list[dict]) -> dict:
                 step(decode(i))
     finally:
         torch.set_num_threads(threads)
-    clips = sum(b["num_clips"] for b in decoded)
+    clips = sum(b.num_clips for b in decoded)
     return {"clips": clips, "decode": dec, "compute": compute, "both": both}
 
 

@@ -18,22 +18,24 @@ import torch
 
 from lfb_ray.config import Config, resolve_paths
 from lfb_ray.models.device import autocast_for, best_device, load_model, to_model_layout
+from lfb_ray.predictions import Predictions
 
 if TYPE_CHECKING:
     from lfb_ray.bank.window import WindowSampler
+    from lfb_ray.data.batches import TestBatch
 
-__all__ = ["InferenceResult", "autocast_for", "concat_predictions", "infer_split", "load_model", "predict_batch",
+__all__ = ["InferenceResult", "Predictions", "autocast_for", "infer_split", "load_model", "predict_batch",
            "to_model_layout", "write_and_evaluate"]
 
 
 @torch.no_grad()
-def predict_batch(model: torch.nn.Module, batch: dict, *, windows: WindowSampler | None = None,
-                  rng: np.random.Generator, device: torch.device, amp: str = "auto") -> dict:
+def predict_batch(model: torch.nn.Module, batch: TestBatch, *, windows: WindowSampler | None = None,
+                  rng: np.random.Generator, device: torch.device, amp: str = "auto") -> Predictions:
     """Scores of every RoI of a `collate_test` batch: sigmoid, softmax within the model's
     exclusive label groups (`LFBDetector.scores`).
 
     Clips of one frame size go through the network together, each size on its own and cut back to
-    its own size (`batch["sizes"]`): zero padding to the batch's largest frame would change the
+    its own size (`batch.sizes`): zero padding to the batch's largest frame would change the
     features of boxes near the bottom/right edge (the convolutions see the padding), so a val RoI
     would score differently from its own bank entry and with its batch neighbours. AVA's videos
     come in several aspect ratios, so a test batch often mixes sizes.
@@ -45,15 +47,14 @@ def predict_batch(model: torch.nn.Module, batch: dict, *, windows: WindowSampler
         rng: the bank-sampling generator (`windows` draws from it).
 
     Returns:
-        video_ids list[str] [R], seconds int64 [R], boxes float32 [R, 4] normalised,
-        scores float32 [R, num_classes].
+        the `Predictions` of the batch's R RoIs, in batch order (scores [R, num_classes]).
     """
     model.eval()
     core = getattr(model, "module", model)
-    rois_all = batch["rois"]
-    lt_all = windows(batch["roi_video_ids"], batch["roi_seconds"], rng) if windows is not None else None  # [R, W*K, C]
-    b = len(batch["clip"])
-    sizes = np.asarray(batch["sizes"], np.int64).reshape(b, 2)
+    rois_all = batch.rois
+    lt_all = windows(batch.roi_video_ids, batch.roi_seconds, rng) if windows is not None else None  # [R, W*K, C]
+    b = len(batch.clip)
+    sizes = np.asarray(batch.sizes, np.int64).reshape(b, 2)
     roi_clip = rois_all[:, 0].long().numpy() if len(rois_all) else np.zeros(0, np.int64)
     scores = None
     for hw in np.unique(sizes, axis=0):
@@ -62,7 +63,7 @@ def predict_batch(model: torch.nn.Module, batch: dict, *, windows: WindowSampler
         if not len(sel):
             continue
         h, w = int(hw[0]), int(hw[1])
-        clip = to_model_layout(batch["clip"][torch.from_numpy(idx)][..., :h, :w].to(device, non_blocking=True))
+        clip = to_model_layout(batch.clip[torch.from_numpy(idx)][..., :h, :w].to(device, non_blocking=True))
         rois = rois_all[torch.from_numpy(sel)].clone()
         rois[:, 0] = torch.from_numpy(np.searchsorted(idx, roi_clip[sel]).astype(np.float32))  # batch index in the group
         lt = (lt_all.index_select(0, torch.from_numpy(sel).to(lt_all.device, non_blocking=True)).to(device)
@@ -74,19 +75,8 @@ def predict_batch(model: torch.nn.Module, batch: dict, *, windows: WindowSampler
         scores[torch.from_numpy(sel)] = s
     if scores is None:  # no RoI in the batch
         scores = torch.zeros(0, core.fc_cls.out_features)
-    return {"video_ids": list(batch["roi_video_ids"]), "seconds": np.asarray(batch["roi_seconds"]),
-            "boxes": np.asarray(batch["boxes"], dtype=np.float32), "scores": scores.numpy()}
-
-
-def concat_predictions(preds: list[dict], num_classes: int) -> dict:
-    """`predict_batch` outputs of several batches as one (an empty one, `num_classes` wide, for none)."""
-    if not preds:
-        return {"video_ids": [], "seconds": np.zeros(0, np.int64), "boxes": np.zeros((0, 4), np.float32),
-                "scores": np.zeros((0, num_classes), np.float32)}
-    return {"video_ids": [v for p in preds for v in p["video_ids"]],
-            "seconds": np.concatenate([p["seconds"] for p in preds]),
-            "boxes": np.concatenate([p["boxes"] for p in preds]),
-            "scores": np.concatenate([p["scores"] for p in preds])}
+    return Predictions(video_ids=list(batch.roi_video_ids), seconds=np.asarray(batch.roi_seconds),
+                       boxes=np.asarray(batch.boxes, dtype=np.float32), scores=scores.numpy())
 
 
 @dataclass
@@ -97,7 +87,7 @@ class InferenceResult:
     seconds: float
 
 
-def write_and_evaluate(cfg: Config, pred: dict, csv_path: str) -> dict:
+def write_and_evaluate(cfg: Config, pred: Predictions, csv_path: str) -> dict:
     """Write the AVA result CSV and compute frame-mAP against the val GT.
 
     Returns:
@@ -115,7 +105,7 @@ def write_and_evaluate(cfg: Config, pred: dict, csv_path: str) -> dict:
     from lfb_ray.evaluation.results import write_results_csv
 
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
-    write_results_csv(csv_path, pred["video_ids"], pred["seconds"], pred["boxes"], pred["scores"],
+    write_results_csv(csv_path, pred.video_ids, pred.seconds, pred.boxes, pred.scores,
                       action_thr=cfg.eval.action_thr)
     label_map = read_label_map(cfg.data_path(cfg.data.label_map))
     # The GT of the keyframes that were prepared (all, unless data.max_keyframes_per_split caps them).
@@ -153,11 +143,8 @@ class _Predictor:
     def __call__(self, batch: dict) -> dict:
         from lfb_ray.data.dataset import collate_test
 
-        p = predict_batch(self.model, collate_test(batch, self.cfg.data.mean, self.cfg.data.std),
-                          windows=self.windows, rng=self.rng, device=self.device, amp=self.cfg.train.amp)
-        n = len(p["video_ids"])
-        return {"video_id": np.array(p["video_ids"], dtype=object), "timestamp": p["seconds"],
-                "box": p["boxes"].reshape(n, 4), "scores": p["scores"]}
+        return predict_batch(self.model, collate_test(batch, self.cfg.data.mean, self.cfg.data.std),
+                             windows=self.windows, rng=self.rng, device=self.device, amp=self.cfg.train.amp).to_rows()
 
 
 def infer_split(cfg: Config, checkpoint: str, csv_path: str, *, split: str = "val") -> InferenceResult:
@@ -190,9 +177,5 @@ def infer_split(cfg: Config, checkpoint: str, csv_path: str, *, split: str = "va
         fn_constructor_kwargs={"cfg": cfg, "checkpoint": checkpoint,
                                "seed": cfg.train.seed})
     rows = ds.take_all()
-    pred = {"video_ids": [r["video_id"] for r in rows],
-            "seconds": np.array([r["timestamp"] for r in rows], np.int64),
-            "boxes": np.array([r["box"] for r in rows], np.float32).reshape(-1, 4),
-            "scores": np.array([r["scores"] for r in rows], np.float32).reshape(len(rows), -1)}
-    metrics = write_and_evaluate(cfg, pred, csv_path)
+    metrics = write_and_evaluate(cfg, Predictions.from_rows(rows), csv_path)
     return InferenceResult(csv_path=csv_path, metrics=metrics, num_boxes=len(rows), seconds=time.time() - t0)

@@ -150,12 +150,12 @@ def predict_keyframes(model: torch.nn.Module, rows: list[dict], cfg: Config, *, 
                 per_box = [second_attention(a, f, window_seconds=w, max_feats_per_second=k)
                            for a, f in zip(attn, filled)]
             for j, row in enumerate(chunk):
-                sel = np.flatnonzero(batch["roi_batch"] == j)
+                sel = np.flatnonzero(batch.roi_batch == j)
                 gt_boxes, gt_multi_hot = row_gt(row, cfg.data.num_classes)
                 out.append(KeyframePrediction(
                     video_id=str(row["video_id"]), timestamp=int(row["timestamp"]), image=keyframe_image(row, cfg.prepared_dir),
                     gt_boxes=gt_boxes, gt_labels=[np.flatnonzero(h).tolist() for h in gt_multi_hot],
-                    boxes=pred["boxes"][sel], scores=pred["scores"][sel],
+                    boxes=pred.boxes[sel], scores=pred.scores[sel],
                     attention=[per_box[s] for s in sel] if per_box is not None else None))
     finally:
         if hook is not None:

@@ -59,7 +59,7 @@ def main() -> int:
         with torch.no_grad():
             for s in range(0, len(vb["clip"]), 32):
                 b = collate_train({k: v[s:s + 32] for k, v in vb.items()}, cfg.data.mean, cfg.data.std)
-                logits, lab = model(b["clip"], b["rois"]), b["labels"]
+                logits, lab = model(b.clip, b.rois), b.labels
                 m, r = lab[:, motion].argmax(1), lab[:, roles].argmax(1)
                 pm, pr = logits[:, motion].argmax(1), logits[:, roles].argmax(1)
                 for i in torch.nonzero(lab[:, 1:].sum(1) > 0).flatten().tolist():
@@ -67,7 +67,7 @@ def main() -> int:
                     m_ok += int(pm[i] == m[i])
                     ok = int(pr[i] == r[i])
                     r_ok += ok
-                    vis = int(cue_in_clip(b["roi_video_ids"][i], int(b["roi_seconds"][i]), roles[int(r[i])]))
+                    vis = int(cue_in_clip(b.roi_video_ids[i], int(b.roi_seconds[i]), roles[int(r[i])]))
                     cue_ok[vis] += ok
                     cue_n[vis] += 1
         model.train()
@@ -84,7 +84,7 @@ def main() -> int:
             b = collate_train({k: v[perm[s:s + args.batch]] for k, v in tb.items()}, cfg.data.mean, cfg.data.std)
             for g in opt.param_groups:  # 50-step linear warmup from 0.1x
                 g["lr"] = args.lr * min(1.0, 0.1 + 0.9 * step / 50)
-            loss = model.loss(model(b["clip"], b["rois"]), b["labels"])
+            loss = model.loss(model(b.clip, b.rois), b.labels)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -11,6 +11,7 @@ from lfb_ray.bank import BankError, FeatureBank, write_bank
 from lfb_ray.bank import writer as writer_module
 from lfb_ray.bank.reader import _SECOND_BIAS, _name_some
 from lfb_ray.bank.window import DeviceFeatures, WindowSampler, place_features
+from lfb_ray.data.batches import TestBatch, TrainBatch
 
 
 def old_sample(bank: FeatureBank, video_ids, seconds, rng, *, window_seconds=60, max_feats_per_second=5):
@@ -230,9 +231,9 @@ def _batches(first: dict[str, int], n: int, num_classes: int):
         boxes[:, 2:] += boxes[:, :2] + 20
         labels = torch.zeros(6, num_classes)
         labels[torch.arange(6), torch.randint(1, num_classes, (6,), generator=g)] = 1
-        out.append({"clip": torch.randn(3, 3, 4, 64, 64, generator=g),
-                    "rois": torch.cat([torch.tensor([0, 0, 1, 1, 2, 2.0])[:, None], boxes], 1),
-                    "labels": labels, "roi_video_ids": vids, "roi_seconds": secs, "num_clips": 3})
+        out.append(TrainBatch(clip=torch.randn(3, 3, 4, 64, 64, generator=g),
+                              rois=torch.cat([torch.tensor([0, 0, 1, 1, 2, 2.0])[:, None], boxes], 1),
+                              labels=labels, roi_video_ids=vids, roi_seconds=secs, num_clips=3))
     return out
 
 
@@ -265,11 +266,11 @@ def test_train_step_reads_no_tensor_on_the_host_and_gives_the_old_losses(tmp_pat
     old_loss = EpochLoss()
 
     def old_step(optimizer, batch):  # the loop body of commit 52751df
-        lt = bank.sample(batch["roi_video_ids"], batch["roi_seconds"], old_rng, window_seconds=W,
+        lt = bank.sample(batch.roi_video_ids, batch.roi_seconds, old_rng, window_seconds=W,
                          max_feats_per_second=K).to(device)
         with autocast_for(device, "off"):
-            logits = core(batch["clip"].to(device), batch["rois"].to(device), lt)
-        loss = core.loss(logits.float(), batch["labels"].to(device))
+            logits = core(batch.clip.to(device), batch.rois.to(device), lt)
+        loss = core.loss(logits.float(), batch.labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
@@ -367,12 +368,13 @@ def test_predict_batch_with_the_sampler_scores_as_with_sample(tmp_path):
                                                                      cfg.bank.max_feats_per_second)
     rng_a, rng_b = np.random.default_rng(4), np.random.default_rng(4)
     for b in _batches(first, 3, cfg.model.num_classes):
-        b = dict(b, sizes=np.array([[64, 64]] * 3), boxes=b["rois"][:, 1:].numpy() / 64)
-        got = predict_batch(core, b, windows=windows, rng=rng_a, device=torch.device("cpu"), amp="off")["scores"]
-        lt = bank.sample(b["roi_video_ids"], b["roi_seconds"], rng_b, window_seconds=cfg.bank.window_seconds,
+        b = TestBatch(clip=b.clip, sizes=np.array([[64, 64]] * 3), rois=b.rois, boxes=b.rois[:, 1:].numpy() / 64,
+                      roi_batch=b.rois[:, 0].long().numpy(), roi_video_ids=b.roi_video_ids, roi_seconds=b.roi_seconds)
+        got = predict_batch(core, b, windows=windows, rng=rng_a, device=torch.device("cpu"), amp="off").scores
+        lt = bank.sample(b.roi_video_ids, b.roi_seconds, rng_b, window_seconds=cfg.bank.window_seconds,
                          max_feats_per_second=cfg.bank.max_feats_per_second)
         with torch.no_grad():
-            want = core.scores(core(b["clip"], b["rois"], lt)).numpy()
+            want = core.scores(core(b.clip, b.rois, lt)).numpy()
         np.testing.assert_array_equal(got, want)
 
 

@@ -107,9 +107,28 @@ def test_normalise_and_collate_test_padding():
     batch = {"clip": clips, "boxes": boxes, "box_px": boxes, "video_id": np.array(["a", "b"], object),
              "timestamp": np.array([902, 903])}
     out = collate_test(batch, d.mean, d.std)
-    assert tuple(out["clip"].shape) == (2, 3, 4, 8, 12)
-    assert float(out["clip"][1, :, :, :, 10:].abs().sum()) == 0.0  # zero padding on the right
-    assert out["rois"][:, 0].tolist() == [0, 1, 1] and out["roi_video_ids"] == ["a", "b", "b"]
+    assert tuple(out.clip.shape) == (2, 3, 4, 8, 12)
+    assert float(out.clip[1, :, :, :, 10:].abs().sum()) == 0.0  # zero padding on the right
+    assert out.rois[:, 0].tolist() == [0, 1, 1] and out.roi_video_ids == ["a", "b", "b"]
+    assert out.sizes.tolist() == [[8, 12], [8, 10]] and out.roi_batch.tolist() == [0, 1, 1]
+
+
+def test_collate_train_drops_padding_rois():
+    from lfb_ray.config import DataConfig
+    from lfb_ray.data.dataset import TrainBatch, collate_train
+
+    d = DataConfig()
+    rois = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    valid = np.array([[True, False, True], [False, True, False]])
+    labels = np.zeros((2, 3, 5), np.float32)
+    labels[..., 2] = 1
+    batch = {"clip": np.full((2, 4, 8, 8, 3), 200, np.uint8), "rois": rois, "roi_valid": valid, "labels": labels,
+             "video_id": np.array(["a", "b"], object), "timestamp": np.array([902, 903])}
+    out = collate_train(batch, d.mean, d.std)
+    assert isinstance(out, TrainBatch) and out.num_clips == 2 and tuple(out.clip.shape) == (2, 3, 4, 8, 8)
+    assert out.rois.tolist() == [[0, *rois[0, 0]], [0, *rois[0, 2]], [1, *rois[1, 1]]]
+    assert tuple(out.labels.shape) == (3, 5) and out.roi_video_ids == ["a", "a", "b"]
+    assert out.roi_seconds.tolist() == [902, 902, 903] and out.roi_seconds.dtype == np.int64
 
 
 def test_assign_targets_copies_labels_of_matching_proposals():

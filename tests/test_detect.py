@@ -106,7 +106,7 @@ def test_scores_equal_the_evaluation_path(env, tmp_path):
     det = read_result_rows(res.csv)
 
     def key(t, b):  # the eval box of a CSV row: same second, same box to the CSV's 6 decimals
-        hit = np.flatnonzero((pred["seconds"] == t) & (np.abs(pred["boxes"] - b).max(axis=1) < 2e-6))
+        hit = np.flatnonzero((pred.seconds == t) & (np.abs(pred.boxes - b).max(axis=1) < 2e-6))
         assert len(hit) == 1
         return int(hit[0])
 
@@ -114,7 +114,7 @@ def test_scores_equal_the_evaluation_path(env, tmp_path):
     for t, b, a, s in zip(det.timestamps, det.boxes, det.action_ids, det.scores, strict=True):
         i = key(t, b)
         matched.add(i)
-        assert abs(pred["scores"][i, a] - s) < 1e-5
+        assert abs(pred.scores[i, a] - s) < 1e-5
     # Every eval box at or above the person threshold is in the CSV (the rest are the evaluator's
     # fallbacks: the best box of a keyframe whose boxes all score lower, or a whole-frame box).
     props = {int(r["timestamp"]): np.asarray(r["proposals"], np.float32).reshape(-1, 5) for r in rows
@@ -129,7 +129,7 @@ def test_scores_equal_the_evaluation_path(env, tmp_path):
     base = load_model(dataclasses.replace(run_cfg, model=dataclasses.replace(cfg.model, fbo="none")), env["base"])
     pb = predict_batch(base, batch, rng=np.random.default_rng(0), device=torch.device("cpu"))
     for t, b, a, s in zip(short.timestamps, short.boxes, short.action_ids, short.scores, strict=True):
-        assert abs(pb["scores"][key(t, b), a] - s) < 1e-5
+        assert abs(pb.scores[key(t, b), a] - s) < 1e-5
 
     doc = json.loads(Path(res.tracks_json).read_text())
     n_boxes = sum(len(t["boxes"]) for t in doc["tracks"])

@@ -207,9 +207,9 @@ def test_a_box_scores_the_same_whatever_clips_share_its_test_batch(fbo: str) -> 
     kw = dict(windows=windows if fbo != "none" else None, rng=np.random.default_rng(1), device=torch.device("cpu"),
               amp="off")
     mean, std = DataConfig().mean, DataConfig().std
-    together = predict_batch(model, collate_test(batch, mean, std), **kw)["scores"]
+    together = predict_batch(model, collate_test(batch, mean, std), **kw).scores
     alone = np.concatenate([predict_batch(model, collate_test({k: v[i:i + 1] for k, v in batch.items()}, mean, std),
-                                          **kw)["scores"]
+                                          **kw).scores
                             for i in range(3)])
     assert together.shape == (6, 81)
     np.testing.assert_allclose(together, alone, rtol=0, atol=1e-6)

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from lfb_ray.config import Config, DataConfig
+from lfb_ray.data.batches import TestBatch, TrainBatch
 from lfb_ray.data.clips import (
     ClipSpec,
     decode_jpeg,
@@ -34,8 +35,8 @@ from lfb_ray.data.clips import (
 from lfb_ray.data.frames import open_frame_store
 from lfb_ray.data.schema import row_gt, row_proposals
 
-__all__ = ["clip_frames", "collate_test", "collate_train", "count_rows", "decode_test_rows", "decode_train_rows",
-           "epoch_order", "normalise", "read_keyframes", "read_split", "train_samples"]
+__all__ = ["TestBatch", "TrainBatch", "clip_frames", "collate_test", "collate_train", "count_rows", "decode_test_rows",
+           "decode_train_rows", "epoch_order", "normalise", "read_keyframes", "read_split", "train_samples"]
 
 
 RAW_COLUMNS = ["video_id", "timestamp", "excluded", "ref_offsets", "frame_rows", "frames_file", "height",
@@ -236,14 +237,9 @@ def normalise(frames, mean, std):
     return x.permute(0, 4, 1, 2, 3).contiguous()
 
 
-def collate_train(batch: dict, mean, std) -> dict:
+def collate_train(batch: dict, mean, std) -> TrainBatch:
     """A numpy train batch (`decode_train_rows`, RoIs padded per clip) as the tensors of a step,
-    padding RoIs dropped.
-
-    Returns:
-        clip [B, 3, T, S, S] normalised; rois [R, 5] (clip index, x1, y1, x2, y2); labels [R, C];
-        roi_video_ids list[str] [R]; roi_seconds int64 [R]; num_clips B.
-    """
+    padding RoIs dropped (`TrainBatch` gives the shapes)."""
     import torch
 
     valid = np.asarray(batch["roi_valid"], dtype=bool)
@@ -252,26 +248,23 @@ def collate_train(batch: dict, mean, std) -> dict:
     labels = np.asarray(batch["labels"], dtype=np.float32)[b_idx, r_idx]
     vids = np.asarray(batch["video_id"], dtype=object)
     ts = np.asarray(batch["timestamp"], dtype=np.int64)
-    return {
-        "clip": normalise(np.asarray(batch["clip"]), mean, std),
-        "rois": torch.from_numpy(np.concatenate([b_idx[:, None].astype(np.float32), rois], axis=1)),
-        "labels": torch.from_numpy(labels),
-        "roi_video_ids": [str(v) for v in vids[b_idx]],
-        "roi_seconds": ts[b_idx],
-        "num_clips": int(valid.shape[0]),
-    }
+    return TrainBatch(
+        clip=normalise(np.asarray(batch["clip"]), mean, std),
+        rois=torch.from_numpy(np.concatenate([b_idx[:, None].astype(np.float32), rois], axis=1)),
+        labels=torch.from_numpy(labels),
+        roi_video_ids=[str(v) for v in vids[b_idx]],
+        roi_seconds=ts[b_idx],
+        num_clips=int(valid.shape[0]),
+    )
 
 
-def collate_test(batch: dict, mean, std) -> dict:
-    """Pad full-frame clips of one batch to a common size (bottom/right) and list all RoIs.
+def collate_test(batch: dict, mean, std) -> TestBatch:
+    """Pad full-frame clips of one batch to a common size (bottom/right) and list all RoIs
+    (`TestBatch` gives the shapes).
 
     The padding is only for transport: `lfb_ray.inference.predict_batch` runs each frame size of
     the batch as its own forward pass on the unpadded clips (`sizes`), so a box's score never
     depends on which other clips shared its batch.
-
-    Returns:
-        clip [B, 3, T, Hmax, Wmax]; sizes int64 [B, 2] (each clip's own H, W); rois [R, 5];
-        boxes [R, 4] normalised; roi_batch [R]; video_ids list[str] per RoI; seconds [R].
     """
     import torch
 
@@ -290,6 +283,6 @@ def collate_test(batch: dict, mean, std) -> dict:
     vids = np.asarray(batch["video_id"], dtype=object)
     ts = np.asarray(batch["timestamp"], dtype=np.int64)
     sizes = np.array([c.shape[2:4] for c in clips], np.int64).reshape(len(clips), 2)
-    return {"clip": out, "sizes": sizes, "rois": torch.from_numpy(np.concatenate(rois)),
-            "boxes": np.concatenate(boxes), "roi_batch": b,
-            "roi_video_ids": [str(v) for v in vids[b]], "roi_seconds": ts[b]}
+    return TestBatch(clip=out, sizes=sizes, rois=torch.from_numpy(np.concatenate(rois)),
+                     boxes=np.concatenate(boxes), roi_batch=b,
+                     roi_video_ids=[str(v) for v in vids[b]], roi_seconds=ts[b])

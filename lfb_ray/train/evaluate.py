@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from lfb_ray.config import Config
+from lfb_ray.predictions import Predictions
 
 __all__ = ["EvalResult", "evaluate_val", "val_predictions"]
 
@@ -39,13 +40,13 @@ class EvalResult:
         return out
 
 
-def val_predictions(model, cfg: Config, windows, rank: int, world: int, device, rng) -> dict:
+def val_predictions(model, cfg: Config, windows, rank: int, world: int, device, rng) -> Predictions:
     """This rank's share of val predictions (files split round-robin across ranks)."""
     import ray
 
     from lfb_ray.data.dataset import collate_test, decode_test_rows
     from lfb_ray.data.prep import prepared_files
-    from lfb_ray.inference import concat_predictions, predict_batch
+    from lfb_ray.inference import predict_batch
     from lfb_ray.storage import resolve
 
     files = prepared_files(cfg.prepared_dir, "val")[rank::world]
@@ -59,7 +60,7 @@ def val_predictions(model, cfg: Config, windows, rank: int, world: int, device, 
         for batch in ds.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"):
             preds.append(predict_batch(model, collate_test(batch, cfg.data.mean, cfg.data.std), windows=windows,
                                        rng=rng, device=device, amp=cfg.train.amp))
-    return concat_predictions(preds, cfg.model.num_classes)
+    return Predictions.concat(preds, cfg.model.num_classes)
 
 
 def evaluate_val(model, cfg: Config, windows, rank: int, world: int, device, epoch: int, results_dir: str,
@@ -73,7 +74,7 @@ def evaluate_val(model, cfg: Config, windows, rank: int, world: int, device, epo
     import torch.distributed as dist
 
     from lfb_ray.evaluation.families import family_means, label_families
-    from lfb_ray.inference import concat_predictions, write_and_evaluate
+    from lfb_ray.inference import write_and_evaluate
     from lfb_ray.storage import is_uri, join_uri, upload_file
 
     mine = val_predictions(model, cfg, windows, rank, world, device, rng)
@@ -84,7 +85,7 @@ def evaluate_val(model, cfg: Config, windows, rank: int, world: int, device, epo
         gathered = [mine]
     if rank != 0:
         return None
-    pred = concat_predictions([g for g in gathered if len(g["video_ids"])], cfg.model.num_classes)
+    pred = Predictions.concat([g for g in gathered if len(g)], cfg.model.num_classes)
     csv_name = f"val_results_epoch{epoch + 1:03d}.csv"
     remote = is_uri(results_dir)
     csv_path = os.path.join(tempfile.mkdtemp(prefix="lfb_ray_val_") if remote else results_dir, csv_name)

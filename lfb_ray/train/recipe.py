@@ -267,7 +267,7 @@ class LFBRecipe:
             loss = train_step(self.model, self.core, self.optimizer, batch, device, amp=tc.amp, grad_clip=tc.grad_clip,
                               windows=self.windows, rng=seed_step(tc.seed, rank, epoch, it))
             self.global_step += 1
-            n_clips += batch["num_clips"]
+            n_clips += batch.num_clips
             self.epoch_loss.add(loss)
             iters_here += 1
             if self.global_step % tc.log_every_iters == 0 or it == last_it:

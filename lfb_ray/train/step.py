@@ -7,13 +7,14 @@ import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-__all__ = ["TrainCollate", "eval_generator", "flush_denormals", "seed_step", "train_step"]
+from lfb_ray.data.batches import TrainBatch
 
-_PINNED = ("clip", "rois", "labels")  # the tensors of a train batch that go to the device
+__all__ = ["TrainCollate", "eval_generator", "flush_denormals", "seed_step", "train_step"]
 
 
 class TrainCollate(NumpyBatchCollateFn):
-    """`iter_torch_batches` collate: numpy train batch → normalised tensors + per-RoI bank keys.
+    """`iter_torch_batches` collate: numpy train batch → `TrainBatch` (normalised tensors + per-RoI
+    bank keys); Ray Data hands it to the loop as it is (not a plain tensor container).
 
     With `pin_memory` (a CUDA run) the clip, RoIs and labels are pinned here, in Ray Data's collate
     threads off the loop's critical path, so the loop's `non_blocking` copies really overlap. (Ray's
@@ -24,17 +25,14 @@ class TrainCollate(NumpyBatchCollateFn):
         self.mean, self.std = tuple(mean), tuple(std)
         self.pin_memory = pin_memory
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict) -> TrainBatch:
         from lfb_ray.data.dataset import collate_train
 
         out = collate_train(batch, self.mean, self.std)
-        if self.pin_memory:
-            for k in _PINNED:
-                out[k] = out[k].pin_memory()
-        return out
+        return out.pin_memory() if self.pin_memory else out
 
 
-def train_step(model, core, optimizer, batch: dict, device: torch.device, *, amp: str, grad_clip: float,
+def train_step(model, core, optimizer, batch: TrainBatch, device: torch.device, *, amp: str, grad_clip: float,
                windows=None, rng: np.random.Generator | None = None) -> torch.Tensor:
     """One SGD step on one train batch; returns its loss, detached and still on the device.
 
@@ -46,8 +44,7 @@ def train_step(model, core, optimizer, batch: dict, device: torch.device, *, amp
 
     Args:
         model: the (DDP-wrapped) detector; `core` the unwrapped one (its `loss`).
-        batch: `TrainCollate`'s output: clip [B, 3, T, H, W], rois [R, 5], labels [R, num_classes],
-            roi_video_ids [R], roi_seconds [R].
+        batch: `TrainCollate`'s output (clip [B, 3, T, H, W], rois [R, 5], labels [R, num_classes]).
         windows: the `WindowSampler` of an LFB model ([R, W*K, C] float32 on `device`), else None.
         rng: the bank sampling generator (with `windows`).
 
@@ -56,10 +53,10 @@ def train_step(model, core, optimizer, batch: dict, device: torch.device, *, amp
     """
     from lfb_ray.models.device import autocast_for, to_model_layout
 
-    clip = to_model_layout(batch["clip"].to(device, non_blocking=True))
-    rois = batch["rois"].to(device, non_blocking=True)
-    labels = batch["labels"].to(device, non_blocking=True)
-    lt = windows(batch["roi_video_ids"], batch["roi_seconds"], rng) if windows is not None else None
+    clip = to_model_layout(batch.clip.to(device, non_blocking=True))
+    rois = batch.rois.to(device, non_blocking=True)
+    labels = batch.labels.to(device, non_blocking=True)
+    lt = windows(batch.roi_video_ids, batch.roi_seconds, rng) if windows is not None else None
     with autocast_for(device, amp):
         logits = model(clip, rois, lt)
     loss = core.loss(logits.float(), labels)

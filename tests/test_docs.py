@@ -140,3 +140,26 @@ def test_readme_states_the_reliability_counts_of_docs_reliability():
         r"(\d+) faults injected \((\d+) of them real\) and (\d+) kinds of bad input tried \((\d+) cases", rel).groups()
     assert (f"{faults} injected faults ({real} of them real) and {kinds} kinds of bad input ({cases} cases)"
             in readme), "README's reliability line differs from docs/reliability.md"
+
+
+def test_the_architecture_map_names_modules_and_values_that_exist():
+    """docs/architecture.md cannot drift from the package: every module or folder it names exists
+    (from the repository or the package root), and every value of its table is defined where it says."""
+    import importlib
+
+    text = (REPO / "docs" / "architecture.md").read_text()
+    paths = set(re.findall(r"`((?:[a-z_]+/)*[a-z_]+(?:\.py|/))`", text))
+    assert len(paths) > 40
+
+    def exists(p: str) -> bool:  # a path from the repository or the package root, or a file named in its folder's row
+        return ((REPO / p).exists() or (REPO / "lfb_ray" / p).exists()
+                or ("/" not in p and any((REPO / "lfb_ray").rglob(p))))
+
+    missing = [p for p in paths if not exists(p)]
+    assert not missing, missing
+    rows = re.findall(r"^\| ([^|]+) \| `([a-z_/]+)\.py` \|", text, re.M)
+    assert len(rows) >= 8
+    for names, module in rows:
+        mod = importlib.import_module("lfb_ray." + module.replace("/", "."))
+        for name in re.findall(r"`([A-Z][A-Za-z]+)`", names):
+            assert hasattr(mod, name), f"{name} is not defined in lfb_ray/{module}.py"

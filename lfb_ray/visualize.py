@@ -1,8 +1,8 @@
 """Look at a model's detections on one video: GT and predicted boxes drawn on its keyframes, as a
 PNG grid and a short MP4, and, for LFB-NL models, which bank seconds the non-local attention used.
 
-Runs in-process from the prepared shards (plain pyarrow, no Ray): the rows go through the same
-`decode_test_rows` -> `collate_test` -> `predict_batch` path as the inference job.
+Runs in-process from the prepared shards (plain pyarrow, no Ray): the rows are scored by
+`lfb_ray.inference.predict_keyframes`, the inference job's `predict_batch` path; this module draws.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from lfb_ray.config import Config
-from lfb_ray.data.clips import decode_jpeg
-from lfb_ray.data.dataset import RAW_COLUMNS, collate_test, decode_test_rows
-from lfb_ray.data.schema import row_gt
+from lfb_ray.inference import KeyframePrediction, predict_keyframes
 from lfb_ray.storage import atomic_path
 
-__all__ = ["KeyframePrediction", "Visualization", "bank_seconds", "keyframe_image", "predict_keyframes",
-           "read_video_rows", "render_tile", "second_attention", "visualize_video"]
+__all__ = ["Visualization", "bank_seconds", "read_video_rows", "render_tile", "visualize_video"]
 
 GT_COLOUR = (40, 220, 60)
 PRED_COLOURS = ((255, 140, 0), (230, 60, 230), (0, 200, 255), (255, 230, 0), (255, 70, 70), (150, 120, 255))
@@ -35,24 +32,6 @@ def bank_seconds(t: int | np.ndarray, slots: int | np.ndarray, *, window_seconds
                  max_feats_per_second: int) -> np.ndarray:
     """AVA second held by bank slot `s` of keyframe `t`: `t - W//2 + s // K` (`FeatureBank.sample`)."""
     return np.asarray(t) - window_seconds // 2 + np.asarray(slots) // max_feats_per_second
-
-
-def second_attention(attention: np.ndarray, filled: np.ndarray, *, window_seconds: int,
-                     max_feats_per_second: int) -> tuple[np.ndarray, float]:
-    """Attention mass per window second, from per-slot weights.
-
-    Args:
-        attention: [S] softmax weights of one RoI over its bank slots, S = W * K.
-        filled: [S] bool, the slot holds a bank feature (not zero padding).
-
-    Returns:
-        mass float64 [W] (second j is `t - W//2 + j`; only filled slots count) and the mass on
-        padding slots, which the unmasked softmax also spends (`NonLocalLayer`).
-    """
-    w, k = window_seconds, max_feats_per_second
-    a = np.asarray(attention, np.float64).reshape(w, k)  # [W, K]: slot s -> (s // K, s % K)
-    f = np.asarray(filled, bool).reshape(w, k)
-    return (a * f).sum(axis=1), float(a[~f].sum())
 
 
 def read_video_rows(cfg: Config, video_id: str, split: str = "val") -> list[dict]:
@@ -81,86 +60,6 @@ def read_video_rows(cfg: Config, video_id: str, split: str = "val") -> list[dict
             tables.append(pq.read_table(fh))
     rows = pa.concat_tables(tables).to_pylist()
     return sorted(rows, key=lambda r: int(r["timestamp"]))
-
-
-def keyframe_image(row: dict, prepared_uri: str) -> np.ndarray:
-    """The stored keyframe (reference offset 0, else the nearest stored offset) as uint8 [H, W, 3]."""
-    from lfb_ray.data.frames import open_frame_store
-
-    offsets = np.asarray(row["ref_offsets"], np.int64)
-    pos = int(np.argmin(np.abs(offsets)))
-    store = open_frame_store(prepared_uri, str(row["frames_file"]))
-    return decode_jpeg(store.jpeg(int(row["frame_rows"][pos])))
-
-
-@dataclass
-class KeyframePrediction:
-    """Everything drawn on one keyframe tile.
-
-    Attributes:
-        attention: per box, the (mass [W], padding mass) of `second_attention`; None unless fbo=nl.
-    """
-
-    video_id: str
-    timestamp: int
-    image: np.ndarray  # uint8 [H, W, 3] stored keyframe
-    gt_boxes: np.ndarray  # [G, 4] normalised
-    gt_labels: list[list[int]]  # [G] label ids of each GT box
-    boxes: np.ndarray  # [n, 4] normalised proposals above the person threshold
-    scores: np.ndarray  # [n, num_classes] sigmoid scores (column 0 unused)
-    attention: list[tuple[np.ndarray, float]] | None = None
-
-
-@torch.no_grad()
-def predict_keyframes(model: torch.nn.Module, rows: list[dict], cfg: Config, *, windows=None,
-                      device: torch.device | str = "cpu", seed: int = 0) -> list[KeyframePrediction]:
-    """Score every proposal of `rows` (prepared rows) and, for fbo=nl, read the NL attention.
-
-    `windows` is the LFB models' `WindowSampler` (built once by the caller), None for a baseline.
-
-    The attention comes from the inputs the operator saw in that same forward (a temporary
-    forward hook on `model.fbo`), recomputed by `FBONonLocal.attention` for layer 1.
-    """
-    from lfb_ray.inference import predict_batch
-    from lfb_ray.models.fbo import FBONonLocal
-
-    device = torch.device(device)
-    model.eval()
-    rng = np.random.default_rng(seed)
-    nl = isinstance(getattr(model, "fbo", None), FBONonLocal)
-    w, k = cfg.bank.window_seconds, cfg.bank.max_feats_per_second
-    out: list[KeyframePrediction] = []
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (st, lt) inputs of the operator, per forward
-    hook = model.fbo.register_forward_hook(lambda m, args, y: seen.append(args)) if nl else None
-    try:
-        step = max(1, cfg.eval.batch_size)
-        for i in range(0, len(rows), step):
-            chunk = rows[i:i + step]
-            batch = collate_test(decode_test_rows({c: [r[c] for r in chunk] for c in RAW_COLUMNS},
-                                                  data=cfg.data, prepared_uri=cfg.prepared_dir,
-                                                  score_thr=cfg.data.val_person_score_thr),
-                                 cfg.data.mean, cfg.data.std)
-            seen.clear()
-            pred = predict_batch(model, batch, windows=windows, rng=rng, device=device, amp=cfg.train.amp)
-            per_box = None
-            if nl:
-                st, lt = seen[0]
-                attn = model.fbo.attention(st.float(), lt.float()).cpu().numpy()  # [R, W*K]
-                filled = lt.abs().amax(dim=-1).ne(0).cpu().numpy()  # [R, W*K]; padding slots are all zero
-                per_box = [second_attention(a, f, window_seconds=w, max_feats_per_second=k)
-                           for a, f in zip(attn, filled)]
-            for j, row in enumerate(chunk):
-                sel = np.flatnonzero(batch.roi_batch == j)
-                gt_boxes, gt_multi_hot = row_gt(row, cfg.data.num_classes)
-                out.append(KeyframePrediction(
-                    video_id=str(row["video_id"]), timestamp=int(row["timestamp"]), image=keyframe_image(row, cfg.prepared_dir),
-                    gt_boxes=gt_boxes, gt_labels=[np.flatnonzero(h).tolist() for h in gt_multi_hot],
-                    boxes=pred.boxes[sel], scores=pred.scores[sel],
-                    attention=[per_box[s] for s in sel] if per_box is not None else None))
-    finally:
-        if hook is not None:
-            hook.remove()
-    return out
 
 
 def _font(size: int) -> ImageFont.ImageFont:

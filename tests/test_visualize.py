@@ -1,4 +1,5 @@
-"""lfb_ray.visualize: slot -> second mapping, NL attention weights, tiles, and the PNG/MP4 of one video."""
+"""lfb_ray.visualize (slot -> second mapping, tiles, the PNG/MP4 of one video) and the NL attention
+weights `lfb_ray.inference.predict_keyframes` reads."""
 
 from __future__ import annotations
 
@@ -13,15 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lfb_ray.bank import FeatureBank, write_bank
+from lfb_ray.inference import KeyframePrediction, second_attention
 from lfb_ray.models.fbo import FBONonLocal
-from lfb_ray.visualize import (
-    GT_COLOUR,
-    MAX_STRIP_BOXES,
-    KeyframePrediction,
-    bank_seconds,
-    render_tile,
-    second_attention,
-)
+from lfb_ray.visualize import GT_COLOUR, MAX_STRIP_BOXES, bank_seconds, render_tile
 
 REPO = Path(__file__).resolve().parents[1]
 

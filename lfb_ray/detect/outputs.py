@@ -21,7 +21,7 @@ from lfb_ray.detect.errors import DetectError
 from lfb_ray.detect.progress import bar as progress_bar
 
 if TYPE_CHECKING:
-    from lfb_ray.visualize import KeyframePrediction
+    from lfb_ray.inference import KeyframePrediction
 
 __all__ = ["Detections", "OutputOptions", "WrittenOutputs", "write_outputs"]
 
@@ -32,7 +32,7 @@ NL_TOP_SECONDS = 3  # bank seconds listed per person (those with at least 1% of 
 class Detections:
     """What detect found in one span of one video, ready to be written.
 
-    `preds` and `short` map a keyframe second to `lfb_ray.visualize.KeyframePrediction`
+    `preds` and `short` map a keyframe second to `lfb_ray.inference.KeyframePrediction`
     (boxes [n, 4] normalised, scores [n, num_classes]); seconds without persons are absent.
     `short` (LFB models) holds the baseline's scores for the same boxes, else it is empty.
     """

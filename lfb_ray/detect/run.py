@@ -18,7 +18,7 @@ Everything runs in this process (no Ray cluster) and through the project's own c
    `lfb_ray.bank.build.BankExtractor` (the bank job's actor class, called in-process, one chunk at a
    time; proposals at `bank.person_score_thr` with the bank job's fallbacks), written with
    `write_bank` and opened as `FeatureBank`. A Ray actor pool for long videos is not implemented.
-6. scores: `lfb_ray.visualize.predict_keyframes` (`decode_test_rows` -> `collate_test` ->
+6. scores: `lfb_ray.inference.predict_keyframes` (`decode_test_rows` -> `collate_test` ->
    `predict_batch`, the evaluation path, plus the NL attention) with the LFB model and the bank;
    beside them, for LFB models, the short-term scores of the baseline that computed the bank
    (the same boxes through the same path without a bank). Not the LFB model with an empty bank:
@@ -378,7 +378,7 @@ def _build_bank(cfg_run: Config, base_cfg, bank_checkpoint: str, parts: list[lis
 def _score(model, rows: list[dict], cfg_run: Config, bank, dev, progress: bool, desc: str) -> dict:
     """{second: KeyframePrediction} for `rows`, `eval.batch_size` keyframes per `predict_keyframes` call."""
     from lfb_ray.bank.window import WindowSampler
-    from lfb_ray.visualize import predict_keyframes
+    from lfb_ray.inference import predict_keyframes
 
     windows = WindowSampler.for_config(bank, dev, cfg_run.bank) if bank is not None else None
 

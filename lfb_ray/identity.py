@@ -44,14 +44,12 @@ def prepared_id(prepared_uri: str) -> str:
     Raises:
         InputError: no readable manifest (prepare has not finished there).
     """
-    from lfb_ray.data.prep import PrepareError, read_manifest
+    from lfb_ray.data.prep import PrepareError, prepared_data_id
 
     try:
-        m = read_manifest(prepared_uri)
+        return prepared_data_id(prepared_uri)
     except (PrepareError, OSError) as e:
         raise InputError(f"prepared data: {e}") from None
-    videos = sorted((v["split"], v["video_id"], v["hash"], v["rows"], sorted(v["files"])) for v in m["videos"])
-    return _short({"schema": m.get("schema_version"), "settings": m.get("settings"), "videos": videos})
 
 
 def checkpoint_id(path: str) -> str:

@@ -265,13 +265,11 @@ def check_resources(cfg: Config, resources: Mapping[str, float], autoscaler: boo
     keys to change; with an autoscaler (or when that is unknown) the run waits at most
     `cluster.resource_wait_s`, and a note says what it waits for.
     """
-    from lfb_ray.train.resources import uses_gpu
-
     cl = cfg.cluster
     problems: list[Problem] = []
     notes: list[str] = []
     smoke = " ".join(SMOKE_OVERRIDES)
-    if uses_gpu(cfg, resources):
+    if cl.uses_gpu(resources):
         have = resources.get("GPU", 0.0)
         if have < cl.num_workers:
             if autoscaler is False:

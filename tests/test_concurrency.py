@@ -65,9 +65,11 @@ def test_negative_concurrent_runs_is_rejected():
 
 
 def test_one_device_rule_for_every_stage():
-    from lfb_ray.train.resources import uses_gpu
-
     none, some = {"CPU": 16.0}, {"CPU": 16.0, "GPU": 8.0}
+
+    def uses_gpu(cfg, resources):
+        return cfg.cluster.uses_gpu(resources)
+
     assert uses_gpu(_cfg("cluster.device=gpu"), none) and uses_gpu(_cfg("cluster.device=gpu"), some)
     assert not uses_gpu(_cfg("cluster.device=cpu"), some)
     assert not uses_gpu(_cfg("cluster.device=auto"), none) and uses_gpu(_cfg("cluster.device=auto"), some)

@@ -93,6 +93,16 @@ def test_identities_follow_content(tmp_path):
     assert describe_changes(None, {"bank": "c"}) is None
 
 
+
+def test_the_prepared_identity_is_stable_across_versions(tmp_path):
+    """Run names and the pipeline's stage keys hash `prepared_id`: a change of its formula (here when
+    it moved to `data.prep.prepared_data_id`) would make every existing run and bank look stale."""
+    from lfb_ray.data.prep import prepared_data_id
+    from lfb_ray.identity import prepared_id
+
+    _manifest(tmp_path / "p", [("train", "v1", "h1"), ("val", "v2", "h2")])
+    assert prepared_id(str(tmp_path / "p")) == prepared_data_id(str(tmp_path / "p")) == "c25585bd87b19d5e"
+
 def test_the_bank_build_id_depends_on_the_prepared_data(tmp_path):
     """A bank built before a video was re-prepared was returned as complete (its build marker did
     not depend on the prepared data)."""

@@ -205,20 +205,20 @@ def merge_split_parts(fs, part_paths: list[str], split_dir: str, metadata: dict)
 def build_identity(cfg: Config, checkpoint_sha256: str) -> tuple[dict, str]:
     """(build key, build hash) of the bank that `cfg` and the baseline checkpoint with this SHA-256
     build: the model, the bank's sampling and test transform settings, and the prepared data's
-    identity (`lfb_ray.identity.prepared_id`), so that re-prepared data rebuilds the bank (its
+    identity (`lfb_ray.data.prep.prepared_data_id`), so that re-prepared data rebuilds the bank (its
     per-video parts are keyed by content and reused where nothing changed).
 
     Raises:
-        lfb_ray.identity.InputError: the prepared data has no manifest.
+        lfb_ray.data.prep.PrepareError: the prepared data has no manifest.
     """
-    from lfb_ray.identity import prepared_id
+    from lfb_ray.data.prep import prepared_data_id
 
     d = config_to_dict(cfg)  # hashed: the bank's identity, as plain data
     # The weights come from the checkpoint: where model.pretrained lies is not part of the bank. The
     # model's groups stay as configured (not `ModelConfig.baseline()`'s): existing banks keep their hash.
     model = {k: v for k, v in d["model"].items() if k != "pretrained"} | {"fbo": "none"}
     build_key = {"checkpoint_sha256": checkpoint_sha256, "model": model,
-                 "person_score_thr": cfg.bank.person_score_thr, "prepared": prepared_id(resolve_paths(cfg).prepared_dir),
+                 "person_score_thr": cfg.bank.person_score_thr, "prepared": prepared_data_id(resolve_paths(cfg).prepared_dir),
                  "data": {k: v for k, v in d["data"].items()
                           if k in ("test_short_side", "clip_frames", "frame_interval", "mean", "std", "max_proposals")}}
     return build_key, hashlib.sha256(json.dumps(build_key, sort_keys=True).encode()).hexdigest()[:16]

@@ -310,6 +310,20 @@ class ClusterConfig:
             raise ConfigError(f"cluster.max_gpus={self.max_gpus} cannot hold one run of cluster.num_workers="
                               f"{self.num_workers} workers with a GPU each: set max_gpus >= num_workers (or 0)")
 
+    def uses_gpu(self, cluster_resources: typing.Mapping[str, float]) -> bool:
+        """Whether the work (training workers, bank actors, inference actors) takes GPUs: the one
+        device rule of every stage.
+
+        `gpu` is True even with no GPU node up yet (an autoscaler adds nodes only for resources that
+        are asked for); `cpu` is False; `auto` is whether `cluster_resources`
+        (`ray.cluster_resources()`, only "GPU" read) has a GPU now.
+        """
+        if self.device == "gpu":
+            return True
+        if self.device == "cpu":
+            return False
+        return cluster_resources.get("GPU", 0) > 0
+
 
 @dataclass(frozen=True)
 class Config:

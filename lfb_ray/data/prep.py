@@ -45,7 +45,7 @@ from lfb_ray.redaction import RedactedMessage, redact_text
 from lfb_ray.storage import exists, is_uri, join, join_uri, read_json, resolve, write_json_atomic
 
 __all__ = ["PrepareError", "PrepareSummary", "build_tasks", "damaged_videos", "find_videos", "prepare_dataset", "prepare_video",
-           "prepared_files"]
+           "prepared_data_id", "prepared_files"]
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm")
 
@@ -277,6 +277,20 @@ def read_manifest(prepared_uri: str) -> dict:
             f"or point data.prepared_dir at a new folder")
     return manifest
 
+
+
+def prepared_data_id(prepared_uri: str) -> str:
+    """Content identity (16 hex digits) of the prepared set at `prepared_uri`, from its manifest: per
+    video its split, id, task hash, rows and files, plus the schema version and prepare settings; not
+    the creation time, so preparing the same inputs again keeps the id (`lfb_ray.identity`).
+
+    Raises:
+        PrepareError: no readable manifest (prepare has not finished there).
+    """
+    m = read_manifest(prepared_uri)
+    videos = sorted((v["split"], v["video_id"], v["hash"], v["rows"], sorted(v["files"])) for v in m["videos"])
+    key = {"schema": m.get("schema_version"), "settings": m.get("settings"), "videos": videos}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 def prepared_files(prepared_uri: str, split: str, *, allow_empty: bool = False) -> list[str]:
     """Keyframe tables (`keyframes.parquet`) of one split, from the manifest, as full paths in the

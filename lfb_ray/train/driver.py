@@ -138,10 +138,10 @@ def _placement_error(cfg: Config, name: str, e: BaseException) -> ResourcesUnava
     cause = getattr(e, "controller_failure", None)
     if not isinstance(cause, (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError)):
         return None
-    from lfb_ray.train.resources import start_timeout_s, uses_gpu
+    from lfb_ray.train.resources import start_timeout_s
 
     cl = cfg.cluster
-    ask = {"CPU": cl.cpus_per_worker, **({"GPU": 1} if uses_gpu(cfg, {}) else {})}
+    ask = {"CPU": cl.cpus_per_worker, **({"GPU": 1} if cl.uses_gpu({}) else {})}
     return ResourcesUnavailableError(
         f"run {name}: its {cl.num_workers} workers of {ask} could not be placed for about "
         f"cluster.resource_wait_s={cl.resource_wait_s:g} s ({start_timeout_s():g} s per attempt): the cluster lost "

@@ -1,7 +1,7 @@
 """Where the work runs: the device rule (training, bank build, inference), the training runs'
 `ScalingConfig`, and how many training runs go at once.
 
-One rule decides GPU or CPU for every stage (`uses_gpu`): `cluster.device=gpu` always asks for GPUs,
+One rule decides GPU or CPU for every stage (`ClusterConfig.uses_gpu`): `cluster.device=gpu` always asks for GPUs,
 so that a cluster whose GPU nodes scale from 0 adds them for the demand (the autoscaler only starts
 nodes for resources that are asked for); `auto` looks at the GPUs up *now*, which on such a cluster
 is 0, so auto means CPU there. Concurrency plans for `cluster.max_gpus` (the GPUs the cluster can
@@ -19,30 +19,11 @@ from collections.abc import Mapping
 from lfb_ray.config import Config, ConfigError
 
 __all__ = ["check_gpu_capacity", "device_note", "failure_config", "gpu_capacity", "plan_concurrency", "scaled",
-           "scaling_config", "start_timeout_s", "uses_gpu"]
+           "scaling_config", "start_timeout_s"]
 
 # Ray Train's own variable and default for one attempt to start a run's worker group.
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 DEFAULT_START_TIMEOUT_S = 60.0
-
-
-def uses_gpu(cfg: Config, cluster_resources: Mapping[str, float]) -> bool:
-    """Whether the work of `cfg` (training workers, bank actors, inference actors) takes GPUs.
-
-    Args:
-        cfg: the config; only `cluster.device` matters.
-        cluster_resources: `ray.cluster_resources()` (only "GPU" is read, and only for `auto`).
-
-    Returns:
-        `cluster.device=gpu`: True, even with no GPU node up yet (an autoscaler adds them for the
-        demand). `cpu`: False. `auto`: whether the cluster has a GPU now.
-    """
-    device = cfg.cluster.device
-    if device == "gpu":
-        return True
-    if device == "cpu":
-        return False
-    return cluster_resources.get("GPU", 0) > 0
 
 
 def device_note(cfg: Config, cluster_resources: Mapping[str, float]) -> str | None:
@@ -68,7 +49,7 @@ def check_gpu_capacity(cfg: Config, cluster_resources: Mapping[str, float]) -> N
         ConfigError: the runs use GPUs, and neither the GPUs up now nor `cluster.max_gpus` hold
             one run's `cluster.num_workers` GPUs.
     """
-    if not uses_gpu(cfg, cluster_resources):
+    if not cfg.cluster.uses_gpu(cluster_resources):
         return
     need, have = cfg.cluster.num_workers, gpu_capacity(cfg, cluster_resources)
     if have < need:
@@ -80,7 +61,7 @@ def check_gpu_capacity(cfg: Config, cluster_resources: Mapping[str, float]) -> N
 
 
 def scaling_config(cfg: Config, cluster_resources: Mapping[str, float]):
-    """The `ScalingConfig` of one training run: `use_gpu` and one GPU per worker by `uses_gpu`.
+    """The `ScalingConfig` of one training run: `use_gpu` and one GPU per worker by `ClusterConfig.uses_gpu`.
 
     Raises:
         ConfigError: see `check_gpu_capacity`.
@@ -88,7 +69,7 @@ def scaling_config(cfg: Config, cluster_resources: Mapping[str, float]):
     from ray.train import ScalingConfig
 
     check_gpu_capacity(cfg, cluster_resources)
-    gpu = uses_gpu(cfg, cluster_resources)
+    gpu = cfg.cluster.uses_gpu(cluster_resources)
     return ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=gpu,
                          resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if gpu else {})})
 
@@ -117,7 +98,7 @@ def plan_concurrency(cfg: Config, runs: int, resources: Mapping[str, float]) -> 
     cl = cfg.cluster
     need_cpu = cl.num_workers * (cl.cpus_per_worker + cl.data_cpus)
     cpus = resources.get("CPU", 0.0)
-    gpu = uses_gpu(cfg, resources)
+    gpu = cfg.cluster.uses_gpu(resources)
     gpu_slots = int(gpu_capacity(cfg, resources) // cl.num_workers) if gpu else runs
     wanted = min(runs, cl.concurrent_runs or runs, gpu_slots)
     if gpu and cl.max_gpus > resources.get("GPU", 0):

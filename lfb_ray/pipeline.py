@@ -166,164 +166,219 @@ def run_pipeline(cfg: Config, *, operators: tuple[str, ...] = ("nl", "avg", "max
     return out
 
 
-def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | None, baseline_cfg: Config | None,
-                parent: TrackedRun) -> dict:
-    """`run_pipeline`'s stages; the training runs and the comparison nest under `parent`, which
-    lists every training run of this invocation, trained now or found up to date (`add_runs`).
-    `cfg` and `baseline_cfg` come with their paths resolved (`run_pipeline`)."""
-    from lfb_ray.bank.build import build_bank, build_identity
-    from lfb_ray.compare import compare
-    from lfb_ray.data.prep import build_tasks, damaged_videos, inputs_fingerprint, prepare_dataset
-    from lfb_ray.identity import bank_id, describe_changes, prepared_id
-    from lfb_ray.storage import file_sha256
-    from lfb_ray.train import FitManyError, fit, fit_many
+class _Stages:
+    """The stages of one pipeline invocation over its state file `<workdir>/pipeline.json`.
 
-    parent_run_id = parent.run_id
-    fs, inner = resolve(cfg.workdir)
-    fs.create_dir(inner, recursive=True)
-    state_path = join_uri(cfg.workdir, "pipeline.json")
-    state = _load_state(state_path)
-    if start_from:
-        if start_from not in STAGES:
-            raise ValueError(f"--from {start_from!r}: allowed stages: {', '.join(STAGES)}")
-        for s in STAGES[STAGES.index(start_from):]:
-            state.pop(s, None)
-            state.pop(f"{s}_partial", None)
-    times: dict[str, float] = {}
-    base_cfg = baseline_cfg or dataclasses.replace(cfg, model=cfg.model.baseline())
+    Each stage is a method that runs its work through `run`, which skips it when the state holds the
+    same key (a hash of what the stage depends on) and otherwise records its result, wall time and
+    the content ids of its inputs, so that a rerun says which of them changed. `cfg` and
+    `baseline_cfg` come with their paths resolved (`run_pipeline`); the training runs and the
+    comparison nest under `parent`, which lists every training run of this invocation, trained now
+    or found up to date (`TrackedRun.add_runs`).
+    """
 
-    def stage(name: str, key: str, fn, inputs: dict[str, str] | None = None):
-        """Run `fn` unless the state holds this stage with this key; `inputs` (content identities of
-        what the stage consumes) are recorded, so that a rerun says which of them changed."""
+    def __init__(self, cfg: Config, *, baseline_cfg: Config | None, start_from: str | None,
+                 parent: TrackedRun) -> None:
+        self.cfg = cfg
+        self.base_cfg = baseline_cfg or dataclasses.replace(cfg, model=cfg.model.baseline())
+        self.parent = parent
+        self.given = identity_dict(cfg)  # the config as written, without resource hints: cwd-independent keys
+        self.cred_sources = _credential_sources(cfg, baseline_cfg)
+        self.times: dict[str, float] = {}
+        fs, inner = resolve(cfg.workdir)
+        fs.create_dir(inner, recursive=True)
+        self.state_path = join_uri(cfg.workdir, "pipeline.json")
+        self.state = _load_state(self.state_path)
+        if start_from:
+            if start_from not in STAGES:
+                raise ValueError(f"--from {start_from!r}: allowed stages: {', '.join(STAGES)}")
+            for s in STAGES[STAGES.index(start_from):]:
+                self.state.pop(s, None)
+                self.state.pop(f"{s}_partial", None)
+
+    def run(self, name: str, key: str, fn, inputs: dict[str, str] | None = None):
+        """`fn()`'s result, or the recorded one when the state holds stage `name` with this `key`."""
+        from lfb_ray.identity import describe_changes
+
         t0 = time.time()
-        prev = state.get(name, {})
+        prev = self.state.get(name, {})
         if prev.get("key") == key:
             print(f"[pipeline] {name}: up to date, skipped", flush=True)
-            times[name] = 0.0
-            return state[name]["result"]
+            self.times[name] = 0.0
+            return self.state[name]["result"]
         why = describe_changes(prev.get("inputs"), inputs or {})
         print(f"[pipeline] {name}: running" + (f" again: {why}" if why else ""), flush=True)
         result = fn()
-        times[name] = time.time() - t0
-        state[name] = {"key": key, "result": result, "seconds": times[name], "inputs": inputs or {}}
-        _save_state(state_path, state)
-        print(f"[pipeline] {name}: done in {times[name]:.0f} s", flush=True)
+        self.times[name] = time.time() - t0
+        self.state[name] = {"key": key, "result": result, "seconds": self.times[name], "inputs": inputs or {}}
+        self._save()
+        print(f"[pipeline] {name}: done in {self.times[name]:.0f} s", flush=True)
         return result
 
-    given = identity_dict(cfg)  # the config as written, without resource hints: cwd-independent keys
+    def _save(self) -> None:
+        _save_state(self.state_path, self.state)
 
-    built = build_tasks(cfg)  # read once: the stage's key and, when it runs, its tasks
+    def _fit(self, c: Config, init: str | None = None) -> dict:
+        from lfb_ray.train import fit
 
-    def do_prepare():
-        s = prepare_dataset(cfg, built=built)
-        print(redact_text(s.line()), flush=True)
-        return {"keyframes": s.keyframes, "bytes": s.bytes, "failures": len(s.failures)}
+        return _fit_summary(fit(c, init_checkpoint=init, parent_run_id=self.parent.run_id))
 
-    # The inputs' fingerprint too: a dataset regenerated in place must be prepared again.
-    sources = inputs_fingerprint(*built)
-    prep_key = json.dumps([config_hash(given, ["data"]), sources])
-    if state.get("prepare", {}).get("key") == prep_key:
-        damaged = damaged_videos(cfg.prepared_dir)  # sizes against the markers: one metadata call a file
-        if damaged:
-            print(f"[pipeline] prepare: {len(damaged)} prepared video(s) damaged ({'; '.join(damaged[:3])}"
-                  f"{' ...' if len(damaged) > 3 else ''}): preparing them again", flush=True)
-            state.pop("prepare")
-    stage("prepare", prep_key, do_prepare, {"sources": sources})
+    def prepare(self) -> None:
+        """Decode the videos into the prepared set; again when the inputs' fingerprint changed (a
+        dataset regenerated in place) or a prepared video's files are damaged."""
+        from lfb_ray.data.prep import build_tasks, damaged_videos, inputs_fingerprint, prepare_dataset
 
-    cred_sources = _credential_sources(cfg, baseline_cfg)
+        cfg = self.cfg
+        built = build_tasks(cfg)  # read once: the stage's key and, when it runs, its tasks
 
-    def do_fit(c: Config, init: str | None = None):
-        return _fit_summary(fit(c, init_checkpoint=init, parent_run_id=parent_run_id))
+        def work():
+            s = prepare_dataset(cfg, built=built)
+            print(redact_text(s.line()), flush=True)
+            return {"keyframes": s.keyframes, "bytes": s.bytes, "failures": len(s.failures)}
 
-    base_name, base_inputs = _fit_key(base_cfg)
-    base = stage("baseline", base_name, lambda: do_fit(base_cfg), base_inputs)
-    parent.add_runs([base.get("run_id")])
-    base_model = _usable(base["model"], cred_sources)  # with its credentials again: it is opened
+        sources = inputs_fingerprint(*built)
+        key = json.dumps([config_hash(self.given, ["data"]), sources])
+        if self.state.get("prepare", {}).get("key") == key:
+            damaged = damaged_videos(cfg.prepared_dir)  # sizes against the markers: one metadata call a file
+            if damaged:
+                print(f"[pipeline] prepare: {len(damaged)} prepared video(s) damaged ({'; '.join(damaged[:3])}"
+                      f"{' ...' if len(damaged) > 3 else ''}): preparing them again", flush=True)
+                self.state.pop("prepare")
+        self.run("prepare", key, work, {"sources": sources})
 
-    def do_bank():
-        s = build_bank(cfg, base_model)
-        print(redact_text(s.line()), flush=True)
-        return {"features": s.features, "bytes": s.bytes, "path": _ref(s.path)}
+    def baseline(self) -> tuple[dict, str]:
+        """Train the short-term baseline: (its `_fit_summary`, its model's URI with credentials)."""
+        name, inputs = _fit_key(self.base_cfg)
+        base = self.run("baseline", name, lambda: self._fit(self.base_cfg), inputs)
+        self.parent.add_runs([base.get("run_id")])
+        return base, _usable(base["model"], self.cred_sources)  # with its credentials again: it is opened
 
-    # The bank's build id: the baseline checkpoint's bytes, the prepared data's identity and the
-    # settings that change features (the actor pool's size and CPUs do not); and where it goes.
-    ckpt_sha = file_sha256(base_model)
-    _, build_hash = build_identity(cfg, ckpt_sha)
-    stage("bank", json.dumps([build_hash, config_hash(given, ["bank"])]), do_bank,
+    def bank(self, base_model: str) -> None:
+        """Build the baseline's feature bank. Its key: the baseline checkpoint's bytes, the prepared
+        data's identity and the settings that change features (not the actor pool's size or CPUs),
+        and where it goes."""
+        from lfb_ray.bank.build import build_bank, build_identity
+        from lfb_ray.identity import prepared_id
+        from lfb_ray.storage import file_sha256
+
+        cfg = self.cfg
+
+        def work():
+            s = build_bank(cfg, base_model)
+            print(redact_text(s.line()), flush=True)
+            return {"features": s.features, "bytes": s.bytes, "path": _ref(s.path)}
+
+        ckpt_sha = file_sha256(base_model)
+        _, build_hash = build_identity(cfg, ckpt_sha)
+        self.run("bank", json.dumps([build_hash, config_hash(self.given, ["bank"])]), work,
                  {"prepared": prepared_id(cfg.prepared_dir), "checkpoint": ckpt_sha[:16]})
-    op_cfgs = {op: dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fbo=op)) for op in operators}
-    if cfg.model.init_backbone_from_baseline:
-        # The LFB models get the baseline's training plus their own; the control gets the same.
-        op_cfgs[CONTROL] = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fbo="none"))
-    op_init = base_model if cfg.model.init_backbone_from_baseline else None
-    op_keys = {op: _fit_key(c, op_init) for op, c in op_cfgs.items()}
-    # The runs' names hold the bank's build id and the initial checkpoint's bytes.
-    ops_key = json.dumps({op: name for op, (name, _) in op_keys.items()})
 
-    def do_operators():
-        # Each finished model is recorded at once, so an interrupted stage does not train it again.
-        done = state.get("operators_partial", {})
-        done = done["result"] if done.get("key") == ops_key else {}
-        for op in done:
-            print(f"[pipeline] operators: {op} already trained ({done[op]['run_name']}), skipped", flush=True)
+    def operators(self, operators: tuple[str, ...], base_model: str) -> dict[str, dict]:
+        """Train the LFB models (and the control when they start from the baseline's backbone), as
+        many at once as the cluster allows; {operator: `_fit_summary`}. Each finished model is
+        recorded at once, so an interrupted or partly failed stage trains only the missing ones."""
+        from lfb_ray.identity import bank_id
+        from lfb_ray.train import FitManyError, fit_many
 
-        def record(op: str, r) -> None:
-            done[op] = _fit_summary(r)
-            parent.add_runs([r.mlflow_run_id])
-            state["operators_partial"] = {"key": ops_key, "result": done}
-            _save_state(state_path, state)
+        cfg = self.cfg
+        op_cfgs = {op: dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fbo=op)) for op in operators}
+        if cfg.model.init_backbone_from_baseline:
+            # The LFB models get the baseline's training plus their own; the control gets the same.
+            op_cfgs[CONTROL] = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fbo="none"))
+        init = base_model if cfg.model.init_backbone_from_baseline else None
+        # The runs' names hold the bank's build id and the initial checkpoint's bytes.
+        key = json.dumps({op: _fit_key(c, init)[0] for op, c in op_cfgs.items()})
 
-        # As many runs at once as cluster.concurrent_runs / the cluster allow (fit_many), NL first.
-        # A failed run does not stop the others; each finished one is recorded by `record` before
-        # fit_many raises, so the rerun trains only the failed ones.
-        try:
-            fit_many({op: c for op, c in op_cfgs.items() if op not in done}, on_done=record, parent_run_id=parent_run_id,
-                     init_checkpoint=op_init)
-        except FitManyError as e:
-            print(f"[pipeline] operators: {len(done)} of {len(op_cfgs)} models recorded ({', '.join(sorted(done))}); "
-                  f"failed: {', '.join(e.failures)}; rerun to train only those", flush=True)
-            raise
-        state.pop("operators_partial", None)
-        return {op: done[op] for op in op_cfgs}
+        def work():
+            done = self.state.get("operators_partial", {})
+            done = done["result"] if done.get("key") == key else {}
+            for op in done:
+                print(f"[pipeline] operators: {op} already trained ({done[op]['run_name']}), skipped", flush=True)
 
-    ops = stage("operators", ops_key, do_operators, {"bank": bank_id(cfg.bank_dir)} if op_cfgs else {})
-    parent.add_runs([r.get("run_id") for r in ops.values()])
+            def record(op: str, r) -> None:
+                done[op] = _fit_summary(r)
+                self.parent.add_runs([r.mlflow_run_id])
+                self.state["operators_partial"] = {"key": key, "result": done}
+                self._save()
 
-    def do_evaluate():
+            # A failed run does not stop the others; each finished one is recorded by `record`
+            # before fit_many raises, so the rerun trains only the failed ones.
+            try:
+                fit_many({op: c for op, c in op_cfgs.items() if op not in done}, on_done=record,
+                         parent_run_id=self.parent.run_id, init_checkpoint=init)
+            except FitManyError as e:
+                print(f"[pipeline] operators: {len(done)} of {len(op_cfgs)} models recorded ({', '.join(sorted(done))}); "
+                      f"failed: {', '.join(e.failures)}; rerun to train only those", flush=True)
+                raise
+            self.state.pop("operators_partial", None)
+            return {op: done[op] for op in op_cfgs}
+
+        ops = self.run("operators", key, work, {"bank": bank_id(cfg.bank_dir)} if op_cfgs else {})
+        self.parent.add_runs([r.get("run_id") for r in ops.values()])
+        return ops
+
+    def evaluate(self, base: dict, ops: dict[str, dict]) -> dict[str, dict]:
+        """{operator ("none" = baseline): mAP and label-family mAPs}, as each run's evaluation
+        computed them; logged as the runs' final values."""
         from lfb_ray.evaluation.families import label_families
         from lfb_ray.tracking import Tracker
 
-        declared = label_families(cfg.data_path("dataset.json"))
-        out = {}
-        for op, r in [("none", base), *ops.items()]:
-            if "families" not in r and declared:
-                print(f"[pipeline] evaluate: run {r.get('run_name')} was recorded without its label-family mAPs "
-                      "(before they were part of a run's result): rerun with --from baseline for them", flush=True)
-            fam = r.get("families", {})
-            if r.get("run_id") and fam and cfg.tracking.enabled:
-                # The result's (with train.save_best, the best epoch's) as the run's final values.
-                tr = Tracker(cfg.tracking_uri, r["run_id"])
-                tr.log_metrics({k: v for k, v in fam.items() if not math.isnan(v)}, step=cfg.train.epochs)
-                tr.flush()
-            out[op] = {"mAP": r["mAP"], **fam}
-        return out
+        cfg = self.cfg
 
-    evals = stage("evaluate", json.dumps([base, ops]), do_evaluate)
-    if cfg.tracking.enabled:
-        def do_compare():
+        def work():
+            declared = label_families(cfg.data_path("dataset.json"))
+            out = {}
+            for op, r in [("none", base), *ops.items()]:
+                if "families" not in r and declared:
+                    print(f"[pipeline] evaluate: run {r.get('run_name')} was recorded without its label-family mAPs "
+                          "(before they were part of a run's result): rerun with --from baseline for them", flush=True)
+                fam = r.get("families", {})
+                if r.get("run_id") and fam and cfg.tracking.enabled:
+                    # The result's (with train.save_best, the best epoch's) as the run's final values.
+                    tr = Tracker(cfg.tracking_uri, r["run_id"])
+                    tr.log_metrics({k: v for k, v in fam.items() if not math.isnan(v)}, step=cfg.train.epochs)
+                    tr.flush()
+                out[op] = {"mAP": r["mAP"], **fam}
+            return out
+
+        return self.run("evaluate", json.dumps([base, ops]), work)
+
+    def compare(self, base: dict, ops: dict[str, dict], evals: dict[str, dict]) -> None:
+        """The side-by-side table and plot of this invocation's runs, nested under its parent run."""
+        from lfb_ray.compare import compare
+
+        cfg = self.cfg
+        if not cfg.tracking.enabled:
+            return
+
+        def work():
             ids = [base["run_id"]] + [r["run_id"] for r in ops.values()]
-            table, _ = compare(cfg.tracking_uri, cfg.tracking.experiment,
-                               join_uri(cfg.workdir, "comparison"), run_ids=[i for i in ids if i],
-                               nest_under=parent_run_id)
+            table, _ = compare(cfg.tracking_uri, cfg.tracking.experiment, join_uri(cfg.workdir, "comparison"),
+                               run_ids=[i for i in ids if i], nest_under=self.parent.run_id)
             print(table, flush=True)
             return {"table": table}
 
-        stage("compare", json.dumps([evals]), do_compare)
-    print("\n[pipeline] summary (val frame-mAP@0.5, %)")
-    for op in ("none", *[o for o in ops if o != "none"]):
-        e = evals.get(op, {})
-        fams = "  ".join(f"{k.split('_family_')[1]} {100 * v:.2f}" for k, v in e.items() if "_family_" in k)
-        name = {"none": "baseline", CONTROL: "control"}.get(op, op)
-        print(f"  {name:9s} mAP {100 * (e.get('mAP') or float('nan')):6.2f}  {fams}")
-    print("[pipeline] stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
-    return {"maps": evals, "stage_seconds": times}
+        self.run("compare", json.dumps([evals]), work)
+
+    def print_summary(self, evals: dict[str, dict], ops: dict[str, dict]) -> None:
+        print("\n[pipeline] summary (val frame-mAP@0.5, %)")
+        for op in ("none", *[o for o in ops if o != "none"]):
+            e = evals.get(op, {})
+            fams = "  ".join(f"{k.split('_family_')[1]} {100 * v:.2f}" for k, v in e.items() if "_family_" in k)
+            name = {"none": "baseline", CONTROL: "control"}.get(op, op)
+            print(f"  {name:9s} mAP {100 * (e.get('mAP') or float('nan')):6.2f}  {fams}")
+        print("[pipeline] stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.times.items()))
+
+
+def _run_stages(cfg: Config, *, operators: tuple[str, ...], start_from: str | None, baseline_cfg: Config | None,
+                parent: TrackedRun) -> dict:
+    """`run_pipeline`'s stages in order; {"maps": {operator: mAPs}, "stage_seconds": {stage: s}}."""
+    stages = _Stages(cfg, baseline_cfg=baseline_cfg, start_from=start_from, parent=parent)
+    stages.prepare()                                  # 1. videos -> prepared frame stores
+    base, base_model = stages.baseline()              # 2. the short-term baseline
+    stages.bank(base_model)                           # 3. its long-term feature bank
+    ops = stages.operators(operators, base_model)     # 4. LFB models (and the control)
+    evals = stages.evaluate(base, ops)                # 5. each run's mAPs as its final values
+    stages.compare(base, ops, evals)                  # 6. side by side in MLflow
+    stages.print_summary(evals, ops)
+    return {"maps": evals, "stage_seconds": stages.times}

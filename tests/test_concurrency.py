@@ -66,13 +66,10 @@ def test_negative_concurrent_runs_is_rejected():
 
 def test_one_device_rule_for_every_stage():
     none, some = {"CPU": 16.0}, {"CPU": 16.0, "GPU": 8.0}
-
-    def uses_gpu(cfg, resources):
-        return cfg.cluster.uses_gpu(resources)
-
-    assert uses_gpu(_cfg("cluster.device=gpu"), none) and uses_gpu(_cfg("cluster.device=gpu"), some)
-    assert not uses_gpu(_cfg("cluster.device=cpu"), some)
-    assert not uses_gpu(_cfg("cluster.device=auto"), none) and uses_gpu(_cfg("cluster.device=auto"), some)
+    gpu, cpu, auto = (_cfg(f"cluster.device={d}").cluster for d in ("gpu", "cpu", "auto"))
+    assert gpu.uses_gpu(none) and gpu.uses_gpu(some)
+    assert not cpu.uses_gpu(some)
+    assert not auto.uses_gpu(none) and auto.uses_gpu(some)
 
 
 def test_gpu_config_asks_for_gpus_before_any_gpu_node_is_up():

@@ -278,7 +278,6 @@ def read_manifest(prepared_uri: str) -> dict:
     return manifest
 
 
-
 def prepared_data_id(prepared_uri: str) -> str:
     """Content identity (16 hex digits) of the prepared set at `prepared_uri`, from its manifest: per
     video its split, id, task hash, rows and files, plus the schema version and prepare settings; not
@@ -291,6 +290,7 @@ def prepared_data_id(prepared_uri: str) -> str:
     videos = sorted((v["split"], v["video_id"], v["hash"], v["rows"], sorted(v["files"])) for v in m["videos"])
     key = {"schema": m.get("schema_version"), "settings": m.get("settings"), "videos": videos}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
 
 def prepared_files(prepared_uri: str, split: str, *, allow_empty: bool = False) -> list[str]:
     """Keyframe tables (`keyframes.parquet`) of one split, from the manifest, as full paths in the
